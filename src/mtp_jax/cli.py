@@ -1,0 +1,51 @@
+"""`mtp-train --config configs/tiny.yaml train.steps=50 model.mtp.depth=2`
+
+Parses the command line and calls the loop; every expected failure is one line on stderr
+and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    self.exit(2, f"mtp-train: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = _Parser(prog="mtp-train", description="Train an MoE + multi-token-prediction transformer.")
+  parser.add_argument("--config", help="YAML config file (default: the built-in tiny defaults)")
+  parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+  args = parser.parse_args(argv)
+
+  from mtp_jax import config
+
+  try:
+    cfg = config.load(args.config, args.overrides)
+  except config.ConfigError as err:
+    print(f"mtp-train: {err}", file=sys.stderr)
+    return 2
+  if args.print_config:
+    print(config.to_yaml(cfg), end="")
+    return 0
+
+  from mtp_jax.train.checkpoint import CheckpointError
+  from mtp_jax.train.loop import TrainingError, train
+
+  try:
+    train(cfg)
+  except (config.ConfigError, CheckpointError, TrainingError) as err:
+    print(f"mtp-train: {err}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("mtp-train: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

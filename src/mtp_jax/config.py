@@ -1,0 +1,317 @@
+"""Typed, validated configuration: YAML files plus dotted command-line overrides.
+
+Every setting is declared once below with its default and a one-line description.
+`load(path, overrides)` is the only way in; any problem raises `ConfigError` whose
+message is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # most communication-heavy last
+
+
+class ConfigError(ValueError):
+  """A configuration problem, reported to the user as one line."""
+
+
+class _Section(BaseModel):
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _field(default: Any, doc: str, **kw: Any) -> Any:
+  return Field(default, description=doc, **kw)
+
+
+class AttentionConfig(_Section):
+  kind: Literal["gqa", "mla"] = _field("gqa", "gqa: grouped-query attention; mla: DeepSeek Multi-head Latent Attention.")
+  num_heads: int = _field(4, "Query heads.", ge=1)
+  num_kv_heads: int = _field(2, "gqa: key/value heads (divides num_heads).", ge=1)
+  head_dim: int = _field(16, "gqa: per-head dimension (even, for RoPE).", ge=2)
+  q_lora_rank: int = _field(0, "mla: rank of the compressed query (0: full-rank query projection).", ge=0)
+  kv_lora_rank: int = _field(32, "mla: rank of the compressed key/value latent.", ge=1)
+  qk_nope_head_dim: int = _field(16, "mla: per-head query/key dims without RoPE.", ge=1)
+  qk_rope_head_dim: int = _field(8, "mla: decoupled RoPE dims (key shared across heads; even).", ge=2)
+  v_head_dim: int = _field(16, "mla: per-head value dimension.", ge=1)
+  rope_theta: float = _field(10000.0, "RoPE base frequency.", gt=0)
+
+
+class MoEConfig(_Section):
+  num_experts: int = _field(8, "Routed experts per MoE layer (0: every layer is a dense FFN).", ge=0)
+  top_k: int = _field(2, "Experts chosen per token.", ge=1)
+  expert_d_ff: int = _field(64, "Hidden width of each routed and shared expert.", ge=1)
+  num_shared_experts: int = _field(1, "Always-active shared experts (DeepSeek-V3: 1).", ge=0)
+  score_func: Literal["softmax", "sigmoid"] = _field("sigmoid", "Router affinity function.")
+  norm_topk_prob: bool = _field(True, "Normalise the selected gate weights to sum to 1.")
+  routed_scaling_factor: float = _field(1.0, "Multiplier on routed gate weights (DeepSeek-V3: 2.5).", gt=0)
+  n_group: int = _field(1, "Expert groups for group-limited routing (1: off).", ge=1)
+  topk_group: int = _field(1, "Groups kept per token, ranked by the sum of their top-2 scores.", ge=1)
+  mode: Literal["dropless", "capacity"] = _field("dropless", "dropless: sort + ragged_dot; capacity: fixed buffers, overflow dropped.")
+  capacity_factor: float = _field(1.25, "capacity mode: buffer slots per expert = factor * tokens * top_k / experts.", gt=0)
+  balance_loss_weight: float = _field(1e-4, "Sequence-wise balance loss alpha (DeepSeek-V3 eq. 17; 0: off).", ge=0)
+  z_loss_weight: float = _field(0.0, "Router z-loss weight (0: off).", ge=0)
+  bias_update_rate: float = _field(1e-3, "Aux-loss-free bias step gamma (DeepSeek-V3 eq. 16; 0: off).", ge=0)
+
+
+class MTPConfig(_Section):
+  kind: Literal["sequential", "parallel"] = _field("sequential", "sequential: DeepSeek-V3 modules; parallel: Gloeckle et al. heads.")
+  depth: int = _field(1, "Extra future tokens predicted (0 turns MTP off).", ge=0)
+  loss_weight: float = _field(0.3, "lambda: weight of the mean MTP loss (DeepSeek-V3 eq. 25).", ge=0)
+  loss_weight_schedule: list[tuple[int, float]] = _field(
+      [], "Step schedule: [[from_step, weight], ...] overriding loss_weight from each step on.")
+  use_moe: bool = _field(True, "MTP blocks use an MoE FFN when the model has experts (as DeepSeek-V3).")
+
+
+class ModelConfig(_Section):
+  vocab_size: int = _field(320, "Vocabulary size.", ge=2)
+  d_model: int = _field(64, "Model (residual) width.", ge=1)
+  num_layers: int = _field(2, "Transformer blocks in the trunk.", ge=1)
+  first_k_dense: int = _field(1, "Leading blocks with a dense FFN; the rest use MoE.", ge=0)
+  d_ff: int = _field(128, "Hidden width of the dense SwiGLU FFN.", ge=1)
+  norm_eps: float = _field(1e-6, "RMSNorm epsilon.", gt=0)
+  init_std: float = _field(0.02, "Std of the normal initialiser for weights.", gt=0)
+  tie_embeddings: bool = _field(False, "Use the embedding matrix as the output head.")
+  dtype: Literal["float32", "bfloat16"] = _field("float32", "Compute dtype.")
+  param_dtype: Literal["float32", "bfloat16"] = _field("float32", "Parameter storage dtype.")
+  attention: AttentionConfig = AttentionConfig()
+  moe: MoEConfig = MoEConfig()
+  mtp: MTPConfig = MTPConfig()
+
+
+class DataConfig(_Section):
+  source: Literal["stdlib"] = _field("stdlib", "stdlib: the running Python's own library sources, byte-level.")
+  seq_len: int = _field(128, "Tokens per packed training sequence.", ge=2)
+  shuffle: bool = _field(True, "Shuffle documents each epoch.")
+  max_documents: int = _field(0, "Use at most this many documents (0: all).", ge=0)
+
+
+class OptimizerConfig(_Section):
+  learning_rate: float = _field(3e-3, "Peak learning rate.", gt=0)
+  warmup_steps: int = _field(20, "Linear warmup steps.", ge=0)
+  decay_steps: int = _field(0, "Cosine decay length including warmup (0: train.steps).", ge=0)
+  min_lr_ratio: float = _field(0.1, "Final learning rate as a fraction of the peak.", ge=0, le=1)
+  b1: float = _field(0.9, "Adam beta1.", ge=0, lt=1)
+  b2: float = _field(0.95, "Adam beta2.", ge=0, lt=1)
+  eps: float = _field(1e-8, "Adam epsilon.", gt=0)
+  weight_decay: float = _field(0.1, "Decoupled weight decay (matrices only; not norms, biases, router bias).", ge=0)
+  grad_clip: float = _field(1.0, "Global-norm gradient clip (0: off).", ge=0)
+
+
+class TrainConfig(_Section):
+  steps: int = _field(200, "Optimizer steps to train for.", ge=1)
+  workdir: str = _field("runs/tiny", "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
+  seed: int = _field(0, "Seed for parameters and data order.")
+  batch_size: int = _field(16, "Global batch size in sequences.", ge=1)
+  grad_accum_steps: int = _field(1, "Microbatches per optimizer step (divides batch_size).", ge=1)
+  log_every: int = _field(10, "Log metrics every this many steps.", ge=1)
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = _field(
+      "none", "Rematerialisation per block: none, full, or save matmul outputs.")
+  loss_chunk_len: int = _field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
+  progress_bar: bool = _field(True, "Show a progress bar on the terminal.")
+
+
+class CheckpointConfig(_Section):
+  every: int = _field(100, "Save every this many steps (and always at the end).", ge=1)
+  max_to_keep: int = _field(3, "Checkpoints kept on disk.", ge=1)
+  enabled: bool = _field(True, "Save and resume checkpoints in train.workdir/checkpoints.")
+
+
+def _default_rules() -> dict[str, list[str]]:
+  return {
+      # Parameters.
+      "embed": ["fsdp"],
+      "vocab": ["tensor"],
+      "heads": ["tensor"],
+      "kv_heads": ["tensor"],
+      "mlp": ["tensor"],
+      "experts": ["expert"],
+      "expert_mlp": ["tensor"],
+      # Activations.
+      "act_batch": ["data", "fsdp", "expert"],
+      "act_length": [],
+      "act_embed": [],
+      "act_heads": ["tensor"],
+      "act_mlp": ["tensor"],
+      "act_vocab": ["tensor"],
+  }
+
+
+class MeshConfig(_Section):
+  data: int = _field(-1, "Data-parallel axis size (-1: fill with the remaining devices).")
+  fsdp: int = _field(1, "Fully-sharded data-parallel axis size.")
+  expert: int = _field(1, "Expert-parallel axis size.")
+  tensor: int = _field(1, "Tensor-parallel axis size.")
+  rules: dict[str, list[str]] = _field(
+      _default_rules(), "Logical axis name -> mesh axes (the one sharding rules table); "
+      "entries given override the defaults by name.")
+
+  @pydantic.field_validator("rules")
+  @classmethod
+  def _over_defaults(cls, rules: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {**_default_rules(), **rules}
+
+  def shape(self, num_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 filled; raises ConfigError if they do not tile the devices."""
+    sizes = {a: getattr(self, a) for a in MESH_AXES}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    fill = [a for a, s in sizes.items() if s == -1]
+    if fill:
+      if num_devices % known:
+        raise ConfigError(f"config error: mesh: fixed axes {sizes} do not divide the {num_devices} devices")
+      sizes[fill[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+      raise ConfigError(
+          f"config error: mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
+          f"not the {num_devices} devices")
+    return sizes
+
+
+class Config(_Section):
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  @pydantic.model_validator(mode="after")
+  def _consistent(self) -> Config:
+    for key, problem in _problems(self):
+      raise ConfigError(f"config error: {key}: {problem}")
+    return self
+
+
+def _problems(c: Config):
+  """Yields (key, problem) for cross-field inconsistencies."""
+  m, a, moe, mtp = c.model, c.model.attention, c.model.moe, c.model.mtp
+  if m.first_k_dense > m.num_layers:
+    yield "model.first_k_dense", f"{m.first_k_dense} exceeds model.num_layers ({m.num_layers})"
+  if a.kind == "gqa":
+    if a.num_heads % a.num_kv_heads:
+      yield "model.attention.num_kv_heads", f"{a.num_kv_heads} does not divide num_heads ({a.num_heads})"
+    if a.head_dim % 2:
+      yield "model.attention.head_dim", f"{a.head_dim} must be even for RoPE"
+  elif a.qk_rope_head_dim % 2:
+    yield "model.attention.qk_rope_head_dim", f"{a.qk_rope_head_dim} must be even for RoPE"
+  if moe.num_experts:
+    if moe.top_k > moe.num_experts:
+      yield "model.moe.top_k", f"{moe.top_k} exceeds model.moe.num_experts ({moe.num_experts})"
+    if moe.num_experts % moe.n_group:
+      yield "model.moe.n_group", f"{moe.n_group} does not divide num_experts ({moe.num_experts})"
+    elif moe.topk_group > moe.n_group:
+      yield "model.moe.topk_group", f"{moe.topk_group} exceeds n_group ({moe.n_group})"
+    elif moe.top_k > moe.topk_group * (moe.num_experts // moe.n_group):
+      yield "model.moe.top_k", f"{moe.top_k} exceeds the experts in {moe.topk_group} kept group(s)"
+    elif moe.n_group > 1 and moe.num_experts // moe.n_group < 2:
+      yield "model.moe.n_group", "groups need at least 2 experts each (scored by their top-2)"
+    if c.mesh.expert > 0 and moe.num_experts % c.mesh.expert:
+      yield "model.moe.num_experts", f"{moe.num_experts} is not divisible by mesh.expert ({c.mesh.expert})"
+  if mtp.depth >= c.data.seq_len - 1:
+    yield "model.mtp.depth", f"{mtp.depth} leaves no target in a sequence of data.seq_len={c.data.seq_len}"
+  steps = [s for s, _ in mtp.loss_weight_schedule]
+  if steps != sorted(set(steps)):
+    yield "model.mtp.loss_weight_schedule", "steps must be strictly increasing"
+  if m.dtype == "float32" and m.param_dtype == "bfloat16":
+    yield "model.param_dtype", "bfloat16 parameters with float32 compute is not supported"
+  if c.data.source == "stdlib" and m.vocab_size < 257:
+    yield "model.vocab_size", f"{m.vocab_size} is below the 257 byte-level tokens of data.source=stdlib"
+  if c.train.batch_size % c.train.grad_accum_steps:
+    yield "train.grad_accum_steps", f"{c.train.grad_accum_steps} does not divide train.batch_size ({c.train.batch_size})"
+  if c.train.loss_chunk_len and c.data.seq_len % c.train.loss_chunk_len:
+    yield "train.loss_chunk_len", f"{c.train.loss_chunk_len} does not divide data.seq_len ({c.data.seq_len})"
+  sizes = [getattr(c.mesh, ax) for ax in MESH_AXES]
+  if any(s == 0 or s < -1 for s in sizes):
+    yield "mesh", f"axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}"
+  if sizes.count(-1) > 1:
+    yield "mesh", "at most one axis may be -1"
+  for name, axes in c.mesh.rules.items():
+    bad = [ax for ax in axes if ax not in MESH_AXES]
+    if bad:
+      yield f"mesh.rules.{name}", f"unknown mesh axis {bad[0]!r} (axes: {', '.join(MESH_AXES)})"
+    elif len(set(axes)) != len(axes):
+      yield f"mesh.rules.{name}", "names a mesh axis twice"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_error(err: pydantic.ValidationError) -> str:
+  e = err.errors()[0]
+  key = ".".join(str(p) for p in e["loc"])
+  if e["type"] == "extra_forbidden":
+    return f"config error: {key}: unknown key"
+  if isinstance(e.get("ctx", {}).get("error"), ConfigError):
+    return str(e["ctx"]["error"])
+  return f"config error: {key}: {e['msg']} (got {e.get('input')!r})"
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+  *parents, leaf = key.split(".")
+  node = tree
+  for i, p in enumerate(parents):
+    child = node.setdefault(p, {})
+    if not isinstance(child, dict):
+      raise ConfigError(f"config error: {'.'.join(parents[: i + 1])}: is a value, not a section")
+    node = child
+  node[leaf] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+  """`a.b=1 c=x` -> nested dict; values are parsed as YAML scalars or lists."""
+  tree: dict = {}
+  for arg in args:
+    key, sep, raw = arg.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+      raise ConfigError(f"config error: {arg!r}: overrides take the form section.key=value")
+    try:
+      value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+      value = raw
+    _set_dotted(tree, key, value)
+  return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+  out = dict(base)
+  for k, v in extra.items():
+    if isinstance(v, dict) and isinstance(out.get(k), dict):
+      out[k] = _merge(out[k], v)
+    else:
+      out[k] = v
+  return out
+
+
+def from_dict(tree: dict) -> Config:
+  try:
+    return Config.model_validate(tree)
+  except pydantic.ValidationError as err:
+    raise ConfigError(_format_error(err)) from None
+
+
+def load(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
+  """Reads a YAML file (or the defaults when path is None) and applies dotted overrides."""
+  tree: dict = {}
+  if path is not None:
+    p = pathlib.Path(path)
+    if not p.is_file():
+      raise ConfigError(f"config error: {path}: no such file")
+    try:
+      tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+      mark = getattr(err, "problem_mark", None)
+      where = f" line {mark.line + 1}" if mark else ""
+      raise ConfigError(f"config error: {path}{where}: not valid YAML") from None
+    if not isinstance(tree, dict):
+      raise ConfigError(f"config error: {path}: top level must be a mapping of sections")
+  return from_dict(_merge(tree, parse_overrides(list(overrides))))
+
+
+def to_yaml(cfg: Config) -> str:
+  return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,99 @@
+"""Causal, segment-aware attention: grouped-query (GQA) and Multi-head Latent (MLA)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp_jax import sharding
+from mtp_jax.config import AttentionConfig, ModelConfig
+from mtp_jax.model.layers import RMSNorm, rope, weight
+
+
+def mask(segment_ids_BxL: jax.Array) -> jax.Array:
+  """BxLxS: key s is visible from query l iff s <= l and both lie in the same document.
+  Packed documents are contiguous, so this never lets a token see across a boundary."""
+  length = segment_ids_BxL.shape[1]
+  causal_LxS = jnp.tril(jnp.ones((length, length), bool))
+  same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return causal_LxS[None] & same_BxLxS
+
+
+def attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask_BxLxS, scale: float) -> jax.Array:
+  """Softmax attention in float32; query heads are grouped over the G key/value heads."""
+  b, l, h, kdim = q_BxLxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, kdim)
+  s = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+  s = jnp.where(mask_BxLxS[:, None, None], s * scale, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxV.dtype)
+  out = jnp.einsum("bgrls,bsgv->blgrv", p, v_BxSxGxV)
+  return out.reshape(b, l, h, v_BxSxGxV.shape[-1])
+
+
+_ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
+
+
+class GQA(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    a: AttentionConfig = cfg.attention
+    d, std, pdt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype)
+    self.wq = weight(rngs, (d, a.num_heads, a.head_dim), ("embed", "heads", None), std, pdt)
+    self.wk = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
+    self.wv = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
+    self.wo = weight(rngs, (a.num_heads, a.head_dim, d), ("heads", None, "embed"), std, pdt)
+    self.theta, self.dtype = a.rope_theta, jnp.dtype(cfg.dtype)
+
+  def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL):
+    dt = self.dtype
+    q = rope(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt)), positions_BxL, self.theta)
+    k = rope(jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt)), positions_BxL, self.theta)
+    v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+    q = sharding.constrain(q, _ACT_HEADS)
+    out_BxLxHxK = attend(q, k, v, mask_BxLxS, q.shape[-1] ** -0.5)
+    return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
+
+
+class MLA(nnx.Module):
+  """Multi-head Latent Attention (DeepSeek-V3 §2.1.1): low-rank query and key/value
+  projections, each latent RMS-normed; a decoupled RoPE key shared by all heads."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    a: AttentionConfig = cfg.attention
+    d, std, pdt, dt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    h, nope, rdim = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
+    if a.q_lora_rank:
+      self.wq_a = weight(rngs, (d, a.q_lora_rank), ("embed", None), std, pdt)
+      self.q_norm = RMSNorm(a.q_lora_rank, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+      self.wq_b = weight(rngs, (a.q_lora_rank, h, nope + rdim), (None, "heads", None), std, pdt)
+    else:
+      self.wq = weight(rngs, (d, h, nope + rdim), ("embed", "heads", None), std, pdt)
+    self.wkv_a = weight(rngs, (d, a.kv_lora_rank + rdim), ("embed", None), std, pdt)
+    self.kv_norm = RMSNorm(a.kv_lora_rank, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), (None, "heads", None), std, pdt)
+    self.wo = weight(rngs, (h, a.v_head_dim, d), ("heads", None, "embed"), std, pdt)
+    self.q_lora_rank, self.kv_lora_rank, self.nope = a.q_lora_rank, a.kv_lora_rank, nope
+    self.theta, self.dtype = a.rope_theta, dt
+
+  def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL):
+    dt, nope = self.dtype, self.nope
+    if self.q_lora_rank:
+      cq_BxLxR = self.q_norm(jnp.einsum("bld,dr->blr", x_BxLxD, self.wq_a[...].astype(dt)))
+      q = jnp.einsum("blr,rhk->blhk", cq_BxLxR, self.wq_b[...].astype(dt))
+    else:
+      q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
+    q = jnp.concatenate([q[..., :nope], rope(q[..., nope:], positions_BxL, self.theta)], axis=-1)
+    kv_a = jnp.einsum("bld,dr->blr", x_BxLxD, self.wkv_a[...].astype(dt))
+    ckv_BxLxR = self.kv_norm(kv_a[..., : self.kv_lora_rank])
+    k_rope_BxLx1xK = rope(kv_a[..., None, self.kv_lora_rank:], positions_BxL, self.theta)
+    kv = jnp.einsum("blr,rhk->blhk", ckv_BxLxR, self.wkv_b[...].astype(dt))
+    k_nope, v = kv[..., :nope], kv[..., nope:]
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxLx1xK, (*k_nope.shape[:3], k_rope_BxLx1xK.shape[-1]))], -1)
+    q = sharding.constrain(q, _ACT_HEADS)
+    out_BxLxHxV = attend(q, k, v, mask_BxLxS, q.shape[-1] ** -0.5)
+    return jnp.einsum("blhv,hvd->bld", out_BxLxHxV, self.wo[...].astype(dt))
+
+
+def make(cfg: ModelConfig, *, rngs: nnx.Rngs) -> GQA | MLA:
+  return {"gqa": GQA, "mla": MLA}[cfg.attention.kind](cfg, rngs=rngs)

@@ -1,0 +1,122 @@
+"""The trunk, its blocks and the MTP depths wired together."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp_jax import sharding
+from mtp_jax.config import ModelConfig
+from mtp_jax.model import attention
+from mtp_jax.model.layers import MLP, Embed, RMSNorm, weight
+from mtp_jax.model.moe import MoE, MoEAux
+from mtp_jax.model.mtp import SequentialModule, shift_left
+
+_ACT = ("act_batch", "act_length", "act_embed")
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@chex.dataclass
+class ModelOutput:
+  hidden: list  # per depth (0 = next token), BxLxD, normed and ready for the output head
+  aux: dict  # MoE layer name -> MoEAux
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: attention, then a dense or MoE SwiGLU FFN."""
+
+  def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.attn = attention.make(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    if moe:
+      self.ffn = MoE(cfg, rngs=rngs)
+    else:
+      self.ffn = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, std=cfg.init_std, dtype=dt, param_dtype=pdt)
+
+  def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, valid_BxL) -> tuple[jax.Array, MoEAux | None]:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), mask_BxLxS, positions_BxL)
+    h = self.ffn_norm(x_BxLxD)
+    y, aux = self.ffn(h, valid_BxL) if isinstance(self.ffn, MoE) else (self.ffn(h), None)
+    return sharding.constrain(x_BxLxD + y, _ACT), aux
+
+
+def _run_block(block: Block, *args):
+  return block(*args)
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    has_moe = cfg.moe.num_experts > 0
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std, dtype=dt, param_dtype=pdt)
+    self.blocks = nnx.List(
+        [Block(cfg, moe=has_moe and i >= cfg.first_k_dense, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.head = nnx.data(None)
+    if not cfg.tie_embeddings:
+      self.head = weight(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
+    mtp_moe = has_moe and cfg.mtp.use_moe
+    extra = [Block(cfg, moe=mtp_moe, rngs=rngs) for _ in range(cfg.mtp.depth)]
+    if cfg.mtp.kind == "sequential":
+      extra = [SequentialModule(cfg, block, rngs=rngs) for block in extra]
+    self.mtp = nnx.List(extra)
+    self.mtp_kind, self.dtype, self.remat = cfg.mtp.kind, dt, remat
+
+  def head_matrix(self) -> jax.Array:
+    """The output head, DxV, in the compute dtype (shared by every depth)."""
+    w = self.embed.table[...].T if self.head is None else self.head[...]
+    return w.astype(self.dtype)
+
+  def logits(self, h_BxLxD: jax.Array) -> jax.Array:
+    logits = jnp.einsum("bld,dv->blv", h_BxLxD, self.head_matrix())
+    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def moe_layers(self) -> dict[str, MoE]:
+    """Every MoE FFN by the name its aux terms are reported under."""
+    blocks = {f"layer_{i}": b for i, b in enumerate(self.blocks)}
+    blocks.update({f"mtp_{k + 1}": getattr(m, "block", m) for k, m in enumerate(self.mtp)})
+    return {name: b.ffn for name, b in blocks.items() if isinstance(b.ffn, MoE)}
+
+  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL) -> ModelOutput:
+    mask_BxLxS = attention.mask(segment_ids_BxL)
+    valid_BxL = segment_ids_BxL != 0
+    aux: dict[str, MoEAux] = {}
+    block_fn = _run_block
+    if self.remat != "none":
+      block_fn = nnx.remat(_run_block, policy=REMAT_POLICIES[self.remat])
+
+    def run(name, block, x):
+      x, a = block_fn(block, x, mask_BxLxS, positions_BxL, valid_BxL)
+      if a is not None:
+        aux[name] = a
+      return x
+
+    x = self.embed(tokens_BxL)
+    n_trunk = len(self.blocks) - (1 if self.mtp_kind == "parallel" else 0)
+    for i in range(n_trunk):
+      x = run(f"layer_{i}", self.blocks[i], x)
+    hidden = []
+    if self.mtp_kind == "parallel":
+      # Gloeckle et al.: the last trunk block is the next-token head; the extra heads
+      # branch from the same shared trunk state and share the final norm and unembedding.
+      last = len(self.blocks) - 1
+      hidden.append(self.final_norm(run(f"layer_{last}", self.blocks[last], x)))
+      for k, head in enumerate(self.mtp, start=1):
+        hidden.append(self.final_norm(run(f"mtp_{k}", head, x)))
+    else:
+      hidden.append(self.final_norm(x))
+      h_prev = hidden[0]  # depth 1 sees the final-normed state, as vLLM / SGLang / Megatron feed it
+      for k, module in enumerate(self.mtp, start=1):
+        emb = self.embed(shift_left(tokens_BxL, k))
+        h_prev = run(f"mtp_{k}", module.block, module.mix(emb, h_prev))
+        hidden.append(module.norm(h_prev))
+    return ModelOutput(hidden=hidden, aux=aux)

@@ -1,0 +1,92 @@
+"""The device mesh and the one logical-axis rules table.
+
+Parameters carry logical axis names in their `axes` metadata; activations are pinned with
+`constrain(x, names)`. Both go through `spec`, which maps names to mesh axes by the rules in
+`mesh.rules`. Model code never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mtp_jax.config import MESH_AXES, MeshConfig
+
+Rules = dict[str, list[str]]
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("mesh", default=None)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, expert, tensor) mesh; sizes of -1 fill the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = cfg.shape(len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  auto = (AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagates layouts between our constraints
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  except (ValueError, NotImplementedError):  # e.g. a topology-aware layout does not apply
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
+  """Logical names -> PartitionSpec. A mesh axis is used at most once per array, and only
+  while it divides the dimension, so odd sizes fall back to replication instead of failing."""
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(names, shape, strict=True):
+    axes = []
+    for ax in rules.get(name, []) if name else []:
+      size = mesh.shape[ax]
+      if ax in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in axes) * size):
+        continue
+      axes.append(ax)
+      used.add(ax)
+    out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return PartitionSpec(*out)
+
+
+def named(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+  return NamedSharding(mesh, spec(names, shape, mesh, rules))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+  """Makes `constrain` effective while tracing inside this context."""
+  token = _ACTIVE.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's layout by logical names; a no-op outside `activate`."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, named(names, x.shape, *active))
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Rules):
+  """Shardings for a pytree of (abstract) arrays: nnx Variables by their `axes` metadata,
+  everything else replicated."""
+
+  def one(leaf):
+    if isinstance(leaf, nnx.Variable):
+      names = leaf.get_metadata().get("axes") or (None,) * leaf.value.ndim
+      return leaf.replace(named(names, leaf.value.shape, mesh, rules))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
+  """Sharding of a (batch, length) input array."""
+  return named(("act_batch", "act_length"), shape, mesh, rules)

@@ -1,0 +1,181 @@
+"""The training loop: build mesh, state and data, compile once, step, log, checkpoint."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from mtp_jax import config as config_lib
+from mtp_jax import data, sharding
+from mtp_jax.config import Config, ConfigError
+from mtp_jax.model.flops import cost
+from mtp_jax.train import optimizer, step
+from mtp_jax.train.checkpoint import Checkpointer, CheckpointError
+from mtp_jax.train.metrics import MetricsWriter, mfu
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (e.g. a non-finite loss), reported as one line."""
+
+
+def _check_batch(cfg: Config, mesh) -> None:
+  micro = cfg.train.batch_size // cfg.train.grad_accum_steps
+  ways = math.prod(mesh.shape[a] for a in cfg.mesh.rules.get("act_batch", []))
+  if micro % ways:
+    raise ConfigError(
+        f"config error: train.batch_size: {cfg.train.batch_size} / grad_accum_steps "
+        f"{cfg.train.grad_accum_steps} = {micro} sequences per microbatch do not split over the {ways} "
+        f"batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']})")
+  if cfg.train.batch_size % jax.process_count():
+    raise ConfigError(f"config error: train.batch_size: {cfg.train.batch_size} does not split over "
+                      f"{jax.process_count()} processes")
+
+
+def _check_workdir(workdir: pathlib.Path, cfg: Config, resuming: bool) -> None:
+  """A checkpoint may only be resumed by the same model; say so before touching it."""
+  saved = workdir / "config.yaml"
+  if resuming and saved.is_file():
+    try:
+      old = yaml.safe_load(saved.read_text())["model"]
+    except (yaml.YAMLError, KeyError, TypeError):
+      old = None
+    new = cfg.model_dump(mode="json")["model"]
+    if old is not None and old != new:
+      key = _first_difference(old, new, "model")
+      raise CheckpointError(
+          f"train.workdir {workdir} holds a checkpoint of a different model ({key} differs); "
+          "use another train.workdir")
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(config_lib.to_yaml(cfg))
+
+
+def _first_difference(a, b, prefix):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in sorted(set(a) | set(b)):
+      if a.get(k) != b.get(k):
+        return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}")
+  return prefix
+
+
+def _describe_memory(compiled) -> str:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return "compiled step: memory analysis unavailable on this backend"
+  mib = 1 / 2**20
+  parts = [f"{name} {getattr(analysis, attr, 0) * mib:,.1f} MiB"
+           for name, attr in [("arguments", "argument_size_in_bytes"), ("outputs", "output_size_in_bytes"),
+                              ("temporaries", "temp_size_in_bytes"), ("code", "generated_code_size_in_bytes")]]
+  return "compiled step memory per device: " + ", ".join(parts)
+
+
+def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+
+def train(cfg: Config, *, log=print) -> list[dict]:
+  """Runs (or resumes) training to cfg.train.steps; returns the logged metric records."""
+  t = cfg.train
+  workdir = pathlib.Path(t.workdir)
+  mesh = sharding.make_mesh(cfg.mesh)
+  _check_batch(cfg, mesh)
+  rules = cfg.mesh.rules
+
+  tx = optimizer.make(cfg.optimizer, t.steps)
+  init = step.make_init(cfg, tx)
+  key = jax.random.key(t.seed)
+  abstract = jax.eval_shape(init, key)
+  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  graphdef = step.graphdef_of(cfg)
+
+  try:
+    dataset = data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+  except ValueError as err:  # the pipeline names the data.* setting it cannot use
+    raise ConfigError(f"config error: {err}") from None
+  batches = iter(dataset)
+  ckpt = Checkpointer(workdir, cfg.checkpoint) if cfg.checkpoint.enabled else None
+  start = (ckpt.latest_step() if ckpt else None) or 0
+  _check_workdir(workdir, cfg, resuming=start > 0)
+  if start:
+    state, data_state = ckpt.restore(start, abstract, state_shardings)
+    if data_state is not None:
+      batches.set_state(data_state)
+    log(f"resumed from {ckpt.directory / str(start)}")
+  else:
+    state = jax.jit(init, out_shardings=state_shardings)(key)
+  if start >= t.steps:
+    log(f"nothing to do: checkpoint step {start} >= train.steps {t.steps}")
+    return []
+
+  shape = (t.batch_size, cfg.data.seq_len)
+  batch_sharding = sharding.batch_sharding(mesh, rules, shape)
+  abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
+                    for k in ("tokens", "segment_ids", "positions")}
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+  train_step = step.make_train_step(cfg, graphdef, tx, mesh, optimizer.schedule(cfg.optimizer, t.steps))
+  jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+  compiled = jitted.lower(abstract_state, abstract_batch).compile()
+
+  c = cost(cfg.model, cfg.data.seq_len)
+  log(f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
+      f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}")
+  log(data.describe(cfg.data))
+  log(_describe_memory(compiled))
+
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  tokens_per_step = t.batch_size * cfg.data.seq_len
+  records: list[dict] = []
+  bar = tqdm(total=t.steps, initial=start, disable=not t.progress_bar, dynamic_ncols=True, unit="step",
+             file=sys.stderr)
+  last = {"step": start, "time": time.perf_counter()}
+
+  def report(done: int, metrics) -> None:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(values["loss"]):
+      raise TrainingError(f"non-finite loss between steps {last['step'] + 1} and {done}; "
+                          f"the last checkpoint is in {workdir / 'checkpoints'}")
+    now = time.perf_counter()
+    tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
+    last.update(step=done, time=now)
+    values["tokens_per_sec"] = tps
+    values["mfu"] = mfu(tps, c.train_flops_per_token, list(mesh.devices.flat))
+    writer.write(done, values)
+    records.append({"step": done, **values})
+    bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+    if not t.progress_bar:
+      log(f"step {done}: loss {values['loss']:.4f}, ntp {values['ntp_loss']:.4f}, {tps:,.0f} tokens/s")
+
+  pending = None
+  try:
+    for i in range(start, t.steps):
+      batch = _global_batch(next(batches), batch_sharding)
+      with jax.transfer_guard("disallow"):
+        state, metrics = compiled(state, batch)
+      if pending is not None:  # fetch step t-1's metrics only after dispatching step t
+        report(*pending)
+        pending = None
+      done = i + 1
+      if done % t.log_every == 0 or done == t.steps:
+        pending = (done, metrics)
+      if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps):
+        ckpt.save(done, state, batches.get_state())
+      bar.update(1)
+    if pending is not None:
+      report(*pending)
+  finally:
+    bar.close()
+    if ckpt:
+      ckpt.wait()
+      ckpt.close()
+    writer.close()
+  return records

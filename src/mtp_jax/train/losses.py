@@ -1,0 +1,57 @@
+"""Per-depth shifted targets and a chunked, rematerialised output-head cross-entropy.
+
+Each depth's logits are projected and reduced one sequence chunk at a time under
+`jax.checkpoint`, so the backward pass recomputes them: peak memory holds about one chunk of
+logits, never all depths at once (Gloeckle et al. §2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.model.mtp import shift_left
+
+
+def depth_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, depth: int):
+  """Targets t+1+depth for each position and where they are real: inside the sequence and
+  inside the same packed document (segment 0 is padding)."""
+  shift = depth + 1
+  targets_BxL = shift_left(tokens_BxL, shift)
+  target_seg_BxL = shift_left(segment_ids_BxL, shift, fill=0)
+  mask_BxL = (segment_ids_BxL != 0) & (target_seg_BxL == segment_ids_BxL)
+  return targets_BxL, mask_BxL
+
+
+def head_cross_entropy(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
+  """Returns (summed NLL, summed top-1 hits) over masked positions, in float32."""
+  b, length, d = h_BxLxD.shape
+  chunk_len = chunk_len or length
+  n = length // chunk_len
+
+  @jax.checkpoint
+  def chunk(h_BxCxD, t_BxC, m_BxC):
+    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t_BxC[..., None], -1)[..., 0]
+    hits = jnp.argmax(logits, -1) == t_BxC
+    m = m_BxC.astype(jnp.float32)
+    return jnp.sum(nll * m), jnp.sum(hits * m)
+
+  def split(x):  # B x L x ... -> N x B x C x ...
+    return jnp.moveaxis(x.reshape(b, n, chunk_len, *x.shape[2:]), 1, 0)
+
+  def body(carry, xs):
+    nll, hits = chunk(*xs)
+    return (carry[0] + nll, carry[1] + hits), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (nll, hits), _ = jax.lax.scan(body, (zero, zero), (split(h_BxLxD), split(targets_BxL), split(mask_BxL)))
+  return nll, hits
+
+
+def mtp_weight(step: jax.Array, base: float, schedule: list[tuple[int, float]]) -> jax.Array:
+  """lambda at `step`: `base`, replaced by each (from_step, weight) once reached."""
+  w = jnp.asarray(base, jnp.float32)
+  for from_step, weight in schedule:
+    w = jnp.where(step >= from_step, weight, w)
+  return w

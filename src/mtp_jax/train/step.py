@@ -1,0 +1,158 @@
+"""The pure train step: `train_step(state, batch) -> (state, metrics)`.
+
+The model is rebuilt from its graph definition and the state's arrays inside the step, so
+the step is a plain function of pytrees that `jax.jit` compiles once with explicit
+shardings. Gradient accumulation is a scan over microbatches whose losses are normalised by
+whole-batch target counts, so the summed gradient equals the full-batch gradient exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from mtp_jax import sharding
+from mtp_jax.config import Config
+from mtp_jax.model import Transformer
+from mtp_jax.model.moe import RouterBias
+from mtp_jax.train import losses
+
+Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: B x L int32
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # nnx.Param variables: what the optimizer updates
+  router_bias: nnx.State  # RouterBias variables: moved by the sign rule, never by gradients
+  opt_state: Any
+
+
+def build_model(cfg: Config, key: int | jax.Array = 0) -> Transformer:
+  return Transformer(cfg.model, rngs=nnx.Rngs(key), remat=cfg.train.remat)
+
+
+def split(model: Transformer):
+  graphdef, params, bias, rest = nnx.split(model, nnx.Param, RouterBias, ...)
+  assert not jax.tree.leaves(rest), f"unexpected model state outside Param/RouterBias: {rest}"
+  return graphdef, params, bias
+
+
+def make_init(cfg: Config, tx: optax.GradientTransformation):
+  """PRNG key -> TrainState; jit it with out_shardings so the state is born sharded."""
+
+  def init(key):
+    _, params, bias = split(build_model(cfg, key))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, router_bias=bias, opt_state=tx.init(params))
+
+  return init
+
+
+def graphdef_of(cfg: Config):
+  return split(nnx.eval_shape(lambda: build_model(cfg)))[0]
+
+
+def loss_fn(params, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp_lambda, accum: int):
+  """Scalar loss for one microbatch (normalised by whole-batch counts) and its sums."""
+  model: Transformer = nnx.merge(graphdef, params, bias)
+  out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+  w_DxV = model.head_matrix()
+  nll, hits = [], []
+  for depth, h in enumerate(out.hidden):
+    targets, mask = losses.depth_targets(batch["tokens"], batch["segment_ids"], depth)
+    n, c = losses.head_cross_entropy(h, w_DxV, targets, mask, cfg.train.loss_chunk_len)
+    nll.append(n)
+    hits.append(c)
+  nll, hits = jnp.stack(nll), jnp.stack(hits)
+  per_depth = nll / denominators
+  loss = per_depth[0]
+  if len(out.hidden) > 1:  # L = L_main + lambda / D * sum_k L_k (DeepSeek-V3 eq. 25)
+    loss = loss + mtp_lambda * jnp.mean(per_depth[1:])
+  aux = out.aux
+  balance = sum((a.balance_loss for a in aux.values()), jnp.zeros(())) / accum
+  z = sum((a.z_loss for a in aux.values()), jnp.zeros(())) / accum
+  sums = {
+      "nll": nll,
+      "hits": hits,
+      "balance_loss": balance,
+      "z_loss": z,
+      "load": {k: a.load for k, a in aux.items()},
+      "dropped": {k: a.dropped for k, a in aux.items()},
+  }
+  return loss + balance + z, sums
+
+
+def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, lr_schedule):
+  accum = cfg.train.grad_accum_steps
+  mtp_cfg, moe_cfg = cfg.model.mtp, cfg.model.moe
+
+  def train_step(state: TrainState, batch: Batch):
+    with sharding.activate(mesh, cfg.mesh.rules):
+      depths = 1 + mtp_cfg.depth
+      denominators = jnp.stack([
+          jnp.maximum(losses.depth_targets(batch["tokens"], batch["segment_ids"], d)[1].sum(), 1)
+          for d in range(depths)]).astype(jnp.float32)
+      lam = losses.mtp_weight(state.step, mtp_cfg.loss_weight, mtp_cfg.loss_weight_schedule)
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+      def micro(b):
+        return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), b)
+
+      def body(carry, mb):
+        (loss, sums), grads = grad_fn(state.params, state.router_bias, graphdef, mb, denominators, cfg, lam, accum)
+        return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+      if accum == 1:
+        (loss, sums), grads = grad_fn(state.params, state.router_bias, graphdef, batch, denominators, cfg, lam, 1)
+      else:
+        mbs = micro(batch)
+        shapes = jax.eval_shape(lambda: grad_fn(state.params, state.router_bias, graphdef,
+                                                jax.tree.map(lambda x: x[0], mbs), denominators, cfg, lam, accum))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((shapes[0][0], shapes[0][1], shapes[1])))
+        (loss, sums, grads), _ = jax.lax.scan(body, zeros, mbs)
+
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      bias = state.router_bias
+      if moe_cfg.bias_update_rate and sums["load"]:
+        model: Transformer = nnx.merge(graphdef, params, bias)
+        for name, moe in model.moe_layers().items():
+          moe.router.update_bias(sums["load"][name], moe_cfg.bias_update_rate)
+        bias = nnx.state(model, RouterBias)
+
+      metrics = _metrics(loss, sums, denominators, grads, mtp_cfg.depth, bias)
+      metrics["learning_rate"] = lr_schedule(state.step)
+      metrics["mtp_lambda"] = lam
+      new_state = TrainState(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
+      return new_state, metrics
+
+  return train_step
+
+
+def _metrics(loss, sums, denominators, grads, depth: int, bias) -> dict[str, jax.Array]:
+  per_depth = sums["nll"] / denominators
+  acc = sums["hits"] / denominators
+  m = {
+      "loss": loss,
+      "ntp_loss": per_depth[0],
+      "ntp_acc": acc[0],
+      "balance_loss": sums["balance_loss"],
+      "z_loss": sums["z_loss"],
+      "grad_norm": optax.global_norm(grads),
+  }
+  for k in range(1, depth + 1):
+    m[f"mtp_loss_{k}"] = per_depth[k]
+    m[f"mtp_acc_{k}"] = acc[k]
+  if sums["load"]:
+    ratios = {k: v.max() / jnp.maximum(v.mean(), 1e-9) for k, v in sums["load"].items()}
+    m["expert_load_max_over_mean"] = jnp.mean(jnp.stack(list(ratios.values())))
+    for k, r in ratios.items():
+      m[f"moe/{k}/load_max_over_mean"] = r
+    total_slots = sum(v.sum() for v in sums["load"].values())
+    m["dropped_fraction"] = sum(sums["dropped"].values()) / jnp.maximum(total_slots, 1)
+    m["router_bias_abs_mean"] = jnp.mean(jnp.stack([jnp.abs(b).mean() for b in jax.tree.leaves(bias)]))
+  return m
