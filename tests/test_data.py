@@ -31,11 +31,11 @@ def _docs(paths) -> list[np.ndarray]:
 
 def _pieces(docs) -> set[bytes]:
   """Every legal segment: piece k of a document is doc[k*L:(k+1)*L] (the last one may be short)."""
-  return {d[i:i + SEQ_LEN].tobytes() for d in docs for i in range(0, len(d), SEQ_LEN)}
+  return {d[i : i + SEQ_LEN].tobytes() for d in docs for i in range(0, len(d), SEQ_LEN)}
 
 
 def _segments(batch):
-  for tokens, seg in zip(batch["tokens"], batch["segment_ids"]):
+  for tokens, seg in zip(batch["tokens"], batch["segment_ids"], strict=True):
     for s in np.unique(seg[seg > 0]):
       yield tokens[seg == s]
 
@@ -69,12 +69,12 @@ def test_shapes_and_dtypes():
 
 def test_segment_ids_and_positions_are_consistent():
   for batch in _take(iter(data.make_dataset(_cfg(), batch_size=8, seed=0)), 20):
-    for tokens, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"]):
+    for tokens, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"], strict=True):
       pad = seg == 0
       assert not tokens[pad].any() and not pos[pad].any()
       real = seg[~pad]
       assert real[0] == 1 and set(np.diff(real)) <= {0, 1}  # documents numbered 1, 2, 3, ...
-      assert not pad[:len(real)].any()  # padding only at the end of the row
+      assert not pad[: len(real)].any()  # padding only at the end of the row
       starts = np.flatnonzero(np.diff(seg, prepend=-1) != 0)
       starts = starts[seg[starts] > 0]
       np.testing.assert_array_equal(np.flatnonzero((pos == 0) & ~pad), starts)
@@ -137,13 +137,14 @@ def test_resume_from_state_is_exact():
 def test_same_seed_same_batches_other_seed_differs():
   def first(seed):
     return np.stack([b["tokens"] for b in _take(iter(data.make_dataset(_cfg(), batch_size=8, seed=seed)), 3)])
+
   np.testing.assert_array_equal(first(7), first(7))
   assert not np.array_equal(first(7), first(8))
 
 
 def test_no_documents_names_the_setting(tmp_path, monkeypatch):
   monkeypatch.setattr(stdlib, "stdlib_dir", lambda: str(tmp_path))
-  with pytest.raises(ValueError, match="data.source"):
+  with pytest.raises(ValueError, match=r"data\.source"):
     data.make_dataset(_cfg(), batch_size=8, seed=0)
 
 
@@ -154,10 +155,11 @@ def test_describe():
 
 def test_pipeline_runs_without_jax():
   code = (
-      "import sys; sys.modules['jax'] = None\n"  # any `import jax` now fails
-      "from mtp_jax.config import DataConfig; from mtp_jax import data\n"
-      "cfg = DataConfig(seq_len=16, max_documents=2)\n"
-      "next(iter(data.make_dataset(cfg, batch_size=2, seed=0)))\n")
+    "import sys; sys.modules['jax'] = None\n"  # any `import jax` now fails
+    "from mtp_jax.config import DataConfig; from mtp_jax import data\n"
+    "cfg = DataConfig(seq_len=16, max_documents=2)\n"
+    "next(iter(data.make_dataset(cfg, batch_size=2, seed=0)))\n"
+  )
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
   result = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr

@@ -31,7 +31,9 @@ def _field(default: Any, doc: str, **kw: Any) -> Any:
 
 
 class AttentionConfig(_Section):
-  kind: Literal["gqa", "mla"] = _field("gqa", "gqa: grouped-query attention; mla: DeepSeek Multi-head Latent Attention.")
+  kind: Literal["gqa", "mla"] = _field(
+    "gqa", "gqa: grouped-query attention; mla: DeepSeek Multi-head Latent Attention."
+  )
   num_heads: int = _field(4, "Query heads.", ge=1)
   num_kv_heads: int = _field(2, "gqa: key/value heads (divides num_heads).", ge=1)
   head_dim: int = _field(16, "gqa: per-head dimension (even, for RoPE).", ge=2)
@@ -53,19 +55,26 @@ class MoEConfig(_Section):
   routed_scaling_factor: float = _field(1.0, "Multiplier on routed gate weights (DeepSeek-V3: 2.5).", gt=0)
   n_group: int = _field(1, "Expert groups for group-limited routing (1: off).", ge=1)
   topk_group: int = _field(1, "Groups kept per token, ranked by the sum of their top-2 scores.", ge=1)
-  mode: Literal["dropless", "capacity"] = _field("dropless", "dropless: sort + ragged_dot; capacity: fixed buffers, overflow dropped.")
-  capacity_factor: float = _field(1.25, "capacity mode: buffer slots per expert = factor * tokens * top_k / experts.", gt=0)
+  mode: Literal["dropless", "capacity"] = _field(
+    "dropless", "dropless: sort + ragged_dot; capacity: fixed buffers, overflow dropped (not causal)."
+  )
+  capacity_factor: float = _field(
+    1.25, "capacity mode: buffer slots per expert = factor * tokens * top_k / experts.", gt=0
+  )
   balance_loss_weight: float = _field(1e-4, "Sequence-wise balance loss alpha (DeepSeek-V3 eq. 17; 0: off).", ge=0)
   z_loss_weight: float = _field(0.0, "Router z-loss weight (0: off).", ge=0)
   bias_update_rate: float = _field(1e-3, "Aux-loss-free bias step gamma (DeepSeek-V3 eq. 16; 0: off).", ge=0)
 
 
 class MTPConfig(_Section):
-  kind: Literal["sequential", "parallel"] = _field("sequential", "sequential: DeepSeek-V3 modules; parallel: Gloeckle et al. heads.")
+  kind: Literal["sequential", "parallel"] = _field(
+    "sequential", "sequential: DeepSeek-V3 modules; parallel: Gloeckle et al. heads."
+  )
   depth: int = _field(1, "Extra future tokens predicted (0 turns MTP off).", ge=0)
   loss_weight: float = _field(0.3, "lambda: weight of the mean MTP loss (DeepSeek-V3 eq. 25).", ge=0)
   loss_weight_schedule: list[tuple[int, float]] = _field(
-      [], "Step schedule: [[from_step, weight], ...] overriding loss_weight from each step on.")
+    [], "Step schedule: [[from_step, weight], ...] overriding loss_weight from each step on."
+  )
   use_moe: bool = _field(True, "MTP blocks use an MoE FFN when the model has experts (as DeepSeek-V3).")
 
 
@@ -112,7 +121,8 @@ class TrainConfig(_Section):
   grad_accum_steps: int = _field(1, "Microbatches per optimizer step (divides batch_size).", ge=1)
   log_every: int = _field(10, "Log metrics every this many steps.", ge=1)
   remat: Literal["none", "full", "dots", "dots_no_batch"] = _field(
-      "none", "Rematerialisation per block: none, full, or save matmul outputs.")
+    "none", "Rematerialisation per block: none, full, or save matmul outputs."
+  )
   loss_chunk_len: int = _field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
   progress_bar: bool = _field(True, "Show a progress bar on the terminal.")
 
@@ -125,21 +135,21 @@ class CheckpointConfig(_Section):
 
 def _default_rules() -> dict[str, list[str]]:
   return {
-      # Parameters.
-      "embed": ["fsdp"],
-      "vocab": ["tensor"],
-      "heads": ["tensor"],
-      "kv_heads": ["tensor"],
-      "mlp": ["tensor"],
-      "experts": ["expert"],
-      "expert_mlp": ["tensor"],
-      # Activations.
-      "act_batch": ["data", "fsdp", "expert"],
-      "act_length": [],
-      "act_embed": [],
-      "act_heads": ["tensor"],
-      "act_mlp": ["tensor"],
-      "act_vocab": ["tensor"],
+    # Parameters.
+    "embed": ["fsdp"],
+    "vocab": ["tensor"],
+    "heads": ["tensor"],
+    "kv_heads": ["tensor"],
+    "mlp": ["tensor"],
+    "experts": ["expert"],
+    "expert_mlp": ["tensor"],
+    # Activations.
+    "act_batch": ["data", "fsdp", "expert"],
+    "act_length": [],
+    "act_embed": [],
+    "act_heads": ["tensor"],
+    "act_mlp": ["tensor"],
+    "act_vocab": ["tensor"],
   }
 
 
@@ -149,8 +159,9 @@ class MeshConfig(_Section):
   expert: int = _field(1, "Expert-parallel axis size.")
   tensor: int = _field(1, "Tensor-parallel axis size.")
   rules: dict[str, list[str]] = _field(
-      _default_rules(), "Logical axis name -> mesh axes (the one sharding rules table); "
-      "entries given override the defaults by name.")
+    _default_rules(),
+    "Logical axis name -> mesh axes (the one sharding rules table); entries given override the defaults by name.",
+  )
 
   @pydantic.field_validator("rules")
   @classmethod
@@ -168,8 +179,8 @@ class MeshConfig(_Section):
       sizes[fill[0]] = num_devices // known
     if math.prod(sizes.values()) != num_devices:
       raise ConfigError(
-          f"config error: mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, "
-          f"not the {num_devices} devices")
+        f"config error: mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, not the {num_devices} devices"
+      )
     return sizes
 
 
@@ -223,12 +234,15 @@ def _problems(c: Config):
   if c.data.source == "stdlib" and m.vocab_size < 257:
     yield "model.vocab_size", f"{m.vocab_size} is below the 257 byte-level tokens of data.source=stdlib"
   if c.train.batch_size % c.train.grad_accum_steps:
-    yield "train.grad_accum_steps", f"{c.train.grad_accum_steps} does not divide train.batch_size ({c.train.batch_size})"
+    yield (
+      "train.grad_accum_steps",
+      (f"{c.train.grad_accum_steps} does not divide train.batch_size ({c.train.batch_size})"),
+    )
   if c.train.loss_chunk_len and c.data.seq_len % c.train.loss_chunk_len:
     yield "train.loss_chunk_len", f"{c.train.loss_chunk_len} does not divide data.seq_len ({c.data.seq_len})"
   sizes = [getattr(c.mesh, ax) for ax in MESH_AXES]
   if any(s == 0 or s < -1 for s in sizes):
-    yield "mesh", f"axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}"
+    yield "mesh", f"axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes, strict=True))}"
   if sizes.count(-1) > 1:
     yield "mesh", "at most one axis may be -1"
   for name, axes in c.mesh.rules.items():

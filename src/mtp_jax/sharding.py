@@ -80,8 +80,8 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
 
   def one(leaf):
     if isinstance(leaf, nnx.Variable):
-      names = leaf.get_metadata().get("axes") or (None,) * leaf.value.ndim
-      return leaf.replace(named(names, leaf.value.shape, mesh, rules))
+      names = leaf.get_metadata().get("axes") or (None,) * leaf.get_value().ndim
+      return leaf.replace(named(names, leaf.get_value().shape, mesh, rules))
     return NamedSharding(mesh, PartitionSpec())
 
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -26,9 +26,7 @@ def _paths(cfg: DataConfig) -> list[str]:
   return paths
 
 
-def document_dataset(
-    cfg: DataConfig, *, seed: int, process_index: int = 0, process_count: int = 1
-) -> grain.MapDataset:
+def document_dataset(cfg: DataConfig, *, seed: int, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """This process' documents (int32 token ids ending in EOS), repeated forever.
 
   Sharded by document index before anything else, so processes never share a
@@ -39,8 +37,9 @@ def document_dataset(
   paths = _paths(cfg)
   if len(paths) < process_count:
     raise ValueError(
-        f"data.source={cfg.source!r}: {len(paths)} documents (data.max_documents={cfg.max_documents})"
-        f" are fewer than the {process_count} processes")
+      f"data.source={cfg.source!r}: {len(paths)} documents (data.max_documents={cfg.max_documents})"
+      f" are fewer than the {process_count} processes"
+    )
   docs = grain.MapDataset.source(stdlib.DocumentSource(paths))[process_index::process_count]
   if cfg.shuffle:
     docs = docs.shuffle(seed=seed % 2**32)  # Reseeded per epoch by the repeat below.
@@ -48,7 +47,7 @@ def document_dataset(
 
 
 def make_dataset(
-    cfg: DataConfig, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+  cfg: DataConfig, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
 ) -> grain.IterDataset:
   """Infinite batches of `{"tokens", "segment_ids", "positions"}`, int32 (batch_size // process_count, seq_len).
 
@@ -60,7 +59,8 @@ def make_dataset(
     raise ValueError(f"train.batch_size={batch_size} is not divisible by process_count={process_count}")
   docs = document_dataset(cfg, seed=seed, process_index=process_index, process_count=process_count)
   rows = packing.pack(
-      docs.to_iter_dataset(_READ_OPTIONS), seq_len=cfg.seq_len, seed=seed % 2**32, shuffle_rows=cfg.shuffle)
+    docs.to_iter_dataset(_READ_OPTIONS), seq_len=cfg.seq_len, seed=seed % 2**32, shuffle_rows=cfg.shuffle
+  )
   return rows.batch(batch_size // process_count, drop_remainder=True)
 
 

@@ -25,14 +25,14 @@ class _SplitLong(grain.experimental.FlatMapTransform):
     self.seq_len = seq_len
 
   def flat_map(self, element: np.ndarray) -> list[dict[str, np.ndarray]]:
-    return [{"tokens": element[i:i + self.seq_len]} for i in range(0, len(element), self.seq_len)]
+    return [{"tokens": element[i : i + self.seq_len]} for i in range(0, len(element), self.seq_len)]
 
 
 def _rename(row: dict[str, Any]) -> dict[str, np.ndarray]:
   return {
-      "tokens": row["tokens"],
-      "segment_ids": row["tokens_segment_ids"],
-      "positions": row["tokens_positions"],
+    "tokens": row["tokens"],
+    "segment_ids": row["tokens_segment_ids"],
+    "positions": row["tokens_positions"],
   }
 
 
@@ -45,10 +45,10 @@ def pack(docs: grain.IterDataset, *, seq_len: int, seed: int, shuffle_rows: bool
   """
   pieces = grain.experimental.FlatMapIterDataset(docs, _SplitLong(seq_len))
   packed = grain.experimental.FirstFitPackIterDataset(
-      pieces,
-      length_struct={"tokens": seq_len},
-      num_packing_bins=PACKING_BINS,
-      seed=seed,
-      shuffle_bins=shuffle_rows,
+    pieces,
+    length_struct={"tokens": seq_len},
+    num_packing_bins=PACKING_BINS,
+    seed=seed,
+    shuffle_bins=shuffle_rows,
   )
   return packed.map(_rename)

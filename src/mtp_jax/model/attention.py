@@ -86,7 +86,7 @@ class MLA(nnx.Module):
     q = jnp.concatenate([q[..., :nope], rope(q[..., nope:], positions_BxL, self.theta)], axis=-1)
     kv_a = jnp.einsum("bld,dr->blr", x_BxLxD, self.wkv_a[...].astype(dt))
     ckv_BxLxR = self.kv_norm(kv_a[..., : self.kv_lora_rank])
-    k_rope_BxLx1xK = rope(kv_a[..., None, self.kv_lora_rank:], positions_BxL, self.theta)
+    k_rope_BxLx1xK = rope(kv_a[..., None, self.kv_lora_rank :], positions_BxL, self.theta)
     kv = jnp.einsum("blr,rhk->blhk", ckv_BxLxR, self.wkv_b[...].astype(dt))
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxLx1xK, (*k_nope.shape[:3], k_rope_BxLx1xK.shape[-1]))], -1)

@@ -23,8 +23,11 @@ def _attention(cfg: ModelConfig) -> tuple[int, int, int]:
     return params, a.head_dim, a.head_dim
   qk = a.qk_nope_head_dim + a.qk_rope_head_dim
   q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.num_heads * qk if a.q_lora_rank else d * a.num_heads * qk
-  kv = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank + a.kv_lora_rank * a.num_heads * (
-      a.qk_nope_head_dim + a.v_head_dim)
+  kv = (
+    d * (a.kv_lora_rank + a.qk_rope_head_dim)
+    + a.kv_lora_rank
+    + a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+  )
   return q + kv + a.num_heads * a.v_head_dim * d, qk, a.v_head_dim
 
 
@@ -71,5 +74,9 @@ def cost(cfg: ModelConfig, seq_len: int) -> Cost:
   n_attn = cfg.num_layers + cfg.mtp.depth
   fwd = 2 * (active + mtp_active) + n_attn * attn_scores
   mtp_fwd = 2 * mtp_active + cfg.mtp.depth * attn_scores
-  return Cost(total_params=total, active_params=active + mtp_active,
-              train_flops_per_token=3 * fwd, mtp_train_flops_per_token=3 * mtp_fwd)
+  return Cost(
+    total_params=total,
+    active_params=active + mtp_active,
+    train_flops_per_token=3 * fwd,
+    mtp_train_flops_per_token=3 * mtp_fwd,
+  )

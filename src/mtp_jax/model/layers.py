@@ -11,8 +11,7 @@ from flax import nnx
 from mtp_jax import sharding
 
 
-def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float,
-           dtype: jnp.dtype) -> nnx.Param:
+def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float, dtype: jnp.dtype) -> nnx.Param:
   """A normally-initialised weight carrying its logical axis names."""
   return nnx.Param(std * jax.random.normal(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
 
@@ -25,14 +24,15 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * scale).astype(self.dtype)
 
 
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding, rotate-half layout (the first and second halves form the pairs)."""
   half = x_BxLxHxK.shape[-1] // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq
+  angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq[None, None]
   sin, cos = jnp.sin(angle_BxLxK)[:, :, None], jnp.cos(angle_BxLxK)[:, :, None]
   x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

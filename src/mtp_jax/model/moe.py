@@ -45,7 +45,7 @@ class Router(nnx.Module):
     logits_TxE = x_TxD.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
     scores_TxE = jax.nn.sigmoid(logits_TxE) if m.score_func == "sigmoid" else jax.nn.softmax(logits_TxE, -1)
     # The bias steers which experts are chosen, never how much they weigh (eq. 16).
-    choice_TxE = scores_TxE + self.bias[...]
+    choice_TxE = scores_TxE + self.bias[...][None]
     if m.n_group > 1:
       t = choice_TxE.shape[0]
       grouped = choice_TxE.reshape(t, m.n_group, -1)
@@ -112,8 +112,14 @@ class MoE(nnx.Module):
     self.experts = Experts(cfg, rngs=rngs)
     self.shared = nnx.data(None)
     if m.num_shared_experts:
-      self.shared = MLP(cfg.d_model, m.num_shared_experts * m.expert_d_ff, rngs=rngs, std=cfg.init_std,
-                        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+      self.shared = MLP(
+        cfg.d_model,
+        m.num_shared_experts * m.expert_d_ff,
+        rngs=rngs,
+        std=cfg.init_std,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+      )
     self.cfg = m
 
   def __call__(self, x_BxLxD: jax.Array, valid_BxL: jax.Array) -> tuple[jax.Array, MoEAux]:
@@ -135,8 +141,11 @@ class MoE(nnx.Module):
       cap = capacity(m, b * l)
       slot_TxK, keep_TxK = dispatch_slots(experts_TxK, valid_T, e, cap)
       slot_TxK = jnp.where(keep_TxK, slot_TxK, cap)  # out of range: dropped by the scatter
-      buf_ExCxD = jnp.zeros((e, cap, d), x_TxD.dtype).at[experts_TxK, slot_TxK].set(
-          jnp.broadcast_to(x_TxD[:, None], (b * l, k, d)), mode="drop")
+      buf_ExCxD = (
+        jnp.zeros((e, cap, d), x_TxD.dtype)
+        .at[experts_TxK, slot_TxK]
+        .set(jnp.broadcast_to(x_TxD[:, None], (b * l, k, d)), mode="drop")
+      )
       out_ExCxD = self.experts.batched(sharding.constrain(buf_ExCxD, ("experts", None, "act_embed")))
       y_TxKxD = out_ExCxD.at[experts_TxK, slot_TxK].get(mode="fill", fill_value=0)
       dropped = jnp.sum(valid_T[:, None] * (1 - keep_TxK.astype(jnp.int32)))
@@ -148,11 +157,11 @@ class MoE(nnx.Module):
 
     chosen_TxE = jax.nn.one_hot(experts_TxK, e, dtype=jnp.float32).sum(1) * valid_T[:, None]
     aux = MoEAux(
-        balance_loss=m.balance_loss_weight * sequence_balance_loss(
-            chosen_TxE.reshape(b, l, e), scores_TxE.reshape(b, l, e), valid_BxL, k),
-        z_loss=m.z_loss_weight * _masked_mean(jax.nn.logsumexp(logits_TxE, -1) ** 2, valid_T),
-        load=chosen_TxE.sum(0),
-        dropped=dropped,
+      balance_loss=m.balance_loss_weight
+      * sequence_balance_loss(chosen_TxE.reshape(b, l, e), scores_TxE.reshape(b, l, e), valid_BxL, k),
+      z_loss=m.z_loss_weight * _masked_mean(jax.nn.logsumexp(logits_TxE, -1) ** 2, valid_T),
+      load=chosen_TxE.sum(0),
+      dropped=dropped,
     )
     return y_BxLxD, aux
 

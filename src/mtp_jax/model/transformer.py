@@ -17,9 +17,9 @@ from mtp_jax.model.mtp import SequentialModule, shift_left
 _ACT = ("act_batch", "act_length", "act_embed")
 
 REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -49,8 +49,15 @@ class Block(nnx.Module):
     return sharding.constrain(x_BxLxD + y, _ACT), aux
 
 
-def _run_block(block: Block, *args):
-  return block(*args)
+def _remat(policy):
+  """Rematerialises a block: a pure function of its state, so plain jax.checkpoint applies
+  (blocks never mutate their variables in the forward pass)."""
+
+  def run(block: Block, *args):
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a), policy=policy)(state, *args)
+
+  return run
 
 
 class Transformer(nnx.Module):
@@ -59,7 +66,8 @@ class Transformer(nnx.Module):
     has_moe = cfg.moe.num_experts > 0
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std, dtype=dt, param_dtype=pdt)
     self.blocks = nnx.List(
-        [Block(cfg, moe=has_moe and i >= cfg.first_k_dense, rngs=rngs) for i in range(cfg.num_layers)])
+      [Block(cfg, moe=has_moe and i >= cfg.first_k_dense, rngs=rngs) for i in range(cfg.num_layers)]
+    )
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.head = nnx.data(None)
     if not cfg.tie_embeddings:
@@ -90,9 +98,7 @@ class Transformer(nnx.Module):
     mask_BxLxS = attention.mask(segment_ids_BxL)
     valid_BxL = segment_ids_BxL != 0
     aux: dict[str, MoEAux] = {}
-    block_fn = _run_block
-    if self.remat != "none":
-      block_fn = nnx.remat(_run_block, policy=REMAT_POLICIES[self.remat])
+    block_fn = Block.__call__ if self.remat == "none" else _remat(REMAT_POLICIES[self.remat])
 
     def run(name, block, x):
       x, a = block_fn(block, x, mask_BxLxS, positions_BxL, valid_BxL)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import orbax.checkpoint as ocp
 
 from mtp_jax.config import CheckpointConfig
@@ -28,25 +27,19 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict | None) -> None:
-    args = {"state": ocp.args.StandardSave(state)}
-    if data_state is not None:
-      args["data"] = ocp.args.JsonSave(data_state)
-    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+  def save(self, step: int, state, data_state: dict) -> None:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    self._manager.save(step, args=args, force=True)
 
-  def restore(self, step: int, abstract_state, shardings):
-    """Restores onto `shardings`; returns (state, data_state or None)."""
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-    names = self._manager.item_metadata(step)
-    args = {"state": ocp.args.StandardRestore(target)}
-    if names is not None and "data" in names.keys() and names["data"] is not None:
-      args["data"] = ocp.args.JsonRestore()
+  def restore(self, step: int, target):
+    """Restores onto `target` (ShapeDtypeStructs with shardings); returns (state, data_state)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     try:
-      out = self._manager.restore(step, args=ocp.args.Composite(**args))
-    except (ValueError, KeyError, TypeError) as err:
+      out = self._manager.restore(step, args=args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
       first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-      raise CheckpointError(f"checkpoint {self.directory / str(step)} does not fit this config: {first}") from None
-    return out["state"], out.get("data") if "data" in args else None
+      raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored: {first}") from None
+    return out["state"], out["data"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from mtp_jax import config as config_lib
@@ -31,12 +35,14 @@ def _check_batch(cfg: Config, mesh) -> None:
   ways = math.prod(mesh.shape[a] for a in cfg.mesh.rules.get("act_batch", []))
   if micro % ways:
     raise ConfigError(
-        f"config error: train.batch_size: {cfg.train.batch_size} / grad_accum_steps "
-        f"{cfg.train.grad_accum_steps} = {micro} sequences per microbatch do not split over the {ways} "
-        f"batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']})")
+      f"config error: train.batch_size: {cfg.train.batch_size} / grad_accum_steps "
+      f"{cfg.train.grad_accum_steps} = {micro} sequences per microbatch do not split over the {ways} "
+      f"batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']})"
+    )
   if cfg.train.batch_size % jax.process_count():
-    raise ConfigError(f"config error: train.batch_size: {cfg.train.batch_size} does not split over "
-                      f"{jax.process_count()} processes")
+    raise ConfigError(
+      f"config error: train.batch_size: {cfg.train.batch_size} does not split over {jax.process_count()} processes"
+    )
 
 
 def _check_workdir(workdir: pathlib.Path, cfg: Config, resuming: bool) -> None:
@@ -51,8 +57,8 @@ def _check_workdir(workdir: pathlib.Path, cfg: Config, resuming: bool) -> None:
     if old is not None and old != new:
       key = _first_difference(old, new, "model")
       raise CheckpointError(
-          f"train.workdir {workdir} holds a checkpoint of a different model ({key} differs); "
-          "use another train.workdir")
+        f"train.workdir {workdir} holds a checkpoint of a different model ({key} differs); use another train.workdir"
+      )
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(config_lib.to_yaml(cfg))
@@ -71,9 +77,15 @@ def _describe_memory(compiled) -> str:
   if analysis is None:
     return "compiled step: memory analysis unavailable on this backend"
   mib = 1 / 2**20
-  parts = [f"{name} {getattr(analysis, attr, 0) * mib:,.1f} MiB"
-           for name, attr in [("arguments", "argument_size_in_bytes"), ("outputs", "output_size_in_bytes"),
-                              ("temporaries", "temp_size_in_bytes"), ("code", "generated_code_size_in_bytes")]]
+  parts = [
+    f"{name} {getattr(analysis, attr, 0) * mib:,.1f} MiB"
+    for name, attr in [
+      ("arguments", "argument_size_in_bytes"),
+      ("outputs", "output_size_in_bytes"),
+      ("temporaries", "temp_size_in_bytes"),
+      ("code", "generated_code_size_in_bytes"),
+    ]
+  ]
   return "compiled step memory per device: " + ", ".join(parts)
 
 
@@ -81,69 +93,117 @@ def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
-def train(cfg: Config, *, log=print) -> list[dict]:
+@dataclasses.dataclass
+class Program:
+  """Everything derived from a config before the first step: mesh, shardings, the state
+  initialiser and the jitted step. Shared by the loop, the benchmarks and the tests."""
+
+  cfg: Config
+  mesh: Mesh
+  abstract_state: Any  # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  init: Callable[[jax.Array], step.TrainState]  # jitted: the state is born sharded
+  step: Any  # jitted train_step, state donated
+
+  def init_state(self) -> step.TrainState:
+    return self.init(jax.random.key(self.cfg.train.seed))
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+  def compile(self):
+    return self.step.lower(self.abstract_state, self.abstract_batch()).compile()
+
+
+BATCH_KEYS = ("tokens", "segment_ids", "positions")
+
+
+def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  _check_batch(cfg, mesh)
+  rules = cfg.mesh.rules
+  tx = optimizer.make(cfg.optimizer, cfg.train.steps)
+  init = step.make_init(cfg, tx)
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules, (cfg.train.batch_size, cfg.data.seq_len))
+  train_step = step.make_train_step(
+    cfg, step.graphdef_of(cfg), tx, mesh, optimizer.schedule(cfg.optimizer, cfg.train.steps)
+  )
+  return Program(
+    cfg=cfg,
+    mesh=mesh,
+    abstract_state=jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+    ),
+    state_shardings=state_shardings,
+    batch_sharding=batch_sharding,
+    init=jax.jit(init, out_shardings=state_shardings),
+    step=jax.jit(
+      train_step,
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=0,
+    ),
+  )
+
+
+def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) -> list[dict]:
   """Runs (or resumes) training to cfg.train.steps; returns the logged metric records."""
   t = cfg.train
   workdir = pathlib.Path(t.workdir)
-  mesh = sharding.make_mesh(cfg.mesh)
-  _check_batch(cfg, mesh)
-  rules = cfg.mesh.rules
-
-  tx = optimizer.make(cfg.optimizer, t.steps)
-  init = step.make_init(cfg, tx)
-  key = jax.random.key(t.seed)
-  abstract = jax.eval_shape(init, key)
-  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
-  graphdef = step.graphdef_of(cfg)
+  program = build(cfg, devices)
+  mesh = program.mesh
 
   try:
-    dataset = data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count())
+    dataset = data.make_dataset(
+      cfg.data,
+      batch_size=t.batch_size,
+      seed=t.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
   except ValueError as err:  # the pipeline names the data.* setting it cannot use
     raise ConfigError(f"config error: {err}") from None
   batches = iter(dataset)
   ckpt = Checkpointer(workdir, cfg.checkpoint) if cfg.checkpoint.enabled else None
   start = (ckpt.latest_step() if ckpt else None) or 0
   _check_workdir(workdir, cfg, resuming=start > 0)
-  if start:
-    state, data_state = ckpt.restore(start, abstract, state_shardings)
-    if data_state is not None:
-      batches.set_state(data_state)
-    log(f"resumed from {ckpt.directory / str(start)}")
-  else:
-    state = jax.jit(init, out_shardings=state_shardings)(key)
   if start >= t.steps:
     log(f"nothing to do: checkpoint step {start} >= train.steps {t.steps}")
     return []
-
-  shape = (t.batch_size, cfg.data.seq_len)
-  batch_sharding = sharding.batch_sharding(mesh, rules, shape)
-  abstract_batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-                    for k in ("tokens", "segment_ids", "positions")}
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-  train_step = step.make_train_step(cfg, graphdef, tx, mesh, optimizer.schedule(cfg.optimizer, t.steps))
-  jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
-  compiled = jitted.lower(abstract_state, abstract_batch).compile()
+  if start:
+    state, data_state = ckpt.restore(start, program.abstract_state)
+    batches.set_state(data_state)
+    log(f"resumed from {ckpt.directory / str(start)}")
+  else:
+    state = program.init_state()
+  compiled = program.compile()
+  batch_sharding = program.batch_sharding
 
   c = cost(cfg.model, cfg.data.seq_len)
-  log(f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
-      f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}")
+  log(
+    f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
+    f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}"
+  )
   log(data.describe(cfg.data))
   log(_describe_memory(compiled))
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   tokens_per_step = t.batch_size * cfg.data.seq_len
   records: list[dict] = []
-  bar = tqdm(total=t.steps, initial=start, disable=not t.progress_bar, dynamic_ncols=True, unit="step",
-             file=sys.stderr)
+  bar = tqdm(total=t.steps, initial=start, disable=not t.progress_bar, dynamic_ncols=True, unit="step", file=sys.stderr)
   last = {"step": start, "time": time.perf_counter()}
 
   def report(done: int, metrics) -> None:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(values["loss"]):
-      raise TrainingError(f"non-finite loss between steps {last['step'] + 1} and {done}; "
-                          f"the last checkpoint is in {workdir / 'checkpoints'}")
+      raise TrainingError(
+        f"non-finite loss between steps {last['step'] + 1} and {done}; "
+        f"the last checkpoint is in {workdir / 'checkpoints'}"
+      )
     now = time.perf_counter()
     tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
     last.update(step=done, time=now)

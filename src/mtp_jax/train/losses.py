@@ -25,7 +25,7 @@ def depth_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, depth: int)
 
 def head_cross_entropy(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
   """Returns (summed NLL, summed top-1 hits) over masked positions, in float32."""
-  b, length, d = h_BxLxD.shape
+  b, length, _ = h_BxLxD.shape
   chunk_len = chunk_len or length
   n = length // chunk_len
 

@@ -32,6 +32,9 @@ def decay_mask(params):
 
 def make(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
-  parts.append(optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+    )
+  )
   return optax.chain(*parts)

@@ -76,12 +76,12 @@ def loss_fn(params, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp
   balance = sum((a.balance_loss for a in aux.values()), jnp.zeros(())) / accum
   z = sum((a.z_loss for a in aux.values()), jnp.zeros(())) / accum
   sums = {
-      "nll": nll,
-      "hits": hits,
-      "balance_loss": balance,
-      "z_loss": z,
-      "load": {k: a.load for k, a in aux.items()},
-      "dropped": {k: a.dropped for k, a in aux.items()},
+    "nll": nll,
+    "hits": hits,
+    "balance_loss": balance,
+    "z_loss": z,
+    "load": {k: a.load for k, a in aux.items()},
+    "dropped": {k: a.dropped for k, a in aux.items()},
   }
   return loss + balance + z, sums
 
@@ -93,9 +93,9 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
   def train_step(state: TrainState, batch: Batch):
     with sharding.activate(mesh, cfg.mesh.rules):
       depths = 1 + mtp_cfg.depth
-      denominators = jnp.stack([
-          jnp.maximum(losses.depth_targets(batch["tokens"], batch["segment_ids"], d)[1].sum(), 1)
-          for d in range(depths)]).astype(jnp.float32)
+      denominators = jnp.stack(
+        [jnp.maximum(losses.depth_targets(batch["tokens"], batch["segment_ids"], d)[1].sum(), 1) for d in range(depths)]
+      ).astype(jnp.float32)
       lam = losses.mtp_weight(state.step, mtp_cfg.loss_weight, mtp_cfg.loss_weight_schedule)
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -110,8 +110,11 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
         (loss, sums), grads = grad_fn(state.params, state.router_bias, graphdef, batch, denominators, cfg, lam, 1)
       else:
         mbs = micro(batch)
-        shapes = jax.eval_shape(lambda: grad_fn(state.params, state.router_bias, graphdef,
-                                                jax.tree.map(lambda x: x[0], mbs), denominators, cfg, lam, accum))
+        shapes = jax.eval_shape(
+          lambda: grad_fn(
+            state.params, state.router_bias, graphdef, jax.tree.map(lambda x: x[0], mbs), denominators, cfg, lam, accum
+          )
+        )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((shapes[0][0], shapes[0][1], shapes[1])))
         (loss, sums, grads), _ = jax.lax.scan(body, zeros, mbs)
 
@@ -137,12 +140,12 @@ def _metrics(loss, sums, denominators, grads, depth: int, bias) -> dict[str, jax
   per_depth = sums["nll"] / denominators
   acc = sums["hits"] / denominators
   m = {
-      "loss": loss,
-      "ntp_loss": per_depth[0],
-      "ntp_acc": acc[0],
-      "balance_loss": sums["balance_loss"],
-      "z_loss": sums["z_loss"],
-      "grad_norm": optax.global_norm(grads),
+    "loss": loss,
+    "ntp_loss": per_depth[0],
+    "ntp_acc": acc[0],
+    "balance_loss": sums["balance_loss"],
+    "z_loss": sums["z_loss"],
+    "grad_norm": optax.tree.norm(grads),
   }
   for k in range(1, depth + 1):
     m[f"mtp_loss_{k}"] = per_depth[k]

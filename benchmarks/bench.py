@@ -1,0 +1,94 @@
+"""Throughput of a config, and the cost of each MTP depth against its FLOPs.
+
+  python benchmarks/bench.py --config configs/tiny.yaml --depths 0,1,2 --steps 20 [key=value ...]
+
+For each depth it compiles the real train step, runs warm-up steps, then times `--steps`
+steps on a fixed synthetic batch (data loading excluded) and prints tokens/s, MFU (where the
+device's peak is known) and step time and FLOPs relative to the first depth listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from mtp_jax import config
+from mtp_jax.model.flops import cost
+from mtp_jax.train import loop
+from mtp_jax.train.metrics import mfu
+
+
+def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
+  program = loop.build(cfg)
+  compiled = program.compile()
+  b, length = cfg.train.batch_size, cfg.data.seq_len
+  rng = np.random.default_rng(0)
+  host = {
+    "tokens": rng.integers(0, cfg.model.vocab_size, (b, length)).astype(np.int32),
+    "segment_ids": np.ones((b, length), np.int32),
+    "positions": np.tile(np.arange(length, dtype=np.int32), (b, 1)),
+  }
+  batch = {k: jax.device_put(v, program.batch_sharding) for k, v in host.items()}
+  state = program.init_state()
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  step_time = (time.perf_counter() - start) / steps
+  tps = b * length / step_time
+  flops = cost(cfg.model, length).train_flops_per_token
+  return {
+    "step_time": step_time,
+    "tokens_per_sec": tps,
+    "flops_per_token": flops,
+    "mfu": mfu(tps, flops, jax.devices()),
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/tiny.yaml")
+  parser.add_argument("--depths", default="0,1,2", help="comma-separated MTP depths; the first is the baseline")
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("overrides", nargs="*")
+  args = parser.parse_args(argv)
+  try:
+    depths = [int(d) for d in args.depths.split(",")]
+    cfgs = [
+      config.load(args.config, [*args.overrides, f"model.mtp.depth={d}", "checkpoint.enabled=false"]) for d in depths
+    ]
+  except (ValueError, config.ConfigError) as err:
+    print(f"bench: {err}", file=sys.stderr)
+    return 2
+
+  dev = jax.devices()[0]
+  print(
+    f"# {args.config} {' '.join(args.overrides)} on {len(jax.devices())} x {dev.device_kind} "
+    f"({platform.processor() or platform.machine()}), jax {jax.__version__}, {args.steps} timed steps"
+  )
+  print("| MTP depth | step time (s) | tokens/s | MFU | step time / depth 0 | FLOPs / depth 0 |")
+  print("|---|---|---|---|---|---|")
+  base = None
+  for d, cfg in zip(depths, cfgs, strict=True):
+    r = measure(cfg, args.steps, args.warmup)
+    base = base or r
+    m = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    print(
+      f"| {d} | {r['step_time']:.4f} | {r['tokens_per_sec']:,.0f} | {m} | "
+      f"{r['step_time'] / base['step_time']:.3f} | {r['flops_per_token'] / base['flops_per_token']:.3f} |",
+      flush=True,
+    )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,92 @@
+"""Causality, document isolation and MTP wiring of the model's forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtp_jax.model import Transformer
+from mtp_jax.model.flops import cost
+
+DEPTH = 2
+
+
+def _forward(cfg):
+  """jitted (tokens, segment_ids, positions) -> logits, M+1 x B x L x V."""
+  graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def run(tokens, segment_ids, positions):
+    model = nnx.merge(graphdef, state)
+    out = model(tokens, segment_ids, positions)
+    return jnp.stack([model.logits(h) for h in out.hidden])
+
+  return run
+
+
+def _perturbations(length, vocab, seed=0):
+  """Row 0 is a base sequence; row 1 + j changes only token j."""
+  rng = np.random.default_rng(seed)
+  base = rng.integers(0, vocab, length)
+  rows = np.tile(base, (length + 1, 1))
+  for j in range(length):
+    rows[1 + j, j] = (base[j] + 1 + rng.integers(0, vocab - 1)) % vocab
+  return jnp.asarray(rows, jnp.int32)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+def test_changing_token_j_never_changes_an_earlier_output(tiny, attn, kind):
+  cfg = tiny(f"model.attention.kind={attn}", f"model.mtp.kind={kind}", f"model.mtp.depth={DEPTH}")
+  length = cfg.data.seq_len
+  tokens = _perturbations(length, cfg.model.vocab_size)
+  ones = jnp.ones_like(tokens)
+  logits = np.asarray(_forward(cfg)(tokens, ones, jnp.cumsum(ones, 1) - 1))
+  for depth in range(DEPTH + 1):
+    # A sequential module k reads the embedding of token t+k, so its output at t is "at"
+    # position t+k; parallel heads and the trunk read nothing past t.
+    reach = depth if kind == "sequential" else 0
+    for j in range(length):
+      changed = np.abs(logits[depth, 1 + j] - logits[depth, 0]).max(-1)  # per position
+      first = max(j - reach, 0)
+      np.testing.assert_array_equal(changed[:first], 0, err_msg=f"depth {depth} saw token {j} early")
+      assert changed[first] > 0, f"depth {depth} at position {first} ignores token {j}"
+
+
+@pytest.mark.parametrize("kind", ["sequential", "parallel"])
+def test_packed_documents_are_isolated_and_positions_restart(tiny, kind):
+  cfg = tiny("model.attention.kind=mla", f"model.mtp.kind={kind}", f"model.mtp.depth={DEPTH}")
+  length, split = cfg.data.seq_len, 6
+  rng = np.random.default_rng(1)
+  doc1, doc2 = rng.integers(1, 300, split), rng.integers(1, 300, length - split)
+  packed = np.concatenate([doc1, doc2])
+  seg = np.array([1] * split + [2] * (length - split))
+  pos = np.concatenate([np.arange(split), np.arange(length - split)])
+  alone = np.concatenate([doc2, np.zeros(split, int)])  # doc 2 first, then padding
+  alone_seg = np.array([1] * (length - split) + [0] * split)
+  other = packed.copy()
+  other[:split] = rng.integers(1, 300, split)  # a different first document
+  tokens = jnp.asarray(np.stack([packed, other, alone]), jnp.int32)
+  segs = jnp.asarray(np.stack([seg, seg, alone_seg]), jnp.int32)
+  positions = jnp.asarray(np.stack([pos, pos, np.arange(length)]), jnp.int32)
+  logits = np.asarray(_forward(cfg)(tokens, segs, positions))
+  np.testing.assert_array_equal(logits[:, 0, split:], logits[:, 1, split:])
+  np.testing.assert_allclose(logits[:, 0, split:], logits[:, 2, : length - split], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    [],
+    ["model.attention.kind=mla", "model.attention.q_lora_rank=8"],
+    ["model.mtp.kind=parallel", "model.mtp.depth=3", "model.tie_embeddings=true"],
+    ["model.moe.num_experts=0", "model.mtp.depth=0"],
+    ["model.mtp.use_moe=false", "model.moe.num_shared_experts=0"],
+  ],
+)
+def test_flop_model_counts_every_parameter(tiny, overrides):
+  cfg = tiny(*overrides)
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  real = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert cost(cfg.model, cfg.data.seq_len).total_params == real

@@ -1,0 +1,186 @@
+"""Targets, the train step across meshes and accumulation, and the loop end to end."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtp_jax import data
+from mtp_jax.train import checkpoint, loop, losses
+
+CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
+
+
+def test_depth_targets_never_cross_a_document_or_the_end():
+  seg = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+  tokens = np.arange(16).reshape(2, 8)
+  for depth in range(4):
+    targets, mask = losses.depth_targets(jnp.asarray(tokens), jnp.asarray(seg), depth)
+    s = depth + 1
+    for b in range(2):
+      for t in range(8):
+        real = t + s < 8 and seg[b, t] != 0 and seg[b, t + s] == seg[b, t]
+        assert bool(mask[b, t]) == real, (depth, b, t)
+        if real:
+          assert int(targets[b, t]) == tokens[b, t + s]
+
+
+def test_each_depth_is_scored_against_token_t_plus_depth_plus_one():
+  """A hand-built batch: a hidden state that 'predicts' the token `shift` ahead gets a low
+  loss at depth k only when shift == k + 1."""
+  vocab, length = 16, 12
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, vocab, (2, length)), jnp.int32)
+  seg = jnp.asarray([[1] * 5 + [2] * 7, [1] * length], jnp.int32)
+  eye = 20.0 * jnp.eye(vocab)  # head: hidden one-hot -> a confident logit
+  for depth in range(3):
+    targets, mask = losses.depth_targets(tokens, seg, depth)
+    for shift in range(1, 5):
+      h = jax.nn.one_hot(np.roll(np.asarray(tokens), -shift, axis=1), vocab)
+      nll, hits = losses.head_cross_entropy(h, eye, targets, mask, chunk_len=4)
+      mean = float(nll / mask.sum())
+      if shift == depth + 1:
+        assert mean < 1e-3 and float(hits) == float(mask.sum())
+      else:
+        assert mean > 1.0
+
+
+def test_chunked_loss_equals_whole_sequence_loss():
+  rng = np.random.default_rng(1)
+  h = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+  t = jnp.asarray(rng.integers(0, 32, (2, 16)), jnp.int32)
+  m = jnp.asarray(rng.random((2, 16)) > 0.3)
+  whole = jax.value_and_grad(lambda h: losses.head_cross_entropy(h, w, t, m)[0])(h)
+  chunked = jax.value_and_grad(lambda h: losses.head_cross_entropy(h, w, t, m, chunk_len=4)[0])(h)
+  np.testing.assert_allclose(whole[0], chunked[0], rtol=1e-6)
+  np.testing.assert_allclose(whole[1], chunked[1], rtol=1e-6, atol=1e-7)
+
+
+def _batch(cfg):
+  return next(iter(data.make_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0)))
+
+
+def _run(cfg, steps=3, devices=None):
+  """Losses and final state of `steps` train steps on one fixed batch."""
+  program = loop.build(cfg, devices)
+  state = program.init_state()
+  batch = {k: jax.device_put(v, program.batch_sharding) for k, v in _batch(cfg).items()}
+  history = []
+  for _ in range(steps):
+    state, metrics = program.step(state, batch)
+    history.append(jax.device_get(metrics))
+  return history, state
+
+
+KEYS = ("loss", "ntp_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "grad_norm", "expert_load_max_over_mean")
+
+
+def test_2x2x2_mesh_matches_one_device(tiny):
+  overrides = ["model.mtp.depth=2", "model.moe.num_experts=4"]
+  one, _ = _run(tiny(*overrides, "mesh.data=1"), devices=jax.devices()[:1])
+  mesh = tiny(*overrides, "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")
+  program = loop.build(mesh)
+  assert dict(program.mesh.shape) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+  experts = program.abstract_state.params["blocks"][1]["ffn"]["experts"]["w_gate"].sharding
+  assert experts.spec[0] == "expert"  # experts really are split over the expert axis
+  eight, _ = _run(mesh)
+  for a, b in zip(one, eight, strict=True):
+    for k in KEYS:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
+
+
+def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
+  base, _ = _run(tiny("model.mtp.depth=2", "train.batch_size=16"), steps=2)
+  for overrides in (["train.grad_accum_steps=2"], ["train.remat=full", "train.loss_chunk_len=8"]):
+    other, _ = _run(tiny("model.mtp.depth=2", "train.batch_size=16", *overrides), steps=2)
+    for a, b in zip(base, other, strict=True):
+      for k in KEYS:
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=f"{overrides} {k}")
+
+
+def test_router_bias_moves_without_the_optimizer(tiny):
+  cfg = tiny("model.moe.bias_update_rate=0.01")
+  _, state = _run(cfg, steps=1)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
+  assert paths and not any("bias" in p for p in paths)
+  bias = state.router_bias["blocks"][1]["ffn"]["router"]["bias"][...]
+  np.testing.assert_allclose(np.abs(bias), 0.01)  # one sign step from zero
+  history, _ = _run(tiny("model.mtp.loss_weight_schedule=[[1, 0.1]]"), steps=2)
+  assert [float(h["mtp_lambda"]) for h in history] == pytest.approx([0.3, 0.1])
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
+  def cfg(workdir, steps):
+    return tiny(
+      f"train.workdir={workdir}",
+      f"train.steps={steps}",
+      "train.log_every=2",
+      "checkpoint.every=4",
+      "model.mtp.depth=2",
+      "optimizer.decay_steps=6",
+    )  # one lr schedule for all three runs
+
+  straight = loop.train(cfg(tmp_path / "a", 6), log=lambda *_: None)
+  first = loop.train(cfg(tmp_path / "b", 4), log=lambda *_: None)
+  resumed = loop.train(cfg(tmp_path / "b", 6), log=lambda *_: None)
+  assert [r["step"] for r in first] == [2, 4] and [r["step"] for r in resumed] == [6]
+  for k in KEYS:
+    np.testing.assert_allclose(straight[-1][k], resumed[-1][k], rtol=1e-6, err_msg=k)
+  lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in lines] == [2, 4, 6]
+  for key in [
+    "loss",
+    "ntp_loss",
+    "mtp_loss_1",
+    "mtp_loss_2",
+    "mtp_acc_1",
+    "mtp_acc_2",
+    "balance_loss",
+    "z_loss",
+    "expert_load_max_over_mean",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_sec",
+    "mfu",
+  ]:
+    assert key in lines[-1], key
+  assert lines[-1]["mfu"] is None  # no known peak for a CPU
+  assert list((tmp_path / "b" / "tensorboard").iterdir())
+  assert loop.train(cfg(tmp_path / "b", 6), log=lambda *_: None) == []  # already done
+
+  with pytest.raises(checkpoint.CheckpointError, match=r"different model \(model.d_model differs\)"):
+    loop.train(
+      tiny(
+        f"train.workdir={tmp_path / 'b'}",
+        "train.steps=8",
+        "model.d_model=48",
+        "model.mtp.depth=2",
+        "optimizer.decay_steps=6",
+      ),
+      log=lambda *_: None,
+    )
+  assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["4", "6"]  # nothing lost
+
+
+def test_tiny_config_loss_falls(tmp_path):
+  from mtp_jax import config
+
+  cfg = config.load(
+    CONFIGS / "tiny.yaml",
+    [
+      f"train.workdir={tmp_path}",
+      "train.steps=40",
+      "train.log_every=10",
+      "checkpoint.enabled=false",
+      "train.progress_bar=false",
+    ],
+  )
+  records = loop.train(cfg, devices=jax.devices()[:1], log=lambda *_: None)  # as on a laptop CPU
+  first, last = records[0], records[-1]
+  assert last["step"] == 40
+  assert last["ntp_loss"] < first["ntp_loss"] - 0.5, records
+  assert last["mtp_loss_1"] < first["mtp_loss_1"] - 0.5, records
