@@ -2,11 +2,14 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 
 from mtp_jax import data
 from mtp_jax.train import checkpoint, loop, losses
@@ -79,18 +82,55 @@ def _run(cfg, steps=3, devices=None):
 KEYS = ("loss", "ntp_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "grad_norm", "expert_load_max_over_mean")
 
 
-def test_2x2x2_mesh_matches_one_device(tiny):
-  overrides = ["model.mtp.depth=2", "model.moe.num_experts=4"]
+@pytest.mark.parametrize(
+  "mesh, overrides, sharded",
+  [
+    (
+      ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"],
+      [],
+      (("blocks", 1, "ffn", "experts", "w_gate"), "experts", "expert"),
+    ),
+    (
+      ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
+      ["model.attention.kind=mla", "model.moe.mode=capacity", "model.mtp.kind=parallel"],
+      (("blocks", 0, "attn", "wkv_b"), "heads", "tensor"),
+    ),
+  ],
+)
+def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
+  overrides = ["model.mtp.depth=2", "model.moe.num_experts=4", *overrides]
   one, _ = _run(tiny(*overrides, "mesh.data=1"), devices=jax.devices()[:1])
-  mesh = tiny(*overrides, "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2")
-  program = loop.build(mesh)
-  assert dict(program.mesh.shape) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
-  experts = program.abstract_state.params["blocks"][1]["ffn"]["experts"]["w_gate"].sharding
-  assert experts.spec[0] == "expert"  # experts really are split over the expert axis
-  eight, _ = _run(mesh)
+  program = loop.build(tiny(*overrides, *mesh))
+  path, name, axis = sharded
+  leaf = program.abstract_state.params
+  for key in path:
+    leaf = leaf[key]
+  names = leaf.get_metadata()["axes"]
+  assert leaf.get_value().sharding.spec[names.index(name)] == axis  # the weight really is split
+  eight, _ = _run(program.cfg)
   for a, b in zip(one, eight, strict=True):
     for k in KEYS:
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
+
+
+def test_mtp_depths_never_hold_their_logits_at_once(tiny):
+  """Compiled temporary memory: three extra depths cost less than one logits tensor, and
+  sequence chunks cut the remaining one."""
+  vocab, length, batch = 8192, 64, 8
+  logits_bytes = batch * length * vocab * 4
+
+  def temp(depth, chunk):
+    cfg = tiny(
+      f"model.mtp.depth={depth}",
+      f"model.vocab_size={vocab}",
+      f"data.seq_len={length}",
+      f"train.loss_chunk_len={chunk}",
+      "model.moe.num_experts=0",
+    )
+    return loop.build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp(3, 16) - temp(0, 16) < logits_bytes
+  assert temp(3, 0) - temp(3, 16) > logits_bytes / 2
 
 
 def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
@@ -164,6 +204,23 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
       log=lambda *_: None,
     )
   assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["4", "6"]  # nothing lost
+
+  # A damaged checkpoint: one line from the command, a non-zero exit, nothing deleted.
+  for f in (tmp_path / "b" / "checkpoints" / "6" / "state").rglob("*"):
+    if f.is_file() and f.parent.name == "d":
+      f.write_bytes(f.read_bytes()[:20])
+  overrides = [
+    *TINY,
+    f"train.workdir={tmp_path / 'b'}",
+    "train.steps=8",
+    "model.mtp.depth=2",
+    "optimizer.decay_steps=6",
+  ]
+  out = subprocess.run([sys.executable, "-m", "mtp_jax.cli", *overrides], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1
+  assert out.stderr.startswith("mtp-train: checkpoint ") and "cannot be restored" in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+  assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["4", "6"]
 
 
 def test_tiny_config_loss_falls(tmp_path):

@@ -7,6 +7,7 @@ and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -40,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     train(cfg)
   except (config.ConfigError, CheckpointError, TrainingError) as err:
     print(f"mtp-train: {err}", file=sys.stderr)
-    return 1
+    # Skip interpreter teardown: after a failed restore, Orbax's still-pending reads would
+    # print their own copies of the error there, burying this line. Everything we wrote is
+    # already closed by the loop.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   except KeyboardInterrupt:
     print("mtp-train: interrupted", file=sys.stderr)
     return 130

@@ -7,7 +7,10 @@ interrupted save never damages the last good checkpoint. Fault tolerance beyond 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
+import sys
 
 import orbax.checkpoint as ocp
 
@@ -35,10 +38,10 @@ class Checkpointer:
     """Restores onto `target` (ShapeDtypeStructs with shardings); returns (state, data_state)."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
     try:
-      out = self._manager.restore(step, args=args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
-      first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-      raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored: {first}") from None
+      with _quiet_failed_reads():
+        out = self._manager.restore(step, args=args)
+    except Exception as err:  # storage layers raise anything; the user needs one line
+      raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored: {_root_cause(err)}") from None
     return out["state"], out["data"]
 
   def wait(self) -> None:
@@ -46,3 +49,25 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """When one read of a damaged checkpoint fails, Orbax's sibling reads fail too, some of them
+  later, on TensorStore's threads, reporting through asyncio's logger and the unraisable hook.
+  The caller reports the first failure once, so after a failure those channels stay quiet;
+  after a successful restore they are put back."""
+  logger = logging.getLogger("asyncio")
+  level, hook = logger.level, sys.unraisablehook
+  logger.setLevel(logging.CRITICAL)
+  sys.unraisablehook = lambda _: None
+  yield  # an exception propagates from here and skips the restoring below
+  logger.setLevel(level)
+  sys.unraisablehook = hook
+
+
+def _root_cause(err: BaseException, limit: int = 300) -> str:
+  while err.__cause__ is not None:
+    err = err.__cause__
+  text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+  return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -168,57 +169,66 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   except ValueError as err:  # the pipeline names the data.* setting it cannot use
     raise ConfigError(f"config error: {err}") from None
   batches = iter(dataset)
-  ckpt = Checkpointer(workdir, cfg.checkpoint) if cfg.checkpoint.enabled else None
-  start = (ckpt.latest_step() if ckpt else None) or 0
-  _check_workdir(workdir, cfg, resuming=start > 0)
-  if start >= t.steps:
-    log(f"nothing to do: checkpoint step {start} >= train.steps {t.steps}")
-    return []
-  if start:
-    state, data_state = ckpt.restore(start, program.abstract_state)
-    batches.set_state(data_state)
-    log(f"resumed from {ckpt.directory / str(start)}")
-  else:
-    state = program.init_state()
-  compiled = program.compile()
-  batch_sharding = program.batch_sharding
+  with contextlib.ExitStack() as stack:
+    ckpt = None
+    if cfg.checkpoint.enabled:
+      ckpt = Checkpointer(workdir, cfg.checkpoint)
+      stack.callback(ckpt.close)  # also after a failed restore: stops Orbax's threads
+    start = (ckpt.latest_step() if ckpt else None) or 0
+    _check_workdir(workdir, cfg, resuming=start > 0)
+    if start >= t.steps:
+      log(f"nothing to do: checkpoint step {start} >= train.steps {t.steps}")
+      return []
+    if start:
+      state, data_state = ckpt.restore(start, program.abstract_state)
+      batches.set_state(data_state)
+      log(f"resumed from {ckpt.directory / str(start)}")
+    else:
+      state = program.init_state()
+    compiled = program.compile()
 
-  c = cost(cfg.model, cfg.data.seq_len)
-  log(
-    f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
-    f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}"
-  )
-  log(data.describe(cfg.data))
-  log(_describe_memory(compiled))
+    c = cost(cfg.model, cfg.data.seq_len)
+    log(
+      f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
+      f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}"
+    )
+    log(data.describe(cfg.data))
+    log(_describe_memory(compiled))
 
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  tokens_per_step = t.batch_size * cfg.data.seq_len
-  records: list[dict] = []
-  bar = tqdm(total=t.steps, initial=start, disable=not t.progress_bar, dynamic_ncols=True, unit="step", file=sys.stderr)
-  last = {"step": start, "time": time.perf_counter()}
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    stack.callback(writer.close)
+    bar = tqdm(
+      total=t.steps, initial=start, disable=not t.progress_bar, dynamic_ncols=True, unit="step", file=sys.stderr
+    )
+    stack.callback(bar.close)
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    records: list[dict] = []
+    last = {"step": start, "time": time.perf_counter()}
 
-  def report(done: int, metrics) -> None:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(values["loss"]):
-      raise TrainingError(
-        f"non-finite loss between steps {last['step'] + 1} and {done}; "
-        f"the last checkpoint is in {workdir / 'checkpoints'}"
-      )
-    now = time.perf_counter()
-    tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
-    last.update(step=done, time=now)
-    values["tokens_per_sec"] = tps
-    values["mfu"] = mfu(tps, c.train_flops_per_token, list(mesh.devices.flat))
-    writer.write(done, values)
-    records.append({"step": done, **values})
-    bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-    if not t.progress_bar:
-      log(f"step {done}: loss {values['loss']:.4f}, ntp {values['ntp_loss']:.4f}, {tps:,.0f} tokens/s")
+    def check_finite(done: int, loss: float) -> None:
+      if not math.isfinite(loss):
+        raise TrainingError(
+          f"non-finite loss between steps {last['step'] + 1} and {done}; "
+          f"the last good checkpoint is in {workdir / 'checkpoints'}"
+        )
 
-  pending = None
-  try:
+    def report(done: int, metrics) -> None:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      check_finite(done, values["loss"])
+      now = time.perf_counter()
+      tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
+      last.update(step=done, time=now)
+      values["tokens_per_sec"] = tps
+      values["mfu"] = mfu(tps, c.train_flops_per_token, list(mesh.devices.flat))
+      writer.write(done, values)
+      records.append({"step": done, **values})
+      bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+      if not t.progress_bar:
+        log(f"step {done}: loss {values['loss']:.4f}, ntp {values['ntp_loss']:.4f}, {tps:,.0f} tokens/s")
+
+    pending = None
     for i in range(start, t.steps):
-      batch = _global_batch(next(batches), batch_sharding)
+      batch = _global_batch(next(batches), program.batch_sharding)
       with jax.transfer_guard("disallow"):
         state, metrics = compiled(state, batch)
       if pending is not None:  # fetch step t-1's metrics only after dispatching step t
@@ -228,14 +238,11 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       if done % t.log_every == 0 or done == t.steps:
         pending = (done, metrics)
       if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps):
+        check_finite(done, float(metrics["loss"]))  # never save a diverged state
         ckpt.save(done, state, batches.get_state())
       bar.update(1)
     if pending is not None:
       report(*pending)
-  finally:
-    bar.close()
     if ckpt:
       ckpt.wait()
-      ckpt.close()
-    writer.close()
   return records
