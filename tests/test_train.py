@@ -241,3 +241,16 @@ def test_tiny_config_loss_falls(tmp_path):
   assert last["step"] == 40
   assert last["ntp_loss"] < first["ntp_loss"] - 0.5, records
   assert last["mtp_loss_1"] < first["mtp_loss_1"] - 0.5, records
+
+
+def test_mesh_checks_that_need_the_device_count(tiny):
+  from mtp_jax.config import ConfigError
+
+  with pytest.raises(
+    ConfigError, match=r"model\.moe\.num_experts: 4 is not divisible by the expert axis \(8 devices\)"
+  ):
+    loop.build(tiny("mesh.data=1", "mesh.expert=-1", "model.moe.num_experts=4"))
+  with pytest.raises(ConfigError, match=r"train\.batch_size: 4 / grad_accum_steps 1 = 4 sequences per microbatch"):
+    loop.build(tiny("train.batch_size=4"))
+  with pytest.raises(ConfigError, match="multiply to 4, not the 8 devices"):
+    loop.build(tiny("mesh.data=4"))

@@ -31,7 +31,13 @@ class TrainingError(RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), reported as one line."""
 
 
-def _check_batch(cfg: Config, mesh) -> None:
+def _check_mesh(cfg: Config, mesh) -> None:
+  """Checks that need the device count: what -1 filled in must still divide the work."""
+  experts, expert_axis = cfg.model.moe.num_experts, mesh.shape["expert"]
+  if experts and experts % expert_axis:
+    raise ConfigError(
+      f"config error: model.moe.num_experts: {experts} is not divisible by the expert axis ({expert_axis} devices)"
+    )
   micro = cfg.train.batch_size // cfg.train.grad_accum_steps
   ways = math.prod(mesh.shape[a] for a in cfg.mesh.rules.get("act_batch", []))
   if micro % ways:
@@ -123,7 +129,7 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
 def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  _check_batch(cfg, mesh)
+  _check_mesh(cfg, mesh)
   rules = cfg.mesh.rules
   tx = optimizer.make(cfg.optimizer, cfg.train.steps)
   init = step.make_init(cfg, tx)
