@@ -99,24 +99,18 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
       lam = losses.mtp_weight(state.step, mtp_cfg.loss_weight, mtp_cfg.loss_weight_schedule)
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-      def micro(b):
-        return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), b)
-
-      def body(carry, mb):
-        (loss, sums), grads = grad_fn(state.params, state.router_bias, graphdef, mb, denominators, cfg, lam, accum)
-        return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+      def grads_of(mb):
+        return grad_fn(state.params, state.router_bias, graphdef, mb, denominators, cfg, lam, accum)
 
       if accum == 1:
-        (loss, sums), grads = grad_fn(state.params, state.router_bias, graphdef, batch, denominators, cfg, lam, 1)
-      else:
-        mbs = micro(batch)
-        shapes = jax.eval_shape(
-          lambda: grad_fn(
-            state.params, state.router_bias, graphdef, jax.tree.map(lambda x: x[0], mbs), denominators, cfg, lam, accum
-          )
+        (loss, sums), grads = grads_of(batch)
+      else:  # microbatch j takes rows j, j + accum, ...: the batch-sharded axis stays whole
+        mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], mbs))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        ((loss, sums), grads), _ = jax.lax.scan(
+          lambda acc, mb: (jax.tree.map(jnp.add, acc, grads_of(mb)), None), zeros, mbs
         )
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((shapes[0][0], shapes[0][1], shapes[1])))
-        (loss, sums, grads), _ = jax.lax.scan(body, zeros, mbs)
 
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
