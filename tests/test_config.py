@@ -92,3 +92,16 @@ def test_cli_bad_key_is_one_line_and_non_zero():
   assert out.returncode == 2 and out.stderr.strip() == "mtp-train: config error: missing.yaml: no such file"
   out = _cli("--bogus")
   assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bad_files_are_one_line(tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("model:\n  d_model: [1,\n")
+  with pytest.raises(config.ConfigError, match=r"bad\.yaml line \d+: not valid YAML$"):
+    config.load(bad)
+  bad.write_text("- just\n- a list\n")
+  with pytest.raises(config.ConfigError, match="top level must be a mapping of sections"):
+    config.load(bad)
+  bad.write_text("model:\n  moe: 3\n")
+  with pytest.raises(config.ConfigError, match=r"^config error: model\.moe: "):
+    config.load(bad)

@@ -254,3 +254,20 @@ def test_mesh_checks_that_need_the_device_count(tiny):
     loop.build(tiny("train.batch_size=4"))
   with pytest.raises(ConfigError, match="multiply to 4, not the 8 devices"):
     loop.build(tiny("mesh.data=4"))
+
+
+def test_divergence_stops_with_the_step_range_and_saves_nothing_bad(tiny, tmp_path):
+  # The first update sends the parameters to ~1e30: their norm overflows. The loss of step 1
+  # is still finite (computed before the update), so only the state check can catch it.
+  cfg = tiny(
+    f"train.workdir={tmp_path}",
+    "train.steps=6",
+    "train.log_every=3",
+    "checkpoint.every=2",
+    "optimizer.learning_rate=1e30",
+    "optimizer.warmup_steps=0",
+    "optimizer.grad_clip=0",
+  )
+  with pytest.raises(loop.TrainingError, match=r"non-finite .*param_norm between steps 1 and 2; the last good"):
+    loop.train(cfg, log=lambda *_: None)
+  assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # the diverged state was never saved

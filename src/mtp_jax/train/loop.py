@@ -211,16 +211,17 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     records: list[dict] = []
     last = {"step": start, "time": time.perf_counter()}
 
-    def check_finite(done: int, loss: float) -> None:
-      if not math.isfinite(loss):
+    def check_finite(done: int, values: dict[str, float]) -> None:
+      bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
+      if bad:
         raise TrainingError(
-          f"non-finite loss between steps {last['step'] + 1} and {done}; "
+          f"non-finite {', '.join(bad)} between steps {last['step'] + 1} and {done}; "
           f"the last good checkpoint is in {workdir / 'checkpoints'}"
         )
 
     def report(done: int, metrics) -> None:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      check_finite(done, values["loss"])
+      check_finite(done, values)
       now = time.perf_counter()
       tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
       last.update(step=done, time=now)
@@ -244,7 +245,9 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       if done % t.log_every == 0 or done == t.steps:
         pending = (done, metrics)
       if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps):
-        check_finite(done, float(metrics["loss"]))  # never save a diverged state
+        check_finite(
+          done, {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm")}
+        )  # never save a diverged state
         ckpt.save(done, state, batches.get_state())
       bar.update(1)
     if pending is not None:

@@ -122,6 +122,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
         bias = nnx.state(model, RouterBias)
 
       metrics = _metrics(loss, sums, denominators, grads, mtp_cfg.depth, bias)
+      metrics["param_norm"] = optax.tree.norm(params)  # of the updated state: finite iff it is safe to save
       metrics["learning_rate"] = lr_schedule(state.step)
       metrics["mtp_lambda"] = lam
       new_state = TrainState(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
