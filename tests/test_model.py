@@ -90,3 +90,44 @@ def test_flop_model_counts_every_parameter(tiny, overrides):
   model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
   real = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert cost(cfg.model, cfg.data.seq_len).total_params == real
+
+
+def _logits_after(cfg, edit):
+  """Per-depth logits of one random batch after `edit(model)` changes some weights."""
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  edit(model)
+  tokens = jax.random.randint(jax.random.key(3), (2, cfg.data.seq_len), 0, cfg.model.vocab_size)
+  ones = jnp.ones_like(tokens)
+  out = model(tokens, ones, jnp.cumsum(ones, 1) - 1)
+  return np.stack([np.asarray(model.logits(h)) for h in out.hidden])
+
+
+def _scale(module):
+  module.scale[...] = module.scale[...] * 1.5
+
+
+def _bump(norm):
+  norm.scale[...] = norm.scale[...].at[0].mul(3.0)
+
+
+def test_parallel_heads_branch_before_the_last_trunk_block(tiny):
+  cfg = tiny("model.mtp.kind=parallel", f"model.mtp.depth={DEPTH}", "model.num_layers=3")
+  base = _logits_after(cfg, lambda m: None)
+  last = _logits_after(cfg, lambda m: _scale(m.blocks[-1].attn_norm))
+  np.testing.assert_array_equal(base[1:], last[1:])  # extra heads never see the last block
+  assert np.abs(base[0] - last[0]).max() > 0  # the next-token head is the last block
+  shared = _logits_after(cfg, lambda m: _scale(m.blocks[-2].attn_norm))
+  assert all(np.abs(base[d] - shared[d]).max() > 0 for d in range(DEPTH + 1))
+
+
+def test_sequential_depth_one_reads_the_final_normed_state(tiny):
+  cfg = tiny("model.mtp.kind=sequential", f"model.mtp.depth={DEPTH}", "model.tie_embeddings=true")
+  base = _logits_after(cfg, lambda m: None)
+
+  # The main model's final norm feeds module 1 (through hnorm, which removes a uniform scale,
+  # so perturb one channel), and each module's own norm feeds only its own prediction.
+  final = _logits_after(cfg, lambda m: _bump(m.final_norm))
+  assert all(np.abs(base[d] - final[d]).max() > 0 for d in range(DEPTH + 1))
+  own = _logits_after(cfg, lambda m: _bump(m.mtp[0].norm))
+  np.testing.assert_array_equal(base[[0, 2]], own[[0, 2]])  # module 2 reads module 1's block output, pre-norm
+  assert np.abs(base[1] - own[1]).max() > 0

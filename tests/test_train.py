@@ -271,3 +271,19 @@ def test_divergence_stops_with_the_step_range_and_saves_nothing_bad(tiny, tmp_pa
   with pytest.raises(loop.TrainingError, match=r"non-finite .*param_norm between steps 1 and 2; the last good"):
     loop.train(cfg, log=lambda *_: None)
   assert not list((tmp_path / "checkpoints").glob("[0-9]*"))  # the diverged state was never saved
+
+
+def test_bfloat16_compute_tracks_float32(tiny):
+  one = jax.devices()[:1]
+  f32, _ = _run(tiny("model.mtp.depth=1", "mesh.data=1"), steps=2, devices=one)
+  bf16, state = _run(tiny("model.mtp.depth=1", "mesh.data=1", "model.dtype=bfloat16"), steps=2, devices=one)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))  # master weights stay fp32
+  for a, b in zip(f32, bf16, strict=True):
+    for k in ("loss", "ntp_loss", "mtp_loss_1"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-2, err_msg=k)
+  _, state = _run(
+    tiny("model.mtp.depth=1", "mesh.data=1", "model.dtype=bfloat16", "model.param_dtype=bfloat16"), 1, one
+  )
+  dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+  assert {d for k, d in dtypes.items() if "router" not in k} == {jnp.dtype(jnp.bfloat16)}
+  assert {d for k, d in dtypes.items() if "router" in k} == {jnp.dtype(jnp.float32)}  # routing stays fp32
