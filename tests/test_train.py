@@ -164,7 +164,9 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
       "optimizer.decay_steps=6",
     )  # one lr schedule for all three runs
 
-  straight = loop.train(cfg(tmp_path / "a", 6), log=lambda *_: None)
+  said = []
+  straight = loop.train(cfg(tmp_path / "a", 6), log=said.append)
+  assert any(line.startswith("compiled step memory per device: arguments") for line in said), said
   first = loop.train(cfg(tmp_path / "b", 4), log=lambda *_: None)
   resumed = loop.train(cfg(tmp_path / "b", 6), log=lambda *_: None)
   assert [r["step"] for r in first] == [2, 4] and [r["step"] for r in resumed] == [6]
@@ -287,3 +289,17 @@ def test_bfloat16_compute_tracks_float32(tiny):
   dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
   assert {d for k, d in dtypes.items() if "router" not in k} == {jnp.dtype(jnp.bfloat16)}
   assert {d for k, d in dtypes.items() if "router" in k} == {jnp.dtype(jnp.float32)}  # routing stays fp32
+
+
+def test_weight_decay_spares_norms_and_the_router_bias(tiny):
+  from flax import nnx
+
+  from mtp_jax.train import optimizer, step
+
+  model = nnx.eval_shape(lambda: step.build_model(tiny()))
+  _, params, bias = step.split(model)
+  mask = optimizer.decay_mask(params)
+  flags = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flags and all(not v for k, v in flags.items() if "norm" in k)
+  assert all(v for k, v in flags.items() if "norm" not in k)  # every matrix decays
+  assert jax.tree.leaves(bias) and not any("bias" in k for k in flags)  # not a parameter at all
