@@ -10,7 +10,6 @@ this into a first-class command.)
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -18,21 +17,15 @@ import time
 
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # no TPU VM here: silence libtpu's probe
 
-from mtp_jax import config
+from mtp_jax.cli import command_parser, load_config
 from mtp_jax.train import loop
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = command_parser("aot_memory", __doc__.splitlines()[0], default_config="configs/small.yaml")
   parser.add_argument("--topology", default="v5p:1x1x1", help="e.g. v5p:1x1x1, v5p:2x2x1, v6e:2x2")
-  parser.add_argument("--config", default="configs/small.yaml")
-  parser.add_argument("overrides", nargs="*")
   args = parser.parse_args(argv)
-  try:
-    cfg = config.load(args.config, args.overrides)
-  except config.ConfigError as err:
-    print(f"aot_memory: {err}", file=sys.stderr)
-    return 2
+  cfg = load_config(parser.prog, args.config, args.overrides)
   try:
     from jax.experimental import topologies
 

@@ -9,7 +9,6 @@ device's peak is known) and step time and FLOPs relative to the first depth list
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 
 from mtp_jax import config
+from mtp_jax.cli import command_parser, load_config
 from mtp_jax.model.flops import cost
 from mtp_jax.train import loop
 from mtp_jax.train.metrics import mfu
@@ -54,21 +54,19 @@ def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/tiny.yaml")
+  parser = command_parser("bench", __doc__.splitlines()[0], default_config="configs/tiny.yaml")
   parser.add_argument("--depths", default="0,1,2", help="comma-separated MTP depths; the first is the baseline")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("overrides", nargs="*")
   args = parser.parse_args(argv)
   try:
     depths = [int(d) for d in args.depths.split(",")]
-    cfgs = [
-      config.load(args.config, [*args.overrides, f"model.mtp.depth={d}", "checkpoint.enabled=false"]) for d in depths
-    ]
-  except (ValueError, config.ConfigError) as err:
-    print(f"bench: {err}", file=sys.stderr)
-    return 2
+  except ValueError:
+    parser.error(f"--depths {args.depths!r}: expected comma-separated integers")
+  cfgs = [
+    load_config("bench", args.config, [*args.overrides, f"model.mtp.depth={d}", "checkpoint.enabled=false"])
+    for d in depths
+  ]
 
   dev = jax.devices()[0]
   print(

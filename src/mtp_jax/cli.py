@@ -13,23 +13,37 @@ import sys
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
-    self.exit(2, f"mtp-train: error: {message}\n")
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def command_parser(prog: str, description: str, default_config: str | None = None) -> argparse.ArgumentParser:
+  """A parser taking `--config` and dotted overrides, whose usage errors are one line.
+  Shared by `mtp-train` and the scripts in benchmarks/."""
+  parser = _Parser(prog=prog, description=description)
+  parser.add_argument("--config", default=default_config, help="YAML config file")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+  return parser
+
+
+def load_config(prog: str, path: str | None, overrides: list[str]):
+  """The resolved config, or one line on stderr and exit status 2."""
+  from mtp_jax import config
+
+  try:
+    return config.load(path, overrides)
+  except config.ConfigError as err:
+    print(f"{prog}: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = _Parser(prog="mtp-train", description="Train an MoE + multi-token-prediction transformer.")
-  parser.add_argument("--config", help="YAML config file (default: the built-in tiny defaults)")
+  parser = command_parser("mtp-train", "Train an MoE + multi-token-prediction transformer.")
   parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-  parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
   args = parser.parse_args(argv)
 
   from mtp_jax import config
 
-  try:
-    cfg = config.load(args.config, args.overrides)
-  except config.ConfigError as err:
-    print(f"mtp-train: {err}", file=sys.stderr)
-    return 2
+  cfg = load_config(parser.prog, args.config, args.overrides)
   if args.print_config:
     print(config.to_yaml(cfg), end="")
     return 0
