@@ -234,10 +234,8 @@ def _problems(c: Config):
   if c.data.source == "stdlib" and m.vocab_size < 257:
     yield "model.vocab_size", f"{m.vocab_size} is below the 257 byte-level tokens of data.source=stdlib"
   if c.train.batch_size % c.train.grad_accum_steps:
-    yield (
-      "train.grad_accum_steps",
-      (f"{c.train.grad_accum_steps} does not divide train.batch_size ({c.train.batch_size})"),
-    )
+    accum, batch = c.train.grad_accum_steps, c.train.batch_size
+    yield "train.grad_accum_steps", f"{accum} does not divide train.batch_size ({batch})"
   if c.train.loss_chunk_len and c.data.seq_len % c.train.loss_chunk_len:
     yield "train.loss_chunk_len", f"{c.train.loss_chunk_len} does not divide data.seq_len ({c.data.seq_len})"
   sizes = [getattr(c.mesh, ax) for ax in MESH_AXES]

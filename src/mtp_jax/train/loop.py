@@ -26,6 +26,8 @@ from mtp_jax.train import optimizer, step
 from mtp_jax.train.checkpoint import Checkpointer, CheckpointError
 from mtp_jax.train.metrics import MetricsWriter, mfu
 
+_MUST_BE_FINITE = ("loss", "grad_norm", "param_norm")  # param_norm is of the updated state
+
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), reported as one line."""
@@ -211,8 +213,8 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     records: list[dict] = []
     last = {"step": start, "time": time.perf_counter()}
 
-    def check_finite(done: int, values: dict[str, float]) -> None:
-      bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
+    def check_finite(done: int, values) -> None:
+      bad = [k for k in _MUST_BE_FINITE if not math.isfinite(float(values[k]))]
       if bad:
         raise TrainingError(
           f"non-finite {', '.join(bad)} between steps {last['step'] + 1} and {done}; "
@@ -245,9 +247,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       if done % t.log_every == 0 or done == t.steps:
         pending = (done, metrics)
       if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps):
-        check_finite(
-          done, {k: float(metrics[k]) for k in ("loss", "grad_norm", "param_norm")}
-        )  # never save a diverged state
+        check_finite(done, metrics)  # never save a diverged state
         ckpt.save(done, state, batches.get_state())
       bar.update(1)
     if pending is not None:
