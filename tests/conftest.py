@@ -6,11 +6,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # catch silent broadcasting bugs
 
 from mtp_jax import config  # noqa: E402
+from mtp_jax.data import manifest  # noqa: E402
 
 # A tiny model shared by the unit tests: small enough that each compile takes seconds.
 TINY = [
@@ -42,3 +45,34 @@ def tiny_config(*overrides: str) -> config.Config:
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+def write_dataset(path, docs, *, vocab_size=1000, eos_id=999, eval_docs=(), kind="bytes", sha=None) -> str:
+  """A prepared dataset written directly through the format module (independent of mtp-prepare)."""
+  os.makedirs(path)
+  dtype = manifest.token_dtype(vocab_size)
+  splits = {}
+  for split, split_docs in [("train", docs), ("eval", eval_docs)]:
+    if not len(split_docs):
+      continue
+    os.makedirs(os.path.join(path, split))
+    shard = f"{split}/shard-00000.arrayrecord"
+    writer = ArrayRecordWriter(os.path.join(path, shard), "group_size:1")
+    for d in split_docs:
+      writer.write(manifest.encode_record(d, dtype))
+    writer.close()
+    lengths = np.array([len(d) for d in split_docs], np.int64)
+    np.save(os.path.join(path, split, "lengths.npy"), lengths)
+    n, tokens = len(split_docs), int(lengths.sum())
+    splits[split] = manifest.Split(
+      documents=n,
+      tokens=tokens,
+      max_document_tokens=int(lengths.max()),
+      shards=[manifest.Shard(path=shard, documents=n, tokens=tokens)],
+      lengths=f"{split}/lengths.npy",
+    )
+  tok = manifest.TokenizerInfo(
+    kind=kind, path=None if kind == "bytes" else "/t/tokenizer.json", sha256=sha, vocab_size=vocab_size, eos_id=eos_id
+  )
+  manifest.Manifest(tokenizer=tok, token_dtype=dtype, splits=splits, sources=[]).write(path)
+  return str(path)

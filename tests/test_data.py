@@ -1,16 +1,20 @@
-"""The default input pipeline: byte tokenizer, stdlib corpus, packing, sharding, resume."""
+"""The input pipeline: packing, exactly-once epochs, process slices, mixtures, resume, bad data."""
 
 import json
 import os
+import pathlib
+import socket
 import subprocess
 import sys
+import textwrap
 from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import write_dataset
 
 from mtp_jax import data
-from mtp_jax.config import DataConfig
+from mtp_jax.config import ConfigError, DataConfig, ModelConfig, load
 from mtp_jax.data import stdlib
 
 SEQ_LEN = 64
@@ -18,47 +22,58 @@ NUM_DOCS = 20
 
 
 def _cfg(**kw) -> DataConfig:
-  return DataConfig(**{"seq_len": SEQ_LEN, "max_documents": NUM_DOCS, "shuffle": True, **kw})
+  return DataConfig(**{"seq_len": SEQ_LEN, "shuffle": True, "prefetch": 0, **kw})
 
 
 def _take(it, n: int) -> list[dict[str, np.ndarray]]:
   return [next(it) for _ in range(n)]
 
 
-def _docs(paths) -> list[np.ndarray]:
-  return [np.append(data.encode(stdlib.read_text(p)), data.EOS_ID).astype(np.int32) for p in paths]
+def _segments(row_or_batch):
+  """Each segment's tokens, row by row, in order."""
+  tokens, seg = np.atleast_2d(row_or_batch["tokens"]), np.atleast_2d(row_or_batch["segment_ids"])
+  for t, s in zip(tokens, seg, strict=True):
+    for i in np.unique(s[s > 0]):
+      yield t[s == i]
 
 
-def _pieces(docs) -> set[bytes]:
-  """Every legal segment: piece k of a document is doc[k*L:(k+1)*L] (the last one may be short)."""
-  return {d[i : i + SEQ_LEN].tobytes() for d in docs for i in range(0, len(d), SEQ_LEN)}
+def _pieces(docs, seq_len=SEQ_LEN) -> Counter:
+  """first_fit's legal segments: piece k of a document is doc[k*L:(k+1)*L]."""
+  return Counter(d[i : i + seq_len].tobytes() for d in docs for i in range(0, len(d), seq_len))
 
 
-def _segments(batch):
-  for tokens, seg in zip(batch["tokens"], batch["segment_ids"], strict=True):
-    for s in np.unique(seg[seg > 0]):
-      yield tokens[seg == s]
+def _docs(rng, n, lo, hi, eos=999, min_len=3, max_len=150):
+  """n documents of random ids in [lo, hi) ending in `eos`, each starting with a unique pair."""
+  out = []
+  for i in range(n):
+    body = rng.integers(lo, hi, rng.integers(min_len, max_len))
+    out.append(np.concatenate([[lo + i // (hi - lo), lo + i % (hi - lo)], body, [eos]]).astype(np.int32))
+  return out
 
 
 @pytest.fixture(scope="module")
-def all_docs():
-  paths = stdlib.list_files(max_documents=NUM_DOCS)
-  assert len(paths) == NUM_DOCS
-  return _docs(paths)
+def corpus(tmp_path_factory):
+  """Two prepared datasets with disjoint token ranges, and their documents."""
+  rng = np.random.default_rng(0)
+  root = tmp_path_factory.mktemp("data")
+  a, b = _docs(rng, 37, 0, 500), _docs(rng, 23, 500, 998)
+  a_eval = _docs(rng, 5, 0, 500)
+  return {
+    "a": write_dataset(root / "a", a, eval_docs=a_eval),
+    "b": write_dataset(root / "b", b),
+    "a_docs": a,
+    "b_docs": b,
+    "a_eval": a_eval,
+  }
 
 
-def test_tokenizer_round_trips():
-  text = "def f(x):\n  return 'héllo → 世界'\r\n"
-  ids = data.encode(text)
-  assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < 256
-  assert data.decode(ids) == text
-  assert data.decode(np.append(ids, data.EOS_ID)) == text  # EOS is skipped
-  assert data.decode([0xFF]) == "\ufffd"
-  assert data.VOCAB_SIZE_MIN == data.EOS_ID + 1
+def _one_epoch(cfg, **kw) -> list[dict[str, np.ndarray]]:
+  return list(data.rows(cfg, data.open_sources(cfg), seed=0, repeat=False, **kw))
 
 
-def test_shapes_and_dtypes():
-  batch = next(iter(data.make_dataset(_cfg(), batch_size=8, seed=0, process_index=1, process_count=2)))
+def test_stdlib_batches_have_shapes_and_dtypes():
+  ds = data.make_dataset(_cfg(max_documents=NUM_DOCS), batch_size=8, seed=0, process_index=1, process_count=2)
+  batch = next(iter(ds))
   assert set(batch) == {"tokens", "segment_ids", "positions"}
   for v in batch.values():
     assert v.shape == (4, SEQ_LEN) and v.dtype == np.int32
@@ -67,90 +82,180 @@ def test_shapes_and_dtypes():
     data.make_dataset(_cfg(), batch_size=6, seed=0, process_count=4)
 
 
-def test_segment_ids_and_positions_are_consistent():
-  for batch in _take(iter(data.make_dataset(_cfg(), batch_size=8, seed=0)), 20):
-    for tokens, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"], strict=True):
-      pad = seg == 0
-      assert not tokens[pad].any() and not pos[pad].any()
-      real = seg[~pad]
-      assert real[0] == 1 and set(np.diff(real)) <= {0, 1}  # documents numbered 1, 2, 3, ...
-      assert not pad[: len(real)].any()  # padding only at the end of the row
-      starts = np.flatnonzero(np.diff(seg, prepend=-1) != 0)
-      starts = starts[seg[starts] > 0]
-      np.testing.assert_array_equal(np.flatnonzero((pos == 0) & ~pad), starts)
-      inside = (np.arange(SEQ_LEN) > 0) & ~pad & (pos != 0)
-      np.testing.assert_array_equal(pos[inside], pos[np.flatnonzero(inside) - 1] + 1)
+def test_stdlib_eval_split_is_held_out():
+  train, held = stdlib.split_files("train"), stdlib.split_files("eval")
+  assert held and not set(train) & set(held) and sorted(train + held) == sorted(stdlib.list_files())
 
 
-def test_segments_are_pieces_of_real_documents(all_docs):
-  legal = _pieces(all_docs)
-  seen = 0
-  for batch in _take(iter(data.make_dataset(_cfg(), batch_size=8, seed=3)), 20):
-    for segment in _segments(batch):
-      assert segment.tobytes() in legal
-      seen += 1
-  assert seen >= 160
+@pytest.mark.parametrize("packing", ["first_fit", "concat"])
+def test_segment_ids_and_positions_follow_the_documents(corpus, packing):
+  rows = _one_epoch(_cfg(sources=[{"path": corpus["a"]}], packing=packing))
+  for row in rows:
+    tokens, seg, pos = row["tokens"], row["segment_ids"], row["positions"]
+    pad = seg == 0
+    assert not tokens[pad].any() and not pos[pad].any()
+    real = seg[~pad]
+    assert real[0] == 1 and set(np.diff(real)) <= {0, 1}  # documents numbered 1, 2, 3, ...
+    assert not pad[: len(real)].any()  # padding only at the end of the row
+    for i in np.unique(real):  # positions count 0, 1, ... within each segment
+      np.testing.assert_array_equal(pos[seg == i], np.arange((seg == i).sum()))
+    # A target never crosses a document: an EOS can only end a segment.
+    for segment in _segments(row):
+      assert 999 not in segment[:-1]
 
 
-def test_rows_are_mostly_full():
-  batches = _take(iter(data.make_dataset(_cfg(), batch_size=8, seed=0)), 20)
-  assert np.mean([(b["segment_ids"] > 0).mean() for b in batches]) > 0.9
+def test_first_fit_segments_are_pieces_and_each_appears_once_per_epoch(corpus):
+  rows = _one_epoch(_cfg(sources=[{"path": corpus["a"]}]))
+  seen = Counter(s.tobytes() for r in rows for s in _segments(r))
+  assert seen == _pieces(corpus["a_docs"])
+  assert np.mean([(r["segment_ids"] > 0).mean() for r in rows]) > 0.8  # rows are mostly full
 
 
-def test_process_shards_are_disjoint(all_docs):
-  shards = []
-  for p in range(2):
-    docs = data.document_dataset(_cfg(), seed=0, process_index=p, process_count=2)
-    assert len(docs) > 10 * NUM_DOCS  # repeats forever
-    shards.append([docs[i].tobytes() for i in range(NUM_DOCS // 2)])
-  # A partition of the documents (compared as a multiset: two stdlib files are identical).
-  assert Counter(shards[0]) + Counter(shards[1]) == Counter(d.tobytes() for d in all_docs)
-  # What a process packs comes from its own shard only.
-  own = _pieces([np.frombuffer(d, np.int32) for d in shards[1]])
-  ds = data.make_dataset(_cfg(), batch_size=8, seed=0, process_index=1, process_count=2)
-  for batch in _take(iter(ds), 10):
-    assert all(s.tobytes() in own for s in _segments(batch))
+def test_concat_lays_documents_end_to_end_exactly_once(corpus):
+  rows = _one_epoch(_cfg(sources=[{"path": corpus["a"]}], packing="concat", shuffle=False))
+  stream = np.concatenate([r["tokens"][r["segment_ids"] > 0] for r in rows])
+  np.testing.assert_array_equal(stream, np.concatenate(corpus["a_docs"]))
+  assert all((r["segment_ids"] > 0).all() for r in rows[:-1])  # no padding but the last row's
 
 
-def test_epochs_are_reshuffled():
-  docs = data.document_dataset(_cfg(), seed=0)
-  epochs = [[docs[e * NUM_DOCS + i].tobytes() for i in range(NUM_DOCS)] for e in range(2)]
-  assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
-  ordered = data.document_dataset(_cfg(shuffle=False), seed=0)
-  paths = stdlib.list_files(max_documents=NUM_DOCS)
-  assert [ordered[NUM_DOCS + i].tobytes() for i in range(NUM_DOCS)] == [d.tobytes() for d in _docs(paths)]
+def test_process_slices_are_disjoint_and_cover_each_epoch(corpus):
+  cfg = _cfg(sources=[{"path": corpus["a"]}])
+  source = data.open_sources(cfg)[0]
+  n = len(source)
+  for epoch in (1, 0):  # epoch 0 last: its slices are checked against packing below
+    slices = []
+    for p in range(3):
+      docs = data.documents(source, seed=0, shuffle=True, process_index=p, process_count=3, repeat=True)
+      per_epoch = len(source.documents[p::3])
+      slices.append([docs[epoch * per_epoch + i].tobytes() for i in range(per_epoch)])
+    assert sum(map(len, slices)) == n
+    assert sum(map(Counter, slices), Counter()) == Counter(d.tobytes() for d in corpus["a_docs"])
+  # What a process packs comes only from its slice.
+  own = _pieces([np.frombuffer(d, np.int32) for d in slices[1]])
+  rows = list(data.rows(cfg, [source], seed=0, process_index=1, process_count=3, repeat=False))
+  assert Counter(s.tobytes() for r in rows for s in _segments(r)) == own
 
 
-def test_resume_from_state_is_exact():
-  cfg = _cfg(max_documents=3)  # ~11 batches per epoch: the run below crosses epochs
-  it = iter(data.make_dataset(cfg, batch_size=8, seed=0))
-  _take(it, 5)  # part-way through a group of packed rows
+def test_epochs_are_reshuffled_and_the_seed_decides(corpus):
+  source = data.open_sources(_cfg(sources=[{"path": corpus["a"]}]))[0]
+  n = len(source)
+
+  def order(seed, epoch, shuffle=True):
+    docs = data.documents(source, seed=seed, shuffle=shuffle, process_index=0, process_count=1, repeat=True)
+    return [docs[epoch * n + i].tobytes() for i in range(n)]
+
+  assert sorted(order(0, 0)) == sorted(order(0, 1)) and order(0, 0) != order(0, 1)
+  assert order(0, 0) == order(0, 0) and order(0, 0) != order(1, 0)
+  assert order(0, 1, shuffle=False) == [d.tobytes() for d in corpus["a_docs"]]
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "concat"])
+def test_mixture_honours_the_weights(corpus, packing):
+  cfg = _cfg(sources=[{"path": corpus["a"], "weight": 3}, {"path": corpus["b"], "weight": 1}], packing=packing)
+  batches = _take(iter(data.make_dataset(cfg, batch_size=8, seed=0)), 50)  # 400 rows
+  bodies = [t[(s > 0) & (t != 999)] for b in batches for t, s in zip(b["tokens"], b["segment_ids"], strict=True)]
+  rows_from_a, rows_from_b = [(t < 500).all() for t in bodies], [(t >= 500).all() for t in bodies]
+  assert all(x != y for x, y in zip(rows_from_a, rows_from_b, strict=True))  # a row comes from one source
+  share = np.mean(rows_from_a)
+  # Grain interleaves deterministically by the integer proportions: 300 of 400 rows, up to rounding.
+  assert abs(share - 0.75) < 0.01, share
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [{}, {"prefetch": 2}, {"packing": "concat"}, {"workers": 1}],
+  ids=["plain", "thread-prefetch", "concat", "worker-process"],
+)
+def test_mid_epoch_resume_yields_the_same_next_batches(corpus, overrides):
+  cfg = _cfg(sources=[{"path": corpus["a"], "weight": 2}, {"path": corpus["b"], "weight": 1}], **overrides)
+  it = iter(data.make_dataset(cfg, batch_size=4, seed=0))
+  _take(it, 7)  # mid-epoch, mid packing group: ~4 epochs of source b pass below
   state = json.loads(json.dumps(it.get_state()))  # checkpoints store it as JSON
-  expected = _take(it, 30)
-  restored = iter(data.make_dataset(cfg, batch_size=8, seed=0))
+  expected = _take(it, 40)
+  restored = iter(data.make_dataset(cfg, batch_size=4, seed=0))
   restored.set_state(state)
-  for want, got in zip(expected, _take(restored, 30), strict=True):
+  for want, got in zip(expected, _take(restored, 40), strict=True):
     for k in want:
       np.testing.assert_array_equal(want[k], got[k])
 
 
-def test_same_seed_same_batches_other_seed_differs():
-  def first(seed):
-    return np.stack([b["tokens"] for b in _take(iter(data.make_dataset(_cfg(), batch_size=8, seed=seed)), 3)])
-
-  np.testing.assert_array_equal(first(7), first(7))
-  assert not np.array_equal(first(7), first(8))
-
-
-def test_no_documents_names_the_setting(tmp_path, monkeypatch):
-  monkeypatch.setattr(stdlib, "stdlib_dir", lambda: str(tmp_path))
-  with pytest.raises(ValueError, match=r"data\.source"):
-    data.make_dataset(_cfg(), batch_size=8, seed=0)
+def test_eval_stream_is_the_held_out_split_in_the_same_order_every_time(corpus):
+  cfg = _cfg(sources=[{"path": corpus["a"]}, {"path": corpus["b"]}])  # b has no eval split: left out
+  ds = data.make_dataset(cfg, batch_size=2, seed=0, split="eval")
+  first, again = _take(iter(ds), 3), _take(iter(ds), 3)
+  for x, y in zip(first, again, strict=True):
+    np.testing.assert_array_equal(x["tokens"], y["tokens"])
+  legal = _pieces(corpus["a_eval"])
+  assert all(s.tobytes() in legal for b in first for s in _segments(b))
 
 
-def test_describe():
-  line = data.describe(_cfg())
-  assert "\n" not in line and f"{NUM_DOCS} files" in line and stdlib.stdlib_dir() in line
+def test_describe_counts_the_documents_to_split(corpus):
+  cfg = _cfg(sources=[{"path": corpus["a"]}])
+  text = data.describe(cfg, data.open_sources(cfg))
+  long = sum(len(d) > SEQ_LEN for d in corpus["a_docs"])
+  assert "37 documents" in text and f"{long} documents longer than seq_len {SEQ_LEN} are split" in text
+
+
+def test_data_path_is_shorthand_for_one_source(corpus):
+  cfg = load(None, [f"data.path={corpus['a']}"])
+  assert [(s.path, s.weight) for s in cfg.data.sources] == [(corpus["a"], 1.0)]
+  with pytest.raises(ConfigError, match=r"data\.path: give data\.path or data\.sources, not both"):
+    load(None, ["data.path=x", "data.sources=[{path: y}]"])
+
+
+def test_model_must_read_the_tokenizer(corpus, tmp_path):
+  sources = data.open_sources(_cfg(sources=[{"path": corpus["a"]}]))
+  data.check_model(sources, ModelConfig(vocab_size=1024, eos_id=999))
+  with pytest.raises(data.DataError, match=r"vocab size 1000 exceeds model.vocab_size 320"):
+    data.check_model(sources, ModelConfig(vocab_size=320, eos_id=256))
+  with pytest.raises(data.DataError, match=r"end-of-document id 999 differs from model.eos_id 2\b"):
+    data.check_model(sources, ModelConfig(vocab_size=1000, eos_id=2))
+  other = write_dataset(tmp_path / "hf", corpus["b_docs"], kind="huggingface", sha="ab12")
+  mixed = data.open_sources(_cfg(sources=[{"path": corpus["a"]}, {"path": other}]))
+  with pytest.raises(data.DataError, match=r"tokenised by huggingface:ab12, but data.sources\[0\].* by bytes"):
+    data.check_model(mixed, ModelConfig(vocab_size=1000, eos_id=999))
+
+
+def _break(path, how):
+  if how == "no manifest":
+    os.remove(os.path.join(path, "manifest.json"))
+  elif how == "bad json":
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+      f.write("{not json")
+  elif how == "missing shard":
+    os.remove(os.path.join(path, "train", "shard-00000.arrayrecord"))
+  elif how == "bad field":
+    file = pathlib.Path(path, "manifest.json")
+    m = json.loads(file.read_text())
+    m["tokenizer"]["vocab_size"] = "many"
+    file.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+  "how, message",
+  [
+    ("no manifest", r"no manifest\.json; is it a dataset made by mtp-prepare"),
+    ("bad json", r"manifest\.json: not readable JSON"),
+    ("missing shard", r"shard-00000\.arrayrecord: shard listed in .* is missing"),
+    ("bad field", r"manifest\.json: tokenizer\.vocab_size: "),
+  ],
+)
+def test_broken_datasets_are_one_line_errors(corpus, tmp_path, how, message):
+  path = write_dataset(tmp_path / "d", corpus["a_docs"][:3])
+  _break(path, how)
+  with pytest.raises(data.DataError, match=message) as err:
+    data.open_sources(_cfg(sources=[{"path": path}]))
+  assert "\n" not in str(err.value)
+
+
+def test_other_bad_data_is_named(corpus, tmp_path):
+  with pytest.raises(data.DataError, match=r"nowhere: no such directory"):
+    data.open_sources(_cfg(sources=[{"path": str(tmp_path / "nowhere")}]))
+  with pytest.raises(data.DataError, match=r"no data source has a held-out 'eval' split; prepare one with mtp-prepare"):
+    data.open_sources(_cfg(sources=[{"path": corpus["b"]}]), "eval")
+  few = data.open_sources(_cfg(sources=[{"path": corpus["a"]}], max_documents=2))
+  with pytest.raises(data.DataError, match=r"2 documents are fewer than the 3 processes"):
+    data.make_dataset(_cfg(), batch_size=3, seed=0, process_count=3, sources=few)
 
 
 def test_pipeline_runs_without_jax():
@@ -163,3 +268,63 @@ def test_pipeline_runs_without_jax():
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
   result = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
+
+
+_PROCESS = textwrap.dedent(
+  """
+  import json, os, sys
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  import numpy as np
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+  from mtp_jax import data
+  from mtp_jax.config import DataConfig
+  from mtp_jax.sharding import batch_sharding, make_mesh
+  from mtp_jax.config import MeshConfig
+  cfg = DataConfig(path=sys.argv[3], seq_len=32, prefetch=0)
+  sources = data.open_sources(cfg)
+  me, n = jax.process_index(), jax.process_count()
+  rows = list(data.rows(cfg, sources, seed=0, process_index=me, process_count=n, repeat=False))
+  segments = [r["tokens"][r["segment_ids"] == i].tolist() for r in rows for i in np.unique(r["segment_ids"]) if i]
+  # The global batch is assembled from each host's own rows.
+  mesh = make_mesh(MeshConfig(), jax.devices())
+  sharding = batch_sharding(mesh, MeshConfig().rules, (4, 32))
+  local = next(iter(data.make_dataset(cfg, batch_size=4, seed=0, process_index=me, process_count=n, sources=sources)))
+  tokens = jax.make_array_from_process_local_data(sharding, local["tokens"])
+  assert tokens.shape == (4, 32), tokens.shape
+  mine = [np.asarray(s.data).tolist() for s in tokens.addressable_shards]
+  assert sum(mine, []) == local["tokens"].tolist(), "this host's rows are its part of the global batch"
+  json.dump({"process": me, "segments": segments}, open(sys.argv[4], "w"))
+  jax.distributed.shutdown()
+  """
+)
+
+
+def test_two_processes_read_disjoint_slices_that_cover_the_dataset(corpus, tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = tmp_path / "proc.py"
+  script.write_text(_PROCESS)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+  env["PYTHONPATH"] = os.pathsep.join(sys.path)
+  outs = [tmp_path / f"out{i}.json" for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(port), str(i), corpus["a"], str(outs[i])],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  for p in procs:
+    output, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, output[-3000:]
+  seen = [Counter(np.array(s, np.int32).tobytes() for s in json.loads(o.read_text())["segments"]) for o in outs]
+  # Equal as multisets: every piece of every document read once, by one of the two (a piece
+  # read by both would be counted twice). Short tail pieces such as [EOS] recur across documents.
+  assert seen[0] + seen[1] == _pieces(corpus["a_docs"], seq_len=32)
+  assert min(seen[0].total(), seen[1].total()) > 0.3 * (seen[0].total() + seen[1].total())

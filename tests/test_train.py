@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, write_dataset
 
 from mtp_jax import data
 from mtp_jax.train import checkpoint, loop, losses
@@ -154,6 +154,14 @@ def test_router_bias_moves_without_the_optimizer(tiny):
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
+  """Through the real loop and Orbax: model state, a two-source data mixture (whose iterator
+  state rides in the checkpoint) and the eval stream all resume exactly."""
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(0, 256, rng.integers(5, 60)).astype(np.int32) for _ in range(40)]
+  docs = [np.append(d, data.EOS_ID).astype(np.int32) for d in docs]
+  a = write_dataset(tmp_path / "a", docs[:25], vocab_size=257, eos_id=256, eval_docs=docs[35:])
+  b = write_dataset(tmp_path / "b_data", docs[25:35], vocab_size=257, eos_id=256)
+
   def cfg(workdir, steps):
     return tiny(
       f"train.workdir={workdir}",
@@ -161,19 +169,32 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
       "train.log_every=2",
       "checkpoint.every=4",
       "model.mtp.depth=2",
-      "optimizer.decay_steps=6",
-    )  # one lr schedule for all three runs
+      "optimizer.decay_steps=6",  # one lr schedule for all three runs
+      f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 1}}]",
+      "train.eval_every=3",
+      "train.eval_batches=2",
+    )
 
   said = []
-  straight = loop.train(cfg(tmp_path / "a", 6), log=said.append)
+  straight = loop.train(cfg(tmp_path / "a_run", 6), log=said.append)
   assert any(line.startswith("compiled step memory per device: arguments") for line in said), said
+  assert any(line.startswith(f"data: {a}: 25 documents") for line in said), said
   first = loop.train(cfg(tmp_path / "b", 4), log=lambda *_: None)
   resumed = loop.train(cfg(tmp_path / "b", 6), log=lambda *_: None)
-  assert [r["step"] for r in first] == [2, 4] and [r["step"] for r in resumed] == [6]
+  train_steps = [r["step"] for r in first + resumed if "loss" in r]
+  eval_steps = [r["step"] for r in first + resumed if "eval/ntp_loss" in r]
+  assert train_steps == [2, 4, 6] and eval_steps == [3, 4, 6]
+  (want,), (got,) = ([r for r in run if r["step"] == 6 and "loss" in r] for run in (straight, resumed))
   for k in KEYS:
-    np.testing.assert_allclose(straight[-1][k], resumed[-1][k], rtol=1e-6, err_msg=k)
+    np.testing.assert_allclose(want[k], got[k], rtol=1e-6, err_msg=k)
+  (want,), (got,) = ([r for r in run if r["step"] == 6 and "eval/ntp_loss" in r] for run in (straight, resumed))
+  per_depth = ["ntp_loss", "ntp_acc", "mtp_loss_1", "mtp_acc_1", "mtp_loss_2", "mtp_acc_2"]
+  assert set(want) == {"step", *(f"eval/{m}" for m in per_depth)}
+  for k in want:
+    np.testing.assert_allclose(want[k], got[k], rtol=1e-6, err_msg=k)
   lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in lines] == [2, 4, 6]
+  assert sorted(r["step"] for r in lines) == [2, 3, 4, 4, 6, 6]
+  lines = [r for r in lines if "loss" in r]
   for key in [
     "loss",
     "ntp_loss",

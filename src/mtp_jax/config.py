@@ -79,7 +79,8 @@ class MTPConfig(_Section):
 
 
 class ModelConfig(_Section):
-  vocab_size: int = _field(320, "Vocabulary size.", ge=2)
+  vocab_size: int = _field(320, "Vocabulary size (may exceed the tokenizer's, e.g. padded to a multiple of 128).", ge=2)
+  eos_id: int = _field(256, "End-of-document token id; must match the data's tokenizer (256: byte-level).", ge=0)
   d_model: int = _field(64, "Model (residual) width.", ge=1)
   num_layers: int = _field(2, "Transformer blocks in the trunk.", ge=1)
   first_k_dense: int = _field(1, "Leading blocks with a dense FFN; the rest use MoE.", ge=0)
@@ -94,11 +95,37 @@ class ModelConfig(_Section):
   mtp: MTPConfig = MTPConfig()
 
 
+STDLIB = "stdlib"  # data source name of the embedded corpus
+
+
+class SourceConfig(_Section):
+  path: str = _field(
+    STDLIB, "A directory written by mtp-prepare, or `stdlib` for the embedded corpus (./stdlib: a directory)."
+  )
+  weight: float = _field(1.0, "Mixture weight relative to the other sources (share of packed rows).", gt=0)
+
+
 class DataConfig(_Section):
-  source: Literal["stdlib"] = _field("stdlib", "stdlib: the running Python's own library sources, byte-level.")
+  sources: list[SourceConfig] = _field(
+    [SourceConfig()], "Datasets to mix, [{path, weight}, ...]; `data.path=DIR` is shorthand for one source."
+  )
   seq_len: int = _field(128, "Tokens per packed training sequence.", ge=2)
-  shuffle: bool = _field(True, "Shuffle documents each epoch.")
-  max_documents: int = _field(0, "Use at most this many documents (0: all).", ge=0)
+  packing: Literal["first_fit", "concat"] = _field(
+    "first_fit", "first_fit: documents cut to seq_len pieces, placed whole; concat: concatenate, split at row ends."
+  )
+  shuffle: bool = _field(True, "Shuffle documents globally each epoch (and rows within the packing bins).")
+  max_documents: int = _field(0, "Use only the first this many documents of each source (0: all).", ge=0)
+  workers: int = _field(0, "Processes that read and pack batches (0: a thread in the training process).", ge=0)
+  prefetch: int = _field(2, "Batches prepared ahead of the step (0: none).", ge=0)
+
+  @pydantic.model_validator(mode="before")
+  @classmethod
+  def _path_shorthand(cls, data: Any) -> Any:
+    if isinstance(data, dict) and "path" in data:
+      if "sources" in data:
+        raise ConfigError("config error: data.path: give data.path or data.sources, not both")
+      data = {**{k: v for k, v in data.items() if k != "path"}, "sources": [{"path": data["path"], "weight": 1.0}]}
+    return data
 
 
 class OptimizerConfig(_Section):
@@ -125,6 +152,8 @@ class TrainConfig(_Section):
   )
   loss_chunk_len: int = _field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
   progress_bar: bool = _field(True, "Show a progress bar on the terminal.")
+  eval_every: int = _field(0, "Evaluate on the sources' held-out splits every this many steps (0: never).", ge=0)
+  eval_batches: int = _field(8, "Batches of train.batch_size per evaluation (the same ones every time).", ge=1)
 
 
 class CheckpointConfig(_Section):
@@ -231,8 +260,17 @@ def _problems(c: Config):
     yield "model.mtp.loss_weight_schedule", "steps must be strictly increasing"
   if m.dtype == "float32" and m.param_dtype == "bfloat16":
     yield "model.param_dtype", "bfloat16 parameters with float32 compute is not supported"
-  if c.data.source == "stdlib" and m.vocab_size < 257:
-    yield "model.vocab_size", f"{m.vocab_size} is below the 257 byte-level tokens of data.source=stdlib"
+  if not c.data.sources:
+    yield "data.sources", "empty: name at least one dataset"
+  if any(s.path == STDLIB for s in c.data.sources):
+    if m.vocab_size < 257:
+      yield "model.vocab_size", f"{m.vocab_size} is below the 257 byte-level tokens of the stdlib source"
+    if m.eos_id != 256:
+      yield "model.eos_id", f"{m.eos_id} is not the byte-level end-of-document id 256 of the stdlib source"
+  if m.eos_id >= m.vocab_size:
+    yield "model.eos_id", f"{m.eos_id} is outside the vocabulary (model.vocab_size {m.vocab_size})"
+  if c.train.eval_every and c.train.eval_batches < 1:
+    yield "train.eval_batches", "must be at least 1 when train.eval_every is set"
   if c.train.batch_size % c.train.grad_accum_steps:
     accum, batch = c.train.grad_accum_steps, c.train.batch_size
     yield "train.grad_accum_steps", f"{accum} does not divide train.batch_size ({batch})"

@@ -9,6 +9,7 @@ double the corpus with text unlike ordinary library code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sysconfig
 
@@ -39,6 +40,25 @@ def list_files(root: str | None = None, max_documents: int = 0) -> list[str]:
   if max_documents:
     found = found[:max_documents]
   return [os.path.join(root, rel) for rel in found]
+
+
+EVAL_ONE_IN = 50  # the held-out split: files whose path hashes to 0 mod this
+
+
+def split_files(split: str, root: str | None = None, max_documents: int = 0) -> list[str]:
+  """The `train` or `eval` files (the first `max_documents`, 0: all).
+
+  A file is held out by a hash of its path relative to the library, so the split is
+  the same on every machine and does not move when max_documents changes.
+  """
+  root = root or stdlib_dir()
+
+  def held_out(path: str) -> bool:
+    rel = os.path.relpath(path, root).replace(os.sep, "/").encode()
+    return int.from_bytes(hashlib.blake2b(rel, digest_size=8).digest(), "little") % EVAL_ONE_IN == 0
+
+  found = [p for p in list_files(root) if held_out(p) == (split == "eval")]
+  return found[:max_documents] if max_documents else found
 
 
 def read_text(path: str) -> str:

@@ -1,6 +1,8 @@
 """Orbax checkpoints of the train state and the data iterator's position.
 
-Saves are atomic (Orbax writes to a temporary directory and renames it), so an
+The iterator's state goes into the same checkpoint step as the model's, one small
+JSON file per process (Grain's Orbax handler), so every host resumes its own slice
+of the data exactly where it stopped. Saves are atomic (Orbax writes to a temporary directory and renames it), so an
 interrupted save never damages the last good checkpoint. Fault tolerance beyond that
 (preemption signals, async saves, resharding) is a later issue's work.
 """
@@ -12,6 +14,7 @@ import logging
 import pathlib
 import sys
 
+import grain
 import orbax.checkpoint as ocp
 
 from mtp_jax.config import CheckpointConfig
@@ -30,19 +33,23 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+  def save(self, step: int, state, data_iterator: grain.DatasetIterator) -> None:
+    """Saves `state` and the iterator's position (read now, before this returns)."""
+    data = grain.checkpoint.CheckpointSave(data_iterator)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=data)
     self._manager.save(step, args=args, force=True)
 
-  def restore(self, step: int, target):
-    """Restores onto `target` (ShapeDtypeStructs with shardings); returns (state, data_state)."""
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+  def restore(self, step: int, target, data_iterator: grain.DatasetIterator):
+    """Restores onto `target` (ShapeDtypeStructs with shardings) and moves `data_iterator`
+    to the saved position; returns the state."""
+    data = grain.checkpoint.CheckpointRestore(data_iterator)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=data)
     try:
       with _quiet_failed_reads():
         out = self._manager.restore(step, args=args)
     except Exception as err:  # storage layers raise anything; the user needs one line
       raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored: {_root_cause(err)}") from None
-    return out["state"], out["data"]
+    return out["state"]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

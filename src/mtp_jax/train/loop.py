@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import pathlib
 import sys
@@ -98,6 +99,15 @@ def _describe_memory(compiled) -> str:
   return "compiled step memory per device: " + ", ".join(parts)
 
 
+def _evaluate(program: Program, eval_data, num_batches: int, state) -> dict[str, float]:
+  """Eval metrics per MTP depth over the first `num_batches` batches of the held-out split."""
+  it, sums = iter(eval_data), None
+  for _ in range(num_batches):
+    out = program.eval_step(state, _global_batch(next(it), program.batch_sharding))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return step.eval_metrics(jax.device_get(sums))
+
+
 def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
@@ -114,6 +124,7 @@ class Program:
   batch_sharding: NamedSharding
   init: Callable[[jax.Array], step.TrainState]  # jitted: the state is born sharded
   step: Any  # jitted train_step, state donated
+  eval_step: Any  # jitted: (state, batch) -> per-depth sums
 
   def init_state(self) -> step.TrainState:
     return self.init(jax.random.key(self.cfg.train.seed))
@@ -156,6 +167,11 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
       out_shardings=(state_shardings, None),
       donate_argnums=0,
     ),
+    eval_step=jax.jit(
+      step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=None,
+    ),
   )
 
 
@@ -166,17 +182,18 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   program = build(cfg, devices)
   mesh = program.mesh
 
-  try:
-    dataset = data.make_dataset(
-      cfg.data,
-      batch_size=t.batch_size,
-      seed=t.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-  except ValueError as err:  # the pipeline names the data.* setting it cannot use
-    raise ConfigError(f"config error: {err}") from None
+  sources = data.open_sources(cfg.data, "train")
+  eval_sources = data.open_sources(cfg.data, "eval") if t.eval_every else []
+  data.check_model(sources + eval_sources, cfg.model)
+  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  dataset = data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed, sources=sources, **shard)
   batches = iter(dataset)
+  evaluate = None
+  if t.eval_every:
+    eval_data = data.make_dataset(
+      cfg.data, batch_size=t.batch_size, seed=t.seed, split="eval", sources=eval_sources, **shard
+    )
+    evaluate = functools.partial(_evaluate, program, eval_data, t.eval_batches)
   with contextlib.ExitStack() as stack:
     ckpt = None
     if cfg.checkpoint.enabled:
@@ -188,8 +205,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       log(f"nothing to do: checkpoint step {start} >= train.steps {t.steps}")
       return []
     if start:
-      state, data_state = ckpt.restore(start, program.abstract_state)
-      batches.set_state(data_state)
+      state = ckpt.restore(start, program.abstract_state, batches)
       log(f"resumed from {ckpt.directory / str(start)}")
     else:
       state = program.init_state()
@@ -200,7 +216,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
       f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}"
     )
-    log(data.describe(cfg.data))
+    log(data.describe(cfg.data, sources))
     log(_describe_memory(compiled))
 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -248,7 +264,13 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
         pending = (done, metrics)
       if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps):
         check_finite(done, metrics)  # never save a diverged state
-        ckpt.save(done, state, batches.get_state())
+        ckpt.save(done, state, batches)
+      if evaluate and (done % t.eval_every == 0 or done == t.steps):
+        values = evaluate(state)
+        writer.write(done, values)
+        records.append({"step": done, **values})
+        losses = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in values.items() if "loss" in k)
+        (bar.write if t.progress_bar else log)(f"eval at step {done}: {losses}")
       bar.update(1)
     if pending is not None:
       report(*pending)

@@ -86,16 +86,42 @@ def loss_fn(params, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp
   return loss + balance + z, sums
 
 
+def target_counts(batch: Batch, depth: int) -> jax.Array:
+  """Targets per prediction depth (0: next token) in the batch, float32 [1 + depth]."""
+  counts = [losses.depth_targets(batch["tokens"], batch["segment_ids"], d)[1].sum() for d in range(1 + depth)]
+  return jnp.stack(counts).astype(jnp.float32)
+
+
+def make_eval_step(cfg: Config, graphdef, mesh):
+  """(state, batch) -> summed NLL, correct predictions and targets per depth, [1 + depth] each."""
+
+  def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    with sharding.activate(mesh, cfg.mesh.rules):
+      counts = target_counts(batch, cfg.model.mtp.depth)
+      _, sums = loss_fn(state.params, state.router_bias, graphdef, batch, jnp.ones_like(counts), cfg, 0.0, 1)
+      return {"nll": sums["nll"], "hits": sums["hits"], "targets": counts}
+
+  return eval_step
+
+
+def eval_metrics(sums: dict) -> dict[str, float]:
+  """Summed eval outputs -> eval/ntp_loss, eval/ntp_acc, eval/mtp_loss_k, eval/mtp_acc_k."""
+  out = {}
+  for k, (nll, hits, n) in enumerate(zip(sums["nll"], sums["hits"], sums["targets"], strict=True)):
+    name = "ntp" if k == 0 else "mtp"
+    suffix = "" if k == 0 else f"_{k}"
+    out[f"eval/{name}_loss{suffix}"] = float(nll) / max(float(n), 1.0)
+    out[f"eval/{name}_acc{suffix}"] = float(hits) / max(float(n), 1.0)
+  return out
+
+
 def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, lr_schedule):
   accum = cfg.train.grad_accum_steps
   mtp_cfg, moe_cfg = cfg.model.mtp, cfg.model.moe
 
   def train_step(state: TrainState, batch: Batch):
     with sharding.activate(mesh, cfg.mesh.rules):
-      depths = 1 + mtp_cfg.depth
-      denominators = jnp.stack(
-        [jnp.maximum(losses.depth_targets(batch["tokens"], batch["segment_ids"], d)[1].sum(), 1) for d in range(depths)]
-      ).astype(jnp.float32)
+      denominators = jnp.maximum(target_counts(batch, mtp_cfg.depth), 1)
       lam = losses.mtp_weight(state.step, mtp_cfg.loss_weight, mtp_cfg.loss_weight_schedule)
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
