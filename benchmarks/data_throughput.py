@@ -45,7 +45,7 @@ def step_tokens_per_sec(cfg, how: str) -> tuple[float, str]:
   """What the train step consumes per host, and how that figure was obtained."""
   if how == "measure":
     sys.path.insert(0, os.path.dirname(__file__))
-    import bench  # noqa: PLC0415 (only needed here; it imports JAX)
+    import bench  # here only: it imports JAX
 
     r = bench.measure(cfg, steps=5, warmup=2)
     return r["tokens_per_sec"], "measured here"
@@ -76,7 +76,9 @@ def main(argv=None) -> int:
       took = time.perf_counter() - start
       size = sum(os.path.getsize(f) for f in files) / 2**20
       print(f"# mtp-prepare: {len(files)} files, {size:.1f} MiB in {took:.1f} s ({size / took:.1f} MiB/s)")
-    base = load_config("data_throughput", args.config, [*args.overrides, f"data.path={path}", "checkpoint.enabled=false"])
+    base = load_config(
+      "data_throughput", args.config, [*args.overrides, f"data.path={path}", "checkpoint.enabled=false"]
+    )
     step_tps, how = step_tokens_per_sec(base, args.step)
     local_batch = base.train.batch_size // args.processes
     print(

@@ -328,3 +328,18 @@ def test_two_processes_read_disjoint_slices_that_cover_the_dataset(corpus, tmp_p
   # read by both would be counted twice). Short tail pieces such as [EOS] recur across documents.
   assert seen[0] + seen[1] == _pieces(corpus["a_docs"], seq_len=32)
   assert min(seen[0].total(), seen[1].total()) > 0.3 * (seen[0].total() + seen[1].total())
+
+
+def test_mtp_train_refuses_bad_data_in_one_line(corpus, tmp_path):
+  def run(*overrides):
+    cmd = [sys.executable, "-m", "mtp_jax.cli", f"train.workdir={tmp_path / 'run'}", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+  out = run(f"data.path={corpus['a']}")  # a 1000-token vocabulary; the default model has 320
+  assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+  assert out.stderr.startswith(
+    f"mtp-train: data error: data.sources[0] ({corpus['a']}): tokenizer vocab size 1000 exceeds model.vocab_size 320"
+  )
+  out = run(f"data.path={tmp_path / 'missing'}", "train.eval_every=5")
+  assert out.returncode == 1 and out.stderr == f"mtp-train: data error: {tmp_path / 'missing'}: no such directory\n"
+  assert not (tmp_path / "run").exists()  # nothing written before the data was checked

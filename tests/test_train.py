@@ -148,7 +148,9 @@ def test_router_bias_moves_without_the_optimizer(tiny):
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert paths and not any("bias" in p for p in paths)
   bias = state.router_bias["blocks"][1]["ffn"]["router"]["bias"][...]
-  np.testing.assert_allclose(np.abs(bias), 0.01)  # one sign step from zero
+  # One sign step from zero: gamma * sign(mean load - load), 0 for an expert at exactly the mean.
+  steps = np.round(np.asarray(bias) / 0.01, 4)
+  assert set(steps.tolist()) <= {-1.0, 0.0, 1.0} and np.count_nonzero(steps) >= 6, bias
   history, _ = _run(tiny("model.mtp.loss_weight_schedule=[[1, 0.1]]"), steps=2)
   assert [float(h["mtp_lambda"]) for h in history] == pytest.approx([0.3, 0.1])
 

@@ -48,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     print(config.to_yaml(cfg), end="")
     return 0
 
+  from mtp_jax.data import DataError
   from mtp_jax.train.checkpoint import CheckpointError
   from mtp_jax.train.loop import TrainingError, train
 
   try:
     train(cfg)
-  except (config.ConfigError, CheckpointError, TrainingError) as err:
-    print(f"mtp-train: {err}", file=sys.stderr)
+  except (config.ConfigError, CheckpointError, TrainingError, DataError) as err:
+    prefix = "data error: " if isinstance(err, DataError) else ""
+    print(f"mtp-train: {prefix}{err}", file=sys.stderr)
     # Skip interpreter teardown: after a failed restore, Orbax's still-pending reads would
     # print their own copies of the error there, burying this line. Everything we wrote is
     # already closed by the loop.

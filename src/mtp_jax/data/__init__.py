@@ -3,35 +3,24 @@
 `make_dataset(cfg.data, batch_size=..., seed=...)` is the entry point; `iter()` of
 its result is a grain iterator whose `get_state()` / `set_state()` resume exactly.
 `mtp-prepare` (`prepare.py`) writes the datasets it reads (format: `manifest.py`).
+
+The pipeline's names are imported on first use: Grain imports JAX, which `mtp-prepare`
+and its worker processes never need.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from mtp_jax.data.manifest import DataError
-from mtp_jax.data.pipeline import (
-  Source,
-  check_model,
-  describe,
-  documents,
-  make_dataset,
-  open_source,
-  open_sources,
-  rows,
-)
 from mtp_jax.data.tokenizer import EOS_ID, VOCAB_SIZE_MIN, decode, encode
 
-__all__ = [
-  "EOS_ID",
-  "VOCAB_SIZE_MIN",
-  "DataError",
-  "Source",
-  "check_model",
-  "decode",
-  "describe",
-  "documents",
-  "encode",
-  "make_dataset",
-  "open_source",
-  "open_sources",
-  "rows",
-]
+_PIPELINE = ("Source", "check_model", "describe", "documents", "make_dataset", "open_source", "open_sources", "rows")
+
+__all__ = ["EOS_ID", "VOCAB_SIZE_MIN", "DataError", "decode", "encode", *_PIPELINE]
+
+
+def __getattr__(name: str):
+  if name in _PIPELINE:
+    return getattr(importlib.import_module("mtp_jax.data.pipeline"), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

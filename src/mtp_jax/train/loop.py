@@ -179,12 +179,11 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   """Runs (or resumes) training to cfg.train.steps; returns the logged metric records."""
   t = cfg.train
   workdir = pathlib.Path(t.workdir)
-  program = build(cfg, devices)
-  mesh = program.mesh
-
-  sources = data.open_sources(cfg.data, "train")
+  sources = data.open_sources(cfg.data, "train")  # bad data fails here, before any compile
   eval_sources = data.open_sources(cfg.data, "eval") if t.eval_every else []
   data.check_model(sources + eval_sources, cfg.model)
+  program = build(cfg, devices)
+  mesh = program.mesh
   shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   dataset = data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed, sources=sources, **shard)
   batches = iter(dataset)
