@@ -192,10 +192,10 @@ def describe(cfg: DataConfig, sources: list[Source]) -> str:
   """One line per source: what it is, how much, how much the packer must split."""
   lines = []
   for s in sources:
-    where = f"{stdlib.stdlib_dir()} (byte-level)" if s.name == STDLIB else f"{s.name} ({s.tokenizer})"
+    what = f"byte-level, from {stdlib.stdlib_dir()}" if s.name == STDLIB else f"tokenizer {s.tokenizer}"
     long = int((s.lengths > cfg.seq_len).sum())
     lines.append(
-      f"data: {s.name}: {len(s):,} documents, {int(s.lengths.sum()):,} tokens from {where}, weight {s.weight:g}; "
+      f"data: {s.name}: {len(s):,} documents, {int(s.lengths.sum()):,} tokens ({what}), weight {s.weight:g}; "
       f"{long:,} documents longer than seq_len {cfg.seq_len} are split"
     )
   return "\n".join(lines)
