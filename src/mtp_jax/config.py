@@ -269,8 +269,6 @@ def _problems(c: Config):
       yield "model.eos_id", f"{m.eos_id} is not the byte-level end-of-document id 256 of the stdlib source"
   if m.eos_id >= m.vocab_size:
     yield "model.eos_id", f"{m.eos_id} is outside the vocabulary (model.vocab_size {m.vocab_size})"
-  if c.train.eval_every and c.train.eval_batches < 1:
-    yield "train.eval_batches", "must be at least 1 when train.eval_every is set"
   if c.train.batch_size % c.train.grad_accum_steps:
     accum, batch = c.train.grad_accum_steps, c.train.batch_size
     yield "train.grad_accum_steps", f"{accum} does not divide train.batch_size ({batch})"

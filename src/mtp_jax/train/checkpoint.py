@@ -2,8 +2,8 @@
 
 The iterator's state goes into the same checkpoint step as the model's, one small
 JSON file per process (Grain's Orbax handler), so every host resumes its own slice
-of the data exactly where it stopped. Saves are atomic (Orbax writes to a temporary directory and renames it), so an
-interrupted save never damages the last good checkpoint. Fault tolerance beyond that
+of the data exactly where it stopped. Saves are atomic (Orbax writes to a temporary
+directory and renames it), so an interrupted save never damages the last good checkpoint. Fault tolerance beyond that
 (preemption signals, async saves, resharding) is a later issue's work.
 """
 

@@ -108,10 +108,9 @@ def eval_metrics(sums: dict) -> dict[str, float]:
   """Summed eval outputs -> eval/ntp_loss, eval/ntp_acc, eval/mtp_loss_k, eval/mtp_acc_k."""
   out = {}
   for k, (nll, hits, n) in enumerate(zip(sums["nll"], sums["hits"], sums["targets"], strict=True)):
-    name = "ntp" if k == 0 else "mtp"
-    suffix = "" if k == 0 else f"_{k}"
-    out[f"eval/{name}_loss{suffix}"] = float(nll) / max(float(n), 1.0)
-    out[f"eval/{name}_acc{suffix}"] = float(hits) / max(float(n), 1.0)
+    loss, acc = ("ntp_loss", "ntp_acc") if k == 0 else (f"mtp_loss_{k}", f"mtp_acc_{k}")
+    out[f"eval/{loss}"] = float(nll) / max(float(n), 1.0)
+    out[f"eval/{acc}"] = float(hits) / max(float(n), 1.0)
   return out
 
 
