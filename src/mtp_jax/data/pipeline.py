@@ -48,8 +48,11 @@ class Source:
     return len(self.lengths)
 
 
-def open_source(path: str, split: str, max_documents: int = 0, weight: float = 1.0) -> Source:
-  """The `split` ("train" or "eval") of the dataset at `path` (or of the stdlib corpus)."""
+def open_source(
+  path: str, split: str, max_documents: int = 0, weight: float = 1.0, missing_ok: bool = False
+) -> Source | None:
+  """The `split` ("train" or "eval") of the dataset at `path` (or of the stdlib corpus); None
+  when the dataset has no such split and `missing_ok`."""
   if path == STDLIB:
     files = stdlib.split_files(split, max_documents=max_documents)
     if not files:
@@ -60,6 +63,8 @@ def open_source(path: str, split: str, max_documents: int = 0, weight: float = 1
     docs = grain.MapDataset.source(stdlib.DocumentSource(files))
     return Source(path, docs, lengths, tok.vocab_size, tok.eos_id, "bytes", weight)
   man = manifest_lib.read(path)
+  if missing_ok and split not in man.splits:
+    return None
   shards = manifest_lib.shard_paths(path, man, split)
   lengths = manifest_lib.lengths(path, man, split)
   records = grain.sources.ArrayRecordDataSource(shards)
@@ -74,11 +79,8 @@ def open_source(path: str, split: str, max_documents: int = 0, weight: float = 1
 
 def open_sources(cfg: DataConfig, split: str = "train") -> list[Source]:
   """The configured sources' `split`. For "eval": those that have one, keeping their weights."""
-  sources = [
-    open_source(s.path, split, cfg.max_documents, s.weight)
-    for s in cfg.sources
-    if split == "train" or s.path == STDLIB or split in manifest_lib.read(s.path).splits
-  ]
+  opened = (open_source(s.path, split, cfg.max_documents, s.weight, missing_ok=split != "train") for s in cfg.sources)
+  sources = [s for s in opened if s is not None]
   if not sources:
     raise DataError(
       f"no data source has a held-out {split!r} split; prepare one with mtp-prepare --eval-fraction "
