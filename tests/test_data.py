@@ -297,7 +297,6 @@ _PROCESS = textwrap.dedent(
   assert sum(mine, []) == local["tokens"].tolist(), "this host's rows are its part of the global batch"
   # Each host's iterator position rides in the shared Orbax checkpoint and comes back exactly.
   from jax.sharding import NamedSharding, PartitionSpec
-  from mtp_jax.config import CheckpointConfig
   from mtp_jax.train.checkpoint import Checkpointer
   def stream():
     return iter(data.make_dataset(cfg, batch_size=4, seed=0, process_index=me, process_count=n, sources=sources))
@@ -305,13 +304,14 @@ _PROCESS = textwrap.dedent(
   for _ in range(3):
     next(it)
   replicated = NamedSharding(mesh, PartitionSpec())
-  ckpt = Checkpointer(sys.argv[5], CheckpointConfig())
+  ckpt = Checkpointer(sys.argv[5])
   ckpt.save(3, {"w": jax.device_put(np.arange(4.0, dtype=np.float32), replicated)}, it)
   ckpt.wait()
   expected = [next(it)["tokens"].tolist() for _ in range(6)]
   it = stream()
   target = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=replicated)}
-  state = ckpt.restore(3, target, it)
+  state, _ = ckpt.restore(3, target)
+  assert ckpt.restore_data(3, it)
   assert np.asarray(state["w"]).tolist() == [0.0, 1.0, 2.0, 3.0]
   assert [next(it)["tokens"].tolist() for _ in range(6)] == expected, "resumed stream differs"
   ckpt.close()
@@ -332,7 +332,7 @@ def test_two_processes_read_disjoint_slices_that_cover_the_dataset_and_resume(co
   outs = [tmp_path / f"out{i}.json" for i in range(2)]
   procs = [
     subprocess.Popen(
-      [sys.executable, str(script), str(port), str(i), corpus["a"], str(outs[i]), str(tmp_path / "ckpt")],
+      [sys.executable, str(script), str(port), str(i), corpus["a"], str(outs[i]), str(tmp_path / "checkpoints")],
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
@@ -344,7 +344,7 @@ def test_two_processes_read_disjoint_slices_that_cover_the_dataset_and_resume(co
     output, _ = p.communicate(timeout=240)
     assert p.returncode == 0, output[-3000:]
   seen = [Counter(np.array(s, np.int32).tobytes() for s in json.loads(o.read_text())["segments"]) for o in outs]
-  saved = sorted(p.name for p in (tmp_path / "ckpt" / "checkpoints" / "3" / "data").glob("*.json"))
+  saved = sorted(p.name for p in (tmp_path / "checkpoints" / "3" / "data").glob("*.json"))
   assert saved == ["process_0-of-2.json", "process_1-of-2.json"], saved
   after = [json.loads(o.read_text())["expected"] for o in outs]
   assert after[0] != after[1]  # two different slices resumed, each its own

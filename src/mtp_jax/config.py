@@ -154,12 +154,33 @@ class TrainConfig(_Section):
   progress_bar: bool = _field(True, "Show a progress bar on the terminal.")
   eval_every: int = _field(0, "Evaluate on the sources' held-out splits every this many steps (0: never).", ge=0)
   eval_batches: int = _field(8, "Batches of train.batch_size per evaluation (the same ones every time).", ge=1)
+  max_bad_steps: int = _field(
+    5, "Stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped).", ge=1
+  )
+  inject_nan_at_steps: list[int] = _field(
+    [], "For testing the non-finite guard: make the loss and gradients of these steps (1-based) NaN."
+  )
 
 
 class CheckpointConfig(_Section):
-  every: int = _field(100, "Save every this many steps (and always at the end).", ge=1)
-  max_to_keep: int = _field(3, "Checkpoints kept on disk.", ge=1)
   enabled: bool = _field(True, "Save and resume checkpoints in train.workdir/checkpoints.")
+  every: int = _field(100, "Save every this many steps (and always at the end and on preemption).", ge=1)
+  max_to_keep: int = _field(3, "Keep the latest this many checkpoints...", ge=1)
+  keep_every: int = _field(0, "...and also every checkpoint whose step is a multiple of this (0: none).", ge=0)
+  async_save: bool = _field(True, "Write checkpoints in the background while training continues.")
+  restore_from: str | None = _field(
+    None,
+    "Start from this checkpoint: a step of train.workdir, or a path to a run, its checkpoints/ or one step.",
+  )
+  load_params_only: bool = _field(
+    False, "With restore_from: take only the parameters and router biases, and start a new run at step 0."
+  )
+  strict: bool = _field(False, "Stop on a damaged latest checkpoint instead of falling back to an earlier one.")
+
+  @pydantic.field_validator("restore_from", mode="before")
+  @classmethod
+  def _step_number(cls, v):
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # `restore_from=400` parses as an int
 
 
 def _default_rules() -> dict[str, list[str]]:
@@ -269,6 +290,10 @@ def _problems(c: Config):
       yield "model.eos_id", f"{m.eos_id} is not the byte-level end-of-document id 256 of the stdlib source"
   if m.eos_id >= m.vocab_size:
     yield "model.eos_id", f"{m.eos_id} is outside the vocabulary (model.vocab_size {m.vocab_size})"
+  if c.checkpoint.load_params_only and not c.checkpoint.restore_from:
+    yield "checkpoint.load_params_only", "needs checkpoint.restore_from (the run to take the parameters from)"
+  if c.checkpoint.restore_from is not None and not c.checkpoint.restore_from.strip():
+    yield "checkpoint.restore_from", "is empty"
   if c.train.batch_size % c.train.grad_accum_steps:
     accum, batch = c.train.grad_accum_steps, c.train.batch_size
     yield "train.grad_accum_steps", f"{accum} does not divide train.batch_size ({batch})"

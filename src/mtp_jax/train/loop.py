@@ -23,11 +23,10 @@ from mtp_jax import config as config_lib
 from mtp_jax import data, sharding
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.model.flops import cost
-from mtp_jax.train import optimizer, step
-from mtp_jax.train.checkpoint import Checkpointer, CheckpointError
+from mtp_jax.train import checkpoint, optimizer, step
+from mtp_jax.train.checkpoint import Checkpointer
 from mtp_jax.train.metrics import MetricsWriter, mfu
-
-_MUST_BE_FINITE = ("loss", "grad_norm", "param_norm")  # param_norm is of the updated state
+from mtp_jax.train.preemption import Preemption
 
 
 class TrainingError(RuntimeError):
@@ -55,31 +54,27 @@ def _check_mesh(cfg: Config, mesh) -> None:
     )
 
 
-def _check_workdir(workdir: pathlib.Path, cfg: Config, resuming: bool) -> None:
-  """A checkpoint may only be resumed by the same model; say so before touching it."""
+def _record_config(workdir: pathlib.Path, cfg: Config, resuming: bool, log) -> None:
+  """Writes the run's config to `workdir/config.yaml`; on a resume, first says which model
+  settings differ from the saved one (shapes are checked against the checkpoint itself)."""
   saved = workdir / "config.yaml"
   if resuming and saved.is_file():
     try:
       old = yaml.safe_load(saved.read_text())["model"]
     except (yaml.YAMLError, KeyError, TypeError):
       old = None
-    new = cfg.model_dump(mode="json")["model"]
-    if old is not None and old != new:
-      key = _first_difference(old, new, "model")
-      raise CheckpointError(
-        f"train.workdir {workdir} holds a checkpoint of a different model ({key} differs); use another train.workdir"
-      )
+    changed = _differences(old, cfg.model_dump(mode="json")["model"], "model") if isinstance(old, dict) else []
+    if changed:
+      log(f"note: resuming with changed model settings: {'; '.join(changed)}")
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(config_lib.to_yaml(cfg))
 
 
-def _first_difference(a, b, prefix):
+def _differences(a, b, prefix) -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
-    for k in sorted(set(a) | set(b)):
-      if a.get(k) != b.get(k):
-        return _first_difference(a.get(k), b.get(k), f"{prefix}.{k}")
-  return prefix
+    return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}")]
+  return [] if a == b else [f"{prefix} {a!r} -> {b!r}"]
 
 
 def _describe_memory(compiled) -> str:
@@ -194,20 +189,23 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     )
     evaluate = functools.partial(_evaluate, program, eval_data, t.eval_batches)
   with contextlib.ExitStack() as stack:
+    preemption = Preemption()  # from here on, SIGTERM means: save at the next step boundary
+    stack.callback(preemption.close)
     ckpt = None
     if cfg.checkpoint.enabled:
-      ckpt = Checkpointer(workdir, cfg.checkpoint)
+      ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
       stack.callback(ckpt.close)  # also after a failed restore: stops Orbax's threads
-    start = (ckpt.latest_step() if ckpt else None) or 0
-    _check_workdir(workdir, cfg, resuming=start > 0)
+    begin = checkpoint.choose_start(cfg.checkpoint, workdir / "checkpoints", ckpt, program.abstract_state, batches, log)
+    start, origin = begin.step, begin.origin
+    _record_config(workdir, cfg, resuming=start > 0, log=log)
     if start >= t.steps:
       log(f"nothing to do: checkpoint step {start} >= train.steps {t.steps}")
       return []
-    if start:
-      state = ckpt.restore(start, program.abstract_state, batches)
-      log(f"resumed from {ckpt.directory / str(start)}")
-    else:
+    state = begin.state
+    if state is None:
       state = program.init_state()
+      if begin.params is not None:
+        state = state.replace(params=begin.params["params"], router_bias=begin.params["router_bias"])
     compiled = program.compile()
 
     c = cost(cfg.model, cfg.data.seq_len)
@@ -224,21 +222,13 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       total=t.steps, initial=start, disable=not t.progress_bar, dynamic_ncols=True, unit="step", file=sys.stderr
     )
     stack.callback(bar.close)
+    say = bar.write if t.progress_bar else log
     tokens_per_step = t.batch_size * cfg.data.seq_len
     records: list[dict] = []
     last = {"step": start, "time": time.perf_counter()}
 
-    def check_finite(done: int, values) -> None:
-      bad = [k for k in _MUST_BE_FINITE if not math.isfinite(float(values[k]))]
-      if bad:
-        raise TrainingError(
-          f"non-finite {', '.join(bad)} between steps {last['step'] + 1} and {done}; "
-          f"the last good checkpoint is in {workdir / 'checkpoints'}"
-        )
-
     def report(done: int, metrics) -> None:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      check_finite(done, values)
       now = time.perf_counter()
       tps = (done - last["step"]) * tokens_per_step / max(now - last["time"], 1e-9)
       last.update(step=done, time=now)
@@ -250,7 +240,22 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       if not t.progress_bar:
         log(f"step {done}: loss {values['loss']:.4f}, ntp {values['ntp_loss']:.4f}, {tps:,.0f} tokens/s")
 
-    pending = None
+    def check_streak(done: int, streak) -> None:
+      """A skipped update is reported one step late, so the host never waits on the device."""
+      streak = int(np.asarray(streak.addressable_data(0)))
+      if not streak:
+        return
+      say(f"step {done}: non-finite loss or gradient; update skipped ({streak} in a row)")
+      if streak >= t.max_bad_steps:
+        first = done - streak + 1
+        saved = ckpt.latest_step() if ckpt else None
+        raise TrainingError(
+          f"steps {first}-{done}: {streak} updates in a row skipped for a non-finite loss or gradient "
+          f"(train.max_bad_steps={t.max_bad_steps}); the state is still that of step {first - 1}"
+          + (f", and checkpoint step {saved} in {ckpt.directory} is intact" if saved is not None else "")
+        )
+
+    pending, streak, preempted = None, None, False
     for i in range(start, t.steps):
       batch = _global_batch(next(batches), program.batch_sharding)
       with jax.transfer_guard("disallow"):
@@ -258,21 +263,31 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       if pending is not None:  # fetch step t-1's metrics only after dispatching step t
         report(*pending)
         pending = None
+      if streak is not None:
+        check_streak(*streak)
       done = i + 1
+      streak = (done, metrics["bad_streak"])
       if done % t.log_every == 0 or done == t.steps:
         pending = (done, metrics)
-      if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps):
-        check_finite(done, metrics)  # never save a diverged state
-        ckpt.save(done, state, batches)
+      preempted = preemption.reached(done)
+      if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps or preempted):
+        ckpt.save(done, state, batches, origin)
       if evaluate and (done % t.eval_every == 0 or done == t.steps):
         values = evaluate(state)
         writer.write(done, values)
         records.append({"step": done, **values})
         losses = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in values.items() if "loss" in k)
-        (bar.write if t.progress_bar else log)(f"eval at step {done}: {losses}")
+        say(f"eval at step {done}: {losses}")
       bar.update(1)
+      if preempted:
+        break
     if pending is not None:
       report(*pending)
+    if streak is not None:
+      check_streak(*streak)
     if ckpt:
       ckpt.wait()
+    if preempted:
+      where = f"saved checkpoint step {done} in {ckpt.directory}" if ckpt else "checkpoints are off: nothing saved"
+      log(f"preempted at step {done}: {where}; run the same command again to resume")
   return records

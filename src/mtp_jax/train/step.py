@@ -8,6 +8,7 @@ whole-batch target counts, so the summed gradient equals the full-batch gradient
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,6 +31,8 @@ class TrainState:
   params: nnx.State  # nnx.Param variables: what the optimizer updates
   router_bias: nnx.State  # RouterBias variables: moved by the sign rule, never by gradients
   opt_state: Any
+  skipped_steps: jax.Array  # updates skipped for a non-finite loss, gradient or result, in all
+  bad_streak: jax.Array  # ... and how many of the latest steps in a row were skipped
 
 
 def build_model(cfg: Config, key: int | jax.Array = 0) -> Transformer:
@@ -47,7 +50,10 @@ def make_init(cfg: Config, tx: optax.GradientTransformation):
 
   def init(key):
     _, params, bias = split(build_model(cfg, key))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, router_bias=bias, opt_state=tx.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+      step=zero, params=params, router_bias=bias, opt_state=tx.init(params), skipped_steps=zero, bad_streak=zero
+    )
 
   return init
 
@@ -117,6 +123,7 @@ def eval_metrics(sums: dict) -> dict[str, float]:
 def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mesh, lr_schedule):
   accum = cfg.train.grad_accum_steps
   mtp_cfg, moe_cfg = cfg.model.mtp, cfg.model.moe
+  inject_nan = sorted(set(cfg.train.inject_nan_at_steps))
 
   def train_step(state: TrainState, batch: Batch):
     with sharding.activate(mesh, cfg.mesh.rules):
@@ -137,20 +144,39 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
           lambda acc, mb: (jax.tree.map(jnp.add, acc, grads_of(mb)), None), zeros, mbs
         )
 
+      if inject_nan:  # a test hook for the guard below: NaN loss and gradients at the chosen steps
+        poison = jnp.where(jnp.isin(state.step + 1, jnp.asarray(inject_nan)), jnp.nan, 1.0)
+        loss, grads = loss * poison, jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
+
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       bias = state.router_bias
       if moe_cfg.bias_update_rate and sums["load"]:
-        model: Transformer = nnx.merge(graphdef, params, bias)
+        model: Transformer = nnx.merge(graphdef, params, bias, copy=True)  # state.router_bias stays as it was
         for name, moe in model.moe_layers().items():
           moe.router.update_bias(sums["load"][name], moe_cfg.bias_update_rate)
         bias = nnx.state(model, RouterBias)
 
       metrics = _metrics(loss, sums, denominators, grads, mtp_cfg.depth, bias)
-      metrics["param_norm"] = optax.tree.norm(params)  # of the updated state: finite iff it is safe to save
-      metrics["learning_rate"] = lr_schedule(state.step)
+      metrics["param_norm"] = optax.tree.norm(params)
+      # The non-finite guard: a NaN or inf loss or gradient, or an update that overflows the
+      # parameters, leaves parameters, optimizer state and router bias exactly as they were.
+      ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(metrics["param_norm"])
+      keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+      skipped = (~ok).astype(jnp.int32)
+      new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        router_bias=keep(bias, state.router_bias),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + skipped,
+        bad_streak=jnp.where(ok, 0, state.bad_streak + 1),
+      )
+      metrics["learning_rate"] = lr_schedule(state.step - state.skipped_steps)  # optax counts applied updates
       metrics["mtp_lambda"] = lam
-      new_state = TrainState(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
+      metrics["update_skipped"] = skipped
+      metrics["skipped_steps"] = new_state.skipped_steps
+      metrics["bad_streak"] = new_state.bad_streak
       return new_state, metrics
 
   return train_step
