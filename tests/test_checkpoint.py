@@ -195,7 +195,6 @@ def test_damage_anywhere_is_caught_and_never_restored_silently(tmp_path):
     _flip_bytes(tmp_path / "copy" / rel)
     reader = Checkpointer(tmp_path / "copy", read_only=True)
     try:
-      reader.check_compatible(1, target)
       restored, _ = reader.restore(1, target)
     except checkpoint.Damaged as err:
       by_checksum += "does not match its checksum" in str(err)
@@ -205,6 +204,15 @@ def test_damage_anywhere_is_caught_and_never_restored_silently(tmp_path):
     for k in state:
       np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k]), err_msg=f"{rel}: {k}")
   assert by_checksum >= 1, files
+
+  # Read in the saved dtype, checked, then cast: a changed param_dtype is not damage.
+  reader = Checkpointer(tmp_path / "saved", read_only=True)
+  as_bf16 = {k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=one) for k, v in target.items() if k != "n"}
+  restored, _ = reader.restore(1, as_bf16, partial=True)
+  reader.close()
+  for k in as_bf16:
+    assert restored[k].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(state[k].astype(jnp.bfloat16)), err_msg=k)
 
 
 # ----------------------------------------------------------------------------- through the loop
@@ -263,6 +271,9 @@ def test_resume_order_rollback_restore_from_another_run_and_params_only(tiny, tm
     _same_values(records[step], want[step])
   _, said = _train(tiny, workdir, "checkpoint.restore_from=2", "train.steps=5")
   assert "checkpoint.restore_from=2 was applied before" in said and "resumed from step 4" in said, said
+  records, said = _train(tiny, workdir, "checkpoint.restore_data=false", "train.steps=6")  # e.g. new data.sources
+  assert "resumed from step 5" in said and "data position of step 5 not restored" in said, said
+  assert sorted(records) == [6]
 
   # Another run's checkpoint: the whole state and the data position continue exactly.
   records, said = _train(tiny, tmp_path / "b", f"checkpoint.restore_from={first_run[0] / 'checkpoints' / '2'}")
@@ -298,6 +309,8 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_the_array(tiny, tmp_path
     _train(tiny, workdir, "model.d_model=48", "train.steps=6")
   with pytest.raises(checkpoint.CheckpointError, match=r"has no params\.mtp\.1\.\S+, which this config needs \(shape"):
     _train(tiny, workdir, "model.mtp.depth=2", "train.steps=6")
+  with pytest.raises(checkpoint.CheckpointError, match=r"it has params\.mtp\.0\.\S+ \(shape .*\), which this config"):
+    _train(tiny, workdir, "model.mtp.depth=0", "train.steps=6")
   assert _complete_steps(workdir) == [2, 4]
 
 

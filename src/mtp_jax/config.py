@@ -176,6 +176,9 @@ class CheckpointConfig(_Section):
     False, "With restore_from: take only the parameters and router biases, and start a new run at step 0."
   )
   strict: bool = _field(False, "Stop on a damaged latest checkpoint instead of falling back to an earlier one.")
+  restore_data: bool = _field(
+    True, "Restore the data position too (false: the data order starts over, e.g. after changing data.sources)."
+  )
 
   @pydantic.field_validator("restore_from", mode="before")
   @classmethod

@@ -15,7 +15,6 @@ array's bits, so it is the same on any mesh and is checked after every restore.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
@@ -128,30 +127,48 @@ class Checkpointer:
     """{"checksums": {array name: uint32}, "origin": restore_from record or None}."""
     return self._manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
 
-  def check_compatible(self, step: int, target) -> None:
-    """Refuses a checkpoint whose arrays do not match `target` by name and shape."""
+  def _fit(self, step: int, target, partial: bool) -> dict:
+    """The saved arrays' metadata by name, once they are known to fit `target` by name and shape."""
     try:
       with _QUIET:
         saved = named_leaves(self._manager.item_metadata(step)["state"])
     except Exception as err:  # unreadable metadata: a damaged step, for the caller to handle
       raise Damaged(f"metadata unreadable: {_root_cause(err)}") from None
     where = f"checkpoint {self.directory / str(step)}"
-    for name, want in named_leaves(target).items():
+    wanted = named_leaves(target)
+    for name, want in wanted.items():
       if name not in saved:
         raise CheckpointError(f"{where} has no {name}, which this config needs (shape {tuple(want.shape)})")
-      have = saved[name]
-      if tuple(have.shape) != tuple(want.shape):
+      if tuple(saved[name].shape) != tuple(want.shape):
         raise CheckpointError(
-          f"{where} does not fit this config: {name} has shape {tuple(have.shape)} there, {tuple(want.shape)} here"
+          f"{where} does not fit this config: {name} has shape {tuple(saved[name].shape)} there, "
+          f"{tuple(want.shape)} here"
         )
+    extra = sorted((name for name in saved if name not in wanted), key=lambda n: not n.startswith("params."))
+    if extra and not partial:
+      raise CheckpointError(
+        f"{where} does not fit this config: it has {extra[0]} (shape {tuple(saved[extra[0]].shape)}), "
+        "which this config does not"
+      )
+    return saved
 
   def restore(self, step: int, target, *, partial: bool = False):
     """Restores onto `target` (ShapeDtypeStructs carrying the shardings wanted now, any mesh)
     and verifies the checksums; returns (state, the run record). With `partial`, `target` may
-    name a subset of the saved arrays (e.g. only parameters)."""
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    name a subset of the saved arrays (e.g. only parameters). Arrays are read in their saved
+    dtype, checked, then cast to the target's. Raises CheckpointError for a checkpoint that does
+    not fit `target`, Damaged for one that cannot be read back as it was written."""
+    saved = self._fit(step, target, partial)
+    names = iter(named_leaves(target))
+    as_saved = jax.tree.map(
+      lambda t: jax.ShapeDtypeStruct(t.shape, saved[next(names)].dtype, sharding=t.sharding), target
+    )
     args = ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=partial),
+      state=ocp.args.PyTreeRestore(
+        item=as_saved,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(as_saved),
+        partial_restore=partial,
+      ),
       run=ocp.args.JsonRestore(),
     )
     try:
@@ -165,6 +182,7 @@ class Checkpointer:
     bad = next((k for k in sorted(got) if want.get(k) != got[k]), None)
     if not _agree(bad is None):
       raise Damaged(f"{bad or 'an array on another host'} does not match its checksum")
+    state = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), state, target)
     return state, run
 
   def restore_data(self, step: int, data_iterator: grain.DatasetIterator) -> bool:
@@ -205,138 +223,6 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
-
-
-# ----------------------------------------------------------------------------- where to start
-
-
-@dataclasses.dataclass
-class Start:
-  state: object | None  # None: initialise fresh
-  step: int
-  origin: dict | None  # {"restore_from": ..., "params_only": ...}: recorded in every later checkpoint
-  params: object | None = None  # params-only: (params, router_bias) to put into a fresh state
-
-
-def resolve(spec: str, own: pathlib.Path) -> tuple[pathlib.Path, int]:
-  """`checkpoint.restore_from` -> (checkpoints directory, step). A number is a step of this
-  run; a path is a run directory, its checkpoints/ directory (latest step) or one step."""
-  key = f"checkpoint.restore_from: {spec}"
-  if spec.strip().isdigit():
-    directory, step = own, int(spec)
-  else:
-    path = pathlib.Path(spec).expanduser().absolute()
-    if not path.exists():
-      raise CheckpointError(f"{key}: no such file or directory")
-    if (path / "checkpoints").is_dir():
-      path = path / "checkpoints"
-    if path.name.isdigit() and (path / "_CHECKPOINT_METADATA").is_file():
-      directory, step = path.parent, int(path.name)
-    else:
-      steps = Checkpointer(path, read_only=True).steps() if path.is_dir() else []
-      if not steps:
-        raise CheckpointError(f"{key}: holds no complete checkpoint")
-      directory, step = path, steps[-1]
-  if not (directory / str(step) / "_CHECKPOINT_METADATA").is_file():
-    raise CheckpointError(f"{key}: there is no complete checkpoint {directory / str(step)}")
-  return directory, step
-
-
-def choose_start(
-  cfg: CheckpointConfig, own_dir: pathlib.Path, own: Checkpointer | None, abstract_state, data_iterator, log
-) -> Start:
-  """Where a run starts, in this order, saying which and why:
-  1. `restore_from`, unless this run's own latest checkpoint already continues from it (so a
-     relaunched job resumes instead of going back; a rollback moves later steps aside);
-  2. the latest complete checkpoint in `own_dir` (falling back past damaged ones);
-  3. fresh initialisation.
-  `own` is None when checkpoints are off: nothing of the run's own is read or written."""
-  spec = cfg.restore_from
-  latest = own.latest_step() if own else None
-  if spec is not None:
-    directory, step = resolve(spec, own_dir)
-    origin = {"restore_from": spec, "params_only": cfg.load_params_only}
-    if latest is not None and _origin_of(own) == origin:
-      log(f"checkpoint.restore_from={spec} was applied before: this run's checkpoints continue from it")
-      return _resume_latest(own, cfg.strict, abstract_state, data_iterator, log)
-    same_run = own is not None and directory == own.directory
-    if latest is not None and (cfg.load_params_only or not same_run):
-      raise CheckpointError(
-        f"train.workdir already holds checkpoints (latest step {latest} in {own.directory}) of a run that did not "
-        f"start from checkpoint.restore_from={spec}; use an empty train.workdir"
-      )
-    reader = own if same_run else Checkpointer(directory, read_only=True)
-    try:
-      start = _restore_explicit(reader, step, cfg.load_params_only, abstract_state, data_iterator, origin, log)
-    finally:
-      if reader is not own:
-        reader.close()
-    for later in [s for s in own.steps() if s > step] if same_run else []:
-      log(f"rolled back to step {step}: checkpoint step {later} moved to {own.set_aside(later, 'rolled-back')}")
-    return start
-  if latest is None:
-    why = "checkpoints are off" if own is None else f"{own.directory} holds no checkpoint"
-    log(f"starting from fresh initialisation: {why}")
-    return Start(state=None, step=0, origin=None)
-  return _resume_latest(own, cfg.strict, abstract_state, data_iterator, log)
-
-
-def _origin_of(ckpt: Checkpointer) -> dict | None:
-  """The `restore_from` record of the run's latest readable checkpoint."""
-  for step in reversed(ckpt.steps()):
-    try:
-      return ckpt.run_record(step)["origin"]
-    except Exception:
-      continue  # unreadable: the resume finds and reports the damage
-  return None
-
-
-def _restore_explicit(reader: Checkpointer, step, params_only, abstract_state, data_iterator, origin, log) -> Start:
-  where = reader.directory / str(step)
-  try:
-    if params_only:
-      target = {"params": abstract_state.params, "router_bias": abstract_state.router_bias}
-      reader.check_compatible(step, target)
-      loaded, _ = reader.restore(step, target, partial=True)
-      log(f"loaded parameters from {where} (checkpoint.load_params_only): a new run from step 0, fresh optimizer")
-      return Start(state=None, step=0, origin=origin, params=loaded)
-    reader.check_compatible(step, abstract_state)
-    state, _ = reader.restore(step, abstract_state)
-    _restore_data(reader, step, data_iterator, log)
-  except Damaged as err:
-    raise CheckpointError(f"checkpoint {where} (checkpoint.restore_from) is damaged: {err}") from None
-  log(f"restored step {step} from {where} (checkpoint.restore_from)")
-  return Start(state=state, step=step, origin=origin)
-
-
-def _resume_latest(own: Checkpointer, strict: bool, abstract_state, data_iterator, log) -> Start:
-  damaged = []
-  for step in reversed(own.steps()):
-    try:
-      own.check_compatible(step, abstract_state)
-      state, run = own.restore(step, abstract_state)
-      _restore_data(own, step, data_iterator, log)
-    except Damaged as err:
-      where = own.directory / str(step)
-      if strict:
-        raise CheckpointError(f"checkpoint {where} is damaged ({err}); checkpoint.strict stops here") from None
-      damaged.append(step)
-      log(f"warning: checkpoint {where} is damaged ({err}); trying the one before it")
-      continue
-    for bad in damaged:
-      log(f"warning: damaged checkpoint step {bad} moved to {own.set_aside(bad, 'damaged')}")
-    why = "the latest complete checkpoint" + (" that is intact" if damaged else "")
-    log(f"resumed from step {step} in {own.directory} ({why})")
-    return Start(state=state, step=step, origin=run.get("origin"))
-  raise CheckpointError(f"every checkpoint in {own.directory} is damaged (steps {', '.join(map(str, damaged))})")
-
-
-def _restore_data(reader: Checkpointer, step: int, data_iterator, log) -> None:
-  if not reader.restore_data(step, data_iterator):
-    log(
-      f"warning: checkpoint step {step} was written by a different number of processes than the "
-      f"{jax.process_count()} now; the model state is exact, the data order starts over"
-    )
 
 
 # ----------------------------------------------------------------------------- one-line errors

@@ -23,7 +23,7 @@ from mtp_jax import config as config_lib
 from mtp_jax import data, sharding
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.model.flops import cost
-from mtp_jax.train import checkpoint, optimizer, step
+from mtp_jax.train import optimizer, resume, step
 from mtp_jax.train.checkpoint import Checkpointer
 from mtp_jax.train.metrics import MetricsWriter, mfu
 from mtp_jax.train.preemption import Preemption
@@ -195,7 +195,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     if cfg.checkpoint.enabled:
       ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
       stack.callback(ckpt.close)  # also after a failed restore: stops Orbax's threads
-    begin = checkpoint.choose_start(cfg.checkpoint, workdir / "checkpoints", ckpt, program.abstract_state, batches, log)
+    begin = resume.choose_start(cfg.checkpoint, workdir / "checkpoints", ckpt, program.abstract_state, batches, log)
     start, origin = begin.step, begin.origin
     _record_config(workdir, cfg, resuming=start > 0, log=log)
     if start >= t.steps:
