@@ -7,8 +7,8 @@ One step directory holds three Orbax items:
 
 Saves are asynchronous (the arrays are copied to host memory, then written by a background
 thread while training goes on) and atomic: Orbax writes into a temporary directory and renames
-it (or, on object stores, writes a commit marker) only once every host has finished, so a
-crash mid-save leaves nothing that is later taken for a checkpoint. What a rename cannot catch,
+it only once every host has finished, so a crash mid-save leaves nothing that is later taken
+for a checkpoint (paths are local or mounted file systems for now). What a rename cannot catch,
 a file damaged after the fact, the checksums do: each is an order-independent hash of an
 array's bits, so it is the same on any mesh and is checked after every restore.
 """
