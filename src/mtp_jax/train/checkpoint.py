@@ -90,20 +90,27 @@ class Checkpointer:
   def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
     cfg = cfg or CheckpointConfig()
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=cfg.max_to_keep,
-      keep_period=cfg.keep_every or None,
-      enable_async_checkpointing=cfg.async_save,
-      create=not read_only,
-      read_only=read_only,
-      cleanup_tmp_directories=not read_only,  # what a crash mid-save left behind
-    )
     handlers = {
       "state": ocp.PyTreeCheckpointHandler(),
       "data": grain.checkpoint.CheckpointHandler(),
       "run": ocp.JsonCheckpointHandler(),
     }
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    if read_only:  # Orbax warns that a read-only manager will not save or delete: we know
+      absl.setLevel(logging.ERROR)
+    try:
+      options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.max_to_keep,
+        keep_period=cfg.keep_every or None,
+        enable_async_checkpointing=cfg.async_save,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,  # what a crash mid-save left behind
+      )
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    finally:
+      absl.setLevel(level)
 
   def steps(self) -> list[int]:
     """Complete checkpoints, oldest first (a save still in flight or cut short is not one)."""

@@ -37,16 +37,21 @@ def resolve(spec: str, own: pathlib.Path) -> tuple[pathlib.Path, int]:
       raise CheckpointError(f"{key}: no such file or directory")
     if (path / "checkpoints").is_dir():
       path = path / "checkpoints"
-    if path.name.isdigit() and (path / "_CHECKPOINT_METADATA").is_file():
+    if _is_step(path):
       directory, step = path.parent, int(path.name)
     else:
-      steps = Checkpointer(path, read_only=True).steps() if path.is_dir() else []
+      steps = sorted(int(p.name) for p in path.iterdir() if _is_step(p)) if path.is_dir() else []
       if not steps:
         raise CheckpointError(f"{key}: holds no complete checkpoint")
       directory, step = path, steps[-1]
-  if not (directory / str(step) / "_CHECKPOINT_METADATA").is_file():
+  if not _is_step(directory / str(step)):
     raise CheckpointError(f"{key}: there is no complete checkpoint {directory / str(step)}")
   return directory, step
+
+
+def _is_step(path: pathlib.Path) -> bool:
+  """A complete Orbax step: saves in flight or cut short carry a temporary name."""
+  return path.name.isdigit() and (path / "_CHECKPOINT_METADATA").is_file()
 
 
 def choose_start(
