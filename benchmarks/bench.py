@@ -14,7 +14,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from mtp_jax import config
 from mtp_jax.cli import command_parser, load_config
@@ -26,14 +25,7 @@ from mtp_jax.train.metrics import mfu
 def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
   program = loop.build(cfg)
   compiled = program.compile()
-  b, length = cfg.train.batch_size, cfg.data.seq_len
-  rng = np.random.default_rng(0)
-  host = {
-    "tokens": rng.integers(0, cfg.model.vocab_size, (b, length)).astype(np.int32),
-    "segment_ids": np.ones((b, length), np.int32),
-    "positions": np.tile(np.arange(length, dtype=np.int32), (b, 1)),
-  }
-  batch = {k: jax.device_put(v, program.batch_sharding) for k, v in host.items()}
+  batch = program.synthetic_batch()
   state = program.init_state()
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
@@ -43,8 +35,8 @@ def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   step_time = (time.perf_counter() - start) / steps
-  tps = b * length / step_time
-  flops = cost(cfg.model, length).train_flops_per_token
+  tps = cfg.train.batch_size * cfg.data.seq_len / step_time
+  flops = cost(cfg.model, cfg.data.seq_len).train_flops_per_token
   return {
     "step_time": step_time,
     "tokens_per_sec": tps,

@@ -18,7 +18,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from mtp_jax.cli import command_parser, load_config
 from mtp_jax.train import loop
@@ -28,14 +27,7 @@ from mtp_jax.train.checkpoint import Checkpointer
 def measure(cfg, steps: int, every: int, mode: str, directory: str) -> dict:
   program = loop.build(cfg)
   compiled = program.compile()
-  b, length = cfg.train.batch_size, cfg.data.seq_len
-  rng = np.random.default_rng(0)
-  host = {
-    "tokens": rng.integers(0, cfg.model.vocab_size, (b, length)).astype(np.int32),
-    "segment_ids": np.ones((b, length), np.int32),
-    "positions": np.tile(np.arange(length, dtype=np.int32), (b, 1)),
-  }
-  batch = {k: jax.device_put(v, program.batch_sharding) for k, v in host.items()}
+  batch = program.synthetic_batch()
   state = program.init_state()
   ckpt = (
     None

@@ -128,6 +128,18 @@ class Program:
     shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for k in BATCH_KEYS}
 
+  def synthetic_batch(self, seed: int = 0) -> dict[str, jax.Array]:
+    """Random tokens of the step's shape, one document per row, placed with the batch
+    sharding: a fixed input for benchmarks, where data loading is not being measured."""
+    b, length = self.cfg.train.batch_size, self.cfg.data.seq_len
+    rng = np.random.default_rng(seed)
+    host = {
+      "tokens": rng.integers(0, self.cfg.model.vocab_size, (b, length)).astype(np.int32),
+      "segment_ids": np.ones((b, length), np.int32),
+      "positions": np.tile(np.arange(length, dtype=np.int32), (b, 1)),
+    }
+    return {k: jax.device_put(v, self.batch_sharding) for k, v in host.items()}
+
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch()).compile()
 
