@@ -52,7 +52,7 @@ def test_bad_input_is_one_line_naming_the_key(overrides, message):
 
 def test_mesh_must_tile_the_devices():
   mesh = config.load(None, ["mesh.data=2", "mesh.expert=2"]).mesh
-  assert mesh.shape(4) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
+  assert mesh.shape(4) == {"data": 2, "fsdp": 1, "sequence": 1, "expert": 2, "tensor": 1}
   with pytest.raises(config.ConfigError, match="multiply to 4, not the 8 devices"):
     mesh.shape(8)
   assert config.load(None, ["mesh.expert=2"]).mesh.shape(8)["data"] == 4  # -1 fills

@@ -15,7 +15,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")  # most communication-heavy last
+MESH_AXES = ("data", "fsdp", "sequence", "expert", "tensor")  # most communication-heavy last
 
 
 class ConfigError(ValueError):
@@ -64,6 +64,12 @@ class MoEConfig(_Section):
   balance_loss_weight: float = _field(1e-4, "Sequence-wise balance loss alpha (DeepSeek-V3 eq. 17; 0: off).", ge=0)
   z_loss_weight: float = _field(0.0, "Router z-loss weight (0: off).", ge=0)
   bias_update_rate: float = _field(1e-3, "Aux-loss-free bias step gamma (DeepSeek-V3 eq. 16; 0: off).", ge=0)
+  dispatch: Literal["auto", "all_to_all", "ragged_all_to_all", "gspmd"] = _field(
+    "auto",
+    "How tokens reach experts sharded over the expert mesh axis. all_to_all: capacity buffers, every backend "
+    "(mode: capacity); ragged_all_to_all: dropless, GPU and TPU only (mode: dropless); gspmd: the compiler moves "
+    "them; auto: all_to_all in capacity mode, else ragged_all_to_all where the backend has it, else gspmd.",
+  )
 
 
 class MTPConfig(_Section):
@@ -198,7 +204,7 @@ def _default_rules() -> dict[str, list[str]]:
     "expert_mlp": ["tensor"],
     # Activations.
     "act_batch": ["data", "fsdp", "expert"],
-    "act_length": [],
+    "act_length": ["sequence"],
     "act_embed": [],
     "act_heads": ["tensor"],
     "act_mlp": ["tensor"],
@@ -206,11 +212,24 @@ def _default_rules() -> dict[str, list[str]]:
   }
 
 
+class DcnConfig(_Section):
+  data: int = _field(1, "Data-parallel ways across slices (-1: fill with the remaining slices).")
+  fsdp: int = _field(1, "FSDP ways across slices.")
+  sequence: int = _field(1, "Sequence-parallel ways across slices.")
+  expert: int = _field(1, "Expert-parallel ways across slices.")
+  tensor: int = _field(1, "Tensor-parallel ways across slices.")
+
+
 class MeshConfig(_Section):
-  data: int = _field(-1, "Data-parallel axis size (-1: fill with the remaining devices).")
+  """Axis sizes within a slice (ICI); `dcn` multiplies them across slices (multi-slice TPU,
+  or processes where devices have no slice). Each axis's full size is ici * dcn."""
+
+  data: int = _field(-1, "Data-parallel axis size within a slice (-1: fill with the remaining devices).")
   fsdp: int = _field(1, "Fully-sharded data-parallel axis size.")
+  sequence: int = _field(1, "Sequence (context) parallel axis size: activations split along the sequence.")
   expert: int = _field(1, "Expert-parallel axis size.")
   tensor: int = _field(1, "Tensor-parallel axis size.")
+  dcn: DcnConfig = DcnConfig()
   rules: dict[str, list[str]] = _field(
     _default_rules(),
     "Logical axis name -> mesh axes (the one sharding rules table); entries given override the defaults by name.",
@@ -221,20 +240,59 @@ class MeshConfig(_Section):
   def _over_defaults(cls, rules: dict[str, list[str]]) -> dict[str, list[str]]:
     return {**_default_rules(), **rules}
 
-  def shape(self, num_devices: int) -> dict[str, int]:
-    """Axis sizes with -1 filled; raises ConfigError if they do not tile the devices."""
-    sizes = {a: getattr(self, a) for a in MESH_AXES}
-    known = math.prod(s for s in sizes.values() if s != -1)
-    fill = [a for a, s in sizes.items() if s == -1]
-    if fill:
-      if num_devices % known:
-        raise ConfigError(f"config error: mesh: fixed axes {sizes} do not divide the {num_devices} devices")
-      sizes[fill[0]] = num_devices // known
-    if math.prod(sizes.values()) != num_devices:
-      raise ConfigError(
-        f"config error: mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, not the {num_devices} devices"
-      )
-    return sizes
+  def ici_dcn(self, num_devices: int, num_slices: int = 1) -> tuple[dict[str, int], dict[str, int]]:
+    """(ICI, DCN) axis sizes with -1 filled. With every DCN size 1 the ICI sizes tile all the
+    devices; otherwise the DCN sizes tile the slices and the ICI sizes one slice. Raises
+    ConfigError when they do not."""
+    dcn = _fill({a: getattr(self.dcn, a) for a in MESH_AXES}, num_slices, "mesh.dcn", "slice(s) present")
+    if math.prod(dcn.values()) == 1:
+      return _fill({a: getattr(self, a) for a in MESH_AXES}, num_devices, "mesh", "devices"), dcn
+    if num_devices % num_slices:
+      raise ConfigError(f"config error: mesh.dcn: {num_devices} devices do not split into {num_slices} equal slices")
+    per_slice = num_devices // num_slices
+    return _fill({a: getattr(self, a) for a in MESH_AXES}, per_slice, "mesh", "devices of one slice"), dcn
+
+  def shape(self, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+    """Full axis sizes (ICI x DCN) with -1 filled."""
+    ici, dcn = self.ici_dcn(num_devices, num_slices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def _fill(sizes: dict[str, int], total: int, key: str, what: str) -> dict[str, int]:
+  known = math.prod(s for s in sizes.values() if s != -1)
+  fill = [a for a, s in sizes.items() if s == -1]
+  if fill:
+    if total % known:
+      fixed = {a: s for a, s in sizes.items() if s != -1 and s != 1}
+      raise ConfigError(f"config error: {key}: fixed axes {fixed} ({known}-way) do not divide the {total} {what}")
+    sizes = {**sizes, fill[0]: total // known}
+  if math.prod(sizes.values()) != total:
+    shown = {a: s for a, s in sizes.items() if s != 1} or sizes
+    raise ConfigError(
+      f"config error: {key}: axis sizes {shown} multiply to {math.prod(sizes.values())}, not the {total} {what}"
+    )
+  return sizes
+
+
+class DistributedConfig(_Section):
+  initialize: Literal["auto", "always", "never"] = _field(
+    "auto",
+    "Start jax.distributed: auto when a coordinator or process count is given here or in JAX_COORDINATOR_ADDRESS, "
+    "or JAX detects a cluster (TPU pod, SLURM, Kubernetes); always; never.",
+  )
+  coordinator_address: str | None = _field(None, "host:port of process 0 (default: detected from the cluster).")
+  num_processes: int | None = _field(None, "Processes in the job (default: detected).", ge=1)
+  process_id: int | None = _field(None, "This process's index, 0-based (default: detected).", ge=0)
+  local_device_ids: list[int] | None = _field(None, "Devices this process uses (default: all it sees).")
+  initialization_timeout_s: int = _field(300, "Give up when the other processes have not joined after this.", ge=1)
+  heartbeat_timeout_s: int = _field(100, "The coordinator declares a silent process dead after this.", ge=1)
+  step_timeout_s: float = _field(
+    1800.0,
+    "Stop with an error when no step (with its saving and evaluation) finishes for this long, e.g. because a "
+    "peer process died inside a collective (0: wait forever).",
+    ge=0,
+  )
+  cpu_collectives: Literal["gloo", "mpi"] = _field("gloo", "Cross-process collectives for the CPU backend.")
 
 
 class Config(_Section):
@@ -244,6 +302,7 @@ class Config(_Section):
   train: TrainConfig = TrainConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
+  distributed: DistributedConfig = DistributedConfig()
 
   @pydantic.model_validator(mode="after")
   def _consistent(self) -> Config:
@@ -302,11 +361,19 @@ def _problems(c: Config):
     yield "train.grad_accum_steps", f"{accum} does not divide train.batch_size ({batch})"
   if c.train.loss_chunk_len and c.data.seq_len % c.train.loss_chunk_len:
     yield "train.loss_chunk_len", f"{c.train.loss_chunk_len} does not divide data.seq_len ({c.data.seq_len})"
-  sizes = [getattr(c.mesh, ax) for ax in MESH_AXES]
-  if any(s == 0 or s < -1 for s in sizes):
-    yield "mesh", f"axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes, strict=True))}"
-  if sizes.count(-1) > 1:
-    yield "mesh", "at most one axis may be -1"
+  for key, section in [("mesh", c.mesh), ("mesh.dcn", c.mesh.dcn)]:
+    sizes = {ax: getattr(section, ax) for ax in MESH_AXES}
+    if any(s == 0 or s < -1 for s in sizes.values()):
+      yield key, f"axis sizes must be positive or -1, got {sizes}"
+    if list(sizes.values()).count(-1) > 1:
+      yield key, "at most one axis may be -1"
+  if moe.num_experts and moe.dispatch == "all_to_all" and moe.mode != "capacity":
+    yield "model.moe.dispatch", "all_to_all sends capacity buffers: it needs model.moe.mode=capacity"
+  if moe.num_experts and moe.dispatch == "ragged_all_to_all" and moe.mode != "dropless":
+    yield "model.moe.dispatch", "ragged_all_to_all is dropless: it needs model.moe.mode=dropless"
+  d = c.distributed
+  if d.num_processes is not None and d.process_id is not None and d.process_id >= d.num_processes:
+    yield "distributed.process_id", f"{d.process_id} is not below distributed.num_processes ({d.num_processes})"
   for name, axes in c.mesh.rules.items():
     bad = [ax for ax in axes if ax not in MESH_AXES]
     if bad:

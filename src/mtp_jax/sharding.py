@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mtp_jax.config import MESH_AXES, MeshConfig
@@ -24,15 +25,25 @@ _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.Context
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, expert, tensor) mesh; sizes of -1 fill the remaining devices."""
+  """Builds the (data, fsdp, sequence, expert, tensor) mesh; sizes of -1 fill the remaining
+  devices. With DCN sizes above 1 the mesh spans slices (TPU multi-slice; elsewhere each
+  process is one slice): every DCN axis crosses slices and every ICI axis stays inside one."""
   devices = list(jax.devices() if devices is None else devices)
-  sizes = cfg.shape(len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
+  has_slices = getattr(devices[0], "slice_index", None) is not None
+  granules = len({d.slice_index if has_slices else d.process_index for d in devices})
+  ici, dcn = cfg.ici_dcn(len(devices), granules)
+  ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
+  if math.prod(dcn_shape) > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici_shape, dcn_shape, devices, process_is_granule=not has_slices, allow_split_physical_axes=True
+    )
+  else:
+    try:  # topology-aware on TPU and GPU: keeps the last (busiest) axes on the closest devices
+      grid = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.asarray(devices).reshape(ici_shape)
   auto = (AxisType.Auto,) * len(MESH_AXES)  # GSPMD propagates layouts between our constraints
-  try:
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  except (ValueError, NotImplementedError):  # e.g. a topology-aware layout does not apply
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
@@ -56,6 +67,23 @@ def named(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: 
   return NamedSharding(mesh, spec(names, shape, mesh, rules))
 
 
+def misfit(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> str | None:
+  """Why the rules cannot shard this array as written (a mesh axis that does not divide the
+  dimension it is assigned), or None. `spec` would quietly replicate such a dimension; for
+  parameters and inputs we refuse instead, so a mesh never silently does less than asked."""
+  used: set[str] = set()
+  for i, (name, dim) in enumerate(zip(names, shape, strict=True)):
+    axes = [ax for ax in rules.get(name, []) if name and ax not in used and mesh.shape[ax] > 1]
+    used.update(axes)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if dim % ways:
+      over = " x ".join(f"{a} ({mesh.shape[a]})" for a in axes)
+      return (
+        f"dimension {i} ({name}, size {dim}) does not split over mesh axes {over}; change the mesh or mesh.rules.{name}"
+      )
+  return None
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules):
   """Makes `constrain` effective while tracing inside this context."""
@@ -64,6 +92,12 @@ def activate(mesh: Mesh, rules: Rules):
     yield
   finally:
     _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the enclosing `activate`, or None: for layers that place work on
+  devices themselves (expert-parallel dispatch in shard_map)."""
+  return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

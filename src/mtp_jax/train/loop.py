@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
@@ -24,7 +25,7 @@ from mtp_jax import data, sharding
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.model.flops import cost
 from mtp_jax.train import optimizer, resume, step
-from mtp_jax.train.checkpoint import Checkpointer
+from mtp_jax.train.checkpoint import Checkpointer, leaf_name
 from mtp_jax.train.metrics import MetricsWriter, mfu
 from mtp_jax.train.preemption import Preemption
 
@@ -33,8 +34,9 @@ class TrainingError(RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), reported as one line."""
 
 
-def _check_mesh(cfg: Config, mesh) -> None:
-  """Checks that need the device count: what -1 filled in must still divide the work."""
+def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
+  """Checks that need the device count: what -1 filled in must still divide the work, and
+  every parameter must split the way the rules say."""
   experts, expert_axis = cfg.model.moe.num_experts, mesh.shape["expert"]
   if experts and experts % expert_axis:
     raise ConfigError(
@@ -52,6 +54,18 @@ def _check_mesh(cfg: Config, mesh) -> None:
     raise ConfigError(
       f"config error: train.batch_size: {cfg.train.batch_size} does not split over {jax.process_count()} processes"
     )
+  why = sharding.misfit(("act_batch", "act_length"), (micro, cfg.data.seq_len), mesh, cfg.mesh.rules)
+  if why:
+    raise ConfigError(f"config error: mesh: the input batch ({micro} x data.seq_len): {why}")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state.params, is_leaf=_is_variable):
+    names = leaf.get_metadata().get("axes") or (None,) * leaf.get_value().ndim
+    why = sharding.misfit(names, leaf.get_value().shape, mesh, cfg.mesh.rules)
+    if why:
+      raise ConfigError(f"config error: mesh: params.{leaf_name(path)}: {why}")
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
 def _record_config(workdir: pathlib.Path, cfg: Config, resuming: bool, log) -> None:
@@ -149,11 +163,11 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
 def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  _check_mesh(cfg, mesh)
   rules = cfg.mesh.rules
   tx = optimizer.make(cfg.optimizer, cfg.train.steps)
   init = step.make_init(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
+  _check_mesh(cfg, mesh, abstract)
   state_shardings = sharding.tree_shardings(abstract, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules, (cfg.train.batch_size, cfg.data.seq_len))
   train_step = step.make_train_step(
