@@ -92,7 +92,8 @@ KEYS = ("loss", "ntp_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "grad_no
     ),
     (
       ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
-      ["model.attention.kind=mla", "model.moe.mode=capacity", "model.mtp.kind=parallel"],
+      # All-to-all capacity is per device: with factor E/K = 2 nothing drops, on either side.
+      ["model.attention.kind=mla", "model.moe.mode=capacity", "model.moe.capacity_factor=2", "model.mtp.kind=parallel"],
       (("blocks", 0, "attn", "wkv_b"), "heads", "tensor"),
     ),
   ],

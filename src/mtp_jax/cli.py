@@ -48,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     print(config.to_yaml(cfg), end="")
     return 0
 
+  from mtp_jax import distributed
+
+  try:
+    distributed.initialize(cfg.distributed)
+  except config.ConfigError as err:
+    print(f"mtp-train: {err}", file=sys.stderr)
+    return 2
+
   from mtp_jax.data import DataError
   from mtp_jax.train.checkpoint import CheckpointError
   from mtp_jax.train.loop import TrainingError, train
@@ -56,10 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     train(cfg)
   except (config.ConfigError, CheckpointError, TrainingError, DataError) as err:
     prefix = "data error: " if isinstance(err, DataError) else ""
-    print(f"mtp-train: {prefix}{err}", file=sys.stderr)
+    print(f"mtp-train: {distributed.process_tag()}{prefix}{err}", file=sys.stderr)
     # Skip interpreter teardown: after a failed restore, Orbax's still-pending reads would
     # print their own copies of the error there, burying this line. Everything we wrote is
     # already closed by the loop.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+  except Exception as err:
+    import jax
+
+    if jax.process_count() == 1 or not isinstance(err, jax.errors.JaxRuntimeError):
+      raise
+    # In a multi-process job this is almost always a collective that lost a peer. Exit now:
+    # jax.distributed's shutdown barrier would wait for the dead process, then crash.
+    first = str(err).strip().splitlines()[0]
+    print(f"mtp-train: {distributed.process_tag()}{first}; another process probably died, see its log", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)

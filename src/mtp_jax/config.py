@@ -59,7 +59,10 @@ class MoEConfig(_Section):
     "dropless", "dropless: sort + ragged_dot; capacity: fixed buffers, overflow dropped (not causal)."
   )
   capacity_factor: float = _field(
-    1.25, "capacity mode: buffer slots per expert = factor * tokens * top_k / experts.", gt=0
+    1.25,
+    "capacity mode: buffer slots per expert = factor * tokens * top_k / experts (tokens of one device under "
+    "the all_to_all dispatch).",
+    gt=0,
   )
   balance_loss_weight: float = _field(1e-4, "Sequence-wise balance loss alpha (DeepSeek-V3 eq. 17; 0: off).", ge=0)
   z_loss_weight: float = _field(0.0, "Router z-loss weight (0: off).", ge=0)
@@ -244,9 +247,10 @@ class MeshConfig(_Section):
     """(ICI, DCN) axis sizes with -1 filled. With every DCN size 1 the ICI sizes tile all the
     devices; otherwise the DCN sizes tile the slices and the ICI sizes one slice. Raises
     ConfigError when they do not."""
-    dcn = _fill({a: getattr(self.dcn, a) for a in MESH_AXES}, num_slices, "mesh.dcn", "slice(s) present")
-    if math.prod(dcn.values()) == 1:
+    dcn = {a: getattr(self.dcn, a) for a in MESH_AXES}
+    if all(s == 1 for s in dcn.values()):
       return _fill({a: getattr(self, a) for a in MESH_AXES}, num_devices, "mesh", "devices"), dcn
+    dcn = _fill(dcn, num_slices, "mesh.dcn", "slice(s) present")
     if num_devices % num_slices:
       raise ConfigError(f"config error: mesh.dcn: {num_devices} devices do not split into {num_slices} equal slices")
     per_slice = num_devices // num_slices
@@ -286,10 +290,16 @@ class DistributedConfig(_Section):
   local_device_ids: list[int] | None = _field(None, "Devices this process uses (default: all it sees).")
   initialization_timeout_s: int = _field(300, "Give up when the other processes have not joined after this.", ge=1)
   heartbeat_timeout_s: int = _field(100, "The coordinator declares a silent process dead after this.", ge=1)
+  peer_timeout_s: float = _field(
+    60.0,
+    "Stop with an error when another process has sent no heartbeat for this long (it died or hangs); "
+    "keep it below heartbeat_timeout_s so the error is ours, not a crash report (0: off).",
+    ge=0,
+  )
   step_timeout_s: float = _field(
     1800.0,
     "Stop with an error when no step (with its saving and evaluation) finishes for this long, e.g. because a "
-    "peer process died inside a collective (0: wait forever).",
+    "collective hangs (0: wait forever).",
     ge=0,
   )
   cpu_collectives: Literal["gloo", "mpi"] = _field("gloo", "Cross-process collectives for the CPU backend.")

@@ -29,8 +29,9 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   devices. With DCN sizes above 1 the mesh spans slices (TPU multi-slice; elsewhere each
   process is one slice): every DCN axis crosses slices and every ICI axis stays inside one."""
   devices = list(jax.devices() if devices is None else devices)
-  has_slices = getattr(devices[0], "slice_index", None) is not None
-  granules = len({d.slice_index if has_slices else d.process_index for d in devices})
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  has_slices = len(slices) > 1 and None not in slices  # else (CPU, GPU, one slice): each process is one
+  granules = len(slices) if has_slices else len({d.process_index for d in devices})
   ici, dcn = cfg.ici_dcn(len(devices), granules)
   ici_shape, dcn_shape = [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES]
   if math.prod(dcn_shape) > 1:

@@ -4,20 +4,41 @@ The layer returns its auxiliary terms explicitly (`MoEAux`): the sequence-wise b
 router z-loss, per-expert load and the number of dropped token-slots. The aux-loss-free
 bias (DeepSeek-V3 eq. 16) lives in a `RouterBias` variable, outside the parameters, so the
 optimizer and weight decay never see it; the train step moves it with `update_bias`.
+
+Expert parallelism (`model.moe.dispatch`, chosen by `dispatch_plan`): routing stays under
+GSPMD; when the experts are split over mesh axes that also split the tokens, dispatch,
+expert compute and combine run in a `shard_map` that sends each token to the devices owning
+its experts and back:
+- all_to_all (capacity mode, every backend): each device fills (E, C_local, D) buffers from its
+  own tokens, C_local = capacity(cfg, local tokens), and exchanges them with `all_to_all`.
+  Capacity is per source device, so what overflows can differ from the one-device capacity
+  mode (one global C); with nothing dropped (e.g. capacity_factor >= E / K) both equal the
+  dropless result.
+- ragged_all_to_all (dropless; GPU and TPU): per-expert counts are exchanged first, then the
+  sorted rows themselves with `ragged_all_to_all` into a worst-case sized buffer.
+Expert weights split over further axes (`expert_mlp -> tensor`) see the same tokens on every
+device of those axes; the down projection's partial sums are added with a psum there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
 from mtp_jax import sharding
-from mtp_jax.config import ModelConfig, MoEConfig
+from mtp_jax.config import ConfigError, ModelConfig, MoEConfig
 from mtp_jax.model.layers import MLP, weight
+
+# The dropless collective, looked up at trace time: CPU has no ragged_all_to_all, so the tests
+# put an exact emulation here. Anything other than the jax primitive counts as available.
+ragged_all_to_all = jax.lax.ragged_all_to_all
 
 
 class RouterBias(nnx.Variable):
@@ -29,7 +50,7 @@ class MoEAux:
   balance_loss: jax.Array  # scalar, already weighted by alpha
   z_loss: jax.Array  # scalar, already weighted
   load: jax.Array  # E: token-slots routed to each expert (valid tokens only)
-  dropped: jax.Array  # scalar: token-slots dropped for lack of capacity
+  dropped: jax.Array  # scalar: token-slots dropped for lack of capacity, over all devices
 
 
 class Router(nnx.Module):
@@ -64,6 +85,21 @@ class Router(nnx.Module):
     self.bias[...] = self.bias[...] + rate * jnp.sign(load_E.mean() - load_E)
 
 
+Weights = tuple[jax.Array, jax.Array, jax.Array]  # w_gate ExDxF, w_up ExDxF, w_down ExFxD
+
+
+def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+  gate = jax.lax.ragged_dot(x_NxD, w[0], group_sizes_E)
+  up = jax.lax.ragged_dot(x_NxD, w[1], group_sizes_E)
+  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w[2], group_sizes_E)
+
+
+def swiglu_batched(x_ExCxD: jax.Array, w: Weights) -> jax.Array:
+  gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[0])
+  up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[1])
+  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w[2])
+
+
 class Experts(nnx.Module):
   """E SwiGLU experts with stacked weights."""
 
@@ -75,19 +111,16 @@ class Experts(nnx.Module):
     self.w_down = weight(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pdt)
     self.dtype = jnp.dtype(cfg.dtype)
 
+  def weights(self) -> Weights:
+    return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+
   def ragged(self, x_NxD: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
     """Rows of x sorted by expert; group_sizes_E rows go to each expert in turn."""
-    dt = self.dtype
-    gate = jax.lax.ragged_dot(x_NxD, self.w_gate[...].astype(dt), group_sizes_E)
-    up = jax.lax.ragged_dot(x_NxD, self.w_up[...].astype(dt), group_sizes_E)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, self.w_down[...].astype(dt), group_sizes_E)
+    return swiglu_ragged(x_NxD, self.weights(), group_sizes_E)
 
   def batched(self, x_ExCxD: jax.Array) -> jax.Array:
     """One fixed-size buffer of rows per expert."""
-    dt = self.dtype
-    gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, self.w_gate[...].astype(dt))
-    up = jnp.einsum("ecd,edf->ecf", x_ExCxD, self.w_up[...].astype(dt))
-    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+    return swiglu_batched(x_ExCxD, self.weights())
 
 
 def capacity(cfg: MoEConfig, num_tokens: int) -> int:
@@ -103,6 +136,83 @@ def dispatch_slots(experts_TxK: jax.Array, valid_T: jax.Array, num_experts: int,
   slot_TxK = jnp.take_along_axis(rank, experts_TxK.T[..., None], axis=-1)[..., 0].T
   keep_TxK = (slot_TxK < cap) & valid_T[:, None].astype(bool)
   return slot_TxK, keep_TxK
+
+
+# ---- Choosing the dispatch ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  kind: str  # gspmd | all_to_all | ragged_all_to_all
+  note: str | None = None
+  ep: tuple[str, ...] = ()  # mesh axes the experts are split over (the all-to-all group)
+  tp: tuple[str, ...] = ()  # mesh axes the expert hidden dim is split over (tokens replicated)
+  tokens: PartitionSpec | None = None  # of the B x L x D tokens inside the shard_map
+
+
+def dispatch_plan(
+  cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL: Sequence[int] | None = None
+) -> tuple[str, str | None]:
+  """The dispatch the MoE layers will use on this mesh (gspmd, all_to_all or
+  ragged_all_to_all) and a one-line note when it is not what the config asked for; gspmd also
+  means no expert parallelism at all. tokens_BxL (the microbatch shape) lets the note see when
+  the rules would not split the tokens there. Raises ConfigError for an explicit
+  ragged_all_to_all on a backend without it."""
+  p = _plan(cfg, mesh, rules, tokens_BxL)
+  return p.kind, p.note
+
+
+def _plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=None) -> _Plan:
+  want = cfg.dispatch
+  if mesh is None or not cfg.num_experts:
+    return _Plan("gspmd")
+  platform = mesh.devices.flat[0].platform
+  has_ragged = platform != "cpu" or ragged_all_to_all is not jax.lax.ragged_all_to_all
+  if want == "ragged_all_to_all" and not has_ragged:
+    raise ConfigError(
+      f"config error: model.moe.dispatch: ragged_all_to_all is not implemented on the {platform} backend; "
+      "use auto or gspmd (or all_to_all with model.moe.mode=capacity)"
+    )
+  if want == "gspmd":
+    return _Plan("gspmd")
+  w_spec = sharding.spec(("experts", None, "expert_mlp"), (cfg.num_experts, 1, cfg.expert_d_ff), mesh, rules)
+  ep = _axes(w_spec[0])
+  if not ep:  # nothing to exchange: the one-device code path, under GSPMD
+    why = f"model.moe.dispatch={want}: the experts are not split over any mesh axis; they run where the tokens are"
+    return _Plan("gspmd", None if want == "auto" else why)
+  kind = want
+  if want == "auto":
+    kind = "all_to_all" if cfg.mode == "capacity" else "ragged_all_to_all" if has_ragged else "gspmd"
+  if kind == "gspmd":
+    return _Plan(
+      "gspmd",
+      f"model.moe.dispatch=auto: ragged_all_to_all is not implemented on the {platform} backend; dropless "
+      f"experts over {_names(ep)} use gspmd (model.moe.mode=capacity uses the all_to_all)",
+    )
+  if tokens_BxL is None:
+    tokens, token_axes = None, {a for n in ("act_batch", "act_length") for a in rules.get(n, []) if mesh.shape[a] > 1}
+  else:
+    tokens = sharding.spec(("act_batch", "act_length", None), (*tokens_BxL, 1), mesh, rules)
+    token_axes = {a for entry in tokens for a in _axes(entry)}
+  if missing := [a for a in ep if a not in token_axes]:
+    return _Plan(
+      "gspmd",
+      f"model.moe.dispatch={want}: the tokens are not split over {_names(missing)} (mesh.rules.act_batch, "
+      f"act_length) as the experts are; {kind} needs them there, so the experts use gspmd",
+    )
+  tp = tuple(a for a in _axes(w_spec[2]) if a not in token_axes)
+  return _Plan(kind, None, ep, tp, tokens)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _names(axes) -> str:
+  return f"the {' x '.join(axes)} mesh axis" + ("es" if len(axes) > 1 else "")
+
+
+# ---- The layer ----------------------------------------------------------------------------
 
 
 class MoE(nnx.Module):
@@ -130,28 +240,21 @@ class MoE(nnx.Module):
     valid_T = valid_BxL.reshape(-1).astype(jnp.int32)
     gates_TxK, experts_TxK, scores_TxE, logits_TxE = self.router(x_TxD)
 
-    if m.mode == "dropless":
-      flat = experts_TxK.reshape(-1)
-      order = jnp.argsort(flat, stable=True)
-      group_sizes_E = jnp.bincount(flat, length=e).astype(jnp.int32)
-      y_sorted = self.experts.ragged(x_TxD[order // k], group_sizes_E)
-      y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(b * l, k, d)
-      dropped = jnp.zeros((), jnp.int32)
-    else:
-      cap = capacity(m, b * l)
-      slot_TxK, keep_TxK = dispatch_slots(experts_TxK, valid_T, e, cap)
-      slot_TxK = jnp.where(keep_TxK, slot_TxK, cap)  # out of range: dropped by the scatter
-      buf_ExCxD = (
-        jnp.zeros((e, cap, d), x_TxD.dtype)
-        .at[experts_TxK, slot_TxK]
-        .set(jnp.broadcast_to(x_TxD[:, None], (b * l, k, d)), mode="drop")
-      )
-      out_ExCxD = self.experts.batched(sharding.constrain(buf_ExCxD, ("experts", None, "act_embed")))
-      y_TxKxD = out_ExCxD.at[experts_TxK, slot_TxK].get(mode="fill", fill_value=0)
-      dropped = jnp.sum(valid_T[:, None] * (1 - keep_TxK.astype(jnp.int32)))
+    active = sharding.active()
+    plan = _plan(m, *active, (b, l)) if active else _Plan("gspmd")
+    if plan.kind == "gspmd":
+      w = self.experts.weights()
 
-    y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
-    y_BxLxD = y_TxD.reshape(b, l, d)
+      def run_experts(rows, group_sizes_E):
+        if group_sizes_E is not None:
+          return swiglu_ragged(rows, w, group_sizes_E)
+        return swiglu_batched(sharding.constrain(rows, ("experts", None, "act_embed")), w)
+
+      y_TxD, dropped = _routed(m, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts)
+      y_BxLxD = y_TxD.reshape(b, l, d)
+    else:
+      routing = (experts_TxK.reshape(b, l, k), gates_TxK.reshape(b, l, k), valid_BxL)
+      y_BxLxD, dropped = _expert_parallel(m, plan, active[0], self.experts.weights(), x_BxLxD, *routing)
     if self.shared is not None:
       y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
 
@@ -164,6 +267,122 @@ class MoE(nnx.Module):
       dropped=dropped,
     )
     return y_BxLxD, aux
+
+
+def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts):
+  """Gate-weighted sum of each token's routed experts, and the dropped token-slots.
+  run_experts(rows sorted by expert, group_sizes_E) in dropless mode, run_experts(buffers
+  ExCxD, None) in capacity mode: where the experts are computed is its business."""
+  t, d = x_TxD.shape
+  k = experts_TxK.shape[1]
+  if m.mode == "dropless":
+    flat = experts_TxK.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes_E = jnp.bincount(flat, length=m.num_experts).astype(jnp.int32)
+    y_sorted = run_experts(x_TxD[order // k], group_sizes_E)
+    y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, d)
+    dropped = jnp.zeros((), jnp.int32)
+  else:
+    cap = capacity(m, t)
+    slot_TxK, keep_TxK = dispatch_slots(experts_TxK, valid_T, m.num_experts, cap)
+    slot_TxK = jnp.where(keep_TxK, slot_TxK, cap)  # out of range: dropped by the scatter
+    buf_ExCxD = (
+      jnp.zeros_like(x_TxD, shape=(m.num_experts, cap, d))
+      .at[experts_TxK, slot_TxK]
+      .set(jnp.broadcast_to(x_TxD[:, None], (t, k, d)), mode="drop")
+    )
+    y_TxKxD = run_experts(buf_ExCxD, None).at[experts_TxK, slot_TxK].get(mode="fill", fill_value=0)
+    dropped = jnp.sum(valid_T[:, None] * (1 - keep_TxK.astype(jnp.int32)))
+  return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype)), dropped
+
+
+def _expert_parallel(m: MoEConfig, plan: _Plan, mesh: Mesh, w: Weights, x_BxLxD, experts_BxLxK, gates_BxLxK, valid_BxL):
+  """(y_BxLxD, dropped) in a shard_map: each device sends its own tokens to the devices
+  holding their experts (over plan.ep) and combines what comes back."""
+  tok = plan.tokens
+  tok_BxL = PartitionSpec(*tok[:2])
+  ep, tp = plan.ep, plan.tp or None
+  w_specs = (PartitionSpec(ep, None, tp), PartitionSpec(ep, None, tp), PartitionSpec(ep, tp, None))
+  token_axes = tuple(a for entry in tok for a in _axes(entry))
+  exchange = _all_to_all_experts if plan.kind == "all_to_all" else _ragged_all_to_all_experts
+
+  def local(x_BxLxD, experts_BxLxK, gates_BxLxK, valid_BxL, w):
+    b, l, d = x_BxLxD.shape
+    k = experts_BxLxK.shape[-1]
+    y_TxD, dropped = _routed(
+      m,
+      x_BxLxD.reshape(b * l, d),
+      experts_BxLxK.reshape(b * l, k),
+      gates_BxLxK.reshape(b * l, k),
+      valid_BxL.reshape(-1).astype(jnp.int32),
+      lambda rows, group_sizes_E: exchange(rows, group_sizes_E, w, plan.ep, plan.tp, m.top_k),
+    )
+    return y_TxD.reshape(b, l, d), jax.lax.psum(dropped, token_axes)
+
+  sharded = jax.shard_map(
+    local, mesh=mesh, in_specs=(tok, tok, tok, tok_BxL, w_specs), out_specs=(tok, PartitionSpec()), check_vma=True
+  )
+  return sharded(x_BxLxD, experts_BxLxK, gates_BxLxK, valid_BxL, w)
+
+
+def _all_to_all_experts(buf_ExCxD, group_sizes_E, w: Weights, ep, tp, top_k):
+  """This device's capacity buffers for every expert -> the experts' outputs for them."""
+  del group_sizes_E, top_k
+  e, c, d = buf_ExCxD.shape
+  e_loc = w[0].shape[0]
+  n = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
+  recv_NxExCxD = jax.lax.all_to_all(buf_ExCxD.reshape(n, e_loc, c, d), ep, 0, 0)  # leading axis: source
+  y_ExRxD = swiglu_batched(recv_NxExCxD.swapaxes(0, 1).reshape(e_loc, n * c, d), w)
+  if tp:
+    y_ExRxD = jax.lax.psum(y_ExRxD, tp)  # partial sums over the split hidden dim
+  y_NxExCxD = y_ExRxD.reshape(e_loc, n, c, d).swapaxes(0, 1)
+  return jax.lax.all_to_all(y_NxExCxD, ep, 0, 0).reshape(e, c, d)
+
+
+def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, top_k):
+  """This device's rows sorted by expert (group_sizes_E per expert) -> the experts' outputs."""
+  n_rows, d = x_NxD.shape
+  e = group_sizes_E.shape[0]
+  e_loc = w[0].shape[0]
+  p = e // e_loc  # devices in the group; device j holds experts [j e_loc, (j + 1) e_loc)
+  send_PxE = group_sizes_E.reshape(p, e_loc)
+  send_sizes_P = send_PxE.sum(1)
+  send_offsets_P = jnp.cumsum(send_sizes_P) - send_sizes_P
+  recv_PxE = jax.lax.all_to_all(send_PxE, ep, 0, 0)  # [source, local expert]: rows coming here
+  recv_sizes_P = recv_PxE.sum(1)
+  recv_offsets_P = jnp.cumsum(recv_sizes_P) - recv_sizes_P  # source s's rows land here
+  # ragged_all_to_all wants, per destination, where the rows land there: its recv_offsets[me].
+  dest_offsets_P = jax.lax.all_to_all(recv_offsets_P, ep, 0, 0, tiled=True)
+  # Worst case: every device sends each of its tokens' top-k choices that are experts here.
+  rows = p * (n_rows // top_k) * min(top_k, e_loc)
+  recv_RxD = ragged_all_to_all(
+    x_NxD,
+    jnp.zeros_like(x_NxD, shape=(rows, d)),
+    send_offsets_P,
+    send_sizes_P,
+    dest_offsets_P,
+    recv_sizes_P,
+    axis_name=ep,
+  )
+  # Arrived source-major, then by local expert; ragged_dot wants them expert-major.
+  bounds = jnp.cumsum(recv_PxE.reshape(-1))
+  segment_R = jnp.searchsorted(bounds, jnp.arange(rows, dtype=bounds.dtype), side="right")
+  expert_R = jnp.where(segment_R < p * e_loc, segment_R % e_loc, e_loc)  # padding rows last
+  order = jnp.argsort(expert_R, stable=True)
+  y_sorted = swiglu_ragged(recv_RxD[order], w, recv_PxE.sum(0))
+  if tp:
+    y_sorted = jax.lax.psum(y_sorted, tp)  # partial sums over the split hidden dim
+  y_RxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+  # Back the same way: each source's rows return to where it sent them from.
+  return ragged_all_to_all(
+    y_RxD,
+    jnp.zeros_like(y_RxD, shape=(n_rows, d)),
+    recv_offsets_P,
+    recv_sizes_P,
+    jax.lax.all_to_all(send_offsets_P, ep, 0, 0, tiled=True),
+    send_sizes_P,
+    axis_name=ep,
+  )
 
 
 def sequence_balance_loss(chosen_BxLxE, scores_BxLxE, valid_BxL, top_k: int) -> jax.Array:

@@ -23,6 +23,8 @@ from tqdm import tqdm
 from mtp_jax import config as config_lib
 from mtp_jax import data, sharding
 from mtp_jax.config import Config, ConfigError
+from mtp_jax.distributed import Watchdog
+from mtp_jax.model import moe
 from mtp_jax.model.flops import cost
 from mtp_jax.train import optimizer, resume, step
 from mtp_jax.train.checkpoint import Checkpointer, leaf_name
@@ -85,6 +87,10 @@ def _record_config(workdir: pathlib.Path, cfg: Config, resuming: bool, log) -> N
     saved.write_text(config_lib.to_yaml(cfg))
 
 
+def _quiet(*_args, **_kw) -> None:
+  """The log of every process but the first."""
+
+
 def _differences(a, b, prefix) -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
     return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}.{k}")]
@@ -134,6 +140,8 @@ class Program:
   init: Callable[[jax.Array], step.TrainState]  # jitted: the state is born sharded
   step: Any  # jitted train_step, state donated
   eval_step: Any  # jitted: (state, batch) -> per-depth sums
+  expert_dispatch: str  # how tokens reach experts: gspmd, all_to_all or ragged_all_to_all
+  notes: list[str]  # things the user should know about how the config maps onto the devices
 
   def init_state(self) -> step.TrainState:
     return self.init(jax.random.key(self.cfg.train.seed))
@@ -168,6 +176,8 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   init = step.make_init(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
   _check_mesh(cfg, mesh, abstract)
+  micro_BxL = (cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.data.seq_len)
+  dispatch, note = moe.dispatch_plan(cfg.model.moe, mesh, rules, micro_BxL)
   state_shardings = sharding.tree_shardings(abstract, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules, (cfg.train.batch_size, cfg.data.seq_len))
   train_step = step.make_train_step(
@@ -188,6 +198,8 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
       out_shardings=(state_shardings, None),
       donate_argnums=0,
     ),
+    expert_dispatch=dispatch,
+    notes=[note] if note else [],
     eval_step=jax.jit(
       step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),
       in_shardings=(state_shardings, batch_sharding),
@@ -197,8 +209,13 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
 
 
 def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) -> list[dict]:
-  """Runs (or resumes) training to cfg.train.steps; returns the logged metric records."""
+  """Runs (or resumes) training to cfg.train.steps; returns the logged metric records.
+  In a multi-process job only process 0 logs, shows progress and writes metrics."""
   t = cfg.train
+  lead = jax.process_index() == 0
+  if not lead:
+    log = _quiet
+    t = t.model_copy(update={"progress_bar": False})
   workdir = pathlib.Path(t.workdir)
   sources = data.open_sources(cfg.data, "train")  # bad data fails here, before any compile
   eval_sources = data.open_sources(cfg.data, "eval") if t.eval_every else []
@@ -217,6 +234,9 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   with contextlib.ExitStack() as stack:
     preemption = Preemption()  # from here on, SIGTERM means: save at the next step boundary
     stack.callback(preemption.close)
+    d = cfg.distributed
+    watchdog = Watchdog(d.step_timeout_s, d.peer_timeout_s)  # a dead peer: an error, not a hang
+    stack.callback(watchdog.close)
     ckpt = None
     if cfg.checkpoint.enabled:
       ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
@@ -238,11 +258,14 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     log(
       f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
       f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}"
+      + (f", experts via {program.expert_dispatch}" if cfg.model.moe.num_experts and mesh.shape["expert"] > 1 else "")
     )
+    for note in program.notes:
+      log(f"note: {note}")
     log(data.describe(cfg.data, sources))
     log(_describe_memory(compiled))
 
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(workdir, enabled=lead)
     stack.callback(writer.close)
     bar = tqdm(
       total=t.steps, initial=start, disable=not t.progress_bar, dynamic_ncols=True, unit="step", file=sys.stderr
@@ -305,6 +328,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
         losses = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in values.items() if "loss" in k)
         say(f"eval at step {done}: {losses}")
       bar.update(1)
+      watchdog.beat(done)
       if preempted:
         break
     if pending is not None:

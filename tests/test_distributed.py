@@ -1,0 +1,157 @@
+"""Several processes: launch/local.sh, equality with one process, resharded restore, dead peers."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY
+
+from mtp_jax import config, data, distributed
+from mtp_jax.train import checkpoint, loop
+from mtp_jax.train.checkpoint import Checkpointer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN = ["train.steps=3", "train.log_every=1", "checkpoint.every=3", "train.eval_every=0"]
+
+
+def _losses(workdir) -> dict[int, float]:
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _env() -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process gets its own device count
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_another_mesh(tiny, tmp_path):
+  """2 processes x 4 CPU devices (gloo), data over the two processes (DCN) and fsdp x expert
+  inside each, give the losses of one process with the same axes on 8 devices; the checkpoint
+  they write together restores in one process on a different mesh, equal to the reference."""
+  multi = tmp_path / "multi"
+  axes = ["mesh.fsdp=2", "mesh.expert=2"]
+  cmd = [str(ROOT / "launch" / "local.sh"), "2", "4", *TINY, *RUN, *axes, "mesh.data=1", "mesh.dcn.data=2"]
+  out = subprocess.run([*cmd, f"train.workdir={multi}"], capture_output=True, text=True, env=_env(), timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (multi / "logs" / "process_1.log").read_text()
+  assert "mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'expert': 2, 'tensor': 1}" in out.stdout
+  assert out.stdout.count("step 3: loss") == 1, "only process 0 logs"
+  assert "step 3: loss" not in (multi / "logs" / "process_1.log").read_text()
+
+  # Each process packs its own share of the documents, so the reference steps on the same
+  # global batches: process 0's rows, then process 1's (the data axis crosses the processes).
+  cfg = tiny(*RUN, *axes, "mesh.data=2")
+  program = loop.build(cfg)
+  step = program.compile()
+  sources = data.open_sources(cfg.data, "train")
+  streams = [
+    iter(data.make_dataset(cfg.data, batch_size=8, seed=0, sources=sources, process_index=i, process_count=2))
+    for i in range(2)
+  ]
+  state, want = program.init_state(), []
+  for _ in range(3):
+    parts = [next(s) for s in streams]
+    batch = {k: jax.device_put(np.concatenate([p[k] for p in parts]), program.batch_sharding) for k in parts[0]}
+    state, metrics = step(state, batch)
+    want.append(float(metrics["loss"]))
+  got = _losses(multi)
+  assert sorted(got) == [1, 2, 3]
+  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], want, rtol=2e-6)
+
+  other = tiny(*RUN, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"train.workdir={multi}")
+  target = loop.build(other).abstract_state
+  restored, _ = Checkpointer(multi / "checkpoints", read_only=True).restore(3, target)
+  w = restored.params["blocks"][1]["ffn"]["experts"]["w_gate"][...]
+  assert len(w.sharding.device_set) == 8 and "tensor" in w.sharding.spec  # really on the new mesh
+  got, want = checkpoint.named_leaves(restored), checkpoint.named_leaves(state)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+  said = []
+  records = loop.train(other.model_copy(update={"train": other.train.model_copy(update={"steps": 4})}), log=said.append)
+  assert "resumed from step 3" in "\n".join(said)
+  assert [r["step"] for r in records if "loss" in r] == [4]
+
+
+def test_a_stopped_process_makes_the_other_fail_in_bounded_time(tmp_path):
+  """A peer that hangs (SIGSTOP: alive, sockets open, no progress) would block the others in
+  a collective forever; the watchdog stops them with one line within peer_timeout_s."""
+  port, timeout = _port(), 8
+  run = [*TINY, "train.steps=10000", "train.log_every=1", "checkpoint.enabled=false", f"train.workdir={tmp_path}"]
+  env = {**_env(), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs, logs = [], [tmp_path / f"p{i}.txt" for i in range(2)]
+  for i in range(2):
+    join = [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2"]
+    args = [*run, *join, f"distributed.process_id={i}", f"distributed.peer_timeout_s={timeout}"]
+    with open(logs[i], "w") as out:
+      procs.append(subprocess.Popen([sys.executable, "-m", "mtp_jax.cli", *args], stdout=out, stderr=out, env=env))
+  try:
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "metrics.jsonl").exists() or len(_losses(tmp_path)) < 2:
+      assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    code = procs[0].wait(timeout=timeout + 30)
+    waited = time.monotonic() - stopped
+  finally:
+    for p in procs:
+      p.kill()
+  lines = [line for line in logs[0].read_text().splitlines() if line.startswith("mtp-train:")]
+  assert code == 1 and len(lines) == 1, logs[0].read_text()[-3000:]
+  assert lines[0].startswith("mtp-train: process 0/2: process 1 has sent no heartbeat for"), lines
+  assert "Traceback" not in logs[0].read_text()
+  assert timeout <= waited <= timeout + 15
+
+
+def test_the_step_watchdog_ends_a_stuck_process_with_one_line():
+  code = "import time; from mtp_jax.distributed import Watchdog; w = Watchdog(0.5, 0); w.beat(7); time.sleep(30)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 1
+  assert out.stderr.startswith("mtp-train: no step finished for "), out.stderr
+  assert "after step 7 (distributed.step_timeout_s=0.5)" in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_a_single_process_starts_no_distributed_runtime(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.initialize(config.load(None).distributed) is False
+  assert distributed.initialize(config.load(None, ["distributed.initialize=never"]).distributed) is False
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (
+      [
+        "distributed.coordinator_address=127.0.0.1:1",
+        "distributed.num_processes=2",
+        "distributed.process_id=1",
+        "distributed.initialization_timeout_s=1",
+      ],
+      "mtp-train: distributed: could not join the job: ",
+    ),
+    (
+      ["distributed.num_processes=2", "distributed.process_id=2"],
+      "mtp-train: config error: distributed.process_id: 2 is not below distributed.num_processes (2)",
+    ),
+  ],
+)
+def test_joining_problems_are_one_line(args, message):
+  env = {**_env(), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-m", "mtp_jax.cli", *TINY, *args], capture_output=True, text=True, env=env)
+  assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr

@@ -1,0 +1,223 @@
+"""Expert-parallel dispatch (all_to_all, ragged_all_to_all in shard_map) against one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from mtp_jax import sharding
+from mtp_jax.config import ConfigError
+from mtp_jax.model import moe as moe_lib
+from mtp_jax.model.moe import MoE, RouterBias
+from mtp_jax.train import loop
+
+B, L = 8, 16
+ROOMY = "model.moe.capacity_factor=4"  # = E / K: C_local >= local tokens, so nothing drops
+MESHES = {
+  "data2_expert4": ["mesh.data=2", "mesh.expert=4"],
+  "fsdp2_expert2_tensor2": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"],
+}
+
+
+def emulated_ragged_all_to_all(
+  operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name, axis_index_groups=None
+):
+  """jax.lax.ragged_all_to_all's documented semantics from all_gather, for CPU. The receiver
+  writes recv_sizes rows; sizes that disagree with what the senders send poison the result."""
+  assert axis_index_groups is None
+  me = jax.lax.axis_index(axis_name)
+  operand_PxNxD = jax.lax.all_gather(operand, axis_name)
+  # [sender, receiver]
+  src_PxP, sent_PxP, dst_PxP = (jax.lax.all_gather(a, axis_name) for a in (input_offsets, send_sizes, output_offsets))
+  rows = jnp.arange(output.shape[0])
+  result = output
+  for s in range(operand_PxNxD.shape[0]):
+    start, size = dst_PxP[s, me], recv_sizes[s]
+    hit = (rows >= start) & (rows < start + size)
+    take = jnp.clip(src_PxP[s, me] + rows - start, 0, operand.shape[0] - 1)
+    result = jnp.where(hit[:, None], operand_PxNxD[s][take], result)
+  agree = jnp.all(sent_PxP[:, me] == recv_sizes)
+  return jnp.where(agree, result, jnp.nan)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+  monkeypatch.setattr(moe_lib, "ragged_all_to_all", emulated_ragged_all_to_all)
+
+
+def _inputs(cfg):
+  x = jax.random.normal(jax.random.key(1), (B, L, cfg.model.d_model), jnp.float32)
+  cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+  valid = jnp.ones((B, L), bool).at[3, 10:].set(False)  # padding is routed but not counted
+  return x, cot, valid
+
+
+def _forward_and_grads(cfg, mesh=None):
+  """(y, aux, grads w.r.t. (params, x)) of the MoE layer, on the mesh or on one device."""
+  layer = MoE(cfg.model, rngs=nnx.Rngs(0))
+  layer.router.bias[...] = jax.random.normal(jax.random.key(3), (cfg.model.moe.num_experts,)) * 0.05
+  graphdef, params, bias = nnx.split(layer, nnx.Param, RouterBias)
+  x, cot, valid = _inputs(cfg)
+
+  def loss(params, x):
+    y, aux = nnx.merge(graphdef, params, bias)(x, valid)
+    return jnp.sum(y * cot) + aux.balance_loss + aux.z_loss, (y, aux)
+
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  if mesh is None:
+    (_, (y, aux)), grads = jax.jit(grad_fn)(params, x)
+    return y, aux, grads
+  rules = cfg.mesh.rules
+
+  def sharded(params, x):
+    with sharding.activate(mesh, rules):
+      return grad_fn(params, x)
+
+  x_sharding = sharding.named(("act_batch", "act_length", "act_embed"), x.shape, mesh, rules)
+  fn = jax.jit(sharded, in_shardings=(sharding.tree_shardings(params, mesh, rules), x_sharding))
+  (_, (y, aux)), grads = fn(params, x)
+  return y, aux, grads
+
+
+def _assert_same(one, many):
+  y1, aux1, g1 = one
+  y2, aux2, g2 = many
+  np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-6)
+  for k in ("balance_loss", "z_loss", "load", "dropped"):
+    np.testing.assert_allclose(aux2[k], aux1[k], rtol=1e-5, err_msg=k)
+  flat1, flat2 = jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)
+  assert len(flat1) == len(flat2) == 8  # router; 3 routed-expert and 3 shared-expert weights; x
+  for (path, a), b in zip(flat1, flat2, strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def _mesh(cfg):
+  return sharding.make_mesh(cfg.mesh, jax.devices())
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_all_to_all_equals_one_device(mesh):
+  cfg = tiny_config("model.moe.mode=capacity", ROOMY, "model.moe.dispatch=all_to_all", *MESHES[mesh])
+  many = _forward_and_grads(cfg, _mesh(cfg))
+  one = _forward_and_grads(cfg)
+  assert int(many[1].dropped) == 0
+  _assert_same(one, many)
+  # With nothing dropped, capacity buffers compute the dropless layer (which also runs padding).
+  valid = np.asarray(_inputs(cfg)[2])
+  dropless = _forward_and_grads(tiny_config())[0]
+  np.testing.assert_allclose(np.asarray(many[0])[valid], np.asarray(dropless)[valid], rtol=1e-5, atol=1e-6)
+
+
+def test_all_to_all_drops_by_each_devices_own_capacity():
+  """Overflow is decided per source device: the layer equals one-device capacity mode run on
+  each device's own tokens, and `dropped` totals every device's drops."""
+  cfg = tiny_config("model.moe.mode=capacity", "model.moe.capacity_factor=1.0", *MESHES["data2_expert4"])
+  layer = MoE(cfg.model, rngs=nnx.Rngs(0))
+  layer.router.kernel[...] = layer.router.kernel[...].at[:, 0].add(0.5)  # crowd expert 0
+  x, _, valid = _inputs(cfg)
+  mesh = _mesh(cfg)
+
+  @jax.jit
+  def sharded(x):
+    with sharding.activate(mesh, cfg.mesh.rules):
+      return layer(x, valid)
+
+  y, aux = sharded(x)
+  blocks = [layer(x[i : i + 1], valid[i : i + 1]) for i in range(B)]  # act_batch splits B 8 ways
+  assert int(aux.dropped) == sum(int(a.dropped) for _, a in blocks) > 0
+  np.testing.assert_allclose(y, jnp.concatenate([y for y, _ in blocks]), rtol=1e-5, atol=1e-6)
+  assert sharded.lower(x).as_text().count("stablehlo.all_to_all") == 2  # there and back
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_ragged_all_to_all_equals_one_device_dropless(emulated, mesh):
+  cfg = tiny_config("model.moe.dispatch=ragged_all_to_all", "model.moe.z_loss_weight=0.01", *MESHES[mesh])
+  assert moe_lib.dispatch_plan(cfg.model.moe, _mesh(cfg), cfg.mesh.rules, (B, L)) == ("ragged_all_to_all", None)
+  _assert_same(_forward_and_grads(cfg), _forward_and_grads(cfg, _mesh(cfg)))
+
+
+def test_the_real_ragged_all_to_all_traces_and_differentiates(monkeypatch):
+  """CPU cannot run jax.lax.ragged_all_to_all, but it can lower it: shapes, device-varying
+  types and the transpose rule of the real collective are checked here."""
+  monkeypatch.setattr(moe_lib, "ragged_all_to_all", lambda *a, **kw: jax.lax.ragged_all_to_all(*a, **kw))
+  cfg = tiny_config(*MESHES["fsdp2_expert2_tensor2"])
+  mesh = _mesh(cfg)
+  layer = MoE(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params, bias = nnx.split(layer, nnx.Param, RouterBias)
+  x, _, valid = _inputs(cfg)
+
+  def loss(params, x):
+    with sharding.activate(mesh, cfg.mesh.rules):
+      return jnp.sum(nnx.merge(graphdef, params, bias)(x, valid)[0])
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  assert text.count("ragged_all_to_all") >= 4  # there and back, forward and backward
+
+
+@pytest.fixture(scope="module")
+def train_runs():
+  """Three train steps on one device and on fsdp=2 x expert=4, all_to_all dispatch, from the
+  same initial state (initialised once: compiling the initialiser costs as much as the step)."""
+  overrides = ["model.moe.mode=capacity", ROOMY, "model.moe.dispatch=all_to_all", "model.mtp.depth=0"]
+  out, initial = {}, None
+  for name, mesh, devices in [
+    ("one", ["mesh.data=1"], jax.devices()[:1]),
+    ("eight", ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"], None),
+  ]:
+    program = loop.build(tiny_config(*overrides, *mesh), devices)
+    lowered = program.step.lower(program.abstract_state, program.abstract_batch())
+    compiled = lowered.compile()
+    if initial is None:
+      initial = jax.device_get(program.init_state())
+    state, batch = jax.device_put(initial, program.state_shardings), program.synthetic_batch()
+    history = []
+    for _ in range(3):
+      state, metrics = compiled(state, batch)
+      history.append(jax.device_get(metrics))
+    out[name] = (lowered.as_text(), history, program)
+  return out
+
+
+def test_train_steps_with_all_to_all_match_one_device(train_runs):
+  (_, one, _), (text, eight, program) = train_runs["one"], train_runs["eight"]
+  assert dict(program.mesh.shape)["expert"] == 4
+  # The program before partitioning: GSPMD adds all-to-alls of its own only later, so these
+  # are ours. One MoE layer: there and back, forward and backward.
+  assert text.count("stablehlo.all_to_all") >= 4
+  keys = ("loss", "ntp_loss", "balance_loss", "grad_norm", "expert_load_max_over_mean")
+  for a, b in zip(one, eight, strict=True):
+    assert float(b["dropped_fraction"]) == 0.0
+    for k in keys:
+      np.testing.assert_allclose(b[k], a[k], rtol=2e-5, err_msg=k)
+
+
+def test_one_device_has_no_all_to_all(train_runs):
+  assert "all_to_all" not in train_runs["one"][0]
+
+
+def _plan(*overrides, shape=(B, L)):
+  cfg = tiny_config(*overrides)
+  return moe_lib.dispatch_plan(cfg.model.moe, _mesh(cfg), cfg.mesh.rules, shape)
+
+
+def test_dispatch_plan_on_cpu():
+  expert4 = MESHES["data2_expert4"]
+  with pytest.raises(ConfigError) as err:
+    _plan("model.moe.dispatch=ragged_all_to_all", *expert4)
+  message = str(err.value)
+  assert message.startswith("config error: model.moe.dispatch: ragged_all_to_all") and "\n" not in message
+  kind, note = _plan(*expert4)  # auto, dropless
+  assert kind == "gspmd" and note.startswith("model.moe.dispatch=auto: ragged_all_to_all is not implemented on")
+  assert "\n" not in note
+  assert _plan("model.moe.mode=capacity", *expert4) == ("all_to_all", None)
+  assert _plan("model.moe.mode=capacity", "model.moe.dispatch=gspmd", *expert4) == ("gspmd", None)
+  assert _plan("model.moe.mode=capacity", "mesh.data=8") == ("gspmd", None)  # no expert axis: nothing to send
+  kind, note = _plan("model.moe.mode=capacity", "model.moe.dispatch=all_to_all", "mesh.data=8")
+  assert kind == "gspmd" and "not split over any mesh axis" in note
+  # Tokens not split over the expert axis (it would have to carry them): gspmd, with a note.
+  kind, note = _plan("model.moe.mode=capacity", "mesh.rules.act_batch=[data]", *expert4)
+  assert kind == "gspmd" and "the tokens are not split over the expert mesh axis" in note
+  # Two sequences cannot split four ways over expert: the layer would fall back at that shape.
+  assert _plan("model.moe.mode=capacity", *expert4, shape=(2, L))[0] == "gspmd"
