@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import yaml
 from conftest import TINY
 
 from mtp_jax import config, data, distributed
@@ -155,3 +157,41 @@ def test_joining_problems_are_one_line(args, message):
   env = {**_env(), "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-m", "mtp_jax.cli", *TINY, *args], capture_output=True, text=True, env=env)
   assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+
+
+# ----------------------------------------------------------------------------- launchers
+
+LAUNCH = ROOT / "launch"
+
+
+@pytest.mark.parametrize("script", ["local.sh", "tpu_pod.sh", "gke.sh", "slurm.sbatch"])
+def test_launchers_parse_and_name_their_usage_in_one_line(script):
+  assert subprocess.run(["bash", "-n", LAUNCH / script]).returncode == 0
+  out = subprocess.run(["bash", LAUNCH / script], capture_output=True, text=True)
+  assert out.returncode == 2 and out.stderr.startswith("usage: ") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_tpu_pod_runs_the_same_quoted_command_on_every_worker():
+  env = {**os.environ, "MTP_DRY_RUN": "1", "MTP_PROJECT": "p"}
+  args = ["my-tpu", "us-east5-a", "--config", "configs/tiny.yaml", "train.workdir=/mnt/a b"]
+  out = subprocess.run(["bash", LAUNCH / "tpu_pod.sh", *args], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr
+  argv = shlex.split(out.stdout)
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
+  assert "--worker=all" in argv and argv[argv.index("--project") + 1] == "p"
+  remote = shlex.split(argv[argv.index("--command") + 1])
+  assert remote[-4:] == ["mtp_jax.cli", "--config", "configs/tiny.yaml", "train.workdir=/mnt/a b"]
+
+
+def test_gke_manifest_has_one_pod_per_host_of_the_slice():
+  env = {**os.environ, "MTP_DRY_RUN": "1"}
+  args = ["dsv3", "img:1", "v5p-256", "--config", "configs/deepseek-v3-671b.yaml", "train.workdir=/mnt/shared/x"]
+  out = subprocess.run(["bash", LAUNCH / "gke.sh", *args], capture_output=True, text=True, env=env)
+  assert out.returncode == 0, out.stderr
+  job = yaml.safe_load(out.stdout)["spec"]["replicatedJobs"][0]["template"]["spec"]
+  pod = job["template"]["spec"]
+  assert job["parallelism"] == job["completions"] == 32  # 128 chips, 4 per host
+  assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4x8"
+  assert pod["containers"][0]["args"] == args[3:]
+  bad = subprocess.run(["bash", LAUNCH / "gke.sh", "a", "b", "v5p-12", "--config", "x"], capture_output=True, text=True)
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a multi-host slice" in bad.stderr
