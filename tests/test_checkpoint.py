@@ -404,7 +404,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_one_host_resumes(tiny, t
   outs = [log.read_text() for log in logs]
   assert codes == [0, 0], outs[1][-3000:]
   steps = [re.findall(r"preempted at step (\d+): saved checkpoint step \1", out) for out in outs]
-  assert len(steps[0]) == 1 and steps[0] == steps[1], steps
+  assert len(steps[0]) == 1 and steps[1] == [], steps  # only process 0 logs; both saved (below)
   step = int(steps[0][0])
   data = sorted(p.name for p in (tmp_path / "checkpoints" / str(step) / "data").glob("*.json"))
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]

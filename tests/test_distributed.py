@@ -46,11 +46,13 @@ def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_an
   inside each, give the losses of one process with the same axes on 8 devices; the checkpoint
   they write together restores in one process on a different mesh, equal to the reference."""
   multi = tmp_path / "multi"
-  axes = ["mesh.fsdp=2", "mesh.expert=2"]
+  # Experts through the shard_map all-to-all, with room for every token (factor E / K).
+  axes = ["mesh.fsdp=2", "mesh.expert=2", "model.moe.mode=capacity", "model.moe.capacity_factor=4"]
   cmd = [str(ROOT / "launch" / "local.sh"), "2", "4", *TINY, *RUN, *axes, "mesh.data=1", "mesh.dcn.data=2"]
   out = subprocess.run([*cmd, f"train.workdir={multi}"], capture_output=True, text=True, env=_env(), timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (multi / "logs" / "process_1.log").read_text()
   assert "mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'expert': 2, 'tensor': 1}" in out.stdout
+  assert "experts via all_to_all" in out.stdout
   assert out.stdout.count("step 3: loss") == 1, "only process 0 logs"
   assert "step 3: loss" not in (multi / "logs" / "process_1.log").read_text()
 

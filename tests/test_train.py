@@ -96,6 +96,11 @@ KEYS = ("loss", "ntp_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "grad_no
       ["model.attention.kind=mla", "model.moe.mode=capacity", "model.moe.capacity_factor=2", "model.mtp.kind=parallel"],
       (("blocks", 0, "attn", "wkv_b"), "heads", "tensor"),
     ),
+    (  # the sequence (context) axis: activations split along the sequence, attention sees it whole
+      ["mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"],
+      [],
+      (("blocks", 0, "attn", "wq"), "embed", "fsdp"),
+    ),
   ],
 )
 def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
@@ -108,6 +113,7 @@ def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
     leaf = leaf[key]
   names = leaf.get_metadata()["axes"]
   assert leaf.get_value().sharding.spec[names.index(name)] == axis  # the weight really is split
+  assert program.batch_sharding.spec[1] == ("sequence" if "mesh.sequence=2" in mesh else None)
   eight, _ = _run(program.cfg)
   for a, b in zip(one, eight, strict=True):
     for k in KEYS:

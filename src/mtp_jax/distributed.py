@@ -26,11 +26,13 @@ def _detected_cluster():
   except ImportError:
     return None
   for kind in clusters.ClusterEnv._cluster_types:
-    if getattr(kind, "opt_in_only_method", False) or not kind.is_env_present():
+    if getattr(kind, "opt_in_only_method", False):
       continue
     try:
+      if not kind.is_env_present():
+        continue
       count = kind.get_process_count()
-    except Exception:  # a cluster that cannot say: let JAX try
+    except Exception:  # a cluster that cannot say (e.g. no Kubernetes client): let JAX try
       count = None
     return None if count == 1 else kind.__name__
   return None
