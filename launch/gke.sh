@@ -20,54 +20,30 @@ fi
 name=$1 image=$2 tpu_type=$3
 shift 3
 here=$(cd "$(dirname "$0")" && pwd)
-exec python3 - "$here/gke/jobset.yaml" "$name" "$image" "$tpu_type" "$@" <<'PY'
-import json, os, re, string, subprocess, sys
+# The slice shape comes from the same table mtp-compile uses (src/mtp_jax/compile.py).
+PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}" exec python3 - "$here/gke/jobset.yaml" "$name" "$image" "$tpu_type" "$@" <<'PY'
+import json, os, string, subprocess, sys
 
-
-def usage(why):
-  print(f"gke.sh: {why}", file=sys.stderr)
-  sys.exit(2)
-
+from mtp_jax.compile import TopologyError, parse_topology
 
 template, name, image, tpu_type, *args = sys.argv[1:]
-# Cloud TPU type -> (GKE accelerator, chips per host, default slice topology by chip count).
-kinds = {
-  "v4": ("tpu-v4-podslice", 4, 2),  # (accelerator, chips per host, TensorCores per chip)
-  "v5p": ("tpu-v5p-slice", 4, 2),
-  "v5e": ("tpu-v5-lite-podslice", 4, 1),
-  "v5litepod": ("tpu-v5-lite-podslice", 4, 1),
-  "v6e": ("tpu-v6e-slice", 4, 1),
-}
-m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", tpu_type)
-if not m:
-  usage(f"TPU_TYPE {tpu_type!r}: expected v4-N, v5p-N, v5e-N or v6e-N")
-accelerator, per_host, cores = kinds[m[1]]
-chips = int(m[2]) // cores
-if chips < per_host or chips % per_host:
-  usage(f"TPU_TYPE {tpu_type}: {chips} chips is not a multi-host slice of {per_host}-chip hosts")
-
-
-def shape(n, dims):
-  """The most cubic (3-D) or square (2-D) power-of-two shape with n chips, smallest first."""
-  out = [1] * dims
-  i = 0
-  while n > 1:
-    out[i % dims] *= 2
-    n //= 2
-    i += 1
-  return "x".join(map(str, sorted(out)))
-
-
-if chips & (chips - 1):
-  usage(f"TPU_TYPE {tpu_type}: {chips} chips is not a power of two")
-topology = shape(chips, 3 if m[1] in ("v4", "v5p") else 2)
+ACCELERATORS = {"v4": "tpu-v4-podslice", "v5p": "tpu-v5p-slice", "v5e": "tpu-v5-lite-podslice", "v6e": "tpu-v6e-slice"}
+PER_HOST = 4  # chips per TPU VM host in multi-host slices of all four generations
+try:
+  topo = parse_topology(tpu_type)
+except TopologyError as err:
+  print(f"gke.sh: TPU_TYPE {tpu_type}: {str(err).split(': ', 1)[1]}", file=sys.stderr)
+  sys.exit(2)
+if topo.chip is None or topo.slices > 1 or topo.chips % PER_HOST:
+  print(f"gke.sh: TPU_TYPE {tpu_type}: not one slice of whole TPU VM hosts (for several slices use xpk)", file=sys.stderr)
+  sys.exit(2)
 fields = {
   "NAME": name,
   "IMAGE": image,
-  "ACCELERATOR": accelerator,
-  "TOPOLOGY": topology,
-  "HOSTS": str(chips // per_host),
-  "CHIPS_PER_HOST": str(per_host),
+  "ACCELERATOR": ACCELERATORS[topo.chip.name],
+  "TOPOLOGY": "x".join(map(str, topo.shape)),
+  "HOSTS": str(topo.chips // PER_HOST),
+  "CHIPS_PER_HOST": str(PER_HOST),
   "ARGS": json.dumps(args),
   "CLAIM": os.environ.get("MTP_PVC", "mtp-shared"),
   "MAX_RESTARTS": os.environ.get("MTP_MAX_RESTARTS", "3"),
@@ -76,5 +52,5 @@ manifest = string.Template(open(template).read()).substitute(fields)
 if os.environ.get("MTP_DRY_RUN"):
   print(manifest, end="")
 else:
-  subprocess.run(["kubectl", "apply", "-f", "-"], input=manifest, text=True, check=True)
+  sys.exit(subprocess.run(["kubectl", "apply", "-f", "-"], input=manifest, text=True).returncode)
 PY
