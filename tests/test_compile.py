@@ -1,0 +1,118 @@
+"""`mtp-compile`: topology names, the fit verdict and its exit status, one-line errors."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY
+
+from mtp_jax import compile as mtp_compile
+
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install 'mtp-jax[tpu-aot]'): no TPU topology to compile for",
+)
+
+
+@pytest.fixture
+def run(capsys):
+  """mtp-compile in this process -> (exit status, stdout lines, stderr); the environment it sets is undone."""
+  saved = dict(os.environ)
+
+  def go(*argv):
+    rc = mtp_compile.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out.strip().splitlines(), err
+
+  yield go
+  os.environ.clear()
+  os.environ.update(saved)
+
+
+@pytest.mark.parametrize(
+  "name, chip, shape, slices",
+  [
+    ("v5p-8", "v5p", (2, 2, 1), 1),
+    ("v5p-1024", "v5p", (8, 8, 8), 1),
+    ("v4-32", "v4", (2, 2, 4), 1),
+    ("v6e-256", "v6e", (16, 16), 1),
+    ("v5litepod-16", "v5e", (4, 4), 1),
+    ("v5p:4x4x8", "v5p", (4, 4, 8), 1),
+    ("2xv6e-256", "v6e", (16, 16), 2),
+  ],
+)
+def test_cloud_tpu_names_map_to_slice_shapes(name, chip, shape, slices):
+  topo = mtp_compile.parse_topology(name)
+  assert (topo.chip.name, topo.shape, topo.slices) == (chip, shape, slices)
+  assert topo.chips == slices * (shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1))
+
+
+@pytest.mark.parametrize(
+  "name, message",
+  [
+    ("tpu-8", "not a TPU slice this command knows; use v5p-N or v4-N"),
+    ("v5p-7", "no standard v5p slice has 7 TensorCores (known: 8, 16,"),
+    ("v6e-2", "no standard v6e slice has 2 chips"),
+    ("v6e:4x4x4", "a v6e slice has 2 dimensions, e.g. v6e:4x4"),
+  ],
+)
+def test_a_bad_topology_is_one_line_and_status_2(run, name, message):
+  rc, out, err = run("--topology", name)
+  assert rc == 2 and not out
+  assert err.startswith(f"mtp-compile: --topology {name}: ") and message in err, err
+  assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_impossible_mesh_is_one_line_and_status_2(run):
+  rc, out, err = run("--topology", "cpu:8", *TINY, "mesh.data=3")
+  assert rc == 2 and not out
+  assert err.startswith("mtp-compile: config error: mesh: ") and "not the 8 devices" in err, err
+  assert len(err.strip().splitlines()) == 1, err
+
+
+def _command(*argv: str) -> subprocess.CompletedProcess:
+  """mtp-compile in its own process: the TPU plugin it loads stays out of this one."""
+  cmd = [sys.executable, "-m", "mtp_jax.compile", *argv]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_topology_sets_the_device_count_before_jax_starts(tmp_path):
+  # The parent's XLA_FLAGS ask for 8 devices (conftest); the command must replace that with 4.
+  # CPUs have no HBM size: a made-up 1 MiB chip gives the verdict.
+  report = tmp_path / "report.json"
+  out = _command("--topology", "cpu:4", "--hbm-gib", str(2**-10), "--json", str(report), *TINY)
+  assert out.returncode == 1, out.stderr
+  figures = json.loads(report.read_text())
+  assert figures["chips"] == 4 and figures["mesh"]["data"] == 4 and figures["fits"] is False
+  needs = mtp_compile._size(figures["memory"]["total"])
+  assert out.stdout.strip().splitlines()[-1] == f"does not fit: needs {needs} per chip, the chip has 1.0 MiB"
+
+
+@needs_libtpu
+def test_tiny_config_fits_a_v5p_slice(tmp_path):
+  path = tmp_path / "report.json"
+  out = _command("--topology", "v5p-8", "--json", str(path), *TINY, "train.grad_accum_steps=2")
+  assert out.returncode == 0, out.stderr
+  r = json.loads(path.read_text())
+  assert r["chips"] == 4 and r["device_kind"] == "TPU v5" and r["mesh"]["data"] == 4
+  assert 0 < r["memory"]["total"] < r["hbm_bytes"] == pytest.approx(95.74 * 2**30)
+  assert r["memory"]["arguments"] > 0 and r["memory"]["temporaries"] > 0
+  # Per chip, XLA counts more than the model's matmuls: norms, softmax, Adam on replicated parameters.
+  assert r["model_flops_per_step"] > 0 and r["xla_flops"] > r["model_flops_per_step"] / r["chips"]
+  assert r["step_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_flops"] == 459e12
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith("fits: ") and last.endswith(" of 95.7 GiB per chip (0%)"), out.stdout
+
+
+@needs_libtpu
+def test_a_program_the_compiler_refuses_does_not_fit():
+  # ~16B parameters with Adam, replicated over a 4-way data axis: far over a v5p chip's HBM,
+  # so XLA:TPU refuses to compile it and the verdict comes from its message.
+  out = _command("--topology", "v5p-8", *TINY, "model.vocab_size=1000000", "model.d_model=8192")
+  assert out.returncode == 1, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert any(line.startswith("compiler   RESOURCE_EXHAUSTED") for line in lines), out.stdout
+  assert lines[-1].startswith("does not fit: needs ") and lines[-1].endswith(" per chip, the chip has 95.7 GiB")
