@@ -196,4 +196,5 @@ def test_gke_manifest_has_one_pod_per_host_of_the_slice():
   assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "4x4x8"
   assert pod["containers"][0]["args"] == args[3:]
   bad = subprocess.run(["bash", LAUNCH / "gke.sh", "a", "b", "v5p-12", "--config", "x"], capture_output=True, text=True)
-  assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no standard v5p slice has 12 TensorCores" in bad.stderr
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+  assert "no standard v5p slice has 12 TensorCores" in bad.stderr
