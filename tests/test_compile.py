@@ -81,14 +81,14 @@ def _command(*argv: str) -> subprocess.CompletedProcess:
 
 def test_cpu_topology_sets_the_device_count_before_jax_starts(tmp_path):
   # The parent's XLA_FLAGS ask for 8 devices (conftest); the command must replace that with 4.
-  # CPUs have no HBM size: a made-up 1 MiB chip gives the verdict.
+  # CPUs have no HBM size: a made-up 1 KiB chip gives the verdict.
   report = tmp_path / "report.json"
-  out = _command("--topology", "cpu:4", "--hbm-gib", str(2**-10), "--json", str(report), *TINY)
+  out = _command("--topology", "cpu:4", "--hbm-gib", str(2**-20), "--json", str(report), *TINY)
   assert out.returncode == 1, out.stderr
   figures = json.loads(report.read_text())
   assert figures["chips"] == 4 and figures["mesh"]["data"] == 4 and figures["fits"] is False
-  needs = mtp_compile._size(figures["memory"]["total"])
-  assert out.stdout.strip().splitlines()[-1] == f"does not fit: needs {needs} per chip, the chip has 1.0 MiB"
+  needs = mtp_compile._size(figures["needs_bytes"])
+  assert out.stdout.strip().splitlines()[-1] == f"does not fit: needs {needs} per chip, the chip has 1.0 KiB"
 
 
 @needs_libtpu
@@ -98,13 +98,14 @@ def test_tiny_config_fits_a_v5p_slice(tmp_path):
   assert out.returncode == 0, out.stderr
   r = json.loads(path.read_text())
   assert r["chips"] == 4 and r["device_kind"] == "TPU v5" and r["mesh"]["data"] == 4
-  assert 0 < r["memory"]["total"] < r["hbm_bytes"] == pytest.approx(95.74 * 2**30)
+  assert 0 < r["memory"]["peak"] <= r["memory"]["total"] < r["hbm_bytes"] == pytest.approx(95.74 * 2**30)
+  assert r["needs_bytes"] == r["memory"]["peak"] and r["fits"] is True
   assert r["memory"]["arguments"] > 0 and r["memory"]["temporaries"] > 0
   # Per chip, XLA counts more than the model's matmuls: norms, softmax, Adam on replicated parameters.
   assert r["model_flops_per_step"] > 0 and r["xla_flops"] > r["model_flops_per_step"] / r["chips"]
   assert r["step_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_flops"] == 459e12
   last = out.stdout.strip().splitlines()[-1]
-  assert last.startswith("fits: ") and last.endswith(" of 95.7 GiB per chip (0%)"), out.stdout
+  assert last.startswith("fits: needs ") and last.endswith(" per chip, the chip has 95.7 GiB (0% used)"), out.stdout
 
 
 @needs_libtpu
