@@ -298,7 +298,7 @@ def _memory(compiled) -> dict[str, int] | None:
   }
   out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
   # XLA's peak of live buffers, arguments included. XLA:TPU holds this, not the sum above, under
-  # HBM: it compiled a step of 98.7 GiB total and 90.1 GiB peak for a 95.74 GiB v5p chip.
+  # HBM: it compiled a step whose sum was 98.7 GiB and peak 90.1 GiB for a 95.74 GiB v5p chip.
   out["peak"] = getattr(m, "peak_memory_in_bytes", 0)
   return out
 
@@ -310,9 +310,9 @@ def _cost(compiled) -> dict[str, float]:
   return {k: float(v) for k, v in (analysis or {}).items() if k in ("flops", "bytes accessed", "optimal_seconds")}
 
 
-# XLA:TPU refuses in one of two phrasings: "the total memory required for HLO temporaries
-# (149.06G) exceeds available HBM (95.74G)" or "Used 120.5G of 95.74G hbm" (G: GiB). The first
-# figure is the whole need, arguments included, despite the first phrasing.
+# XLA:TPU refuses with "the total memory required for HLO temporaries (149.06G) exceeds available
+# HBM (95.74G)" (libtpu 0.0.42.1; older ones: "Used 120.5G of 95.74G hbm"), G meaning GiB. The
+# first figure is the whole need, arguments included, whatever the wording says.
 _SIZE = r"([\d.]+)([KMGT]?)"
 _REFUSALS = [rf"HLO temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)", rf"Used {_SIZE} of {_SIZE} hbm"]
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": GiB, "T": 2**40}
