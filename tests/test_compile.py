@@ -81,14 +81,37 @@ def _command(*argv: str) -> subprocess.CompletedProcess:
 
 def test_cpu_topology_sets_the_device_count_before_jax_starts(tmp_path):
   # The parent's XLA_FLAGS ask for 8 devices (conftest); the command must replace that with 4.
-  # CPUs have no HBM size: a made-up 1 KiB chip gives the verdict.
+  # CPUs have no HBM size: a made-up 1 KiB chip gives the verdict, before any compile, since
+  # the train state alone is over it.
   report = tmp_path / "report.json"
   out = _command("--topology", "cpu:4", "--hbm-gib", str(2**-20), "--json", str(report), *TINY)
   assert out.returncode == 1, out.stderr
   figures = json.loads(report.read_text())
   assert figures["chips"] == 4 and figures["mesh"]["data"] == 4 and figures["fits"] is False
-  needs = mtp_compile._size(figures["needs_bytes"])
-  assert out.stdout.strip().splitlines()[-1] == f"does not fit: needs {needs} per chip, the chip has 1.0 KiB"
+  assert figures["compiled"] is False and figures["memory"] is None
+  assert figures["needs_bytes"] == figures["state_bytes"] > 0
+  state = mtp_compile._size(figures["state_bytes"])
+  assert out.stdout.strip().splitlines()[-1] == (
+    f"does not fit: the train state alone needs {state} per chip, the chip has 1.0 KiB; not compiled "
+    "(more chips, more fsdp, or fewer parameters)"
+  )
+
+
+def test_a_step_over_hbm_whose_state_fits_is_compiled_and_judged(run, tmp_path):
+  # The tiny state on 8 CPU devices, read from a first (uncompiled) report, plus 64 KiB: the
+  # state fits, the step's activations do not.
+  first, second = tmp_path / "state.json", tmp_path / "step.json"
+  accum = ["train.batch_size=16", "train.grad_accum_steps=-1"]  # 8-way data: 2 microbatches of 8
+  run("--topology", "cpu:8", "--hbm-gib", str(2**-20), "--json", str(first), *TINY, *accum)
+  state = json.loads(first.read_text())["state_bytes"]
+  rc, out, _ = run(
+    "--topology", "cpu:8", "--hbm-gib", str((state + 2**16) / 2**30), "--json", str(second), *TINY, *accum
+  )
+  r = json.loads(second.read_text())
+  assert rc == 1 and r["compiled"] is True and r["fits"] is False and r["grad_accum_steps"] == 2
+  assert r["state_bytes"] == state and r["needs_bytes"] == r["memory"]["total"] > state + 2**16  # CPU: no peak
+  assert out[-1].startswith("does not fit: needs ") and "microbatches" not in out[-1]
+  assert any(line.startswith("model ") and "in 2 microbatches" in line for line in out), out
 
 
 @needs_libtpu
@@ -110,10 +133,21 @@ def test_tiny_config_fits_a_v5p_slice(tmp_path):
 
 @needs_libtpu
 def test_a_program_the_compiler_refuses_does_not_fit():
-  # ~16B parameters with Adam, replicated over a 4-way data axis: far over a v5p chip's HBM,
-  # so XLA:TPU refuses to compile it and the verdict comes from its message.
-  out = _command("--topology", "v5p-8", *TINY, "model.vocab_size=1000000", "model.d_model=8192")
+  # A small state but 1M-way logits for 256 x 128 tokens per chip (128 GiB in float32): the state
+  # check passes, XLA:TPU refuses to compile, and the verdict comes from its message.
+  out = _command("--topology", "v5p-8", *TINY, "model.vocab_size=1000000", "train.batch_size=1024", "data.seq_len=128")
   assert out.returncode == 1, out.stderr
   lines = out.stdout.strip().splitlines()
   assert any(line.startswith("compiler   RESOURCE_EXHAUSTED") for line in lines), out.stdout
   assert lines[-1].startswith("does not fit: needs ") and lines[-1].endswith(" per chip, the chip has 95.7 GiB")
+
+
+@needs_libtpu
+def test_a_state_over_hbm_is_refused_without_compiling():
+  # ~16B parameters with Adam, replicated over a 4-way data axis: 12 bytes each is far over a
+  # v5p chip before any activation, which the command says at once.
+  out = _command("--topology", "v5p-8", *TINY, "model.vocab_size=1000000", "model.d_model=8192")
+  assert out.returncode == 1, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert not any(line.startswith(("compile ", "compiler ")) for line in lines), out.stdout
+  assert lines[-1].startswith("does not fit: the train state alone needs ") and "95.7 GiB; not compiled" in lines[-1]

@@ -96,9 +96,10 @@ KEYS = ("loss", "ntp_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "grad_no
       ["model.attention.kind=mla", "model.moe.mode=capacity", "model.moe.capacity_factor=2", "model.mtp.kind=parallel"],
       (("blocks", 0, "attn", "wkv_b"), "heads", "tensor"),
     ),
-    (  # the sequence (context) axis: activations split along the sequence, attention sees it whole
+    (  # the sequence (context) axis: activations split along the sequence, attention sees it whole,
+      # in strided query blocks that keep the split
       ["mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"],
-      [],
+      ["train.attention_chunk_len=4"],
       (("blocks", 0, "attn", "wq"), "embed", "fsdp"),
     ),
   ],
@@ -288,6 +289,14 @@ def test_mesh_checks_that_need_the_device_count(tiny):
     loop.build(tiny("train.batch_size=4"))
   with pytest.raises(ConfigError, match="multiply to 4, not the 8 devices"):
     loop.build(tiny("mesh.data=4"))
+  # grad_accum_steps=-1: one sequence per batch-sharded device per microbatch, counted on this mesh.
+  assert loop.build(tiny("train.batch_size=32", "train.grad_accum_steps=-1")).cfg.train.grad_accum_steps == 4
+  two = loop.build(
+    tiny("train.batch_size=32", "train.grad_accum_steps=-1", "mesh.data=2", "mesh.tensor=2", "mesh.expert=2")
+  )
+  assert two.cfg.train.grad_accum_steps == 8  # batch over data x expert: 4 ways
+  with pytest.raises(ConfigError, match=r"grad_accum_steps: -1 needs train\.batch_size \(12\) to split over the 8"):
+    loop.build(tiny("train.batch_size=12", "train.grad_accum_steps=-1"))
 
 
 def test_an_overflowing_update_is_skipped_like_a_nan(tiny, tmp_path):
@@ -337,3 +346,23 @@ def test_weight_decay_spares_norms_and_the_router_bias(tiny):
   assert flags and all(not v for k, v in flags.items() if "norm" in k)
   assert all(v for k, v in flags.items() if "norm" not in k)  # every matrix decays
   assert jax.tree.leaves(bias) and not any("bias" in k for k in flags)  # not a parameter at all
+
+
+def test_attention_blocks_bound_the_score_memory(tiny):
+  """Compiled temporary memory: with query blocks of 16, the float32 scores of 4 x 256 x 256
+  per layer and sequence never exist whole, forward or backward."""
+  batch, length, heads = 4, 256, 4
+  scores_bytes = batch * heads * length * length * 4
+
+  def temp(chunk):
+    cfg = tiny(
+      f"data.seq_len={length}",
+      f"train.batch_size={batch}",
+      f"train.attention_chunk_len={chunk}",
+      "train.remat=full",
+      "model.moe.num_experts=0",
+      "model.mtp.depth=0",
+    )
+    return loop.build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
+
+  assert temp(0) - temp(16) > scores_bytes

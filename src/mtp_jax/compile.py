@@ -191,9 +191,13 @@ class Report:
   compile_s: float
   grad_accum_steps: int
   memory: dict[str, int] | None  # arguments, outputs, aliased, temporaries, code, total, peak
-  needs_bytes: float | None  # XLA's peak (else the total), or the compiler's figure when it refused
+  needs_bytes: (
+    float | None
+  )  # XLA:TPU's peak, else the total; the compiler's figure when it refused; the state when skipped
   hbm_bytes: float | None
   fits: bool | None
+  compiled: bool  # False: skipped, the train state alone is over HBM
+  state_bytes: int  # parameters, optimizer state and step: the floor under every other figure
   compiler_error: str | None  # the compiler's out-of-memory line
   params: int
   active_params: int
@@ -217,27 +221,31 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
 
   devs = devices(topo)
   program = loop.build(cfg, devs)
-  start = time.perf_counter()
-  lowered = program.step.lower(program.abstract_state, program.abstract_batch())
-  lower_s = time.perf_counter() - start
-  compiled, error = None, None
-  try:
-    compiled = lowered.compile()
-  except Exception as err:  # XLA:TPU refuses a program that does not fit HBM
-    if "RESOURCE_EXHAUSTED" not in str(err):
-      raise
-    error = str(err).splitlines()[0]
-  compile_s = time.perf_counter() - start - lower_s
-
   chip = topo.chip or CHIPS.get(_DEVICE_KINDS.get(devs[0].device_kind, ""))
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
-  accum = cfg.train.grad_accum_steps
+  state = state_bytes(program.abstract_state)
+  compiled, error, lower_s, compile_s = None, None, 0.0, 0.0
+  if not (hbm and state > hbm):  # else no compile can fit: say so now, not after many minutes
+    start = time.perf_counter()
+    lowered = program.step.lower(program.abstract_state, program.abstract_batch())
+    lower_s = time.perf_counter() - start
+    try:
+      compiled = lowered.compile()
+    except Exception as err:  # XLA:TPU refuses a program that does not fit HBM
+      if "RESOURCE_EXHAUSTED" not in str(err):
+        raise
+      error = str(err).splitlines()[0]
+    compile_s = time.perf_counter() - start - lower_s
+
+  accum = program.cfg.train.grad_accum_steps  # resolved: -1 becomes a count for this mesh
   c = cost(cfg.model, cfg.data.seq_len)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   memory = _memory(compiled) if compiled else None
   needs, available = _refusal(error)
-  if memory:
-    needs = memory["peak"] or memory["total"]
+  if memory:  # XLA:TPU's peak is what it holds under HBM; elsewhere (CPU) it leaves temporaries out
+    needs = memory["peak"] if chip and memory["peak"] else memory["total"]
+  elif not compiled and not error:
+    needs = state
   if available and hbm_gib is None:
     hbm = available
   counts = _cost(compiled) if compiled else {}
@@ -257,6 +265,8 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     needs_bytes=needs,
     hbm_bytes=hbm,
     fits=(needs <= hbm) if needs is not None and hbm else (False if error else None),
+    compiled=compiled is not None or error is not None,
+    state_bytes=state,
     compiler_error=error,
     params=c.total_params,
     active_params=c.active_params,
@@ -273,6 +283,17 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   )
   _estimate(report)
   return report
+
+
+def state_bytes(abstract_state) -> int:
+  """Bytes of the train state on the busiest device, from each array's sharding."""
+  import jax
+
+  total = 0
+  for x in jax.tree.leaves(abstract_state):
+    shard = x.sharding.shard_shape(x.shape)
+    total += math.prod(shard) * x.dtype.itemsize
+  return total
 
 
 def _hbm(chip: Chip | None, device) -> float | None:
@@ -370,8 +391,10 @@ def describe(r: Report) -> list[str]:
     "mesh       " + ", ".join(f"{k} {v}" for k, v in r.mesh.items()),
     f"model      {_count(r.params)} parameters ({_count(r.active_params)} active per token); "
     f"{r.tokens_per_step:,} tokens per step{micro}",
-    f"compile    lowered in {r.lower_s:,.0f} s, compiled in {r.compile_s:,.0f} s",
+    f"state      {_size(r.state_bytes)} per chip: parameters, optimizer state, step",
   ]
+  if r.compiled:
+    lines.append(f"compile    lowered in {r.lower_s:,.0f} s, compiled in {r.compile_s:,.0f} s")
   if r.memory:
     m = r.memory
     peak = f", peak live {_size(m['peak'])}" if m["peak"] else ""
@@ -405,6 +428,11 @@ def describe(r: Report) -> list[str]:
   elif r.fits:
     share = f"{r.needs_bytes / r.hbm_bytes:.0%}"
     lines.append(f"fits: needs {_size(r.needs_bytes)} per chip, the chip has {_size(r.hbm_bytes)} ({share} used)")
+  elif not r.compiled:
+    lines.append(
+      f"does not fit: the train state alone needs {_size(r.state_bytes)} per chip, the chip has "
+      f"{_size(r.hbm_bytes)}; not compiled (more chips, more fsdp, or fewer parameters)"
+    )
   elif r.needs_bytes is not None and r.hbm_bytes:
     lines.append(f"does not fit: needs {_size(r.needs_bytes)} per chip, the chip has {_size(r.hbm_bytes)}")
   else:

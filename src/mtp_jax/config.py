@@ -154,12 +154,20 @@ class TrainConfig(_Section):
   workdir: str = _field("runs/tiny", "Directory for checkpoints, metrics.jsonl and TensorBoard events.")
   seed: int = _field(0, "Seed for parameters and data order.")
   batch_size: int = _field(16, "Global batch size in sequences.", ge=1)
-  grad_accum_steps: int = _field(1, "Microbatches per optimizer step (divides batch_size).", ge=1)
+  grad_accum_steps: int = _field(
+    1,
+    "Microbatches per optimizer step (divides batch_size); -1: as many as give each batch-sharded device one "
+    "sequence per microbatch, whatever the device count.",
+    ge=-1,
+  )
   log_every: int = _field(10, "Log metrics every this many steps.", ge=1)
   remat: Literal["none", "full", "dots", "dots_no_batch"] = _field(
     "none", "Rematerialisation per block: none, full, or save matmul outputs."
   )
   loss_chunk_len: int = _field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
+  attention_chunk_len: int = _field(
+    0, "Queries per attention block: float32 scores exist for this many at a time (0: whole sequence).", ge=0
+  )
   progress_bar: bool = _field(True, "Show a progress bar on the terminal.")
   eval_every: int = _field(0, "Evaluate on the sources' held-out splits every this many steps (0: never).", ge=0)
   eval_batches: int = _field(8, "Batches of train.batch_size per evaluation (the same ones every time).", ge=1)
@@ -366,11 +374,15 @@ def _problems(c: Config):
     yield "checkpoint.load_params_only", "needs checkpoint.restore_from (the run to take the parameters from)"
   if c.checkpoint.restore_from is not None and not c.checkpoint.restore_from.strip():
     yield "checkpoint.restore_from", "is empty"
-  if c.train.batch_size % c.train.grad_accum_steps:
-    accum, batch = c.train.grad_accum_steps, c.train.batch_size
+  accum, batch = c.train.grad_accum_steps, c.train.batch_size
+  if accum == 0:
+    yield "train.grad_accum_steps", "must be at least 1, or -1 for one sequence per device per microbatch"
+  elif accum > 0 and batch % accum:
     yield "train.grad_accum_steps", f"{accum} does not divide train.batch_size ({batch})"
-  if c.train.loss_chunk_len and c.data.seq_len % c.train.loss_chunk_len:
-    yield "train.loss_chunk_len", f"{c.train.loss_chunk_len} does not divide data.seq_len ({c.data.seq_len})"
+  for key in ("loss_chunk_len", "attention_chunk_len"):
+    chunk = getattr(c.train, key)
+    if chunk and c.data.seq_len % chunk:
+      yield f"train.{key}", f"{chunk} does not divide data.seq_len ({c.data.seq_len})"
   for key, section in [("mesh", c.mesh), ("mesh.dcn", c.mesh.dcn)]:
     sizes = {ax: getattr(section, ax) for ax in MESH_AXES}
     if any(s == 0 or s < -1 for s in sizes.values()):

@@ -20,8 +20,28 @@ def mask(segment_ids_BxL: jax.Array) -> jax.Array:
   return causal_LxS[None] & same_BxLxS
 
 
-def attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask_BxLxS, scale: float) -> jax.Array:
-  """Softmax attention in float32; query heads are grouped over the G key/value heads."""
+def attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask_BxLxS, scale: float, chunk_len: int = 0) -> jax.Array:
+  """Softmax attention in float32; query heads are grouped over the G key/value heads.
+
+  With `chunk_len`, queries go through in blocks of that many, each rematerialised, so the
+  float32 scores exist for one block at a time (H x chunk_len x S, not H x L x S), forward and
+  backward. Every block sees all keys, so the result is the same softmax, not an approximation.
+  Block j holds queries j, j + n, j + 2n, ... (n blocks): strided rather than contiguous, so a
+  sequence axis that shards L keeps sharding every block instead of being gathered."""
+  b, length = q_BxLxHxK.shape[:2]
+  if not chunk_len or chunk_len >= length:
+    return _attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask_BxLxS, scale)
+  n = length // chunk_len
+
+  def blocks(x):  # BxLx... -> NxBxCx..., block j = positions j, j + n, ...
+    return jnp.moveaxis(x.reshape(b, chunk_len, n, *x.shape[2:]), 2, 0)
+
+  one = jax.checkpoint(lambda qm: _attend(qm[0], k_BxSxGxK, v_BxSxGxV, qm[1], scale))
+  out_NxBxCxHxV = jax.lax.map(one, (blocks(q_BxLxHxK), blocks(mask_BxLxS)))
+  return jnp.moveaxis(out_NxBxCxHxV, 0, 2).reshape(b, length, *out_NxBxCxHxV.shape[3:])
+
+
+def _attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask_BxLxS, scale: float) -> jax.Array:
   b, l, h, kdim = q_BxLxHxK.shape
   g = k_BxSxGxK.shape[2]
   q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, kdim)
@@ -36,14 +56,14 @@ _ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
 
 
 class GQA(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, chunk_len: int = 0):
     a: AttentionConfig = cfg.attention
     d, std, pdt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype)
     self.wq = weight(rngs, (d, a.num_heads, a.head_dim), ("embed", "heads", None), std, pdt)
     self.wk = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
     self.wv = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
     self.wo = weight(rngs, (a.num_heads, a.head_dim, d), ("heads", None, "embed"), std, pdt)
-    self.theta, self.dtype = a.rope_theta, jnp.dtype(cfg.dtype)
+    self.theta, self.dtype, self.chunk_len = a.rope_theta, jnp.dtype(cfg.dtype), chunk_len
 
   def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL):
     dt = self.dtype
@@ -51,7 +71,7 @@ class GQA(nnx.Module):
     k = rope(jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt)), positions_BxL, self.theta)
     v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
     q = sharding.constrain(q, _ACT_HEADS)
-    out_BxLxHxK = attend(q, k, v, mask_BxLxS, q.shape[-1] ** -0.5)
+    out_BxLxHxK = attend(q, k, v, mask_BxLxS, q.shape[-1] ** -0.5, self.chunk_len)
     return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
 
 
@@ -59,7 +79,7 @@ class MLA(nnx.Module):
   """Multi-head Latent Attention (DeepSeek-V3 §2.1.1): low-rank query and key/value
   projections, each latent RMS-normed; a decoupled RoPE key shared by all heads."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, chunk_len: int = 0):
     a: AttentionConfig = cfg.attention
     d, std, pdt, dt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     h, nope, rdim = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
@@ -74,7 +94,7 @@ class MLA(nnx.Module):
     self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), (None, "heads", None), std, pdt)
     self.wo = weight(rngs, (h, a.v_head_dim, d), ("heads", None, "embed"), std, pdt)
     self.q_lora_rank, self.kv_lora_rank, self.nope = a.q_lora_rank, a.kv_lora_rank, nope
-    self.theta, self.dtype = a.rope_theta, dt
+    self.theta, self.dtype, self.chunk_len = a.rope_theta, dt, chunk_len
 
   def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL):
     dt, nope = self.dtype, self.nope
@@ -91,9 +111,9 @@ class MLA(nnx.Module):
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxLx1xK, (*k_nope.shape[:3], k_rope_BxLx1xK.shape[-1]))], -1)
     q = sharding.constrain(q, _ACT_HEADS)
-    out_BxLxHxV = attend(q, k, v, mask_BxLxS, q.shape[-1] ** -0.5)
+    out_BxLxHxV = attend(q, k, v, mask_BxLxS, q.shape[-1] ** -0.5, self.chunk_len)
     return jnp.einsum("blhv,hvd->bld", out_BxLxHxV, self.wo[...].astype(dt))
 
 
-def make(cfg: ModelConfig, *, rngs: nnx.Rngs) -> GQA | MLA:
-  return {"gqa": GQA, "mla": MLA}[cfg.attention.kind](cfg, rngs=rngs)
+def make(cfg: ModelConfig, *, rngs: nnx.Rngs, chunk_len: int = 0) -> GQA | MLA:
+  return {"gqa": GQA, "mla": MLA}[cfg.attention.kind](cfg, rngs=rngs, chunk_len=chunk_len)

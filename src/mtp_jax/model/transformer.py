@@ -32,10 +32,10 @@ class ModelOutput:
 class Block(nnx.Module):
   """Pre-norm transformer block: attention, then a dense or MoE SwiGLU FFN."""
 
-  def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, attention_chunk_len: int = 0):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    self.attn = attention.make(cfg, rngs=rngs)
+    self.attn = attention.make(cfg, rngs=rngs, chunk_len=attention_chunk_len)
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     if moe:
       self.ffn = MoE(cfg, rngs=rngs)
@@ -61,19 +61,22 @@ def _remat(policy):
 
 
 class Transformer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none", attention_chunk_len: int = 0):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     has_moe = cfg.moe.num_experts > 0
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std, dtype=dt, param_dtype=pdt)
     self.blocks = nnx.List(
-      [Block(cfg, moe=has_moe and i >= cfg.first_k_dense, rngs=rngs) for i in range(cfg.num_layers)]
+      [
+        Block(cfg, moe=has_moe and i >= cfg.first_k_dense, rngs=rngs, attention_chunk_len=attention_chunk_len)
+        for i in range(cfg.num_layers)
+      ]
     )
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.head = nnx.data(None)
     if not cfg.tie_embeddings:
       self.head = weight(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
     mtp_moe = has_moe and cfg.mtp.use_moe
-    extra = [Block(cfg, moe=mtp_moe, rngs=rngs) for _ in range(cfg.mtp.depth)]
+    extra = [Block(cfg, moe=mtp_moe, rngs=rngs, attention_chunk_len=attention_chunk_len) for _ in range(cfg.mtp.depth)]
     if cfg.mtp.kind == "sequential":
       extra = [SequentialModule(cfg, block, rngs=rngs) for block in extra]
     self.mtp = nnx.List(extra)

@@ -36,6 +36,22 @@ class TrainingError(RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), reported as one line."""
 
 
+def _resolve_accum(cfg: Config, mesh) -> Config:
+  """`train.grad_accum_steps=-1`: one sequence per batch-sharded device per microbatch, so one
+  config serves every slice size (v5p-1024 runs 30 microbatches of 15360 sequences, v5p-2048 15)."""
+  if cfg.train.grad_accum_steps != -1:
+    return cfg
+  axes = cfg.mesh.rules.get("act_batch", [])
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if cfg.train.batch_size % ways:
+    raise ConfigError(
+      f"config error: train.grad_accum_steps: -1 needs train.batch_size ({cfg.train.batch_size}) to split over "
+      f"the {ways} batch-sharded devices (mesh axes {axes}); set train.grad_accum_steps instead"
+    )
+  train = cfg.train.model_copy(update={"grad_accum_steps": cfg.train.batch_size // ways})
+  return cfg.model_copy(update={"train": train})
+
+
 def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
   """Checks that need the device count: what -1 filled in must still divide the work, and
   every parameter must split the way the rules say."""
@@ -171,6 +187,7 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
 def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   mesh = sharding.make_mesh(cfg.mesh, devices)
+  cfg = _resolve_accum(cfg, mesh)
   rules = cfg.mesh.rules
   tx = optimizer.make(cfg.optimizer, cfg.train.steps)
   init = step.make_init(cfg, tx)
@@ -259,6 +276,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
       f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}"
       + (f", experts via {program.expert_dispatch}" if cfg.model.moe.num_experts and mesh.shape["expert"] > 1 else "")
+      + (f", {accum} microbatches per step" if (accum := program.cfg.train.grad_accum_steps) > 1 else "")
     )
     for note in program.notes:
       log(f"note: {note}")

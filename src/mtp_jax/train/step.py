@@ -36,7 +36,8 @@ class TrainState:
 
 
 def build_model(cfg: Config, key: int | jax.Array = 0) -> Transformer:
-  return Transformer(cfg.model, rngs=nnx.Rngs(key), remat=cfg.train.remat)
+  t = cfg.train
+  return Transformer(cfg.model, rngs=nnx.Rngs(key), remat=t.remat, attention_chunk_len=t.attention_chunk_len)
 
 
 def split(model: Transformer):
