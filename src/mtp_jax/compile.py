@@ -191,9 +191,7 @@ class Report:
   compile_s: float
   grad_accum_steps: int
   memory: dict[str, int] | None  # arguments, outputs, aliased, temporaries, code, total, peak
-  needs_bytes: (
-    float | None
-  )  # XLA:TPU's peak, else the total; the compiler's figure when it refused; the state when skipped
+  needs_bytes: float | None  # XLA:TPU's peak, else the total; the compiler's figure; the state when skipped
   hbm_bytes: float | None
   fits: bool | None
   compiled: bool  # False: skipped, the train state alone is over HBM

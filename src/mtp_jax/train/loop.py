@@ -36,17 +36,22 @@ class TrainingError(RuntimeError):
   """A run that cannot go on (e.g. a non-finite loss), reported as one line."""
 
 
+def _batch_ways(cfg: Config, mesh) -> int:
+  """Devices a microbatch is split over: the mesh axes of the `act_batch` rule."""
+  return math.prod(mesh.shape[a] for a in cfg.mesh.rules.get("act_batch", []))
+
+
 def _resolve_accum(cfg: Config, mesh) -> Config:
   """`train.grad_accum_steps=-1`: one sequence per batch-sharded device per microbatch, so one
-  config serves every slice size (v5p-1024 runs 30 microbatches of 15360 sequences, v5p-2048 15)."""
+  config serves every slice size (a 15,360-sequence batch: 30 microbatches on v5p-1024, 15 on
+  v5p-2048)."""
   if cfg.train.grad_accum_steps != -1:
     return cfg
-  axes = cfg.mesh.rules.get("act_batch", [])
-  ways = math.prod(mesh.shape[a] for a in axes)
+  ways = _batch_ways(cfg, mesh)
   if cfg.train.batch_size % ways:
     raise ConfigError(
       f"config error: train.grad_accum_steps: -1 needs train.batch_size ({cfg.train.batch_size}) to split over "
-      f"the {ways} batch-sharded devices (mesh axes {axes}); set train.grad_accum_steps instead"
+      f"the {ways} batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']}); set train.grad_accum_steps"
     )
   train = cfg.train.model_copy(update={"grad_accum_steps": cfg.train.batch_size // ways})
   return cfg.model_copy(update={"train": train})
@@ -61,7 +66,7 @@ def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
       f"config error: model.moe.num_experts: {experts} is not divisible by the expert axis ({expert_axis} devices)"
     )
   micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-  ways = math.prod(mesh.shape[a] for a in cfg.mesh.rules.get("act_batch", []))
+  ways = _batch_ways(cfg, mesh)
   if micro % ways:
     raise ConfigError(
       f"config error: train.batch_size: {cfg.train.batch_size} / grad_accum_steps "
