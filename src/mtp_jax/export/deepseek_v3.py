@@ -1,0 +1,181 @@
+"""The Hugging Face DeepSeek-V3 layout (`DeepseekV3ForCausalLM`), MTP modules included.
+
+Tensor names are those of the published checkpoint (deepseek-ai/DeepSeek-V3): trunk layer i at
+`model.layers.{i}`, MTP module k at `model.layers.{num_hidden_layers + k - 1}` with `enorm`,
+`hnorm`, `eh_proj`, its block, `shared_head.{norm,head}` and an `embed_tokens` copy (vLLM and
+SGLang read the embedding and head from those copies). `tensors()` is the one table of what
+comes from where; import inverts it.
+
+Where our maths and the reference differ, the export absorbs it: our RoPE pairs dims (i, i + n/2)
+and the reference (i, i+1), so the RoPE output columns of q_b_proj / q_proj and
+kv_a_proj_with_mqa are reordered (`layout.Linear.rope`) and `rope_interleave` is true. Tied
+embeddings are written as an untied head holding the same values. transformers fixes the eps of
+the q/kv latent norms at 1e-6, so other `model.norm_eps` values are refused. Everything else (RMSNorm,
+softmax scale 1/sqrt(nope + rope), sigmoid scores, the bias steering only the choice, top-2 group
+scores, normalise then scale the gates, shared experts added, the MTP module fed the final-normed
+hidden state with the embedding half first) is the reference's maths already.
+"""
+
+from __future__ import annotations
+
+from mtp_jax.config import Config, ModelConfig
+from mtp_jax.data.manifest import TokenizerInfo
+from mtp_jax.export import ExportError
+from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
+
+ARCHITECTURE = "DeepseekV3ForCausalLM"
+
+
+def problems(m: ModelConfig):
+  """Yields (setting, why) for each model setting the DeepSeek-V3 layout cannot express."""
+  if m.attention.kind != "mla":
+    yield f"model.attention.kind={m.attention.kind}", "DeepSeek-V3 attention is MLA only (qwen3_moe takes GQA)"
+  if m.mtp.depth and m.mtp.kind != "sequential":
+    yield f"model.mtp.kind={m.mtp.kind}", "DeepSeek-V3 MTP modules are sequential (eq. 21-23), not parallel heads"
+  if m.norm_eps != 1e-6:
+    yield (
+      f"model.norm_eps={m.norm_eps:g}",
+      "transformers' DeepSeek-V3 normalises the q/kv latents with eps 1e-6 whatever rms_norm_eps says",
+    )
+  moe = m.moe
+  if moe.num_experts:
+    if moe.score_func != "sigmoid":
+      yield f"model.moe.score_func={moe.score_func}", "the DeepSeek-V3 router (topk_method noaux_tc) scores by sigmoid"
+    if moe.num_shared_experts == 0:
+      yield "model.moe.num_shared_experts=0", "every DeepSeek-V3 MoE layer has shared experts"
+    if moe.num_experts // moe.n_group < 2:
+      yield f"model.moe.num_experts={moe.num_experts}", "DeepSeek-V3 groups need 2 experts or more (top-2 group scores)"
+    if m.mtp.depth and not m.mtp.use_moe:
+      yield "model.mtp.use_moe=false", "a DeepSeek-V3 MTP layer has an MoE FFN whenever the trunk has experts"
+
+
+def check(m: ModelConfig) -> None:
+  for setting, why in problems(m):
+    raise ExportError(f"--format deepseek_v3 cannot express {setting}: {why}")
+
+
+def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
+  """config.json: every key DeepseekV3Config reads, plus those vLLM / SGLang and the published
+  file carry (rope_theta beside rope_parameters for readers older than transformers 5)."""
+  m, a, moe = cfg.model, cfg.model.attention, cfg.model.moe
+  dense_layers = m.first_k_dense if moe.num_experts else m.num_layers + m.mtp.depth  # no MoE layer anywhere
+  return {
+    "architectures": [ARCHITECTURE],
+    "model_type": "deepseek_v3",
+    "vocab_size": m.vocab_size,
+    "hidden_size": m.d_model,
+    "intermediate_size": m.d_ff,
+    "moe_intermediate_size": moe.expert_d_ff,
+    "num_hidden_layers": m.num_layers,
+    "num_nextn_predict_layers": m.mtp.depth,
+    "num_attention_heads": a.num_heads,
+    "num_key_value_heads": a.num_heads,
+    "n_shared_experts": moe.num_shared_experts,
+    "n_routed_experts": moe.num_experts,
+    "num_experts_per_tok": moe.top_k,
+    "routed_scaling_factor": moe.routed_scaling_factor,
+    "n_group": moe.n_group,
+    "topk_group": moe.topk_group,
+    "topk_method": "noaux_tc",
+    "scoring_func": moe.score_func,
+    "norm_topk_prob": moe.norm_topk_prob,
+    "first_k_dense_replace": dense_layers,
+    "moe_layer_freq": 1,
+    "kv_lora_rank": a.kv_lora_rank,
+    "q_lora_rank": a.q_lora_rank or None,
+    "qk_nope_head_dim": a.qk_nope_head_dim,
+    "qk_rope_head_dim": a.qk_rope_head_dim,
+    "v_head_dim": a.v_head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": m.norm_eps,
+    "rope_theta": a.rope_theta,
+    "rope_scaling": None,
+    "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+    "rope_interleave": True,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "max_position_embeddings": cfg.data.seq_len,
+    "initializer_range": m.init_std,
+    "tie_word_embeddings": False,
+    "bos_token_id": tok.bos_id if tok else None,
+    "eos_token_id": m.eos_id,
+    "pad_token_id": tok.pad_id if tok else None,
+    "use_cache": True,
+    "dtype": dtype,
+    "torch_dtype": dtype,
+  }
+
+
+def _linear(rope: int = 0, in_axes: int = 1) -> Layout:
+  return Linear(in_axes=in_axes, rope=rope)
+
+
+def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str) -> list[Tensor]:
+  """One transformer block: HF layer prefix `hf`, our Block prefix `ours` (under params.)."""
+  a, rope = m.attention, m.attention.qk_rope_head_dim
+  rows: list[tuple[str, str, Layout]] = [("input_layernorm.weight", "attn_norm.scale", SAME)]
+  if a.q_lora_rank:
+    rows += [
+      ("self_attn.q_a_proj.weight", "attn.wq_a", _linear()),
+      ("self_attn.q_a_layernorm.weight", "attn.q_norm.scale", SAME),
+      ("self_attn.q_b_proj.weight", "attn.wq_b", _linear(rope)),  # [R, H, nope+rope] -> [H*(nope+rope), R]
+    ]
+  else:
+    rows += [("self_attn.q_proj.weight", "attn.wq", _linear(rope))]  # [D, H, nope+rope] -> [H*(nope+rope), D]
+  rows += [
+    ("self_attn.kv_a_proj_with_mqa.weight", "attn.wkv_a", _linear(rope)),  # [D, R+rope] -> [R+rope, D]
+    ("self_attn.kv_a_layernorm.weight", "attn.kv_norm.scale", SAME),
+    ("self_attn.kv_b_proj.weight", "attn.wkv_b", _linear()),  # [R, H, nope+v] -> [H*(nope+v), R]
+    ("self_attn.o_proj.weight", "attn.wo", _linear(in_axes=2)),  # [H, v, D] -> [D, H*v]
+    ("post_attention_layernorm.weight", "ffn_norm.scale", SAME),
+  ]
+  if moe:
+    rows += [
+      ("mlp.gate.weight", "ffn.router.kernel", _linear()),  # [D, E] -> [E, D]
+      ("mlp.shared_experts.gate_proj.weight", "ffn.shared.w_gate", _linear()),
+      ("mlp.shared_experts.up_proj.weight", "ffn.shared.w_up", _linear()),
+      ("mlp.shared_experts.down_proj.weight", "ffn.shared.w_down", _linear()),
+    ]
+  else:
+    rows += [
+      ("mlp.gate_proj.weight", "ffn.w_gate", _linear()),
+      ("mlp.up_proj.weight", "ffn.w_up", _linear()),
+      ("mlp.down_proj.weight", "ffn.w_down", _linear()),
+    ]
+  out = [Tensor(f"{hf}.{h}", f"params.{ours}.{o}", layout) for h, o, layout in rows]
+  if moe:
+    out.append(Tensor(f"{hf}.mlp.gate.e_score_correction_bias", f"{router_bias}.ffn.router.bias", keep_fp32=True))
+    for proj, w in [("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")]:
+      out += [  # stacked [E, in, out] -> one [out, in] Linear per expert
+        Tensor(f"{hf}.mlp.experts.{e}.{proj}.weight", f"params.{ours}.ffn.experts.{w}", _linear(), expert=e)
+        for e in range(m.moe.num_experts)
+      ]
+  return out
+
+
+def tensors(m: ModelConfig) -> list[Tensor]:
+  """Every tensor of the exported checkpoint and where it comes from, in our leaves' order."""
+  head = Tensor("lm_head.weight", "params.head", _linear())  # [D, V] -> [V, D]
+  if m.tie_embeddings:
+    head = Tensor("lm_head.weight", "params.embed.table")
+  out = [
+    Tensor("model.embed_tokens.weight", "params.embed.table"),
+    Tensor("model.norm.weight", "params.final_norm.scale"),
+  ]
+  out.append(head)
+  has_moe = m.moe.num_experts > 0
+  for i in range(m.num_layers):
+    moe = has_moe and i >= m.first_k_dense
+    out += _block(m, f"model.layers.{i}", f"blocks.{i}", moe, f"router_bias.blocks.{i}")
+  for k in range(m.mtp.depth):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
+    hf, ours = f"model.layers.{m.num_layers + k}", f"mtp.{k}"
+    out += [
+      Tensor(f"{hf}.enorm.weight", f"params.{ours}.enorm.scale"),
+      Tensor(f"{hf}.hnorm.weight", f"params.{ours}.hnorm.scale"),
+      Tensor(f"{hf}.eh_proj.weight", f"params.{ours}.eh_proj", _linear()),  # [2D, D] -> [D, 2D], embedding half first
+      Tensor(f"{hf}.shared_head.norm.weight", f"params.{ours}.norm.scale"),
+      Tensor(f"{hf}.embed_tokens.weight", "params.embed.table"),
+      Tensor(f"{hf}.shared_head.head.weight", head.ours, head.layout),
+    ]
+    out += _block(m, hf, f"{ours}.block", has_moe and m.mtp.use_moe, f"router_bias.{ours}.block")
+  return out

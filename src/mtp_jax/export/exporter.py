@@ -1,0 +1,129 @@
+"""`export()`: one checkpoint step -> a Hugging Face directory, one array at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import sys
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from mtp_jax.export import ExportError, deepseek_v3, source, writer
+from mtp_jax.export.layout import Tensor
+
+MAX_READ_BYTES = 2**30  # small arrays are read together up to this; a larger one alone
+FORMATS = ("deepseek_v3", "qwen3_moe")
+DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)), "fp32": ("float32", np.dtype(np.float32))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  output: pathlib.Path
+  step_dir: pathlib.Path
+  tensors: int
+  shards: int
+  bytes: int
+  mtp_layers: list[str]  # the HF layer prefixes holding the MTP modules
+  notes: list[str]
+
+
+def export(
+  checkpoint: str,
+  output: str,
+  *,
+  format: str = "deepseek_v3",
+  dtype: str = "bf16",
+  overwrite: bool = False,
+  max_shard_bytes: int = writer.MAX_SHARD_BYTES,
+  max_read_bytes: int = MAX_READ_BYTES,
+  progress: bool = False,
+) -> Result:
+  """Writes the checkpoint step `checkpoint` names (see `source.locate`) into `output`."""
+  if format not in FORMATS:
+    raise ExportError(f"--format {format}: unknown (formats: {', '.join(FORMATS)})")
+  if format != "deepseek_v3":
+    raise ExportError(f"--format {format}: not yet supported (formats: deepseek_v3)")
+  if dtype not in DTYPES:
+    raise ExportError(f"--dtype {dtype}: unknown (dtypes: {', '.join(DTYPES)})")
+  writer.check_output(output, overwrite)
+  src = source.locate(checkpoint)
+  cfg = src.config
+  deepseek_v3.check(cfg.model)
+  dtype_name, np_dtype = DTYPES[dtype]
+  leaves = source.abstract_leaves(cfg)
+  table = deepseek_v3.tensors(cfg.model)
+  _check_covers(table, leaves)
+  tok = source.tokenizer(cfg, src.directory.parent)
+
+  # Read each leaf once: its tensors go out together (per-expert slices, the MTP layer's copies).
+  order = list(dict.fromkeys(t.ours for t in table))
+  by_leaf = {name: [t for t in table if t.ours == name] for name in order}
+  ordered = [t for name in order for t in by_leaf[name]]
+  out_dtype = {t.hf: np.dtype(np.float32) if t.keep_fp32 else np_dtype for t in ordered}
+  sizes = [math.prod(t.hf_shape(leaves[t.ours].shape)) * out_dtype[t.hf].itemsize for t in ordered]
+  shard_of = writer.plan_shards(sizes, max_shard_bytes)
+
+  reader = source.Reader(src, leaves)  # checks the saved names and shapes before anything is written
+  try:
+    with writer.output_dir(output, overwrite) as tmp:
+      shards = writer.ShardWriter(tmp, [t.hf for t in ordered], shard_of)
+      with tqdm(total=sum(sizes), unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+        for group in _read_groups(order, leaves, max_read_bytes):
+          for name, leaf in reader.read(group).items():
+            for t in by_leaf[name]:
+              array = t.to_hf(leaf).astype(out_dtype[t.hf], copy=False)
+              shards.add(t.hf, array)
+              bar.update(array.nbytes)
+      shards.write_index()
+      _write_configs(tmp, cfg, dtype_name, tok)
+  finally:
+    reader.close()
+  m = cfg.model
+  return Result(
+    output=pathlib.Path(output).expanduser().absolute(),
+    step_dir=src.step_dir,
+    tensors=len(ordered),
+    shards=len(shards.files),
+    bytes=shards.bytes,
+    mtp_layers=[f"model.layers.{m.num_layers + k}" for k in range(m.mtp.depth)],
+    notes=[tok.note] if tok.note else [],
+  )
+
+
+def _write_configs(directory: pathlib.Path, cfg, dtype_name: str, tok: source.Tokenizer) -> None:
+  info = tok.info
+  writer.write_json(directory / "config.json", deepseek_v3.config_json(cfg, dtype_name, info))
+  generation = {"bos_token_id": info.bos_id if info else None, "eos_token_id": cfg.model.eos_id}
+  if info and info.pad_id is not None:
+    generation["pad_token_id"] = info.pad_id
+  writer.write_json(directory / "generation_config.json", generation)
+  if tok.file is not None:
+    writer.write_tokenizer(directory, tok.file, info.bos_id, info.eos_id, info.pad_id, cfg.data.seq_len)
+
+
+def _read_groups(names: list[str], leaves: dict, max_bytes: int) -> list[list[str]]:
+  """Consecutive names grouped while their arrays fit in `max_bytes` together."""
+  groups, used = [], 0
+  for name in names:
+    size = math.prod(leaves[name].shape) * leaves[name].dtype.itemsize
+    if not groups or used + size > max_bytes:
+      groups.append([])
+      used = 0
+    groups[-1].append(name)
+    used += size
+  return groups
+
+
+def _check_covers(table: list[Tensor], leaves: dict) -> None:
+  """Every parameter and router bias is exported, and nothing else is asked for."""
+  used = {t.ours for t in table}
+  if missing := [n for n in leaves if n not in used]:
+    raise AssertionError(f"the tensor table leaves out {missing[0]}")
+  if unknown := sorted(used - set(leaves)):
+    raise AssertionError(f"the tensor table names {unknown[0]}, which this model does not have")
+  names = [t.hf for t in table]
+  if len(set(names)) != len(names):
+    raise AssertionError("the tensor table names a tensor twice")

@@ -1,0 +1,207 @@
+"""What is exported: a checkpoint step, the config its run recorded, its tokenizer, its arrays.
+
+`--checkpoint` names a run's workdir (its latest complete step), its `checkpoints/` directory,
+or one step's directory. The model settings come from `config.yaml`, which `mtp-train` writes
+into the workdir, two levels above a step. Arrays are read by name with Orbax partial restores
+of the train state item (a few small ones together, a large one alone, each checked against the
+checksum `Checkpointer` saved with it), straight into host memory: a sharded checkpoint written by
+many hosts is read by one process that never holds more than about the largest parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from mtp_jax import config as config_lib
+from mtp_jax.config import STDLIB, Config
+from mtp_jax.data import manifest as manifest_lib
+from mtp_jax.data.manifest import DataError, TokenizerInfo
+from mtp_jax.export import ExportError
+from mtp_jax.model import Transformer
+from mtp_jax.model.moe import RouterBias
+
+# _QUIET and _root_cause: the one-line reporting of Orbax failures that restoring uses too.
+from mtp_jax.train.checkpoint import _QUIET, Checkpointer, _root_cause, checksums, named_leaves
+
+CONFIG_FILE = "config.yaml"  # written by mtp-train into its workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  directory: pathlib.Path  # the run's checkpoints/ directory
+  step: int
+  config: Config  # as the run recorded it
+
+  @property
+  def step_dir(self) -> pathlib.Path:
+    return self.directory / str(self.step)
+
+
+def locate(spec: str) -> Source:
+  """`--checkpoint` -> the step to export and the config of its run."""
+  key = f"--checkpoint {spec}"
+  path = pathlib.Path(spec).expanduser().absolute()
+  run_dir = (path / "checkpoints").is_dir()
+  if run_dir:
+    path = path / "checkpoints"
+  if not run_dir and path.name.isdigit() and path.parent.is_dir() and _holds_steps(path.parent):
+    directory, step = path.parent, int(path.name)
+    steps = _complete_steps(directory)
+    if step not in steps:
+      there = f"steps there: {', '.join(map(str, steps))}" if steps else "it holds no complete checkpoint"
+      what = "not a complete checkpoint (a save cut short or still in flight?)" if path.exists() else "no such step"
+      raise ExportError(f"{key}: {what}; {there}")
+  elif not path.exists():
+    raise ExportError(f"{key}: no such file or directory")
+  elif run_dir or (path.is_dir() and _holds_steps(path)):
+    steps = _complete_steps(path)
+    if not steps:
+      raise ExportError(f"{key}: holds no complete checkpoint")
+    directory, step = path, steps[-1]
+  else:
+    raise ExportError(f"{key}: not a checkpoint (give a run's workdir, its checkpoints/ or one step's directory)")
+  return Source(directory, step, _run_config(directory.parent, key))
+
+
+def _holds_steps(directory: pathlib.Path) -> bool:
+  return any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
+
+
+def _complete_steps(directory: pathlib.Path) -> list[int]:
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    return ckpt.steps()
+  finally:
+    ckpt.close()
+
+
+def _run_config(workdir: pathlib.Path, key: str) -> Config:
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    raise ExportError(f"{key}: no {path}: the model settings are read from the config.yaml mtp-train writes there")
+  try:
+    return config_lib.load(path)
+  except config_lib.ConfigError as err:
+    raise ExportError(f"{path}: {err}") from None
+
+
+def abstract_leaves(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+  """Every array a checkpoint of this model holds besides the optimizer state, by train-state
+  name (`params.…`, `router_bias.…`), with its shape and dtype; nothing is allocated."""
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  _, params, bias = nnx.split(model, nnx.Param, RouterBias)
+  return named_leaves({"params": params, "router_bias": bias})
+
+
+class _Mismatch(Exception):
+  """An array that reads back different from what was saved."""
+
+
+class Reader:
+  """Reads arrays of one checkpoint step by name into host memory, one at a time, each checked
+  against the checksum saved with it. The saved names and shapes are checked up front, so a
+  checkpoint that does not fit its config fails before anything is written."""
+
+  def __init__(self, source: Source, leaves: dict[str, jax.ShapeDtypeStruct]):
+    self.source, self.leaves = source, leaves
+    self._state_dir = epath.Path(source.step_dir / "state")  # the train state item of the step
+    self._orbax = ocp.PyTreeCheckpointHandler()
+    try:
+      self._check_fits()
+    except BaseException:
+      self.close()
+      raise
+
+  def _check_fits(self) -> None:
+    source, ckpt = self.source, Checkpointer(self.source.directory, read_only=True)
+    try:
+      with _QUIET:
+        saved = named_leaves(self._orbax.metadata(self._state_dir).tree)
+        self._checksums = ckpt.run_record(source.step)["checksums"]
+    except Exception as err:  # storage layers raise anything; the user needs one line
+      raise self._damaged(err) from None
+    finally:
+      ckpt.close()
+    config = source.directory.parent / CONFIG_FILE
+    for name, want in self.leaves.items():
+      if name not in saved:
+        raise ExportError(f"checkpoint {source.step_dir} has no {name}, which its run's {config} implies")
+      if tuple(saved[name].shape) != tuple(want.shape):
+        raise ExportError(
+          f"checkpoint {source.step_dir} does not fit its run's {config}: {name} has shape "
+          f"{tuple(saved[name].shape)} there, {tuple(want.shape)} by the config"
+        )
+
+  def read(self, names: list[str]) -> dict[str, np.ndarray]:
+    """The named arrays, in one Orbax restore (each call rereads the checkpoint's tree metadata,
+    so reading small arrays together saves time; memory is what the caller asks for)."""
+    item, restore_args = {}, {}
+    for name in names:
+      *parents, last = name.split(".")
+      node, args = item, restore_args
+      for part in parents:
+        node, args = node.setdefault(part, {}), args.setdefault(part, {})
+      node[last] = {"value": 0}  # nnx Variables are saved as {"value": array}
+      args[last] = {"value": ocp.RestoreArgs(restore_type=np.ndarray)}
+    try:
+      with _QUIET:
+        out = self._orbax.restore(
+          self._state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
+      arrays = named_leaves(out)
+      for name in names:
+        if checksums({"array": arrays[name]})["array"] != self._checksums.get(name):
+          raise _Mismatch(f"{name} does not match its checksum")
+    except Exception as err:  # storage layers raise anything; the user needs one line
+      raise self._damaged(err) from None
+    return {name: arrays[name] for name in names}
+
+  def close(self) -> None:
+    self._orbax.close()
+
+  def _damaged(self, err: Exception) -> ExportError:
+    why = str(err) if isinstance(err, _Mismatch) else _root_cause(err)
+    return ExportError(
+      f"checkpoint {self.source.step_dir} is damaged ({why}); export an earlier step by naming its directory"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """The run's tokenizer as a Hugging Face directory wants it; `file` is None when it cannot be
+  written there (with `note` saying why)."""
+
+  info: TokenizerInfo | None
+  file: pathlib.Path | None = None
+  note: str | None = None
+
+
+def tokenizer(cfg: Config, workdir: pathlib.Path) -> Tokenizer:
+  """The tokenizer recorded in the manifest of the run's first data source (training checked
+  that every source shares it)."""
+  path = cfg.data.sources[0].path
+  if path == STDLIB:
+    return Tokenizer(None, note="the run used byte-level tokens (stdlib): no tokenizer files written")
+  where = pathlib.Path(path)
+  if not where.is_absolute() and not where.exists() and (workdir / where).exists():
+    where = workdir / where
+  try:
+    info = manifest_lib.read(where).tokenizer
+  except DataError as err:
+    return Tokenizer(None, note=f"no tokenizer files written: data.sources[0]: {err}")
+  if info.kind != "huggingface":
+    return Tokenizer(info, note=f"no tokenizer files written: the run's tokenizer is {info.kind}, not Hugging Face")
+  file = pathlib.Path(info.path)
+  if not file.is_file():
+    return Tokenizer(info, note=f"no tokenizer files written: {file} (the run's tokenizer) is missing")
+  if hashlib.sha256(file.read_bytes()).hexdigest() != info.sha256:
+    return Tokenizer(info, note=f"no tokenizer files written: {file} changed since the data was prepared")
+  return Tokenizer(info, file=file)
