@@ -153,6 +153,11 @@ def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str) -> l
   return out
 
 
+def mtp_layers(m: ModelConfig) -> list[str]:
+  """Where the MTP modules are: module k at layer num_hidden_layers + k - 1."""
+  return [f"model.layers.{m.num_layers + k}" for k in range(m.mtp.depth)]
+
+
 def tensors(m: ModelConfig) -> list[Tensor]:
   """Every tensor of the exported checkpoint and where it comes from, in our leaves' order."""
   head = Tensor("lm_head.weight", "params.head", _linear())  # [D, V] -> [V, D]

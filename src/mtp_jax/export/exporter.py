@@ -15,7 +15,9 @@ from mtp_jax.export import ExportError, deepseek_v3, source, writer
 from mtp_jax.export.layout import Tensor
 
 MAX_READ_BYTES = 2**30  # small arrays are read together up to this; a larger one alone
-FORMATS = ("deepseek_v3", "qwen3_moe")
+# --format name -> its layout module: problems(m), check(m), config_json(cfg, dtype, tok), tensors(m),
+# mtp_layers(m). qwen3_moe is named on the command line and refused here until its module lands.
+FORMATS = {"deepseek_v3": deepseek_v3}
 DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)), "fp32": ("float32", np.dtype(np.float32))}
 
 
@@ -43,18 +45,17 @@ def export(
 ) -> Result:
   """Writes the checkpoint step `checkpoint` names (see `source.locate`) into `output`."""
   if format not in FORMATS:
-    raise ExportError(f"--format {format}: unknown (formats: {', '.join(FORMATS)})")
-  if format != "deepseek_v3":
-    raise ExportError(f"--format {format}: not yet supported (formats: deepseek_v3)")
+    raise ExportError(f"--format {format}: not supported (formats: {', '.join(FORMATS)})")
+  fmt = FORMATS[format]
   if dtype not in DTYPES:
     raise ExportError(f"--dtype {dtype}: unknown (dtypes: {', '.join(DTYPES)})")
   writer.check_output(output, overwrite)
   src = source.locate(checkpoint)
   cfg = src.config
-  deepseek_v3.check(cfg.model)
+  fmt.check(cfg.model)
   dtype_name, np_dtype = DTYPES[dtype]
   leaves = source.abstract_leaves(cfg)
-  table = deepseek_v3.tensors(cfg.model)
+  table = fmt.tensors(cfg.model)
   _check_covers(table, leaves)
   tok = source.tokenizer(cfg, src.directory.parent)
 
@@ -78,24 +79,23 @@ def export(
               shards.add(t.hf, array)
               bar.update(array.nbytes)
       shards.write_index()
-      _write_configs(tmp, cfg, dtype_name, tok)
+      _write_configs(tmp, fmt, cfg, dtype_name, tok)
   finally:
     reader.close()
-  m = cfg.model
   return Result(
     output=pathlib.Path(output).expanduser().absolute(),
     step_dir=src.step_dir,
     tensors=len(ordered),
     shards=len(shards.files),
     bytes=shards.bytes,
-    mtp_layers=[f"model.layers.{m.num_layers + k}" for k in range(m.mtp.depth)],
+    mtp_layers=fmt.mtp_layers(cfg.model),
     notes=[tok.note] if tok.note else [],
   )
 
 
-def _write_configs(directory: pathlib.Path, cfg, dtype_name: str, tok: source.Tokenizer) -> None:
+def _write_configs(directory: pathlib.Path, fmt, cfg, dtype_name: str, tok: source.Tokenizer) -> None:
   info = tok.info
-  writer.write_json(directory / "config.json", deepseek_v3.config_json(cfg, dtype_name, info))
+  writer.write_json(directory / "config.json", fmt.config_json(cfg, dtype_name, info))
   generation = {"bos_token_id": info.bos_id if info else None, "eos_token_id": cfg.model.eos_id}
   if info and info.pad_id is not None:
     generation["pad_token_id"] = info.pad_id

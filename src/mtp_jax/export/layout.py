@@ -78,6 +78,7 @@ class Tensor:
   layout: Layout = SAME
   expert: int | None = None
   keep_fp32: bool = False  # stored in float32 whatever the export dtype (the router's selection bias)
+  file: str | None = None  # None: the sharded model files (in the index); else an extra file of that name
 
   def to_hf(self, leaf: np.ndarray) -> np.ndarray:
     return self.layout.to_hf(leaf if self.expert is None else leaf[self.expert])
