@@ -440,7 +440,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
   assert run(str(workdir / "checkpoints" / "7")) == 2
   assert "checkpoints/7: no such step; steps there: 1, 2" in _err_line(capsys)
   assert run(str(workdir), "--format", "qwen3_moe") == 2
-  assert "--format qwen3_moe: not supported" in _err_line(capsys)
+  assert "--format qwen3_moe cannot express model.attention.kind=mla" in _err_line(capsys)
   with pytest.raises(SystemExit) as exit_:
     run(str(workdir), "--format", "onnx")
   assert exit_.value.code == 2 and "invalid choice: 'onnx'" in _err_line(capsys)

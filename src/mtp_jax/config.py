@@ -37,6 +37,7 @@ class AttentionConfig(_Section):
   num_heads: int = _field(4, "Query heads.", ge=1)
   num_kv_heads: int = _field(2, "gqa: key/value heads (divides num_heads).", ge=1)
   head_dim: int = _field(16, "gqa: per-head dimension (even, for RoPE).", ge=2)
+  qk_norm: bool = _field(False, "gqa: RMS-normalise each query and key head before RoPE (Qwen3).")
   q_lora_rank: int = _field(0, "mla: rank of the compressed query (0: full-rank query projection).", ge=0)
   kv_lora_rank: int = _field(32, "mla: rank of the compressed key/value latent.", ge=1)
   qk_nope_head_dim: int = _field(16, "mla: per-head query/key dims without RoPE.", ge=1)
@@ -341,6 +342,8 @@ def _problems(c: Config):
       yield "model.attention.head_dim", f"{a.head_dim} must be even for RoPE"
   elif a.qk_rope_head_dim % 2:
     yield "model.attention.qk_rope_head_dim", f"{a.qk_rope_head_dim} must be even for RoPE"
+  if a.kind == "mla" and a.qk_norm:
+    yield "model.attention.qk_norm", "gqa only: MLA already normalises its query and key/value latents"
   if moe.num_experts:
     if moe.top_k > moe.num_experts:
       yield "model.moe.top_k", f"{moe.top_k} exceeds model.moe.num_experts ({moe.num_experts})"

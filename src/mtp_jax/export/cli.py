@@ -1,7 +1,8 @@
 """`mtp-export --checkpoint runs/tiny --output hf/tiny [--format deepseek_v3] [--dtype bf16] [--overwrite]`
+`mtp-import hf/model --output runs/model [--config FILE] [--overwrite] [section.key=value ...]`
 
-Parses the command line and calls `export()`; every expected failure is one line on stderr and
-exit status 2, never a traceback.
+Parse the command line and call `export()` / `import_()`; every expected failure is one line on
+stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -30,26 +31,21 @@ def main(argv: list[str] | None = None) -> int:
 
   # Export reads arrays on the host; it never needs (or should hold) an accelerator a run may be using.
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from mtp_jax.export import ExportError
   from mtp_jax.export.exporter import export
 
-  try:
-    result = export(
+  result = _attempt(
+    parser.prog,
+    lambda: export(
       args.checkpoint,
       args.output,
       format=args.format,
       dtype=args.dtype,
       overwrite=args.overwrite,
       progress=sys.stderr.isatty(),
-    )
-  except ExportError as err:
-    print(f"mtp-export: {err}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("mtp-export: interrupted; nothing was written", file=sys.stderr)
-    return 130
-  for note in result.notes:
-    print(f"mtp-export: note: {note}", file=sys.stderr)
+    ),
+  )
+  if isinstance(result, int):
+    return result
   from tqdm import tqdm
 
   mtp = f"; MTP at {', '.join(result.mtp_layers)}" if result.mtp_layers else ""
@@ -58,6 +54,63 @@ def main(argv: list[str] | None = None) -> int:
     f"{result.shards} shard(s), {tqdm.format_sizeof(result.bytes, 'B')}{mtp}"
   )
   return 0
+
+
+def import_main(argv: list[str] | None = None) -> int:
+  parser = _Parser(
+    prog="mtp-import",
+    description="Turn a Hugging Face DeepSeek-V3 or Qwen3-MoE directory into a run to continue training.",
+  )
+  parser.add_argument("hf_dir", metavar="HF_DIR", help="a Hugging Face model directory: config.json and safetensors")
+  parser.add_argument("--output", "-o", required=True, metavar="DIR", help="the run directory to write")
+  parser.add_argument("--config", metavar="FILE", help="YAML config for all but the model settings (default: defaults)")
+  parser.add_argument("--overwrite", action="store_true", help="replace DIR when it already holds something")
+  parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+  args = parser.parse_intermixed_args(argv)
+
+  # On one host the state passes through host memory on its way to the files, so CPU is right and
+  # leaves the accelerators to a run; set JAX_PLATFORMS to build the arrays on those devices instead.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from mtp_jax.export.importer import import_
+
+  result = _attempt(
+    parser.prog,
+    lambda: import_(
+      args.hf_dir,
+      args.output,
+      base_config=args.config,
+      overrides=args.overrides,
+      overwrite=args.overwrite,
+      progress=sys.stderr.isatty(),
+    ),
+  )
+  if isinstance(result, int):
+    return result
+  from tqdm import tqdm
+
+  print(
+    f"wrote {result.output} from {args.hf_dir} ({result.format}): {result.tensors} tensors, "
+    f"{tqdm.format_sizeof(result.bytes, 'B')}, as config.yaml and checkpoints/0 (step 0, fresh optimizer state); "
+    f"continue training with: mtp-train --config {result.output / 'config.yaml'}"
+  )
+  return 0
+
+
+def _attempt(prog: str, work):
+  """work()'s result after its notes are printed, or the exit status of an expected failure."""
+  from mtp_jax.export import ExportError
+
+  try:
+    result = work()
+  except ExportError as err:
+    print(f"{prog}: {err}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+    return 130
+  for note in result.notes:
+    print(f"{prog}: note: {note}", file=sys.stderr)
+  return result
 
 
 if __name__ == "__main__":

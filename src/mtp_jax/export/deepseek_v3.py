@@ -9,14 +9,20 @@ comes from where; import inverts it.
 Where our maths and the reference differ, the export absorbs it: our RoPE pairs dims (i, i + n/2)
 and the reference (i, i+1), so the RoPE output columns of q_b_proj / q_proj and
 kv_a_proj_with_mqa are reordered (`layout.Linear.rope`) and `rope_interleave` is true. Tied
-embeddings are written as an untied head holding the same values. transformers fixes the eps of
+embeddings set `tie_word_embeddings` and still write `lm_head.weight` (the same values) for readers
+that load the head regardless of the tie. transformers fixes the eps of
 the q/kv latent norms at 1e-6, so other `model.norm_eps` values are refused. Everything else (RMSNorm,
 softmax scale 1/sqrt(nope + rope), sigmoid scores, the bias steering only the choice, top-2 group
 scores, normalise then scale the gates, shared experts added, the MTP module fed the final-normed
 hidden state with the embedding half first) is the reference's maths already.
+
+`model_config` inverts `config_json` for import: the settings a config.json fixes, or the one line
+saying which of its keys our model cannot express.
 """
 
 from __future__ import annotations
+
+import json
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
@@ -96,7 +102,7 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
     "attention_dropout": 0.0,
     "max_position_embeddings": cfg.data.seq_len,
     "initializer_range": m.init_std,
-    "tie_word_embeddings": False,
+    "tie_word_embeddings": m.tie_embeddings,
     "bos_token_id": tok.bos_id if tok else None,
     "eos_token_id": m.eos_id,
     "pad_token_id": tok.pad_id if tok else None,
@@ -104,6 +110,128 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
     "dtype": dtype,
     "torch_dtype": dtype,
   }
+
+
+# What a config.json may leave out means transformers' DeepseekV3Config default (5.23); topk_method,
+# scoring_func and moe_layer_freq, which transformers does not read, DeepSeek's own configuration_deepseek.py.
+DEFAULTS = {
+  "vocab_size": 129280,
+  "hidden_size": 7168,
+  "intermediate_size": 18432,
+  "moe_intermediate_size": 2048,
+  "num_hidden_layers": 61,
+  "num_nextn_predict_layers": 1,
+  "num_attention_heads": 128,
+  "n_shared_experts": 1,
+  "n_routed_experts": 256,
+  "num_experts_per_tok": 8,
+  "routed_scaling_factor": 2.5,
+  "n_group": 8,
+  "topk_group": 4,
+  "topk_method": "noaux_tc",
+  "scoring_func": "sigmoid",
+  "norm_topk_prob": True,
+  "first_k_dense_replace": 3,
+  "moe_layer_freq": 1,
+  "kv_lora_rank": 512,
+  "q_lora_rank": 1536,
+  "qk_nope_head_dim": 128,
+  "qk_rope_head_dim": 64,
+  "v_head_dim": 128,
+  "hidden_act": "silu",
+  "rms_norm_eps": 1e-6,
+  "rope_theta": 10000.0,
+  "rope_interleave": True,
+  "attention_bias": False,
+  "initializer_range": 0.02,
+  "tie_word_embeddings": False,
+  "eos_token_id": 1,
+}
+
+
+def model_config(hf: dict) -> dict:
+  """Our model settings (a nested dict of ModelConfig fields) from a config.json: the inverse of
+  `config_json`. Raises ExportError naming the first key our model cannot express."""
+
+  def get(key):
+    return hf.get(key, DEFAULTS[key])
+
+  for key, why in _inexpressible(hf, get):
+    raise ExportError(f"config.json {key}: {why}")
+  layers, depth, dense = get("num_hidden_layers"), get("num_nextn_predict_layers"), get("first_k_dense_replace")
+  rope = hf.get("rope_parameters") or {}
+  eos = get("eos_token_id")
+  model = {
+    "vocab_size": get("vocab_size"),
+    "d_model": get("hidden_size"),
+    "num_layers": layers,
+    "first_k_dense": min(dense, layers),
+    "d_ff": get("intermediate_size"),
+    "norm_eps": get("rms_norm_eps"),
+    "init_std": get("initializer_range"),
+    "tie_embeddings": get("tie_word_embeddings"),
+    "attention": {
+      "kind": "mla",
+      "num_heads": get("num_attention_heads"),
+      "q_lora_rank": get("q_lora_rank") or 0,  # null: a full-rank q_proj
+      "kv_lora_rank": get("kv_lora_rank"),
+      "qk_nope_head_dim": get("qk_nope_head_dim"),
+      "qk_rope_head_dim": get("qk_rope_head_dim"),
+      "v_head_dim": get("v_head_dim"),
+      "rope_theta": rope.get("rope_theta", get("rope_theta")),
+    },
+    "moe": {
+      # config_json's "no MoE layer anywhere", MTP layers included (then no expert tensor may be there)
+      "num_experts": get("n_routed_experts") if dense < layers + depth else 0,
+      "top_k": get("num_experts_per_tok"),
+      "expert_d_ff": get("moe_intermediate_size"),
+      "num_shared_experts": get("n_shared_experts"),
+      "score_func": "sigmoid",
+      "norm_topk_prob": get("norm_topk_prob"),
+      "routed_scaling_factor": get("routed_scaling_factor"),
+      "n_group": get("n_group") or 1,  # null: no group-limited routing
+      "topk_group": get("topk_group") or 1,
+    },
+    "mtp": {"kind": "sequential", "depth": depth, "use_moe": True},
+  }
+  if eos is not None:
+    model["eos_id"] = eos[0] if isinstance(eos, list) else eos  # we end documents with one token
+  return model
+
+
+def _inexpressible(hf: dict, get):
+  """Yields (config.json key, why) for each setting our model cannot express."""
+  for key in ("rope_scaling", "rope_parameters"):
+    rope = hf.get(key) or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+      why = f"{kind} RoPE is not supported, only plain RoPE (rope_type default)"
+      yield key, f"{why}; the published DeepSeek-V3 uses yarn to reach 128K tokens, so its attention would differ"
+  if hf.get("quantization_config"):
+    method = hf["quantization_config"].get("quant_method", "quantized")
+    how = "convert them to bf16 first (the published fp8 checkpoint: DeepSeek's inference/fp8_cast_bf16.py)"
+    yield "quantization_config", f"{method} weights are not supported; {how} and import that"
+  fixed = [
+    ("hidden_act", "silu", "our FFNs are SwiGLU (silu)"),
+    ("attention_bias", False, "our attention projections have no bias"),
+    ("topk_method", "noaux_tc", "our router is DeepSeek-V3's noaux_tc (bias-steered top-k)"),
+    ("scoring_func", "sigmoid", "the DeepSeek-V3 router scores by sigmoid"),
+    ("moe_layer_freq", 1, "our MoE layers are every layer after the first dense ones"),
+    ("rms_norm_eps", 1e-6, "transformers normalises the q/kv latents with eps 1e-6, so ours uses it everywhere"),
+    ("rope_interleave", True, "DeepSeek-V3 stores RoPE dims interleaved, which import undoes"),
+  ]
+  for key, want, why in fixed:
+    if get(key) != want:
+      yield f"{key}={json.dumps(get(key))}", f"{why}; only {json.dumps(want)} can be imported"
+  heads, kv_heads = get("num_attention_heads"), hf.get("num_key_value_heads")
+  if kv_heads is not None and kv_heads != heads:
+    yield f"num_key_value_heads={kv_heads}", f"MLA has one key/value per query head ({heads}, num_attention_heads)"
+  layers, depth, dense = get("num_hidden_layers"), get("num_nextn_predict_layers"), get("first_k_dense_replace")
+  if layers < dense < layers + depth:
+    why = f"makes the first MTP layers dense, later ones MoE ({layers} trunk layers); ours are all dense or all MoE"
+    yield f"first_k_dense_replace={dense}", why
+  if dense < layers + depth and get("n_routed_experts") and not get("n_shared_experts"):
+    yield "n_shared_experts=0", "the DeepSeek-V3 layout has shared experts in every MoE layer"
 
 
 def _linear(rope: int = 0, in_axes: int = 1) -> Layout:

@@ -11,13 +11,13 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from mtp_jax.export import ExportError, deepseek_v3, source, writer
+from mtp_jax.export import ExportError, deepseek_v3, qwen3_moe, source, writer
 from mtp_jax.export.layout import Tensor
 
 MAX_READ_BYTES = 2**30  # small arrays are read together up to this; a larger one alone
 # --format name -> its layout module: problems(m), check(m), config_json(cfg, dtype, tok), tensors(m),
-# mtp_layers(m). qwen3_moe is named on the command line and refused here until its module lands.
-FORMATS = {"deepseek_v3": deepseek_v3}
+# mtp_layers(m), model_config(hf_config).
+FORMATS = {"deepseek_v3": deepseek_v3, "qwen3_moe": qwen3_moe}
 DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)), "fp32": ("float32", np.dtype(np.float32))}
 
 
@@ -27,8 +27,8 @@ class Result:
   step_dir: pathlib.Path
   tensors: int
   shards: int
-  bytes: int
-  mtp_layers: list[str]  # the HF layer prefixes holding the MTP modules
+  bytes: int  # tensor bytes written, extra files included
+  mtp_layers: list[str]  # the HF layer prefixes holding the MTP modules ("FILE:prefix" outside the shards)
   notes: list[str]
 
 
@@ -62,32 +62,42 @@ def export(
   # Read each leaf once: its tensors go out together (per-expert slices, the MTP layer's copies).
   order = list(dict.fromkeys(t.ours for t in table))
   by_leaf = {name: [t for t in table if t.ours == name] for name in order}
-  ordered = [t for name in order for t in by_leaf[name]]
-  out_dtype = {t.hf: np.dtype(np.float32) if t.keep_fp32 else np_dtype for t in ordered}
-  sizes = [math.prod(t.hf_shape(leaves[t.ours].shape)) * out_dtype[t.hf].itemsize for t in ordered]
-  shard_of = writer.plan_shards(sizes, max_shard_bytes)
+  written = [t for name in order for t in by_leaf[name] if not t.zero]
+  out_dtype = {t.hf: np.dtype(np.float32) if t.keep_fp32 else np_dtype for t in written}
+  size = {t.hf: math.prod(t.hf_shape(leaves[t.ours].shape)) * out_dtype[t.hf].itemsize for t in written}
+  sharded = [t.hf for t in written if t.file is None]
+  shard_of = writer.plan_shards([size[n] for n in sharded], max_shard_bytes)
 
   reader = source.Reader(src, leaves)  # checks the saved names and shapes before anything is written
   try:
     with writer.output_dir(output, overwrite) as tmp:
-      shards = writer.ShardWriter(tmp, [t.hf for t in ordered], shard_of)
-      with tqdm(total=sum(sizes), unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+      shards = writer.ShardWriter(tmp, sharded, shard_of)
+      extra: dict[str, dict[str, np.ndarray]] = {}  # file -> its tensors, written whole at the end
+      with tqdm(total=sum(size.values()), unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
         for group in _read_groups(order, leaves, max_read_bytes):
           for name, leaf in reader.read(group).items():
             for t in by_leaf[name]:
+              if t.zero:
+                if np.any(leaf):
+                  raise ExportError(f"--format {format} cannot express {name}: it is nonzero and there is no {t.hf}")
+                continue
               array = t.to_hf(leaf).astype(out_dtype[t.hf], copy=False)
-              shards.add(t.hf, array)
+              if t.file is None:
+                shards.add(t.hf, array)
+              else:
+                extra.setdefault(t.file, {})[t.hf] = np.ascontiguousarray(array)
               bar.update(array.nbytes)
       shards.write_index()
+      extra_bytes = sum(writer.write_safetensors(tmp / file, tensors) for file, tensors in extra.items())
       _write_configs(tmp, fmt, cfg, dtype_name, tok)
   finally:
     reader.close()
   return Result(
     output=pathlib.Path(output).expanduser().absolute(),
     step_dir=src.step_dir,
-    tensors=len(ordered),
+    tensors=len(written),
     shards=len(shards.files),
-    bytes=shards.bytes,
+    bytes=shards.bytes + extra_bytes,
     mtp_layers=fmt.mtp_layers(cfg.model),
     notes=[tok.note] if tok.note else [],
   )

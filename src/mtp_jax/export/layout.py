@@ -71,7 +71,11 @@ class Tensor:
   """One tensor of the target checkpoint: `hf` is made from our leaf `ours` (a train-state
   name, `params.…` or `router_bias.…`), from its slice [expert] when that is set (stacked
   experts), through `layout`. Several Tensors may share a leaf (the MTP layer's copies of the
-  embedding and head); import reads the first."""
+  embedding and head); import reads the first.
+
+  `zero`: the target has no such tensor (`hf` then only describes what is missing). Export
+  writes nothing and refuses a leaf that is not all zeros, since dropping it would change the
+  model; import fills zeros."""
 
   hf: str
   ours: str
@@ -79,6 +83,7 @@ class Tensor:
   expert: int | None = None
   keep_fp32: bool = False  # stored in float32 whatever the export dtype (the router's selection bias)
   file: str | None = None  # None: the sharded model files (in the index); else an extra file of that name
+  zero: bool = False
 
   def to_hf(self, leaf: np.ndarray) -> np.ndarray:
     return self.layout.to_hf(leaf if self.expert is None else leaf[self.expert])

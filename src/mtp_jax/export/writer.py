@@ -4,7 +4,9 @@ Everything is written into a hidden temporary directory beside DIR (`.DIR.incomp
 and renamed to DIR only once complete, so an export cut short never leaves anything that looks
 like a finished one. Shards follow the Hugging Face naming (`model-00001-of-00003.safetensors`
 with `model.safetensors.index.json`); a shard is held in memory until its last tensor arrives,
-then written, so memory stays near one shard plus the array being converted.
+then written, so memory stays near one shard plus the array being converted. Tensors a format
+places in an extra file (`Tensor.file`, e.g. qwen3_moe's mtp.safetensors) are held until the end
+and written whole beside the shards, outside the index, so Hugging Face loaders never see them.
 """
 
 from __future__ import annotations
@@ -90,17 +92,20 @@ class ShardWriter:
     self._pending.setdefault(s, {})[name] = np.ascontiguousarray(array)
     self._left[s] -= 1
     if not self._left[s]:
-      tensors = self._pending.pop(s)
-      path = self.directory / self.files[s]
-      save_file(tensors, path, metadata={"format": "pt"})
-      path.chmod(0o666 & ~_UMASK)  # safetensors creates its files private (0600); the rest of DIR is not
-      self.bytes += sum(t.nbytes for t in tensors.values())
+      self.bytes += write_safetensors(self.directory / self.files[s], self._pending.pop(s))
 
   def write_index(self) -> None:
     if self._pending or any(self._left):
       raise AssertionError(f"shards left incomplete: {[self.files[s] for s, n in enumerate(self._left) if n]}")
     index = {"metadata": {"total_size": self.bytes}, "weight_map": dict(sorted(self.file_of.items()))}
     write_json(self.directory / INDEX, index)
+
+
+def write_safetensors(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> int:
+  """Writes one safetensors file; returns its tensor bytes."""
+  save_file(tensors, path, metadata={"format": "pt"})
+  path.chmod(0o666 & ~_UMASK)  # safetensors creates its files private (0600); the rest of DIR is not
+  return sum(t.nbytes for t in tensors.values())
 
 
 def write_json(path: pathlib.Path, value: dict) -> None:

@@ -56,19 +56,28 @@ _ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
 
 
 class GQA(nnx.Module):
+  """Grouped-query attention; with `qk_norm`, each query and key head is RMS-normed over its
+  head_dim before RoPE (Qwen3), which bounds the attention logits."""
+
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, chunk_len: int = 0):
     a: AttentionConfig = cfg.attention
-    d, std, pdt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype)
+    d, std, pdt, dt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     self.wq = weight(rngs, (d, a.num_heads, a.head_dim), ("embed", "heads", None), std, pdt)
     self.wk = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
     self.wv = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
     self.wo = weight(rngs, (a.num_heads, a.head_dim, d), ("heads", None, "embed"), std, pdt)
-    self.theta, self.dtype, self.chunk_len = a.rope_theta, jnp.dtype(cfg.dtype), chunk_len
+    if a.qk_norm:
+      self.q_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+      self.k_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.qk_norm, self.theta, self.dtype, self.chunk_len = a.qk_norm, a.rope_theta, dt, chunk_len
 
   def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL):
     dt = self.dtype
-    q = rope(jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt)), positions_BxL, self.theta)
-    k = rope(jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt)), positions_BxL, self.theta)
+    q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
+    k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope(q, positions_BxL, self.theta), rope(k, positions_BxL, self.theta)
     v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
     q = sharding.constrain(q, _ACT_HEADS)
     out_BxLxHxK = attend(q, k, v, mask_BxLxS, q.shape[-1] ** -0.5, self.chunk_len)

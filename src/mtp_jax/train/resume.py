@@ -144,6 +144,8 @@ def _resume_latest(own: Checkpointer, strict: bool, abstract_state, data_iterato
 def _restore_data(reader: Checkpointer, step: int, data_iterator, log) -> None:
   if data_iterator is None:
     log(f"data position of step {step} not restored (checkpoint.restore_data=false): the data order starts over")
+  elif not (reader.directory / str(step) / "data").is_dir():  # written by mtp-import: weights, no data yet
+    log(f"checkpoint step {step} holds no data position (an imported model): the data order starts at the beginning")
   elif not reader.restore_data(step, data_iterator):
     log(
       f"warning: checkpoint step {step} was written by a different number of processes than the "

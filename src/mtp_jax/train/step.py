@@ -51,12 +51,17 @@ def make_init(cfg: Config, tx: optax.GradientTransformation):
 
   def init(key):
     _, params, bias = split(build_model(cfg, key))
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(
-      step=zero, params=params, router_bias=bias, opt_state=tx.init(params), skipped_steps=zero, bad_streak=zero
-    )
+    return new_state(params, bias, tx.init(params))
 
   return init
+
+
+def new_state(params, bias, opt_state) -> TrainState:
+  """Step 0 with a fresh optimizer state: a new run's, or one starting from imported weights."""
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(
+    step=zero, params=params, router_bias=bias, opt_state=opt_state, skipped_steps=zero, bad_streak=zero
+  )
 
 
 def graphdef_of(cfg: Config):
