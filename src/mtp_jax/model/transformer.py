@@ -44,6 +44,20 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, valid_BxL) -> tuple[jax.Array, MoEAux | None]:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), mask_BxLxS, positions_BxL)
+    return self._ffn(x_BxLxD, valid_BxL)
+
+  def empty_cache(self, batch: int, max_len: int) -> attention.GQACache | attention.MLACache:
+    """This block's attention cache for `batch` rows of up to `max_len` positions."""
+    return self.attn.empty_cache(batch, max_len)
+
+  def decode(self, x_BxLxD, mask_BxLxS, positions_BxL, cache):
+    """(x, cache): the block over new tokens at `positions_BxL`, attending over its cache
+    (mask_BxLxS covers the cache's S slots; see `attention.cached_mask`)."""
+    a_BxLxD, cache = self.attn(self.attn_norm(x_BxLxD), mask_BxLxS, positions_BxL, cache)
+    x_BxLxD, _ = self._ffn(x_BxLxD + a_BxLxD, jnp.ones(x_BxLxD.shape[:2], bool))
+    return x_BxLxD, cache
+
+  def _ffn(self, x_BxLxD, valid_BxL) -> tuple[jax.Array, MoEAux | None]:
     h = self.ffn_norm(x_BxLxD)
     y, aux = self.ffn(h, valid_BxL) if isinstance(self.ffn, MoE) else (self.ffn(h), None)
     return sharding.constrain(x_BxLxD + y, _ACT), aux
@@ -129,3 +143,21 @@ class Transformer(nnx.Module):
         h_prev = run(f"mtp_{k}", module.block, module.mix(emb, h_prev))
         hidden.append(module.norm(h_prev))
     return ModelOutput(hidden=hidden, aux=aux)
+
+  def decode(self, tokens_BxL, positions_BxL, caches: list) -> tuple[jax.Array, list]:
+    """(h, caches): the next-token state of new tokens at `positions_BxL` (final-normed, BxLxD,
+    what `logits` reads), every block attending over its cache in `caches` (one per block of
+    `self.blocks`, as `Block.empty_cache` makes them) and writing the new keys there. A query
+    at position p sees cache slots 0..p. The MTP depths are not run."""
+    mask_BxLxS = attention.cached_mask(positions_BxL, _cache_len(caches[0]))
+    x = self.embed(tokens_BxL)
+    new = []
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x, cache = block.decode(x, mask_BxLxS, positions_BxL, cache)
+      new.append(cache)
+    # The parallel kind's last block is its next-token head, so in both kinds every block runs.
+    return self.final_norm(x), new
+
+
+def _cache_len(cache) -> int:
+  return jax.tree.leaves(cache)[0].shape[1]

@@ -1,0 +1,118 @@
+"""Cached forward passes and autoregressive generation.
+
+`prefill` and `step` are pure functions of (model, tokens, cache), to be called under jax.jit;
+they run only the trunk, in the model's own numerics (float32 models match the uncached
+forward to float rounding). Their MoE layers route dropless: capacity mode sizes its expert
+buffers from the number of tokens in the call, so a one-token step would drop (or keep)
+different token-slots than the training-time forward over the whole sequence did; dropless is
+what that forward computes whenever nothing overflowed. The aux-loss-free router bias is used
+as trained: it steers which experts are chosen, exactly as in the forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp_jax.generate import cache as cache_lib
+from mtp_jax.generate.cache import Cache
+from mtp_jax.generate.sample import sample
+from mtp_jax.model import Transformer
+
+
+def dropless(model: Transformer) -> Transformer:
+  """The model, or a copy sharing its arrays whose MoE layers route dropless (see above)."""
+  if all(moe.cfg.mode == "dropless" for moe in model.moe_layers().values()):
+    return model
+  model = nnx.merge(*nnx.split(model))
+  for moe in model.moe_layers().values():
+    moe.cfg = moe.cfg.model_copy(update={"mode": "dropless"})
+  return model
+
+
+def step(model: Transformer, tokens_BxT: jax.Array, cache: Cache) -> tuple[jax.Array, jax.Array, Cache]:
+  """(logits_BxTxV, hidden_BxTxD, cache): T new tokens of each row, written at its length on.
+  All T positions are returned: speculative verification scores every draft token, and the
+  MTP heads read the final-normed hidden states."""
+  model = dropless(model)
+  positions_BxT = cache_lib.positions(cache, tokens_BxT.shape[1])
+  hidden_BxTxD, layers = model.decode(tokens_BxT, positions_BxT, cache.layers)
+  cache = Cache(layers=layers, length_B=cache.length_B + tokens_BxT.shape[1])
+  return model.logits(hidden_BxTxD), hidden_BxTxD, cache
+
+
+def prefill(
+  model: Transformer, tokens_BxP: jax.Array, prompt_lengths_B: jax.Array, cache: Cache
+) -> tuple[jax.Array, jax.Array, Cache]:
+  """(logits_BxV at each row's last prompt token, hidden_BxPxD, cache) for right-padded
+  prompts. The padding is written too, then left stale: each row's length ends after its
+  prompt, so its first new token overwrites the padding's slots."""
+  model = dropless(model)
+  positions_BxP = cache_lib.positions(cache, tokens_BxP.shape[1])
+  hidden_BxPxD, layers = model.decode(tokens_BxP, positions_BxP, cache.layers)
+  cache = Cache(layers=layers, length_B=cache.length_B + prompt_lengths_B.astype(jnp.int32))
+  last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (prompt_lengths_B - 1)[:, None, None], axis=1)
+  return model.logits(last_Bx1xD)[:, 0], hidden_BxPxD, cache
+
+
+def generate(
+  model: Transformer,
+  prompts: list[list[int]],
+  max_new_tokens: int,
+  *,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  seed: int = 0,
+  eos_id: int | None = None,
+) -> list[list[int]]:
+  """The new tokens of each prompt: up to max_new_tokens, ending at the first eos_id (kept).
+  Greedy at temperature 0. One compiled program per (batch, longest prompt, max_new_tokens)
+  and sampling settings; the cache holds longest prompt + max_new_tokens positions."""
+  lengths = [len(p) for p in prompts]
+  if not prompts or min(lengths) == 0 or max_new_tokens < 1:
+    raise ValueError("generate needs non-empty prompts and max_new_tokens >= 1")
+  tokens_BxP = np.zeros((len(prompts), max(lengths)), np.int32)
+  for row, prompt in zip(tokens_BxP, prompts, strict=True):
+    row[: len(prompt)] = prompt
+  graphdef, state = nnx.split(dropless(model))
+  stop = np.int32(-1 if eos_id is None else eos_id)  # an argument, so eos_id costs no recompile
+  settings = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
+  out_BxN = np.asarray(
+    _generate(graphdef, state, tokens_BxP, np.asarray(lengths, np.int32), stop, jax.random.key(seed), **settings)
+  )
+  rows = [list(map(int, row)) for row in out_BxN]
+  return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
+def _generate(graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_tokens, temperature, top_p):
+  """BxN new tokens; a row that has produced `stop` (eos, or -1: none) repeats it. Stops early
+  once all rows have."""
+  model = nnx.merge(graphdef, state)
+  b, p = tokens_BxP.shape
+  cache = cache_lib.allocate(model.blocks, b, p + max_new_tokens)
+  logits_BxV, _, cache = prefill(model, tokens_BxP, lengths_B, cache)
+
+  def pick(i, logits_BxV, done_B):
+    token_B = sample(logits_BxV, jax.random.fold_in(key, i), temperature, top_p)
+    return jnp.where(done_B, stop, token_B)
+
+  token_B = pick(0, logits_BxV, jnp.zeros((b,), bool))
+  out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
+
+  def more(carry):
+    i, token_B, _, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(token_B == stop)
+
+  def one(carry):
+    i, token_B, cache, out_BxN = carry
+    logits_Bx1xV, _, cache = step(model, token_B[:, None], cache)
+    token_B = pick(i, logits_Bx1xV[:, 0], token_B == stop)
+    return i + 1, token_B, cache, out_BxN.at[:, i].set(token_B)
+
+  _, _, _, out_BxN = jax.lax.while_loop(more, one, (1, token_B, cache, out_BxN))
+  return out_BxN

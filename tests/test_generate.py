@@ -1,0 +1,162 @@
+"""KV-cached decoding against the uncached forward: logits, greedy tokens, rollback, sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtp_jax.generate import cache as cache_lib
+from mtp_jax.generate.decode import generate, prefill, step
+from mtp_jax.generate.sample import filtered_probs, sample
+from mtp_jax.model import Transformer
+
+B, P, S = 3, 8, 16  # rows, padded prompt length, cache (and reference sequence) length
+PROMPT_LENGTHS = np.array([5, 3, 8], np.int32)
+
+# Each config adds a twist: qk_norm and the parallel MTP kind (whose last block is the
+# next-token head); capacity-mode MoE, which decoding must replace by dropless (with a factor
+# of E / K nothing overflows, so the uncached reference is the same maths); a query latent.
+CONFIGS = {
+  "gqa": ["model.attention.kind=gqa", "model.attention.qk_norm=true", "model.mtp.kind=parallel"],
+  "mla": ["model.attention.kind=mla", "model.moe.mode=capacity", "model.moe.capacity_factor=4"],
+  "mla_q_lora": ["model.attention.kind=mla", "model.attention.q_lora_rank=8"],
+}
+
+
+class Decoder:
+  """One tiny model with its compiled uncached forward, prefill and steps."""
+
+  def __init__(self, cfg):
+    self.model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    for i, moe in enumerate(self.model.moe_layers().values()):  # a trained-looking router bias
+      moe.router.bias[...] = 0.1 * jax.random.normal(jax.random.key(i), moe.router.bias.shape)
+    self.vocab = cfg.model.vocab_size
+    graphdef, state = nnx.split(self.model)
+
+    @jax.jit
+    def forward(tokens_BxL):
+      model = nnx.merge(graphdef, state)
+      ones = jnp.ones_like(tokens_BxL)
+      return model.logits(model(tokens_BxL, ones, jnp.cumsum(ones, 1) - 1).hidden[0])
+
+    @jax.jit
+    def start(tokens_BxP, lengths_B):
+      model = nnx.merge(graphdef, state)
+      return prefill(model, tokens_BxP, lengths_B, cache_lib.allocate(model.blocks, B, S))
+
+    @jax.jit
+    def advance(tokens_BxT, cache):
+      return step(nnx.merge(graphdef, state), tokens_BxT, cache)
+
+    self.forward, self.start, self.advance = forward, start, advance
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def decoder(request):
+  from conftest import tiny_config
+
+  return Decoder(tiny_config("model.init_std=0.2", *CONFIGS[request.param]))
+
+
+def _tokens(rng, vocab, shape):
+  return rng.integers(0, vocab, shape).astype(np.int32)
+
+
+def _assert_close(got, want, rel, what):
+  scale = np.abs(want).max()
+  diff = np.abs(np.asarray(got) - np.asarray(want)).max()
+  print(f"{what}: max |diff| {diff:.2e}, logits up to {scale:.2f}")
+  assert diff <= rel * scale, f"{what}: max |diff| {diff} > {rel} x {scale}"
+
+
+def test_cached_logits_equal_the_full_forward_at_every_position(decoder):
+  rng = np.random.default_rng(0)
+  seq_BxS = _tokens(rng, decoder.vocab, (B, S))
+  want_BxSxV = np.asarray(decoder.forward(seq_BxS))
+  # Right-padded prompts; the padding is junk that must never be seen.
+  prompts_BxP = np.where(np.arange(P) < PROMPT_LENGTHS[:, None], seq_BxS[:, :P], _tokens(rng, decoder.vocab, (B, P)))
+  _, hidden_BxPxD, cache = decoder.start(prompts_BxP, PROMPT_LENGTHS)
+  got = {
+    (b, t): decoder.model.logits(hidden_BxPxD[b : b + 1, t : t + 1])[0, 0]
+    for b in range(B)
+    for t in range(PROMPT_LENGTHS[b])
+  }
+  for t in [1, 1, 3]:  # one-token steps, then a three-token (verification-sized) step
+    pos_BxT = np.asarray(cache.length_B)[:, None] + np.arange(t)
+    logits_BxTxV, _, cache = decoder.advance(np.take_along_axis(seq_BxS, pos_BxT, 1), cache)
+    got.update({(b, p): logits_BxTxV[b, j] for b in range(B) for j, p in enumerate(pos_BxT[b])})
+  np.testing.assert_array_equal(cache.length_B, PROMPT_LENGTHS + 5)
+  keys = sorted(got)
+  _assert_close(np.stack([got[k] for k in keys]), np.stack([want_BxSxV[k] for k in keys]), 1e-5, "cached vs full")
+
+
+def _greedy_uncached(decoder, prompts, new):
+  """Each prompt continued by argmax of the full forward, re-run for every token."""
+  seqs = [list(p) for p in prompts]
+  for _ in range(new):
+    tokens_BxS = np.zeros((B, S), np.int32)
+    for row, s in zip(tokens_BxS, seqs, strict=True):
+      row[: len(s)] = s
+    logits_BxSxV = np.asarray(decoder.forward(tokens_BxS))
+    for b, s in enumerate(seqs):
+      s.append(int(logits_BxSxV[b, len(s) - 1].argmax()))
+  return [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
+
+
+def test_batched_greedy_generation_equals_uncached_greedy_of_each_prompt(decoder):
+  rng = np.random.default_rng(1)
+  prompts = [list(_tokens(rng, decoder.vocab, n)) for n in (3, 7, 5)]
+  want = _greedy_uncached(decoder, prompts, 6)
+  assert generate(decoder.model, prompts, 6) == want
+  # A row stops at its eos; the others are unaffected.
+  eos = want[0][2]
+  stopped = generate(decoder.model, prompts, 6, eos_id=eos)
+  assert stopped[0] == want[0][:3]
+  for got, full in zip(stopped[1:], want[1:], strict=True):
+    assert got == (full[: full.index(eos) + 1] if eos in full else full)
+
+
+def test_rolled_back_cache_equals_a_fresh_cache_of_the_accepted_tokens(decoder):
+  rng = np.random.default_rng(2)
+  prompts_BxP = _tokens(rng, decoder.vocab, (B, P))
+  draft_Bx3, after_Bx3 = _tokens(rng, decoder.vocab, (B, 3)), _tokens(rng, decoder.vocab, (B, 3))
+  accepted_B = np.array([1, 3, 0], np.int32)  # per row, as speculative verification would
+  _, _, cache = decoder.start(prompts_BxP, PROMPT_LENGTHS)
+  _, _, cache = decoder.advance(draft_Bx3, cache)
+  cache = cache_lib.rollback(cache, PROMPT_LENGTHS + accepted_B)
+  got_Bx3xV, _, cache = decoder.advance(after_Bx3, cache)
+  np.testing.assert_array_equal(cache.length_B, PROMPT_LENGTHS + accepted_B + 3)
+
+  fresh_BxP = prompts_BxP.copy()
+  for b in range(B):
+    n = PROMPT_LENGTHS[b]
+    fresh_BxP[b, n : n + accepted_B[b]] = draft_Bx3[b, : accepted_B[b]]
+  _, _, fresh = decoder.start(fresh_BxP, PROMPT_LENGTHS + accepted_B)
+  want_Bx3xV, _, _ = decoder.advance(after_Bx3, fresh)
+  _assert_close(got_Bx3xV, want_Bx3xV, 1e-6, "rolled back vs fresh")
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits_1xV = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
+  for top_p, want in [
+    (0.5, [0, 1, 0, 0]),
+    (0.8, [0, 0.625, 0, 0.375]),
+    (0.81, [0.15 / 0.95, 0.5 / 0.95, 0, 0.3 / 0.95]),
+    (1.0, [0.15, 0.5, 0.05, 0.3]),
+  ]:
+    np.testing.assert_allclose(filtered_probs(logits_1xV, 1.0, top_p)[0], want, rtol=1e-6, atol=1e-7)
+  draws = jax.vmap(lambda k: sample(logits_1xV, k, 1.0, 0.8))(jax.random.split(jax.random.key(0), 2000))
+  assert set(np.unique(draws)) == {1, 3}
+  assert abs(float(np.mean(draws == 1)) - 0.625) < 0.05
+  # Temperature 0 is the argmax; a low temperature sharpens towards it.
+  np.testing.assert_array_equal(sample(logits_1xV, jax.random.key(0), 0.0), [1])
+  assert float(filtered_probs(logits_1xV, 0.05)[0, 1]) > 0.999
+
+
+def test_sampling_is_reproducible_by_seed(tiny):
+  model = Transformer(tiny("model.init_std=0.2").model, rngs=nnx.Rngs(0))
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  a = generate(model, prompts, 5, temperature=1.0, top_p=0.9, seed=3)
+  assert a == generate(model, prompts, 5, temperature=1.0, top_p=0.9, seed=3)
+  assert all(len(row) == 5 for row in a)
