@@ -3,4 +3,5 @@
 cache.py   `Cache`: every trunk block's attention cache and each row's length; rollback is lowering it
 sample.py  `sample`: greedy, temperature and top-p; `filtered_probs`, the distribution sampled from
 decode.py  `prefill`, `step`: cached forward passes; `generate`: prompts in, new tokens out
+speculative.py  `speculative_generate`: the MTP depths draft, the trunk verifies; `SpecStats`
 """

@@ -40,7 +40,7 @@ def step(model: Transformer, tokens_BxT: jax.Array, cache: Cache) -> tuple[jax.A
   MTP heads read the final-normed hidden states."""
   model = dropless(model)
   positions_BxT = cache_lib.positions(cache, tokens_BxT.shape[1])
-  hidden_BxTxD, layers = model.decode(tokens_BxT, positions_BxT, cache.layers)
+  hidden_BxTxD, layers, _ = model.decode(tokens_BxT, positions_BxT, cache.layers)
   cache = Cache(layers=layers, length_B=cache.length_B + tokens_BxT.shape[1])
   return model.logits(hidden_BxTxD), hidden_BxTxD, cache
 
@@ -53,7 +53,7 @@ def prefill(
   prompt, so its first new token overwrites the padding's slots."""
   model = dropless(model)
   positions_BxP = cache_lib.positions(cache, tokens_BxP.shape[1])
-  hidden_BxPxD, layers = model.decode(tokens_BxP, positions_BxP, cache.layers)
+  hidden_BxPxD, layers, _ = model.decode(tokens_BxP, positions_BxP, cache.layers)
   cache = Cache(layers=layers, length_B=cache.length_B + prompt_lengths_B.astype(jnp.int32))
   last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (prompt_lengths_B - 1)[:, None, None], axis=1)
   return model.logits(last_Bx1xD)[:, 0], hidden_BxPxD, cache
@@ -72,20 +72,24 @@ def generate(
   """The new tokens of each prompt: up to max_new_tokens, ending at the first eos_id (kept).
   Greedy at temperature 0. One compiled program per (batch, longest prompt, max_new_tokens)
   and sampling settings; the cache holds longest prompt + max_new_tokens positions."""
+  tokens_BxP, lengths_B = pad_prompts(prompts, max_new_tokens)
+  graphdef, state = nnx.split(dropless(model))
+  stop = np.int32(-1 if eos_id is None else eos_id)  # an argument, so eos_id costs no recompile
+  settings = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
+  out_BxN = np.asarray(_generate(graphdef, state, tokens_BxP, lengths_B, stop, jax.random.key(seed), **settings))
+  rows = [list(map(int, row)) for row in out_BxN]
+  return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+def pad_prompts(prompts: list[list[int]], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+  """(right-padded tokens_BxP, lengths_B), or a ValueError for an empty prompt or max_new_tokens < 1."""
   lengths = [len(p) for p in prompts]
   if not prompts or min(lengths) == 0 or max_new_tokens < 1:
     raise ValueError("generate needs non-empty prompts and max_new_tokens >= 1")
   tokens_BxP = np.zeros((len(prompts), max(lengths)), np.int32)
   for row, prompt in zip(tokens_BxP, prompts, strict=True):
     row[: len(prompt)] = prompt
-  graphdef, state = nnx.split(dropless(model))
-  stop = np.int32(-1 if eos_id is None else eos_id)  # an argument, so eos_id costs no recompile
-  settings = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p))
-  out_BxN = np.asarray(
-    _generate(graphdef, state, tokens_BxP, np.asarray(lengths, np.int32), stop, jax.random.key(seed), **settings)
-  )
-  rows = [list(map(int, row)) for row in out_BxN]
-  return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+  return tokens_BxP, np.asarray(lengths, np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))

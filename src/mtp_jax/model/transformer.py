@@ -144,19 +144,22 @@ class Transformer(nnx.Module):
         hidden.append(module.norm(h_prev))
     return ModelOutput(hidden=hidden, aux=aux)
 
-  def decode(self, tokens_BxL, positions_BxL, caches: list) -> tuple[jax.Array, list]:
-    """(h, caches): the next-token state of new tokens at `positions_BxL` (final-normed, BxLxD,
-    what `logits` reads), every block attending over its cache in `caches` (one per block of
-    `self.blocks`, as `Block.empty_cache` makes them) and writing the new keys there. A query
-    at position p sees cache slots 0..p. The MTP depths are not run."""
+  def decode(self, tokens_BxL, positions_BxL, caches: list) -> tuple[jax.Array, list, jax.Array]:
+    """(h, caches, branch): the next-token state of new tokens at `positions_BxL` (final-normed,
+    BxLxD, what `logits` reads), every block attending over its cache in `caches` (one per block
+    of `self.blocks`, as `Block.empty_cache` makes them) and writing the new keys there. A query
+    at position p sees cache slots 0..p. `branch` is the state entering the last block, where
+    the parallel kind's extra heads branch off (speculative drafting runs them); the MTP depths
+    themselves are not run."""
     mask_BxLxS = attention.cached_mask(positions_BxL, _cache_len(caches[0]))
     x = self.embed(tokens_BxL)
-    new = []
+    new, branch = [], x
     for block, cache in zip(self.blocks, caches, strict=True):
+      branch = x
       x, cache = block.decode(x, mask_BxLxS, positions_BxL, cache)
       new.append(cache)
     # The parallel kind's last block is its next-token head, so in both kinds every block runs.
-    return self.final_norm(x), new
+    return self.final_norm(x), new, branch
 
 
 def _cache_len(cache) -> int:
