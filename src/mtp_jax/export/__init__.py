@@ -14,3 +14,29 @@ cli.py          `mtp-export`, `mtp-import`: parse the command line, one-line err
 
 class ExportError(ValueError):
   """An export that cannot be done, reported to the user as one line."""
+
+
+def common_config(cfg, dtype: str, tok) -> dict:
+  """The config.json keys every Hugging Face layout here writes alike: norms, plain RoPE (rope_theta
+  beside rope_parameters for readers older than transformers 5), no attention bias, token ids, dtype.
+  `cfg` is our Config, `tok` the run's TokenizerInfo or None."""
+  m = cfg.model
+  theta = m.attention.rope_theta
+  return {
+    "hidden_act": "silu",
+    "rms_norm_eps": m.norm_eps,
+    "rope_theta": theta,
+    "rope_scaling": None,
+    "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "max_position_embeddings": cfg.data.seq_len,
+    "initializer_range": m.init_std,
+    "tie_word_embeddings": m.tie_embeddings,
+    "bos_token_id": tok.bos_id if tok else None,
+    "eos_token_id": m.eos_id,
+    "pad_token_id": tok.pad_id if tok else None,
+    "use_cache": True,
+    "dtype": dtype,
+    "torch_dtype": dtype,
+  }

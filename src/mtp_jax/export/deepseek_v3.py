@@ -26,7 +26,7 @@ import json
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
-from mtp_jax.export import ExportError
+from mtp_jax.export import ExportError, common_config
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
@@ -92,23 +92,8 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
     "qk_nope_head_dim": a.qk_nope_head_dim,
     "qk_rope_head_dim": a.qk_rope_head_dim,
     "v_head_dim": a.v_head_dim,
-    "hidden_act": "silu",
-    "rms_norm_eps": m.norm_eps,
-    "rope_theta": a.rope_theta,
-    "rope_scaling": None,
-    "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
     "rope_interleave": True,
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "max_position_embeddings": cfg.data.seq_len,
-    "initializer_range": m.init_std,
-    "tie_word_embeddings": m.tie_embeddings,
-    "bos_token_id": tok.bos_id if tok else None,
-    "eos_token_id": m.eos_id,
-    "pad_token_id": tok.pad_id if tok else None,
-    "use_cache": True,
-    "dtype": dtype,
-    "torch_dtype": dtype,
+    **common_config(cfg, dtype, tok),
   }
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
-from mtp_jax.export import ExportError
+from mtp_jax.export import ExportError, common_config
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
@@ -123,25 +123,10 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
     "norm_topk_prob": moe.norm_topk_prob,
     "decoder_sparse_step": 1,
     "mlp_only_layers": [i for i in range(m.num_layers + m.mtp.depth) if _dense(m, i)],
-    "hidden_act": "silu",
-    "rms_norm_eps": m.norm_eps,
-    "rope_theta": a.rope_theta,
-    "rope_scaling": None,
-    "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
-    "attention_bias": False,
-    "attention_dropout": 0.0,
     "use_sliding_window": False,
     "sliding_window": None,
     "max_window_layers": m.num_layers,
-    "max_position_embeddings": cfg.data.seq_len,
-    "initializer_range": m.init_std,
-    "tie_word_embeddings": m.tie_embeddings,
-    "bos_token_id": tok.bos_id if tok else None,
-    "eos_token_id": m.eos_id,
-    "pad_token_id": tok.pad_id if tok else None,
-    "use_cache": True,
-    "dtype": dtype,
-    "torch_dtype": dtype,
+    **common_config(cfg, dtype, tok),
   }
 
 
