@@ -17,12 +17,19 @@ class ExportError(ValueError):
 
 
 def common_config(cfg, dtype: str, tok) -> dict:
-  """The config.json keys every Hugging Face layout here writes alike: norms, plain RoPE (rope_theta
-  beside rope_parameters for readers older than transformers 5), no attention bias, token ids, dtype.
-  `cfg` is our Config, `tok` the run's TokenizerInfo or None."""
+  """The config.json keys every Hugging Face layout here writes alike: sizes, the MTP depth, norms,
+  plain RoPE (rope_theta beside rope_parameters for readers older than transformers 5), no
+  attention bias, token ids, dtype. `cfg` is our Config, `tok` the run's TokenizerInfo or None."""
   m = cfg.model
   theta = m.attention.rope_theta
   return {
+    "vocab_size": m.vocab_size,
+    "hidden_size": m.d_model,
+    "intermediate_size": m.d_ff,
+    "moe_intermediate_size": m.moe.expert_d_ff,
+    "num_hidden_layers": m.num_layers,
+    "num_nextn_predict_layers": m.mtp.depth,
+    "num_attention_heads": m.attention.num_heads,
     "hidden_act": "silu",
     "rms_norm_eps": m.norm_eps,
     "rope_theta": theta,

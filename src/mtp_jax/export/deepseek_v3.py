@@ -68,13 +68,6 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
   return {
     "architectures": [ARCHITECTURE],
     "model_type": "deepseek_v3",
-    "vocab_size": m.vocab_size,
-    "hidden_size": m.d_model,
-    "intermediate_size": m.d_ff,
-    "moe_intermediate_size": moe.expert_d_ff,
-    "num_hidden_layers": m.num_layers,
-    "num_nextn_predict_layers": m.mtp.depth,
-    "num_attention_heads": a.num_heads,
     "num_key_value_heads": a.num_heads,
     "n_shared_experts": moe.num_shared_experts,
     "n_routed_experts": moe.num_experts,

@@ -109,13 +109,6 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
   return {
     "architectures": [ARCHITECTURE],
     "model_type": "qwen3_moe",
-    "vocab_size": m.vocab_size,
-    "hidden_size": m.d_model,
-    "intermediate_size": m.d_ff,
-    "moe_intermediate_size": moe.expert_d_ff,
-    "num_hidden_layers": m.num_layers,
-    "num_nextn_predict_layers": m.mtp.depth,
-    "num_attention_heads": a.num_heads,
     "num_key_value_heads": a.num_kv_heads,
     "head_dim": a.head_dim,
     "num_experts": moe.num_experts,
