@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import stats as scipy_stats
 
 from mtp_jax.generate import cache as cache_lib
-from mtp_jax.generate import speculative
+from mtp_jax.generate import decode, speculative
 from mtp_jax.generate.decode import generate, prefill
 from mtp_jax.generate.sample import filtered_probs
 from mtp_jax.generate.speculative import speculative_generate
@@ -99,6 +99,34 @@ def test_accepted_drafts_cut_forward_passes_and_stats_match_the_tokens():
   assert all(x >= y for x, y in itertools.pairwise(stats.acceptance))
   plain_tokens, plain = speculative.plain_generate_with_stats(model, PROMPTS, 10)
   assert plain_tokens == want and plain.passes_per_token == 1.0
+
+
+@pytest.mark.parametrize("kind,attention", [("sequential", "mla"), ("parallel", "gqa")])
+def test_every_draft_is_the_training_forwards_prediction_at_its_depth(kind, attention):
+  """Draft j of a round, whose committed tokens are t_0 .. t_{n-1}, must be what the training
+  forward's depth j predicts at position n - 2 over those tokens followed by the round's
+  earlier drafts (which sequential depth j reads as Emb(t_{n-2+j})). Sampled drafts and
+  frequent rejections exercise the chain, the rollback and the recomputed window."""
+  model = _model(f"model.mtp.kind={kind}", f"model.attention.kind={attention}", "model.mtp.depth=2")
+  max_new = 10
+  out, _ = speculative.run(model, PROMPTS, max_new, temperature=1.0, seed=3, trace=True)
+  t = jax.device_get(out.trace)
+  seq_BxS, k = np.asarray(out.seq_BxS), t.drafts_RxBxK.shape[2]
+  rounds, rows = np.nonzero(t.active_RxB)
+  assert len(rounds) >= 2 * len(PROMPTS) and np.asarray(out.accepted_K)[0] < len(rounds)  # rejections happened
+  length = max(map(len, PROMPTS)) + max_new + k
+  tokens_NxS = np.zeros((len(rounds), length), np.int32)
+  for i, (r, b) in enumerate(zip(rounds, rows, strict=True)):
+    last = t.last_RxB[r, b]  # t_{n-1} sits at position last; the drafts follow it
+    tokens_NxS[i, : last + 1 + k] = np.concatenate([seq_BxS[b, : last + 1], t.drafts_RxBxK[r, b]])
+  ones = jnp.ones_like(tokens_NxS)  # one document; what follows the drafts cannot be attended to
+  hidden = decode.dropless(model)(tokens_NxS, ones, jnp.cumsum(ones, 1) - 1).hidden
+  query_N = t.last_RxB[rounds, rows] - 1
+  for j in range(1, k + 1):
+    want_NxV = model.logits(hidden[j][np.arange(len(rounds)), query_N][:, None])[:, 0]
+    got_NxV = t.logits_RxBxKxV[rounds, rows, j - 1]
+    print(j, "max |diff|", np.abs(got_NxV - want_NxV).max())
+    np.testing.assert_allclose(got_NxV, want_NxV, rtol=1e-4, atol=1e-4)
 
 
 def _exact_joint(model, prompt, temperature, top_p, vocab):

@@ -183,6 +183,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
       f"data.sources=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 1}}]",
       "train.eval_every=3",
       "train.eval_batches=2",
+      "train.eval_spec_tokens=6",  # after 8-token prompts: within data.seq_len 16
     )
 
   said = []
@@ -198,8 +199,9 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
   for k in KEYS:
     assert want[k] == got[k], k  # bitwise: the resumed run is the same computation
   (want,), (got,) = ([r for r in run if r["step"] == 6 and "eval/ntp_loss" in r] for run in (straight, resumed))
-  per_depth = ["ntp_loss", "ntp_acc", "mtp_loss_1", "mtp_acc_1", "mtp_loss_2", "mtp_acc_2"]
-  assert set(want) == {"step", *(f"eval/{m}" for m in per_depth)}
+  per_depth = ["ntp_loss", "ntp_acc", *(f"mtp_{m}_{k}" for k in (1, 2) for m in ("loss", "acc", "agree"))]
+  spec = ["spec_accept_1", "spec_accept_2", "spec_accepted_len", "spec_passes_per_token"]
+  assert set(want) == {"step", *(f"eval/{m}" for m in per_depth + spec)}
   for k in want:
     assert want[k] == got[k], k
   lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

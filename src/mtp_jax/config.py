@@ -170,8 +170,27 @@ class TrainConfig(_Section):
     0, "Queries per attention block: float32 scores exist for this many at a time (0: whole sequence).", ge=0
   )
   progress_bar: bool = _field(True, "Show a progress bar on the terminal.")
-  eval_every: int = _field(0, "Evaluate on the sources' held-out splits every this many steps (0: never).", ge=0)
+  eval_every: int = _field(
+    0,
+    "Evaluate on the sources' held-out splits every this many steps: loss, accuracy and agreement with the main "
+    "model per MTP depth, and speculative acceptance (0: never).",
+    ge=0,
+  )
   eval_batches: int = _field(8, "Batches of train.batch_size per evaluation (the same ones every time).", ge=1)
+  eval_spec_prompts: int = _field(
+    4,
+    "Held-out prompts (the first rows of the first eval batch) decoded greedily at each evaluation, the MTP "
+    "depths drafting, to measure speculative acceptance (0: off; nothing to draft with model.mtp.depth=0).",
+    ge=0,
+  )
+  eval_spec_prompt_len: int = _field(
+    0,
+    "Tokens per speculative prompt, at most: each is cut at its row's first document end (0: data.seq_len / 2).",
+    ge=0,
+  )
+  eval_spec_tokens: int = _field(
+    32, "New tokens decoded per speculative prompt (prompt + these fit data.seq_len).", ge=2
+  )
   max_bad_steps: int = _field(
     5, "Stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped).", ge=1
   )
@@ -330,6 +349,11 @@ class Config(_Section):
     return self
 
 
+def spec_prompt_len(train: TrainConfig, data: DataConfig) -> int:
+  """The longest speculative eval prompt: train.eval_spec_prompt_len, 0 meaning half a sequence."""
+  return train.eval_spec_prompt_len or data.seq_len // 2
+
+
 def _problems(c: Config):
   """Yields (key, problem) for cross-field inconsistencies."""
   m, a, moe, mtp = c.model, c.model.attention, c.model.moe, c.model.mtp
@@ -382,6 +406,16 @@ def _problems(c: Config):
     yield "train.grad_accum_steps", "must be at least 1, or -1 for one sequence per device per microbatch"
   elif accum > 0 and batch % accum:
     yield "train.grad_accum_steps", f"{accum} does not divide train.batch_size ({batch})"
+  if c.train.eval_every and c.train.eval_spec_prompts and mtp.depth:
+    if c.train.eval_spec_prompts > batch:
+      yield "train.eval_spec_prompts", f"{c.train.eval_spec_prompts} exceeds the rows of one eval batch ({batch})"
+    prompt = spec_prompt_len(c.train, c.data)
+    if prompt + c.train.eval_spec_tokens > c.data.seq_len:
+      yield (
+        "train.eval_spec_tokens",
+        f"{prompt}-token prompts + {c.train.eval_spec_tokens} new tokens exceed data.seq_len ({c.data.seq_len}); "
+        "lower it or train.eval_spec_prompt_len, or set train.eval_spec_prompts=0",
+      )
   for key in ("loss_chunk_len", "attention_chunk_len"):
     chunk = getattr(c.train, key)
     if chunk and c.data.seq_len % chunk:

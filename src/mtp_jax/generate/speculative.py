@@ -63,6 +63,19 @@ class SpecState:
   rounds: jax.Array
   row_rounds: jax.Array  # forward passes counted per row
   accepted_K: jax.Array  # per draft position, row-rounds whose draft there was accepted
+  trace: Trace | None = None  # with run(..., trace=True)
+
+
+@struct.dataclass
+class Trace:
+  """Every round's drafts, for tests that check them against the training forward: round r
+  (row b) drafted `drafts_RxBxK[r, b]` from `logits_RxBxKxV[r, b]` at trunk length `last_RxB[r, b]`
+  (the query position is last - 1), where `active_RxB` is set. R = max_new_tokens bounds the rounds."""
+
+  last_RxB: jax.Array
+  active_RxB: jax.Array
+  drafts_RxBxK: jax.Array
+  logits_RxBxKxV: jax.Array
 
 
 def check(model: Transformer, draft_tokens: int | None, reuse: bool) -> int:
@@ -94,14 +107,20 @@ def run(
   top_p: float = 1.0,
   seed: int = 0,
   eos_id: int | None = None,
+  trace: bool = False,
 ) -> tuple[SpecState, float]:
-  """(final state, execution seconds): `speculative_generate` without turning the state into lists."""
+  """(final state, execution seconds): `speculative_generate` without turning the state into
+  lists; `trace` also records every round's drafts (`Trace`)."""
   k = check(model, draft_tokens, reuse)
   tokens_BxP, lengths_B = decode.pad_prompts(prompts, max_new_tokens)
   graphdef, state = nnx.split(decode.dropless(model))
   args = (graphdef, state, tokens_BxP, lengths_B, np.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
-  settings = dict(max_new_tokens=max_new_tokens, draft_tokens=k, temperature=float(temperature), top_p=float(top_p))
-  compiled = _speculative.lower(*args, **settings).compile()  # timed apart from the run
+  settings = dict(
+    max_new_tokens=max_new_tokens, draft_tokens=k, temperature=float(temperature), top_p=float(top_p), trace=trace
+  )
+  # Timed apart from the run. Lowering and compiling again with the same shapes and settings
+  # hits JAX's caches (milliseconds), so repeated calls do not recompile.
+  compiled = _speculative.lower(*args, **settings).compile()
   start = time.perf_counter()
   out = jax.block_until_ready(compiled(*args[1:]))
   return out, time.perf_counter() - start
@@ -227,9 +246,11 @@ def _accept(logits_BxTxV, drafts_BxK, draft_logits_BxKxV, key, temperature, top_
   return accepted_B, jax.random.categorical(key_next, jnp.log(next_BxV), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "draft_tokens", "temperature", "top_p"))
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "max_new_tokens", "draft_tokens", "temperature", "top_p", "trace")
+)
 def _speculative(
-  graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_tokens, draft_tokens, temperature, top_p
+  graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_tokens, draft_tokens, temperature, top_p, trace
 ):
   model = nnx.merge(graphdef, state)
   b, p = tokens_BxP.shape
@@ -272,12 +293,23 @@ def _speculative(
   done_B = (first_B == stop) | (max_new_tokens <= 1)
   zero = jnp.zeros((), jnp.int32)
   carry = (zero, seq_BxS, trunk, extra, count_B, done_B, zero, jnp.zeros((k,), jnp.int32))
+  if trace:
+    r_ = max_new_tokens  # every round but the last emits at least one token of each active row
+    v = logits_BxPxV.shape[-1]
+    carry += (
+      Trace(
+        jnp.zeros((r_, b), jnp.int32),
+        jnp.zeros((r_, b), bool),
+        jnp.zeros((r_, b, k), jnp.int32),
+        jnp.zeros((r_, b, k, v), jnp.float32),
+      ),
+    )
 
   def more(carry):
     return ~jnp.all(carry[5])
 
   def one(carry):
-    r, seq_BxS, trunk, extra, count_B, done_B, row_rounds, accepted_K = carry
+    r, seq_BxS, trunk, extra, count_B, done_B, row_rounds, accepted_K = carry[:8]
     round_key = jax.random.fold_in(key, r + 1)
     last_B = trunk.length_B  # L = n - 1: t_{n-1} sits at position L, the drafts at L + 1 .. L + K
     if sequential:
@@ -335,7 +367,18 @@ def _speculative(
       extra = (next_logits_BxKxV, Cache(layers=layers, length_B=trunk.length_B))  # rolled back with the trunk
     row_rounds = row_rounds + active_B.sum()
     accepted_K = accepted_K + jnp.sum(active_B[:, None] & (steps_T[None, :k] < accepted_B[:, None]), 0)
-    return r + 1, seq_BxS, trunk, extra, count_B, done_B, row_rounds, accepted_K
+    out = (r + 1, seq_BxS, trunk, extra, count_B, done_B, row_rounds, accepted_K)
+    if trace:
+      t = carry[8]
+      out += (
+        Trace(
+          t.last_RxB.at[r].set(last_B),
+          t.active_RxB.at[r].set(active_B),
+          t.drafts_RxBxK.at[r].set(drafts_BxK),
+          t.logits_RxBxKxV.at[r].set(draft_logits_BxKxV.astype(jnp.float32)),
+        ),
+      )
+    return out
 
-  r, seq_BxS, trunk, _, count_B, _, row_rounds, accepted_K = jax.lax.while_loop(more, one, carry)
-  return SpecState(seq_BxS, count_B, trunk, r, row_rounds, accepted_K)
+  r, seq_BxS, trunk, _, count_B, _, row_rounds, accepted_K, *rest = jax.lax.while_loop(more, one, carry)
+  return SpecState(seq_BxS, count_B, trunk, r, row_rounds, accepted_K, rest[0] if trace else None)

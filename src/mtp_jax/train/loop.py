@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 from mtp_jax import config as config_lib
 from mtp_jax import data, sharding
-from mtp_jax.config import Config, ConfigError
+from mtp_jax.config import Config, ConfigError, spec_prompt_len
 from mtp_jax.distributed import Watchdog
 from mtp_jax.model import moe
 from mtp_jax.model.flops import cost
-from mtp_jax.train import optimizer, resume, step
+from mtp_jax.train import evaluate, optimizer, resume, step
 from mtp_jax.train.checkpoint import Checkpointer, leaf_name
 from mtp_jax.train.metrics import MetricsWriter, mfu
 from mtp_jax.train.preemption import Preemption
@@ -135,13 +135,34 @@ def _describe_memory(compiled) -> str:
   return "compiled step memory per device: " + ", ".join(parts)
 
 
-def _evaluate(program: Program, eval_data, num_batches: int, state) -> dict[str, float]:
-  """Eval metrics per MTP depth over the first `num_batches` batches of the held-out split."""
+def _evaluate(program: Program, eval_data, num_batches: int, state, spec: Callable | None = None) -> dict[str, float]:
+  """Eval metrics per MTP depth over the first `num_batches` batches of the held-out split, and
+  `spec(state)`'s speculative acceptance."""
   it, sums = iter(eval_data), None
   for _ in range(num_batches):
     out = program.eval_step(state, _global_batch(next(it), program.batch_sharding))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  return step.eval_metrics(jax.device_get(sums))
+  values = step.eval_metrics(jax.device_get(sums))
+  if spec is not None:
+    values.update(spec(state))
+  return values
+
+
+def _spec_eval(cfg: Config, eval_data) -> Callable | None:
+  """state -> speculative acceptance on the first held-out prompts (the same every time), or
+  None where there is nothing to measure."""
+  t = cfg.train
+  if not (t.eval_spec_prompts and cfg.model.mtp.depth):
+    return None
+  eos = cfg.model.eos_id
+  prompts = evaluate.held_out_prompts(next(iter(eval_data)), t.eval_spec_prompts, spec_prompt_len(t, cfg.data), eos)
+  graphdef = step.graphdef_of(cfg)
+
+  def spec(state) -> dict[str, float]:
+    model = nnx.merge(graphdef, state.params, state.router_bias)
+    return evaluate.speculative_acceptance(model, prompts, t.eval_spec_tokens, eos)
+
+  return spec
 
 
 def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -247,12 +268,13 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   dataset = data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed, sources=sources, **shard)
   batches = iter(dataset)
-  evaluate = None
+  run_eval = None
   if t.eval_every:
     eval_data = data.make_dataset(
       cfg.data, batch_size=t.batch_size, seed=t.seed, split="eval", sources=eval_sources, **shard
     )
-    evaluate = functools.partial(_evaluate, program, eval_data, t.eval_batches)
+    spec = _spec_eval(program.cfg, eval_data)
+    run_eval = functools.partial(_evaluate, program, eval_data, t.eval_batches, spec=spec)
   with contextlib.ExitStack() as stack:
     preemption = Preemption()  # from here on, SIGTERM means: save at the next step boundary
     stack.callback(preemption.close)
@@ -344,12 +366,11 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       preempted = preemption.reached(done)
       if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps or preempted):
         ckpt.save(done, state, batches, origin)
-      if evaluate and (done % t.eval_every == 0 or done == t.steps):
-        values = evaluate(state)
+      if run_eval and (done % t.eval_every == 0 or done == t.steps):
+        values = run_eval(state)
         writer.write(done, values)
         records.append({"step": done, **values})
-        losses = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in values.items() if "loss" in k)
-        say(f"eval at step {done}: {losses}")
+        say(f"eval at step {done}: {evaluate.summary(values)}")
       bar.update(1)
       watchdog.beat(done)
       if preempted:

@@ -25,6 +25,17 @@ def depth_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, depth: int)
 
 def head_cross_entropy(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
   """Returns (summed NLL, summed top-1 hits) over masked positions, in float32."""
+  nll, hits, _ = _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=False)
+  return nll, hits
+
+
+def head_eval(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
+  """`head_cross_entropy` plus every position's top-1 token (argmax_BxL, int32), for held-out
+  metrics that compare depths; a separate path so the training step carries no extra output."""
+  return _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=True)
+
+
+def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bool):
   b, length, _ = h_BxLxD.shape
   chunk_len = chunk_len or length
   n = length // chunk_len
@@ -33,20 +44,23 @@ def head_cross_entropy(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0
   def chunk(h_BxCxD, t_BxC, m_BxC):
     logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t_BxC[..., None], -1)[..., 0]
-    hits = jnp.argmax(logits, -1) == t_BxC
+    top_BxC = jnp.argmax(logits, -1).astype(jnp.int32)
+    hits = top_BxC == t_BxC
     m = m_BxC.astype(jnp.float32)
-    return jnp.sum(nll * m), jnp.sum(hits * m)
+    return jnp.sum(nll * m), jnp.sum(hits * m), top_BxC if keep_argmax else None
 
   def split(x):  # B x L x ... -> N x B x C x ...
     return jnp.moveaxis(x.reshape(b, n, chunk_len, *x.shape[2:]), 1, 0)
 
   def body(carry, xs):
-    nll, hits = chunk(*xs)
-    return (carry[0] + nll, carry[1] + hits), None
+    nll, hits, top_BxC = chunk(*xs)
+    return (carry[0] + nll, carry[1] + hits), top_BxC
 
   zero = jnp.zeros((), jnp.float32)
-  (nll, hits), _ = jax.lax.scan(body, (zero, zero), (split(h_BxLxD), split(targets_BxL), split(mask_BxL)))
-  return nll, hits
+  (nll, hits), top_NxBxC = jax.lax.scan(body, (zero, zero), (split(h_BxLxD), split(targets_BxL), split(mask_BxL)))
+  if not keep_argmax:
+    return nll, hits, None
+  return nll, hits, jnp.moveaxis(top_NxBxC, 0, 1).reshape(b, length)
 
 
 def mtp_weight(step: jax.Array, base: float, schedule: list[tuple[int, float]]) -> jax.Array:

@@ -20,6 +20,7 @@ from mtp_jax import sharding
 from mtp_jax.config import Config
 from mtp_jax.model import Transformer
 from mtp_jax.model.moe import RouterBias
+from mtp_jax.model.mtp import shift_left
 from mtp_jax.train import losses
 
 Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: B x L int32
@@ -105,24 +106,43 @@ def target_counts(batch: Batch, depth: int) -> jax.Array:
 
 
 def make_eval_step(cfg: Config, graphdef, mesh):
-  """(state, batch) -> summed NLL, correct predictions and targets per depth, [1 + depth] each."""
+  """(state, batch) -> summed NLL, correct predictions and targets per depth, [1 + depth] each,
+  and `agree` [depth]: positions where depth k's argmax equals the main model's k steps later."""
 
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     with sharding.activate(mesh, cfg.mesh.rules):
-      counts = target_counts(batch, cfg.model.mtp.depth)
-      _, sums = loss_fn(state.params, state.router_bias, graphdef, batch, jnp.ones_like(counts), cfg, 0.0, 1)
-      return {"nll": sums["nll"], "hits": sums["hits"], "targets": counts}
+      model: Transformer = nnx.merge(graphdef, state.params, state.router_bias)
+      out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+      w_DxV = model.head_matrix()
+      nll, hits, counts, agree = [], [], [], []
+      for depth, h in enumerate(out.hidden):
+        targets, mask = losses.depth_targets(batch["tokens"], batch["segment_ids"], depth)
+        n, c, top_BxL = losses.head_eval(h, w_DxV, targets, mask, cfg.train.loss_chunk_len)
+        if depth == 0:
+          main_BxL = top_BxL
+        else:  # both predict t_{i+1+k}: depth k at i, the main model at i + k (same document under the mask)
+          agree.append(jnp.sum((top_BxL == shift_left(main_BxL, depth)) & mask).astype(jnp.float32))
+        nll.append(n)
+        hits.append(c)
+        counts.append(mask.sum().astype(jnp.float32))
+      agree = jnp.stack(agree) if agree else jnp.zeros((0,), jnp.float32)
+      return {"nll": jnp.stack(nll), "hits": jnp.stack(hits), "targets": jnp.stack(counts), "agree": agree}
 
   return eval_step
 
 
 def eval_metrics(sums: dict) -> dict[str, float]:
-  """Summed eval outputs -> eval/ntp_loss, eval/ntp_acc, eval/mtp_loss_k, eval/mtp_acc_k."""
+  """Summed eval outputs -> eval/ntp_loss, eval/ntp_acc, and per depth k eval/mtp_loss_k,
+  eval/mtp_acc_k and eval/mtp_agree_k (the share of depth k's targets where its argmax is the main
+  model's k steps later: its greedy draft's acceptance when the drafts before it were right, on
+  held-out text rather than the model's own)."""
   out = {}
   for k, (nll, hits, n) in enumerate(zip(sums["nll"], sums["hits"], sums["targets"], strict=True)):
     loss, acc = ("ntp_loss", "ntp_acc") if k == 0 else (f"mtp_loss_{k}", f"mtp_acc_{k}")
     out[f"eval/{loss}"] = float(nll) / max(float(n), 1.0)
     out[f"eval/{acc}"] = float(hits) / max(float(n), 1.0)
+  for k, agree in enumerate(sums["agree"], start=1):
+    out[f"eval/mtp_agree_{k}"] = float(agree) / max(float(sums["targets"][k]), 1.0)
   return out
 
 
