@@ -74,7 +74,7 @@ def export(
       shards = writer.ShardWriter(tmp, sharded, shard_of)
       extra: dict[str, dict[str, np.ndarray]] = {}  # file -> its tensors, written whole at the end
       with tqdm(total=sum(size.values()), unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
-        for group in _read_groups(order, leaves, max_read_bytes):
+        for group in source.read_groups(order, leaves, max_read_bytes):
           for name, leaf in reader.read(group).items():
             for t in by_leaf[name]:
               if t.zero:
@@ -112,19 +112,6 @@ def _write_configs(directory: pathlib.Path, fmt, cfg, dtype_name: str, tok: sour
   writer.write_json(directory / "generation_config.json", generation)
   if tok.file is not None:
     writer.write_tokenizer(directory, tok.file, info.bos_id, info.eos_id, info.pad_id, cfg.data.seq_len)
-
-
-def _read_groups(names: list[str], leaves: dict, max_bytes: int) -> list[list[str]]:
-  """Consecutive names grouped while their arrays fit in `max_bytes` together."""
-  groups, used = [], 0
-  for name in names:
-    size = math.prod(leaves[name].shape) * leaves[name].dtype.itemsize
-    if not groups or used + size > max_bytes:
-      groups.append([])
-      used = 0
-    groups[-1].append(name)
-    used += size
-  return groups
 
 
 def _check_covers(table: list[Tensor], leaves: dict) -> None:

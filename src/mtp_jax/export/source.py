@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import pathlib
 
 import jax
@@ -172,6 +173,21 @@ class Reader:
     return ExportError(
       f"checkpoint {self.source.step_dir} is damaged ({why}); export an earlier step by naming its directory"
     )
+
+
+def read_groups(names: list[str], leaves: dict[str, jax.ShapeDtypeStruct], max_bytes: int) -> list[list[str]]:
+  """Consecutive names grouped while their arrays fit in `max_bytes` together: each `Reader.read`
+  rereads the tree metadata, so small arrays are read together, and host memory holds about
+  `max_bytes` (or the largest array) at a time."""
+  groups, used = [], 0
+  for name in names:
+    size = math.prod(leaves[name].shape) * leaves[name].dtype.itemsize
+    if not groups or used + size > max_bytes:
+      groups.append([])
+      used = 0
+    groups[-1].append(name)
+    used += size
+  return groups
 
 
 @dataclasses.dataclass(frozen=True)

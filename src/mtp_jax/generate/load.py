@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import pathlib
 
 import jax
@@ -61,7 +60,7 @@ def weights(src: source.Source) -> Transformer:
   arrays = {}
   reader = source.Reader(src, leaves)  # checks the saved names and shapes against the config first
   try:
-    for group in _groups(leaves):
+    for group in source.read_groups(list(leaves), leaves, MAX_READ_BYTES):
       for name, array in reader.read(group).items():
         arrays[name] = jax.device_put(array.astype(leaves[name].dtype, copy=False))
   finally:
@@ -73,20 +72,6 @@ def weights(src: source.Source) -> Transformer:
   params = jax.tree_util.tree_map_with_path(fill("params"), params)
   bias = jax.tree_util.tree_map_with_path(fill("router_bias"), bias)
   return nnx.merge(graphdef, params, bias)
-
-
-def _groups(leaves: dict[str, jax.ShapeDtypeStruct]) -> list[list[str]]:
-  """Names in order, grouped while their arrays fit in MAX_READ_BYTES together (each Orbax read
-  rereads the tree metadata, so small arrays are read together)."""
-  groups, used = [], 0
-  for name, leaf in leaves.items():
-    size = math.prod(leaf.shape) * leaf.dtype.itemsize
-    if not groups or used + size > MAX_READ_BYTES:
-      groups.append([])
-      used = 0
-    groups[-1].append(name)
-    used += size
-  return groups
 
 
 def run_tokenizer(cfg: Config, workdir: pathlib.Path) -> tokenizer_lib.Tokenizer:
