@@ -201,8 +201,8 @@ class Report:
   active_params: int
   tokens_per_step: int
   model_flops_per_step: float  # analytic: train_flops_per_token x tokens, no rematerialisation
-  xla_flops: float | None  # XLA's cost analysis, the accumulation loop's body counted each time it runs
-  xla_bytes: float | None  # HBM bytes accessed, likewise
+  flops: float | None  # matmul FLOPs traced from the program, every loop body as often as it runs
+  xla_bytes: float | None  # XLA's HBM bytes accessed, the accumulation loop's body x its count: a floor
   xla_optimal_seconds: float | None  # raw; see _estimate
   peak_flops: float | None
   hbm_bandwidth: float | None
@@ -213,7 +213,7 @@ class Report:
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad input."""
-  from mtp_jax.model.flops import cost
+  from mtp_jax.model.flops import cost, traced_matmul_flops
   from mtp_jax.train import loop
   from mtp_jax.train.metrics import peak_flops
 
@@ -222,10 +222,12 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   chip = topo.chip or CHIPS.get(_DEVICE_KINDS.get(devs[0].device_kind, ""))
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
   state = state_bytes(program.abstract_state)
-  compiled, error, lower_s, compile_s = None, None, 0.0, 0.0
+  compiled, error, lower_s, compile_s, flops = None, None, 0.0, 0.0, None
   if not (hbm and state > hbm):  # else no compile can fit: say so now, not after many minutes
     start = time.perf_counter()
-    lowered = program.step.lower(program.abstract_state, program.abstract_batch())
+    traced = program.step.trace(program.abstract_state, program.abstract_batch())
+    flops = traced_matmul_flops(traced.jaxpr, len(devs))
+    lowered = traced.lower()
     lower_s = time.perf_counter() - start
     try:
       compiled = lowered.compile()
@@ -247,9 +249,10 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   if available and hbm_gib is None:
     hbm = available
   counts = _cost(compiled) if compiled else {}
-  # XLA counts a while loop's body once: the grad-accumulation scan runs it `accum` times. Scaling
-  # the whole step also repeats the once-per-step optimizer update, small beside 6ND at scale.
-  xla_flops, xla_bytes = (counts[k] * accum if k in counts else None for k in ("flops", "bytes accessed"))
+  # XLA counts a while loop's body once, so its FLOPs are no use for a step of scanned layers,
+  # query blocks and microbatches (the traced count above is exact). Its HBM bytes, scaled by the
+  # accumulation loop's count, are still a floor: the inner loops' bodies count once.
+  xla_bytes = counts["bytes accessed"] * accum if "bytes accessed" in counts else None
   report = Report(
     topology=topo.name,
     chips=len(devs),
@@ -270,7 +273,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     active_params=c.active_params,
     tokens_per_step=tokens,
     model_flops_per_step=c.train_flops_per_token * tokens,
-    xla_flops=xla_flops,
+    flops=flops,
     xla_bytes=xla_bytes,
     xla_optimal_seconds=counts.get("optimal_seconds"),
     peak_flops=peak_flops(devs[0]),
@@ -346,15 +349,16 @@ def _refusal(error: str | None) -> tuple[float | None, float | None]:
 
 
 def _estimate(r: Report) -> None:
-  """Roofline step time: max(FLOPs / peak, HBM bytes / bandwidth) per chip, from XLA's counts.
+  """Roofline step time: max(FLOPs / peak, HBM bytes / bandwidth) per chip, with the traced
+  matmul FLOPs and XLA's floor on HBM bytes.
 
   XLA:TPU's own `optimal_seconds` is no step time: it sums per-instruction estimates, counts a
   loop body once, and comes out negative for the MoE programs (it seems to add -1 for each async
   call it cannot time). The roofline ignores communication and overlap, so it is a lower bound on
   the step time and the MFU an upper bound."""
-  if not (r.xla_flops and r.peak_flops and r.hbm_bandwidth):
+  if not (r.flops and r.memory and r.peak_flops and r.hbm_bandwidth):  # no estimate for a refused step
     return
-  compute, memory = r.xla_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
+  compute, memory = r.flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
   r.step_s, r.bound = max(compute, memory), "compute" if compute >= memory else "memory"
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
 
@@ -405,18 +409,18 @@ def describe(r: Report) -> list[str]:
   if r.compiler_error:
     lines.append(f"compiler   {r.compiler_error}")
   model = f"{r.model_flops_per_step / r.chips:.3g} model FLOPs (analytic, no rematerialisation)"
-  if r.xla_flops:
-    times = f"{r.grad_accum_steps} x the accumulation loop's body, " if r.grad_accum_steps > 1 else ""
-    ratio = r.xla_flops * r.chips / r.model_flops_per_step
+  if r.flops:
+    ratio = r.flops * r.chips / r.model_flops_per_step
+    traffic = f"; HBM traffic >= {_size(r.xla_bytes)} (XLA's count, inner loop bodies once)" if r.xla_bytes else ""
     lines.append(
-      f"flops      per chip per step: {r.xla_flops:.3g} by XLA's cost analysis ({times}{ratio:.2f} x the model's), "
-      f"{model}; HBM traffic {_size(r.xla_bytes or 0)}"
+      f"flops      per chip per step: {r.flops:.3g} in matmuls as traced (loops x their trip counts, "
+      f"rematerialisation included: {ratio:.2f} x the model's), {model}{traffic}"
     )
   else:
     lines.append(f"flops      per chip per step: {model}")
   if r.step_s:
     lines.append(
-      f"step time  >= {_seconds(r.step_s)}, a roofline from XLA's counts: max(FLOPs / "
+      f"step time  >= {_seconds(r.step_s)}, a roofline: max(FLOPs / "
       f"{r.peak_flops / 1e12:,.0f} TFLOP/s, HBM bytes / {r.hbm_bandwidth / 1e9:,.0f} GB/s), "
       f"{r.bound}-bound; communication and overlap not modelled"
     )

@@ -165,6 +165,11 @@ class TrainConfig(_Section):
   remat: Literal["none", "full", "dots", "dots_no_batch"] = _field(
     "none", "Rematerialisation per block: none, full, or save matmul outputs."
   )
+  scan_layers: bool = _field(
+    True,
+    "Run consecutive trunk blocks of one structure as one scanned layer: compiled once, and sharded weights "
+    "gathered a layer at a time (false: unrolled, each block its own code).",
+  )
   loss_chunk_len: int = _field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
   attention_chunk_len: int = _field(
     0, "Queries per attention block: float32 scores exist for this many at a time (0: whole sequence).", ge=0

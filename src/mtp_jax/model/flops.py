@@ -81,3 +81,54 @@ def cost(cfg: ModelConfig, seq_len: int) -> Cost:
     train_flops_per_token=3 * fwd,
     mtp_train_flops_per_token=3 * mtp_fwd,
   )
+
+
+def traced_matmul_flops(jaxpr, devices: int) -> float:
+  """Matmul FLOPs per device of a traced program (`jax.jit(f).trace(...).jaxpr`): every
+  `dot_general` and `ragged_dot_general` the program runs, rematerialised forwards included,
+  each loop body as many times as the loop runs. XLA's cost analysis counts a loop body once,
+  which in a step with scanned layers, query blocks and microbatches is most of the work.
+  Outside `shard_map` shapes are global, so their FLOPs are split evenly over `devices`;
+  inside, shapes are per device and count whole (capacity padding included)."""
+  import math
+
+  def dot(eqn) -> float:
+    """2 FLOPs per multiply-add: each output element sums over the contracted dimensions."""
+    if eqn.primitive.name == "dot_general":
+      (contracting, _), _ = eqn.params["dimension_numbers"]
+      groups = 1
+    else:  # ragged_dot_general
+      numbers = eqn.params["ragged_dot_dimension_numbers"]
+      (contracting, _), _ = numbers.dot_dimension_numbers
+      # With no group dimension in rhs the ragged dimension is contracted (the weight gradient,
+      # G x K x N): each group's outputs sum over that group's rows only.
+      groups = 1 if numbers.rhs_group_dimensions else eqn.invars[2].aval.shape[-1]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting) / groups
+
+  def subjaxprs(value):
+    if hasattr(value, "jaxpr") and hasattr(value, "consts"):  # ClosedJaxpr
+      yield value.jaxpr
+    elif hasattr(value, "eqns"):  # Jaxpr
+      yield value
+    elif isinstance(value, tuple | list):
+      for v in value:
+        yield from subjaxprs(v)
+
+  def walk(jx, share: float) -> float:
+    total = 0.0
+    for eqn in jx.eqns:
+      name = eqn.primitive.name
+      if name in ("dot_general", "ragged_dot_general"):
+        total += dot(eqn) * share
+      elif name == "shard_map":
+        total += walk(eqn.params["jaxpr"], 1.0)
+      elif name == "scan":
+        total += eqn.params["length"] * walk(eqn.params["jaxpr"].jaxpr, share)
+      elif name == "cond":
+        total += max(walk(b.jaxpr, share) for b in eqn.params["branches"])
+      else:  # pjit, remat, custom_vjp, ...: their bodies once (a while_loop's too: no trip count)
+        total += sum(walk(j, share) for v in eqn.params.values() for j in subjaxprs(v))
+    return total
+
+  return walk(getattr(jaxpr, "jaxpr", jaxpr), 1.0 / devices)

@@ -74,8 +74,51 @@ def _remat(policy):
   return run
 
 
+def _scan(blocks: list[Block], remat: str, x_BxLxD, *args) -> tuple[jax.Array, MoEAux | None]:
+  """Runs blocks of one structure in turn as one `lax.scan` over their stacked variables: the
+  same function as calling them one by one, but XLA sees one layer. It compiles it once, and
+  gathers a layer's sharded weights inside the loop, when that layer runs: unrolled, XLA can
+  hoist every layer's gathers out of the microbatch loop and hold all the gathered weights
+  at once. Returns the blocks' aux stacked, block i at index i."""
+  graphdef = nnx.graphdef(blocks[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+  stacked = jax.tree.map(_pin_stacked, stacked, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+  def body(x, state):
+    return nnx.merge(graphdef, state)(x, *args)
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(body, x_BxLxD, stacked)
+
+
+def _pin_stacked(v: nnx.Variable) -> nnx.Variable:
+  """A stacked variable laid out as each layer's is, the new leading (layer) axis whole."""
+  names = v.get_metadata().get("axes") or (None,) * (v.ndim - 1)
+  return v.replace(sharding.constrain(v.get_value(), (None, *names)))
+
+
+def _runs(blocks) -> list[range]:
+  """Consecutive blocks of one structure (the dense first layers, then the MoE ones)."""
+  runs: list[range] = []
+  for i, block in enumerate(blocks):
+    if runs and nnx.graphdef(block) == nnx.graphdef(blocks[runs[-1].start]):
+      runs[-1] = range(runs[-1].start, i + 1)
+    else:
+      runs.append(range(i, i + 1))
+  return runs
+
+
 class Transformer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none", attention_chunk_len: int = 0):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    *,
+    rngs: nnx.Rngs,
+    remat: str = "none",
+    attention_chunk_len: int = 0,
+    scan_layers: bool = False,
+  ):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     has_moe = cfg.moe.num_experts > 0
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std, dtype=dt, param_dtype=pdt)
@@ -94,7 +137,7 @@ class Transformer(nnx.Module):
     if cfg.mtp.kind == "sequential":
       extra = [SequentialModule(cfg, block, rngs=rngs) for block in extra]
     self.mtp = nnx.List(extra)
-    self.mtp_kind, self.dtype, self.remat = cfg.mtp.kind, dt, remat
+    self.mtp_kind, self.dtype, self.remat, self.scan_layers = cfg.mtp.kind, dt, remat, scan_layers
 
   def head_matrix(self) -> jax.Array:
     """The output head, DxV, in the compute dtype (shared by every depth)."""
@@ -125,8 +168,14 @@ class Transformer(nnx.Module):
 
     x = self.embed(tokens_BxL)
     n_trunk = len(self.blocks) - (1 if self.mtp_kind == "parallel" else 0)
-    for i in range(n_trunk):
-      x = run(f"layer_{i}", self.blocks[i], x)
+    trunk = list(self.blocks)[:n_trunk]
+    for layers in _runs(trunk) if self.scan_layers else [range(i, i + 1) for i in range(n_trunk)]:
+      if len(layers) == 1:
+        x = run(f"layer_{layers.start}", self.blocks[layers.start], x)
+        continue
+      x, a = _scan(trunk[layers.start : layers.stop], self.remat, x, mask_BxLxS, positions_BxL, valid_BxL)
+      if a is not None:
+        aux.update({f"layer_{i}": jax.tree.map(lambda v, j=j: v[j], a) for j, i in enumerate(layers)})
     hidden = []
     if self.mtp_kind == "parallel":
       # Gloeckle et al.: the last trunk block is the next-token head; the extra heads

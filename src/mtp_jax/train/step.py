@@ -38,7 +38,13 @@ class TrainState:
 
 def build_model(cfg: Config, key: int | jax.Array = 0) -> Transformer:
   t = cfg.train
-  return Transformer(cfg.model, rngs=nnx.Rngs(key), remat=t.remat, attention_chunk_len=t.attention_chunk_len)
+  return Transformer(
+    cfg.model,
+    rngs=nnx.Rngs(key),
+    remat=t.remat,
+    attention_chunk_len=t.attention_chunk_len,
+    scan_layers=t.scan_layers,
+  )
 
 
 def split(model: Transformer):
