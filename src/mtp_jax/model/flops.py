@@ -1,8 +1,10 @@
-"""Parameter counts and model FLOPs per token, from the config alone (for MFU and sizing)."""
+"""Parameter counts and model FLOPs per token from the config alone (for MFU and sizing), and
+the matmul FLOPs of a traced program."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from mtp_jax.config import ModelConfig
 
@@ -90,7 +92,6 @@ def traced_matmul_flops(jaxpr, devices: int) -> float:
   which in a step with scanned layers, query blocks and microbatches is most of the work.
   Outside `shard_map` shapes are global, so their FLOPs are split evenly over `devices`;
   inside, shapes are per device and count whole (capacity padding included)."""
-  import math
 
   def dot(eqn) -> float:
     """2 FLOPs per multiply-add: each output element sums over the contracted dimensions."""

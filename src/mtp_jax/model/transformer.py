@@ -171,7 +171,7 @@ class Transformer(nnx.Module):
     trunk = list(self.blocks)[:n_trunk]
     for layers in _runs(trunk) if self.scan_layers else [range(i, i + 1) for i in range(n_trunk)]:
       if len(layers) == 1:
-        x = run(f"layer_{layers.start}", self.blocks[layers.start], x)
+        x = run(f"layer_{layers.start}", trunk[layers.start], x)
         continue
       x, a = _scan(trunk[layers.start : layers.stop], self.remat, x, mask_BxLxS, positions_BxL, valid_BxL)
       if a is not None:
