@@ -82,3 +82,28 @@ def write_dataset(path, docs, *, vocab_size=1000, eos_id=999, eval_docs=(), kind
   )
   manifest.Manifest(tokenizer=tok, token_dtype=dtype, splits=splits, sources=[]).write(path)
   return str(path)
+
+
+# The metrics that say two runs took the same steps.
+STEP_KEYS = ("loss", "ntp_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "grad_norm", "expert_load_max_over_mean")
+
+
+def fixed_batch(cfg: config.Config) -> dict:
+  """The first batch of the config's data, the same every call."""
+  from mtp_jax import data
+
+  return next(iter(data.make_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0)))
+
+
+def run_steps(cfg: config.Config, steps: int = 3, devices=None):
+  """Metrics of each of `steps` train steps on one fixed batch, and the final state."""
+  from mtp_jax.train import loop
+
+  program = loop.build(cfg, devices)
+  state = program.init_state()
+  batch = {k: jax.device_put(v, program.batch_sharding) for k, v in fixed_batch(cfg).items()}
+  history = []
+  for _ in range(steps):
+    state, metrics = program.step(state, batch)
+    history.append(jax.device_get(metrics))
+  return history, state

@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import TINY
 
 from mtp_jax import compile as mtp_compile
+from mtp_jax.model.flops import traced_matmul_flops
+from mtp_jax.train import loop
 
 needs_libtpu = pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None,
@@ -36,10 +39,6 @@ def test_traced_flops_count_every_loop_iteration(tiny):
   """Microbatches, loss chunks and scanned layers are loops whose bodies XLA counts once; the
   traced count must equal the loop-free program's, and remat must add a forward. (Query blocks
   are loops too, but each block is rematerialised, so they add FLOPs of their own.)"""
-  import jax
-
-  from mtp_jax.model.flops import traced_matmul_flops
-  from mtp_jax.train import loop
 
   def flops(*overrides):
     program = loop.build(tiny("model.num_layers=4", "data.seq_len=32", *overrides), jax.devices()[:2])

@@ -1,4 +1,5 @@
-"""Targets, the train step across meshes and accumulation, and the loop end to end."""
+"""Targets, the loss, the train step's guards and memory bounds, and the loop end to end (the step
+against itself across meshes and settings is in test_step_equivalence.py)."""
 
 import json
 import pathlib
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, write_dataset
+from conftest import STEP_KEYS, TINY, run_steps, write_dataset
 
 from mtp_jax import data
 from mtp_jax.train import checkpoint, loop, losses
@@ -63,64 +64,6 @@ def test_chunked_loss_equals_whole_sequence_loss():
   np.testing.assert_allclose(whole[1], chunked[1], rtol=1e-6, atol=1e-7)
 
 
-def _batch(cfg):
-  return next(iter(data.make_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0)))
-
-
-def _run(cfg, steps=3, devices=None):
-  """Losses and final state of `steps` train steps on one fixed batch."""
-  program = loop.build(cfg, devices)
-  state = program.init_state()
-  batch = {k: jax.device_put(v, program.batch_sharding) for k, v in _batch(cfg).items()}
-  history = []
-  for _ in range(steps):
-    state, metrics = program.step(state, batch)
-    history.append(jax.device_get(metrics))
-  return history, state
-
-
-KEYS = ("loss", "ntp_loss", "mtp_loss_1", "mtp_loss_2", "balance_loss", "grad_norm", "expert_load_max_over_mean")
-
-
-@pytest.mark.parametrize(
-  "mesh, overrides, sharded",
-  [
-    (
-      ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"],
-      [],
-      (("blocks", 1, "ffn", "experts", "w_gate"), "experts", "expert"),
-    ),
-    (
-      ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
-      # All-to-all capacity is per device: with factor E/K = 2 nothing drops, on either side.
-      ["model.attention.kind=mla", "model.moe.mode=capacity", "model.moe.capacity_factor=2", "model.mtp.kind=parallel"],
-      (("blocks", 0, "attn", "wkv_b"), "heads", "tensor"),
-    ),
-    (  # the sequence (context) axis: activations split along the sequence, attention sees it whole,
-      # in strided query blocks that keep the split
-      ["mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"],
-      ["train.attention_chunk_len=4"],
-      (("blocks", 0, "attn", "wq"), "embed", "fsdp"),
-    ),
-  ],
-)
-def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
-  overrides = ["model.mtp.depth=2", "model.moe.num_experts=4", *overrides]
-  one, _ = _run(tiny(*overrides, "mesh.data=1"), devices=jax.devices()[:1])
-  program = loop.build(tiny(*overrides, *mesh))
-  path, name, axis = sharded
-  leaf = program.abstract_state.params
-  for key in path:
-    leaf = leaf[key]
-  names = leaf.get_metadata()["axes"]
-  assert leaf.get_value().sharding.spec[names.index(name)] == axis  # the weight really is split
-  assert program.batch_sharding.spec[1] == ("sequence" if "mesh.sequence=2" in mesh else None)
-  eight, _ = _run(program.cfg)
-  for a, b in zip(one, eight, strict=True):
-    for k in KEYS:
-      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
-
-
 def test_mtp_depths_never_hold_their_logits_at_once(tiny):
   """Compiled temporary memory: three extra depths cost less than one logits tensor, and
   sequence chunks cut the remaining one."""
@@ -141,52 +84,20 @@ def test_mtp_depths_never_hold_their_logits_at_once(tiny):
   assert temp(3, 0) - temp(3, 16) > logits_bytes / 2
 
 
-def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
-  base, _ = _run(tiny("model.mtp.depth=2", "train.batch_size=16"), steps=2)
-  for overrides in (["train.grad_accum_steps=2"], ["train.remat=full", "train.loss_chunk_len=8"]):
-    other, _ = _run(tiny("model.mtp.depth=2", "train.batch_size=16", *overrides), steps=2)
-    for a, b in zip(base, other, strict=True):
-      for k in KEYS:
-        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=f"{overrides} {k}")
-
-
-def test_scanned_layers_equal_unrolled_layers(tiny):
-  """2 dense then 3 MoE layers: two scans, sharded over fsdp and expert, with remat; the router
-  bias moves after step 1, so step 2 also checks each layer got its own bias and load back."""
-  cfg = (
-    "model.num_layers=5",
-    "model.first_k_dense=2",
-    "train.remat=full",
-    "mesh.data=2",
-    "mesh.fsdp=2",
-    "mesh.expert=2",
-    "model.moe.bias_update_rate=0.01",
-  )
-  scanned, s_state = _run(tiny(*cfg), steps=2)
-  unrolled, u_state = _run(tiny(*cfg, "train.scan_layers=false"), steps=2)
-  per_layer = [f"moe/layer_{i}/load_max_over_mean" for i in (2, 3, 4)]
-  for a, b in zip(scanned, unrolled, strict=True):
-    assert a.keys() == b.keys()
-    for k in ("loss", "ntp_loss", "mtp_loss_1", "balance_loss", "grad_norm", *per_layer):
-      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
-  for x, y in zip(jax.tree.leaves(s_state), jax.tree.leaves(u_state), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-
-
 def test_router_bias_moves_without_the_optimizer(tiny):
   cfg = tiny("model.moe.bias_update_rate=0.01")
-  _, state = _run(cfg, steps=1)
+  _, state = run_steps(cfg, steps=1)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert paths and not any("bias" in p for p in paths)
   bias = state.router_bias["blocks"][1]["ffn"]["router"]["bias"][...]
   # One sign step from zero: gamma * sign(mean load - load), 0 for an expert at exactly the mean.
   steps = np.round(np.asarray(bias) / 0.01, 4)
   assert set(steps.tolist()) <= {-1.0, 0.0, 1.0} and np.count_nonzero(steps) >= 6, bias
-  history, _ = _run(tiny("model.mtp.loss_weight_schedule=[[1, 0.1]]"), steps=2)
+  history, _ = run_steps(tiny("model.mtp.loss_weight_schedule=[[1, 0.1]]"), steps=2)
   assert [float(h["mtp_lambda"]) for h in history] == pytest.approx([0.3, 0.1])
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
+def test_resumed_run_equals_uninterruptedrun_steps(tiny, tmp_path):
   """Through the real loop and Orbax: model state, a two-source data mixture (whose iterator
   state rides in the checkpoint) and the eval stream all resume exactly."""
   rng = np.random.default_rng(0)
@@ -219,7 +130,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
   eval_steps = [r["step"] for r in first + resumed if "eval/ntp_loss" in r]
   assert train_steps == [2, 4, 6] and eval_steps == [3, 4, 6]
   (want,), (got,) = ([r for r in run if r["step"] == 6 and "loss" in r] for run in (straight, resumed))
-  for k in KEYS:
+  for k in STEP_KEYS:
     assert want[k] == got[k], k  # bitwise: the resumed run is the same computation
   (want,), (got,) = ([r for r in run if r["step"] == 6 and "eval/ntp_loss" in r] for run in (straight, resumed))
   per_depth = ["ntp_loss", "ntp_acc", *(f"mtp_{m}_{k}" for k in (1, 2) for m in ("loss", "acc", "agree"))]
@@ -341,22 +252,6 @@ def test_an_overflowing_update_is_skipped_like_a_nan(tiny, tmp_path):
     loop.train(cfg, log=lambda *_: None)
   (saved,) = (tmp_path / "checkpoints").glob("[0-9]*")  # step 2: the initial state, finite
   assert saved.name == "2"
-
-
-def test_bfloat16_compute_tracks_float32(tiny):
-  one = jax.devices()[:1]
-  f32, _ = _run(tiny("model.mtp.depth=1", "mesh.data=1"), steps=2, devices=one)
-  bf16, state = _run(tiny("model.mtp.depth=1", "mesh.data=1", "model.dtype=bfloat16"), steps=2, devices=one)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))  # master weights stay fp32
-  for a, b in zip(f32, bf16, strict=True):
-    for k in ("loss", "ntp_loss", "mtp_loss_1"):
-      np.testing.assert_allclose(a[k], b[k], rtol=1e-2, err_msg=k)
-  _, state = _run(
-    tiny("model.mtp.depth=1", "mesh.data=1", "model.dtype=bfloat16", "model.param_dtype=bfloat16"), 1, one
-  )
-  dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
-  assert {d for k, d in dtypes.items() if "router" not in k} == {jnp.dtype(jnp.bfloat16)}
-  assert {d for k, d in dtypes.items() if "router" in k} == {jnp.dtype(jnp.float32)}  # routing stays fp32
 
 
 def test_weight_decay_spares_norms_and_the_router_bias(tiny):
