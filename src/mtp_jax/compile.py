@@ -329,7 +329,7 @@ def _cost(compiled) -> dict[str, float]:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, list | tuple):  # one per program in older JAX
     analysis = analysis[0] if analysis else None
-  return {k: float(v) for k, v in (analysis or {}).items() if k in ("flops", "bytes accessed", "optimal_seconds")}
+  return {k: float(v) for k, v in (analysis or {}).items() if k in ("bytes accessed", "optimal_seconds")}
 
 
 # XLA:TPU refuses with "the total memory required for HLO temporaries (149.06G) exceeds available
