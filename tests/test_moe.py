@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax.model.moe import MoE, capacity
+from mtp_jax.model.moe import MoE, capacity, swiglu_blocked, swiglu_ragged_dot
 
 B, L = 2, 16
 
@@ -52,6 +52,36 @@ def test_dropless_equals_dense_reference(tiny, overrides):
   y, aux = moe(x, jnp.ones((B, L), bool))
   np.testing.assert_allclose(y, _dense_reference(moe, x), rtol=1e-5, atol=1e-5)
   assert float(aux.load.sum()) == B * L * cfg.model.moe.top_k and int(aux.dropped) == 0
+
+
+@pytest.mark.parametrize(
+  "n, groups",
+  [
+    (1, [0, 1, 0, 0]),  # one row
+    (6, [2, 0, 3, 1]),  # fewer rows than 2E: blocks of one row
+    (40, [0, 17, 0, 23]),  # empty experts; blocks of 5 rows, padded
+    (40, [40, 0, 0, 0]),  # all rows to one expert
+    (40, [3, 0, 9, 11]),  # rows past the groups (an all-to-all's unused buffer) give zeros
+  ],
+)
+def test_blocked_experts_equal_ragged_dot_and_its_gradients(n, groups):
+  e, d, f = len(groups), 8, 12
+  keys = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(keys[0], (n, d))
+  w = tuple(0.3 * jax.random.normal(k, s) for k, s in zip(keys[1:4], [(e, d, f), (e, d, f), (e, f, d)], strict=True))
+  cot = jax.random.normal(keys[4], (n, d))
+  g = jnp.asarray(groups, jnp.int32)
+
+  def loss(fn):
+    return lambda x, w: jnp.sum(cot * fn(x, w, g))
+
+  v_want, g_want = jax.value_and_grad(loss(swiglu_ragged_dot), (0, 1))(x, w)
+  v_got, g_got = jax.value_and_grad(loss(swiglu_blocked), (0, 1))(x, w)
+  np.testing.assert_allclose(swiglu_blocked(x, w, g), swiglu_ragged_dot(x, w, g), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v_got, v_want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.any(swiglu_blocked(x, w, g)[sum(groups) :])
 
 
 def _brute_force_keep(experts_TxK, cap, num_experts):
