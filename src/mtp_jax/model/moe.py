@@ -95,9 +95,10 @@ BLOCKED_BACKENDS = frozenset({"cpu"})
 
 def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
   """Each expert's SwiGLU over its rows: rows sorted by expert, group_sizes_E of them to each in
-  turn, rows past their sum giving zeros. TPU and GPU get `lax.ragged_dot`, which their
-  compilers turn into grouped matmuls; JAX lowers it for CPU as every row times every expert,
-  masked (E times the FLOPs), so there the rows go in blocks of one expert (`swiglu_blocked`)."""
+  turn, rows past their sum giving zeros. TPU and GPU get `lax.ragged_dot`, left to their
+  compilers (a grouped matmul on TPU; GPU: README, "Expert parallelism"); JAX lowers it for CPU
+  as every row times every expert, masked (E times the FLOPs), so there the rows go in blocks of
+  one expert (`swiglu_blocked`)."""
   if _platform() in BLOCKED_BACKENDS:
     return swiglu_blocked(x_NxD, w, group_sizes_E)
   return swiglu_ragged_dot(x_NxD, w, group_sizes_E)
