@@ -44,6 +44,23 @@ TINY = [
 ]
 
 
+# The longest test files, longest first (`--durations=0`, summed per file): xdist's loadfile
+# scheduling hands files out in collection order, so these start first and the many short files
+# fill in at the end instead of leaving one worker alone with a long file.
+_LONGEST_FIRST = (
+  "test_checkpoint.py",
+  "test_step_equivalence.py",
+  "test_train.py",
+  "test_distributed.py",
+  "test_speculative.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def tiny_config(*overrides: str) -> config.Config:
   return config.load(None, [*TINY, *overrides])
 
