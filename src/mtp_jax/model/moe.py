@@ -133,10 +133,9 @@ def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> ja
   # Unused blocks (zero rows) take the last expert.
   expert_M = jnp.minimum(jnp.searchsorted(end_block_E, jnp.arange(m), side="right", method="compare_all"), e - 1)
 
-  def block(_, rows):  # one block per iteration
+  def block(_, rows):  # one block per iteration: swiglu_batched with one expert
     x_RxD, i = rows
-    w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(wi, i, keepdims=False) for wi in w)
-    return None, (jax.nn.silu(x_RxD @ w_gate) * (x_RxD @ w_up)) @ w_down
+    return None, swiglu_batched(x_RxD[None], tuple(jax.lax.dynamic_slice_in_dim(wi, i, 1) for wi in w))[0]
 
   y_MxRxD = jax.lax.scan(block, None, (x_MxRxD, expert_M))[1]
   return y_MxRxD.reshape(m * r, d).at[slot_N].get(mode="fill", fill_value=0)
