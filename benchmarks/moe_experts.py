@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtp_jax import config as config_lib
+from mtp_jax.cli import load_config
 from mtp_jax.model import moe
 from mtp_jax.train import loop
 
@@ -81,19 +81,27 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=10, help="with --config: steps per timing")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="with --config")
   args = parser.parse_args(argv)
+  try:
+    sizes = [tuple(int(v) for v in size.split("x", 1)) for size in args.sizes.split(",")]
+    rows = [int(n) for n in args.rows.split(",")]
+    if any(len(size) != 2 for size in sizes):
+      raise ValueError
+  except ValueError:
+    parser.error(f"--sizes {args.sizes!r} / --rows {args.rows!r}: expected e.g. 96x96,1024x1024 and 2,16,64")
   e = args.experts
   print(f"# {platform.node()} {jax.devices()[0].device_kind} jax {jax.__version__}")
   print("| d x f | rows | pass | ragged_dot (ms) | blocked (ms) | ragged_dot / blocked |")
   print("|---|---|---|---|---|---|")
   if args.config:
-    cfg = config_lib.load(args.config, ["model.moe.mode=dropless", "train.workdir=/tmp/moe-experts", *args.overrides])
+    cfg = load_config(
+      "moe_experts", args.config, ["model.moe.mode=dropless", "train.workdir=/tmp/moe-experts", *args.overrides]
+    )
     time_steps(cfg, args.steps)
     return 0
   rng = np.random.default_rng(0)
-  for size in args.sizes.split(","):
-    d, f = map(int, size.split("x"))
+  for d, f in sizes:
     w = tuple(jnp.asarray(0.05 * rng.standard_normal(s), jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d)))
-    for n in map(int, args.rows.split(",")):
+    for n in rows:
       x = jnp.asarray(rng.standard_normal((n, d)), jnp.float32)
       groups = jnp.asarray(np.bincount(rng.integers(0, e, n), minlength=e), jnp.int32)
       for name, grad in (("forward", False), ("forward + grads", True)):
