@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -202,6 +203,41 @@ def test_line_numbers_and_worker_errors_survive_chunking(tmp_path):
   with pytest.raises(DataError, match=r"^\S*bad\.jsonl\.gz: cannot read \(.*\)$"):
     prepare.prepare([str(tmp_path)], str(tmp_path / "o"), workers=2)
   assert not list(tmp_path.glob("o*"))
+
+
+# Run as a script: spawned workers import it as their main module, so the patch reaches them.
+_DYING_WORKER = """
+import multiprocessing, os, signal, sys
+from mtp_jax import cli
+from mtp_jax.data import prepare
+
+_tokenize = prepare._Tokenize.__call__
+
+def _die_on_poison(self, unit):  # what the kernel's OOM killer does to a worker
+  if multiprocessing.parent_process() and "poison" in unit.paths[0]:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return _tokenize(self, unit)
+
+prepare._Tokenize.__call__ = _die_on_poison
+if __name__ == "__main__":
+  sys.exit(cli.prepare_main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_worker_ends_the_run_with_one_line_and_leaves_nothing(tmp_path):
+  (tmp_path / "in").mkdir()
+  for name in ["a", "poison", "z"]:
+    (tmp_path / "in" / f"{name}.jsonl").write_text("".join(json.dumps({"text": _text(i)}) + "\n" for i in range(20)))
+  (tmp_path / "script.py").write_text(_DYING_WORKER)
+  out = tmp_path / "out"
+  argv = [str(tmp_path / "in"), "-o", str(out), "--workers=2"]
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(mtp_jax.__file__))}
+  done = subprocess.run(
+    [sys.executable, str(tmp_path / "script.py"), *argv], capture_output=True, text=True, env=env, timeout=120
+  )
+  assert done.returncode == 1, done.stderr
+  assert re.fullmatch(r"mtp-prepare: \S*poison\.jsonl: a tokenizer worker process died .*\n", done.stderr), done.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "script.py"]  # no DIR, no DIR.tmp-PID
 
 
 def test_eval_fraction_is_deterministic_and_eval_input_is_held_out_whole(tmp_path):

@@ -23,6 +23,7 @@ of file names, order and worker count, and exact duplicates always land in the s
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -295,21 +296,38 @@ def _run(unit: _Unit) -> _Result:
 
 
 def _results(units: list[_Unit], workers: int, tokenize: _Tokenize, init_args: tuple):
-  """(unit, result) in input order; at most 2 * workers units in flight."""
+  """(unit, result) in input order; at most 2 * workers units in flight.
+
+  A `concurrent.futures` pool, not `multiprocessing.Pool`: a worker that dies (killed, out of
+  memory) fails its units instead of leaving the parent waiting forever, and leaving early (an
+  error, Ctrl-C) cancels the queued units and lets the running ones finish, where
+  `Pool.terminate` can kill a worker holding the result queue's lock and then hang on it.
+  """
   if workers <= 1:
     for unit in units:
       yield unit, tokenize(unit)
     return
-  with multiprocessing.get_context("spawn").Pool(workers, _start_worker, init_args) as pool:
+  context = multiprocessing.get_context("spawn")
+  pool = concurrent.futures.ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=init_args)
+  try:
     pending = collections.deque()
     for unit in units:
-      pending.append((unit, pool.apply_async(_run, (unit,))))
+      pending.append((unit, pool.submit(_run, unit)))
       if len(pending) >= 2 * workers:
-        unit, result = pending.popleft()
-        yield unit, result.get()
+        yield _finished(*pending.popleft())
     while pending:
-      unit, result = pending.popleft()
-      yield unit, result.get()
+      yield _finished(*pending.popleft())
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finished(unit: _Unit, future: concurrent.futures.Future) -> tuple[_Unit, _Result]:
+  try:
+    return unit, future.result()
+  except concurrent.futures.BrokenExecutor:
+    raise DataError(
+      f"{unit.paths[0]}: a tokenizer worker process died while this was in flight (killed, or out of memory?)"
+    ) from None
 
 
 class _SplitWriter:
