@@ -1,7 +1,6 @@
 """Checkpoints: kill -9 anywhere, SIGTERM, resharding, damage, the resume order, the NaN guard."""
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, child_env
 
 from mtp_jax.train import checkpoint, loop
 from mtp_jax.train.checkpoint import Checkpointer
@@ -43,8 +42,9 @@ KILL_RUN = ["train.steps=14", "train.log_every=1", "checkpoint.every=3", "checkp
 
 
 def _start(workdir, log_path) -> subprocess.Popen:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: the quickest steps
-  env["PYTHONUNBUFFERED"] = "1"  # what it printed before a kill -9 is in the log
+  env = child_env(
+    PYTHONUNBUFFERED="1"
+  )  # one CPU device: the quickest steps; unbuffered: what it printed before a kill -9 is in the log
   cmd = [sys.executable, "-m", "mtp_jax.cli", *TINY, *KILL_RUN, f"train.workdir={workdir}"]
   with open(log_path, "w") as out:  # the child writes to its own copy of the descriptor
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -386,8 +386,7 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_one_host_resumes(tiny, t
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   run = ["train.steps=1000", "train.log_every=1", "checkpoint.every=1000", f"train.workdir={tmp_path}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
-  env["PYTHONUNBUFFERED"] = "1"
+  env = child_env(PYTHONUNBUFFERED="1")  # one CPU device per process
   logs = [tmp_path / f"host{i}.txt" for i in range(2)]
   procs = []
   for i in range(2):

@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import write_dataset
+from conftest import child_env, write_dataset
 
 from mtp_jax import data
 from mtp_jax.config import ConfigError, DataConfig, ModelConfig, load
@@ -327,8 +327,7 @@ def test_two_processes_read_disjoint_slices_that_cover_the_dataset_and_resume(co
     port = s.getsockname()[1]
   script = tmp_path / "proc.py"
   script.write_text(_PROCESS)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
-  env["PYTHONPATH"] = os.pathsep.join(sys.path)
+  env = child_env(PYTHONPATH=os.pathsep.join(sys.path))  # one CPU device per process
   outs = [tmp_path / f"out{i}.json" for i in range(2)]
   procs = [
     subprocess.Popen(

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, child_env
 
 from mtp_jax import config, data, distributed
 from mtp_jax.export import source
@@ -32,9 +32,7 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _env() -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process gets its own device count
-  env["PYTHONUNBUFFERED"] = "1"
-  return env
+  return child_env(PYTHONUNBUFFERED="1")  # each process gets its own device count
 
 
 def _port() -> int:
@@ -107,7 +105,8 @@ def test_a_stopped_process_makes_the_other_fail_in_bounded_time(tmp_path):
   a collective forever; the watchdog stops them with one line within peer_timeout_s."""
   port, timeout = _port(), 8
   run = [*TINY, "train.steps=10000", "train.log_every=1", "checkpoint.enabled=false", f"train.workdir={tmp_path}"]
-  env = {**_env(), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**_env(), "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
   procs, logs = [], [tmp_path / f"p{i}.txt" for i in range(2)]
   for i in range(2):
     join = [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2"]
