@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         loaded.model, prompts, batch, args.max_new_tokens, args.temperature, args.repeats, loaded.config.model.eos_id
       )
       row.update(run=run, kind=mtp.kind, depth=mtp.depth, step=loaded.step, costs=costs)
-      projected = ""
+      projected = " | "  # both columns empty without --scale
       if args.scale:
         row.update(scaled_costs=scaled, scale=args.scale)
         projected = f"{scaled['round_over_step']:.2f} | {row['accepted_len'] / scaled['round_over_step']:.2f}x"
