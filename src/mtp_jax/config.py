@@ -406,6 +406,10 @@ def _problems(c: Config):
     yield "checkpoint.load_params_only", "needs checkpoint.restore_from (the run to take the parameters from)"
   if c.checkpoint.restore_from is not None and not c.checkpoint.restore_from.strip():
     yield "checkpoint.restore_from", "is empty"
+  paths = [("train.workdir", c.train.workdir), ("checkpoint.restore_from", c.checkpoint.restore_from or "")]
+  for key, path in [*paths, *((f"data.sources[{i}].path", s.path) for i, s in enumerate(c.data.sources))]:
+    if "://" in path:  # pathlib would quietly make a local directory named `gs:`
+      yield key, f"{path} is a URL; runs read and write filesystem paths (mount a bucket, e.g. with gcsfuse)"
   accum, batch = c.train.grad_accum_steps, c.train.batch_size
   if accum == 0:
     yield "train.grad_accum_steps", "must be at least 1, or -1 for one sequence per device per microbatch"
