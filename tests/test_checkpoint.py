@@ -42,9 +42,8 @@ KILL_RUN = ["train.steps=14", "train.log_every=1", "checkpoint.every=3", "checkp
 
 
 def _start(workdir, log_path) -> subprocess.Popen:
-  env = child_env(
-    PYTHONUNBUFFERED="1"
-  )  # one CPU device: the quickest steps; unbuffered: what it printed before a kill -9 is in the log
+  # One CPU device: the quickest steps. Unbuffered: what it printed before a kill -9 is in the log.
+  env = child_env(PYTHONUNBUFFERED="1")
   cmd = [sys.executable, "-m", "mtp_jax.cli", *TINY, *KILL_RUN, f"train.workdir={workdir}"]
   with open(log_path, "w") as out:  # the child writes to its own copy of the descriptor
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -226,7 +226,7 @@ if __name__ == "__main__":
 
 def test_a_killed_worker_ends_the_run_with_one_line_and_leaves_nothing(tmp_path):
   (tmp_path / "in").mkdir()
-  for name in ["a", "poison", "z"]:
+  for name in ["0-poison", "a", "z"]:  # the first unit: the first one the parent waits for
     (tmp_path / "in" / f"{name}.jsonl").write_text("".join(json.dumps({"text": _text(i)}) + "\n" for i in range(20)))
   (tmp_path / "script.py").write_text(_DYING_WORKER)
   out = tmp_path / "out"
@@ -236,7 +236,9 @@ def test_a_killed_worker_ends_the_run_with_one_line_and_leaves_nothing(tmp_path)
     [sys.executable, str(tmp_path / "script.py"), *argv], capture_output=True, text=True, env=env, timeout=120
   )
   assert done.returncode == 1, done.stderr
-  assert re.fullmatch(r"mtp-prepare: \S*poison\.jsonl: a tokenizer worker process died .*\n", done.stderr), done.stderr
+  assert re.fullmatch(r"mtp-prepare: \S*/0-poison\.jsonl: a tokenizer worker process died .*\n", done.stderr), (
+    done.stderr
+  )
   assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "script.py"]  # no DIR, no DIR.tmp-PID
 
 

@@ -325,8 +325,10 @@ def _finished(unit: _Unit, future: concurrent.futures.Future) -> tuple[_Unit, _R
   try:
     return unit, future.result()
   except concurrent.futures.BrokenExecutor:
+    # Every unit in flight fails with the pool, so this one need not be the one that killed it.
     raise DataError(
-      f"{unit.paths[0]}: a tokenizer worker process died while this was in flight (killed, or out of memory?)"
+      f"{unit.paths[0]}: a tokenizer worker process died with this file among the units in flight "
+      "(killed, or out of memory?)"
     ) from None
 
 
