@@ -15,7 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# What the GPU image lacks of setup.cfg's install_requires, at the versions CI installs here.
+# What the GPU image lacks of setup.cfg's install_requires, at the versions CI installed on 2026-11-24
+# (`pip show NAME` here gives today's; keep pydantic and pydantic-core a matching pair).
 WHEELS=(
   grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5
   pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
