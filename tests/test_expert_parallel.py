@@ -138,11 +138,69 @@ def test_ragged_all_to_all_equals_one_device_dropless(emulated, mesh):
   _assert_same(_forward_and_grads(cfg), _forward_and_grads(cfg, _mesh(cfg)))
 
 
-def test_the_real_ragged_all_to_all_traces_and_differentiates(monkeypatch):
+def _arrival_keep(experts_BxLxK: np.ndarray, rows: int) -> np.ndarray:
+  """Which token-slots a receive buffer of `rows` keeps, one batch row and one expert per
+  device: device r receives expert r's rows from sources 0, 1, ... in turn, each source's in
+  token order, and keeps the first `rows`."""
+  keep = np.ones(experts_BxLxK.shape, bool)
+  for dest in range(experts_BxLxK.shape[0]):
+    sources, tokens, choices = np.nonzero(experts_BxLxK == dest)  # source-major, then token order
+    keep[sources[rows:], tokens[rows:], choices[rows:]] = False
+  return keep
+
+
+def test_ragged_all_to_all_with_a_bounded_buffer_drops_the_last_sources_rows(emulated):
+  """ragged_buffer_factor=1: a device receives at most as many rows as it sends. With every
+  token choosing expert 0, its device keeps what arrives first (source devices in order) and
+  drops the rest: the layer and its input gradient equal the one-device layer with the dropped
+  choices' gates zeroed, and `dropped` counts the dropped slots of valid tokens."""
+  factor = "model.moe.ragged_buffer_factor=1"
+  cfg = tiny_config("model.moe.dispatch=ragged_all_to_all", factor, "mesh.data=1", "mesh.expert=8")
+  m = cfg.model.moe
+  mesh = _mesh(cfg)
+  assert moe_lib.dispatch_plan(m, mesh, cfg.mesh.rules, (B, L)) == ("ragged_all_to_all", None)
+  layer = MoE(cfg.model, rngs=nnx.Rngs(0))
+  layer.router.bias[...] = layer.router.bias[...].at[0].set(10.0)  # selection only: gates are unbiased
+  x, cot, valid = _inputs(cfg)
+
+  def sharded(x):
+    with sharding.activate(mesh, cfg.mesh.rules):
+      y, aux = layer(x, valid)
+    return jnp.sum(y * cot), (y, aux)
+
+  (_, (y, aux)), dx = jax.jit(jax.value_and_grad(sharded, has_aux=True))(x)
+
+  experts_TxK = layer.router(x.reshape(B * L, -1))[1]
+  keep_BxLxK = _arrival_keep(np.asarray(experts_TxK).reshape(B, L, m.top_k), rows=L * m.top_k)
+  w = layer.experts.weights()
+
+  def reference(x):
+    x_TxD = x.reshape(B * L, -1)
+    y_TxD, _ = moe_lib._routed(
+      m,
+      x_TxD,
+      experts_TxK,
+      layer.router(x_TxD)[0] * keep_BxLxK.reshape(B * L, -1),
+      valid.reshape(-1).astype(jnp.int32),
+      lambda rows, group_sizes_E: (moe_lib.swiglu_ragged(rows, w, group_sizes_E), None),
+    )
+    y = y_TxD.reshape(x.shape) + layer.shared(x)
+    return jnp.sum(y * cot), y
+
+  (_, y_ref), dx_ref = jax.jit(jax.value_and_grad(reference, has_aux=True))(x)
+  assert int(aux.dropped) == int((~keep_BxLxK & np.asarray(valid)[..., None]).sum()) > 0
+  assert (~keep_BxLxK[:2]).sum() == 0 and (~keep_BxLxK[-1]).sum() > 0  # the first sources keep all
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [0, 1.25])
+def test_the_real_ragged_all_to_all_traces_and_differentiates(monkeypatch, factor):
   """CPU cannot run jax.lax.ragged_all_to_all, but it can lower it: shapes, device-varying
-  types and the transpose rule of the real collective are checked here."""
+  types and the transpose rule of the real collective are checked here, with a worst-case
+  receive buffer and a bounded one."""
   monkeypatch.setattr(moe_lib, "ragged_all_to_all", lambda *a, **kw: jax.lax.ragged_all_to_all(*a, **kw))
-  cfg = tiny_config(*MESHES["fsdp2_expert2_tensor2"])
+  cfg = tiny_config(*MESHES["fsdp2_expert2_tensor2"], f"model.moe.ragged_buffer_factor={factor}")
   mesh = _mesh(cfg)
   layer = MoE(cfg.model, rngs=nnx.Rngs(0))
   graphdef, params, bias = nnx.split(layer, nnx.Param, RouterBias)

@@ -74,6 +74,13 @@ class MoEConfig(_Section):
     "(mode: capacity); ragged_all_to_all: dropless, GPU and TPU only (mode: dropless); gspmd: the compiler moves "
     "them; auto: all_to_all in capacity mode, else ragged_all_to_all where the backend has it, else gspmd.",
   )
+  ragged_buffer_factor: float = _field(
+    0.0,
+    "ragged_all_to_all: the rows one device can receive, as a multiple of the rows it sends (what it receives "
+    "when routing is balanced); rows beyond are dropped, from the last source devices first. 0: room for the worst "
+    "case (every row to one device), so nothing drops.",
+    ge=0,
+  )
 
 
 class MTPConfig(_Section):

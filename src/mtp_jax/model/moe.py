@@ -15,7 +15,8 @@ its experts and back:
   mode (one global C); with nothing dropped (e.g. capacity_factor >= E / K) both equal the
   dropless result.
 - ragged_all_to_all (dropless; GPU and TPU): per-expert counts are exchanged first, then the
-  sorted rows themselves with `ragged_all_to_all` into a worst-case sized buffer.
+  sorted rows themselves with `ragged_all_to_all` into a worst-case sized buffer, or one of
+  `ragged_buffer_factor` x the rows each device sends, where rows beyond it are dropped.
 Expert weights split over further axes (`expert_mlp -> tensor`) see the same tokens on every
 device of those axes; the down projection's partial sums are added with a psum there.
 """
@@ -300,8 +301,8 @@ class MoE(nnx.Module):
 
       def run_experts(rows, group_sizes_E):
         if group_sizes_E is not None:
-          return swiglu_ragged(rows, w, group_sizes_E)
-        return swiglu_batched(sharding.constrain(rows, ("experts", None, "act_embed")), w)
+          return swiglu_ragged(rows, w, group_sizes_E), None
+        return swiglu_batched(sharding.constrain(rows, ("experts", None, "act_embed")), w), None
 
       y_TxD, dropped = _routed(m, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts)
       y_BxLxD = y_TxD.reshape(b, l, d)
@@ -325,16 +326,18 @@ class MoE(nnx.Module):
 def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts):
   """Gate-weighted sum of each token's routed experts, and the dropped token-slots.
   run_experts(rows sorted by expert, group_sizes_E) in dropless mode, run_experts(buffers
-  ExCxD, None) in capacity mode: where the experts are computed is its business."""
+  ExCxD, None) in capacity mode: where the experts are computed is its business. It returns
+  the experts' outputs and, in dropless mode, which rows it dropped (None: none), their
+  outputs zero."""
   t, d = x_TxD.shape
   k = experts_TxK.shape[1]
   if m.mode == "dropless":
     flat = experts_TxK.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes_E = jnp.bincount(flat, length=m.num_experts).astype(jnp.int32)
-    y_sorted = run_experts(x_TxD[order // k], group_sizes_E)
+    y_sorted, lost_N = run_experts(x_TxD[order // k], group_sizes_E)
     y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, d)
-    dropped = jnp.zeros((), jnp.int32)
+    dropped = jnp.zeros((), jnp.int32) if lost_N is None else jnp.sum(lost_N * valid_T[order // k])
   else:
     cap = capacity(m, t)
     slot_TxK, keep_TxK = dispatch_slots(experts_TxK, valid_T, m.num_experts, cap)
@@ -344,7 +347,7 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts):
       .at[experts_TxK, slot_TxK]
       .set(jnp.broadcast_to(x_TxD[:, None], (t, k, d)), mode="drop")
     )
-    y_TxKxD = run_experts(buf_ExCxD, None).at[experts_TxK, slot_TxK].get(mode="fill", fill_value=0)
+    y_TxKxD = run_experts(buf_ExCxD, None)[0].at[experts_TxK, slot_TxK].get(mode="fill", fill_value=0)
     dropped = jnp.sum(valid_T[:, None] * (1 - keep_TxK.astype(jnp.int32)))
   return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype)), dropped
 
@@ -368,7 +371,7 @@ def _expert_parallel(m: MoEConfig, plan: _Plan, mesh: Mesh, w: Weights, x_BxLxD,
       experts_BxLxK.reshape(b * l, k),
       gates_BxLxK.reshape(b * l, k),
       valid_BxL.reshape(-1).astype(jnp.int32),
-      lambda rows, group_sizes_E: exchange(rows, group_sizes_E, w, plan.ep, plan.tp, m.top_k),
+      lambda rows, group_sizes_E: exchange(rows, group_sizes_E, w, plan.ep, plan.tp, m),
     )
     return y_TxD.reshape(b, l, d), jax.lax.psum(dropped, token_axes)
 
@@ -378,9 +381,9 @@ def _expert_parallel(m: MoEConfig, plan: _Plan, mesh: Mesh, w: Weights, x_BxLxD,
   return sharded(x_BxLxD, experts_BxLxK, gates_BxLxK, valid_BxL, w)
 
 
-def _all_to_all_experts(buf_ExCxD, group_sizes_E, w: Weights, ep, tp, top_k):
-  """This device's capacity buffers for every expert -> the experts' outputs for them."""
-  del group_sizes_E, top_k
+def _all_to_all_experts(buf_ExCxD, group_sizes_E, w: Weights, ep, tp, m: MoEConfig):
+  """This device's capacity buffers for every expert -> (the experts' outputs for them, None)."""
+  del group_sizes_E, m
   e, c, d = buf_ExCxD.shape
   e_loc = w[0].shape[0]
   n = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
@@ -389,11 +392,13 @@ def _all_to_all_experts(buf_ExCxD, group_sizes_E, w: Weights, ep, tp, top_k):
   if tp:
     y_ExRxD = jax.lax.psum(y_ExRxD, tp)  # partial sums over the split hidden dim
   y_NxExCxD = y_ExRxD.reshape(e_loc, n, c, d).swapaxes(0, 1)
-  return jax.lax.all_to_all(y_NxExCxD, ep, 0, 0).reshape(e, c, d)
+  return jax.lax.all_to_all(y_NxExCxD, ep, 0, 0).reshape(e, c, d), None
 
 
-def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, top_k):
-  """This device's rows sorted by expert (group_sizes_E per expert) -> the experts' outputs."""
+def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, m: MoEConfig):
+  """This device's rows sorted by expert (group_sizes_E per expert) -> (the experts' outputs,
+  the rows dropped for want of room where they were sent, or None when the buffer holds the
+  worst case)."""
   n_rows, d = x_NxD.shape
   e = group_sizes_E.shape[0]
   e_loc = w[0].shape[0]
@@ -402,12 +407,24 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, top_k):
   send_sizes_P = send_PxE.sum(1)
   send_offsets_P = jnp.cumsum(send_sizes_P) - send_sizes_P
   recv_PxE = jax.lax.all_to_all(send_PxE, ep, 0, 0)  # [source, local expert]: rows coming here
+  # Worst case: every device sends each of its tokens' top-k choices that are experts here.
+  rows = worst = p * (n_rows // m.top_k) * min(m.top_k, e_loc)
+  if m.ragged_buffer_factor:  # balanced routing receives n_rows: the group's rows spread over p devices
+    rows = min(worst, math.ceil(m.ragged_buffer_factor * n_rows))
+  lost_N = None
+  if rows < worst:
+    # Keep what fits, in arrival order (source-major, then local expert): each source loses the
+    # tail of what it sends here, and learns how much arrived.
+    end_PxE = jnp.cumsum(recv_PxE.reshape(-1)).reshape(p, e_loc)
+    recv_PxE = jnp.clip(rows - (end_PxE - recv_PxE), 0, recv_PxE)
+    send_sizes_P = jax.lax.all_to_all(recv_PxE.sum(1), ep, 0, 0, tiled=True)
+    row_N = jnp.arange(n_rows, dtype=send_offsets_P.dtype)
+    dest_N = jnp.searchsorted(send_offsets_P, row_N, side="right") - 1  # destination of each row
+    lost_N = row_N - send_offsets_P[dest_N] >= send_sizes_P[dest_N]
   recv_sizes_P = recv_PxE.sum(1)
   recv_offsets_P = jnp.cumsum(recv_sizes_P) - recv_sizes_P  # source s's rows land here
   # ragged_all_to_all wants, per destination, where the rows land there: its recv_offsets[me].
   dest_offsets_P = jax.lax.all_to_all(recv_offsets_P, ep, 0, 0, tiled=True)
-  # Worst case: every device sends each of its tokens' top-k choices that are experts here.
-  rows = p * (n_rows // top_k) * min(top_k, e_loc)
   recv_RxD = ragged_all_to_all(
     x_NxD,
     jnp.zeros_like(x_NxD, shape=(rows, d)),
@@ -426,8 +443,8 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, top_k):
   if tp:
     y_sorted = jax.lax.psum(y_sorted, tp)  # partial sums over the split hidden dim
   y_RxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
-  # Back the same way: each source's rows return to where it sent them from.
-  return ragged_all_to_all(
+  # Back the same way: each source's rows return to where it sent them from (dropped ones stay 0).
+  y_NxD = ragged_all_to_all(
     y_RxD,
     jnp.zeros_like(y_RxD, shape=(n_rows, d)),
     recv_offsets_P,
@@ -436,6 +453,7 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, top_k):
     send_sizes_P,
     axis_name=ep,
   )
+  return y_NxD, lost_N
 
 
 def sequence_balance_loss(chosen_BxLxE, scores_BxLxE, valid_BxL, top_k: int) -> jax.Array:
