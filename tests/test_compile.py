@@ -178,3 +178,31 @@ def test_a_state_over_hbm_is_refused_without_compiling():
   lines = out.stdout.strip().splitlines()
   assert not any(line.startswith(("compile ", "compiler ")) for line in lines), out.stdout
   assert lines[-1].startswith("does not fit: the train state alone needs ") and "95.7 GiB; not compiled" in lines[-1]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("factor, line", [(0, "4x the rows it sends, the worst case"), (1.25, "1.25x the rows")])
+def test_the_ragged_receive_buffer_is_reported(tmp_path, factor, line):
+  # 8 experts top-2 over a 4-way expert axis: 2 experts a chip, so the worst case is every
+  # chip's rows for them, 4x what one chip sends. A 1 KiB chip gives the verdict without compiling.
+  path = tmp_path / "report.json"
+  ep = ["mesh.data=1", "mesh.expert=4", "model.moe.mode=dropless", f"model.moe.ragged_buffer_factor={factor}"]
+  out = _command("--topology", "v5p-8", "--hbm-gib", str(2**-20), "--json", str(path), *TINY, *ep)
+  assert out.returncode == 1, out.stderr
+  r = json.loads(path.read_text())
+  assert r["expert_dispatch"] == "ragged_all_to_all" and r["receive_buffer"] == [factor or 4.0, 4.0]
+  experts = [text for text in out.stdout.splitlines() if text.startswith("experts    ragged_all_to_all: ")]
+  assert len(experts) == 1 and line in experts[0], out.stdout
+
+
+def test_the_expert_dispatch_is_reported_where_experts_are_split(run, tmp_path):
+  path = tmp_path / "report.json"
+  tiny_chip = ("--topology", "cpu:8", "--hbm-gib", str(2**-20))  # the verdict without compiling
+  ep = ["mesh.data=2", "mesh.expert=4", "model.moe.mode=capacity"]
+  rc, out, _ = run(*tiny_chip, "--json", str(path), *TINY, *ep)
+  r = json.loads(path.read_text())
+  assert rc == 1 and r["expert_dispatch"] == "all_to_all" and r["receive_buffer"] is None
+  assert "experts    all_to_all of capacity buffers" in out
+  rc, out, _ = run(*tiny_chip, "--json", str(path), *TINY)  # 8-way data: every device holds every expert
+  assert json.loads(path.read_text())["expert_dispatch"] is None
+  assert not any(line.startswith("experts") for line in out), out

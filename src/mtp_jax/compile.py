@@ -187,6 +187,8 @@ class Report:
   slices: int
   device_kind: str
   mesh: dict[str, int]
+  expert_dispatch: str | None  # gspmd, all_to_all or ragged_all_to_all; None: no experts split over devices
+  receive_buffer: tuple[float, float] | None  # ragged_all_to_all: (rows received into, worst case) / rows sent
   lower_s: float
   compile_s: float
   grad_accum_steps: int
@@ -213,6 +215,7 @@ class Report:
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad input."""
+  from mtp_jax.model import moe
   from mtp_jax.model.flops import cost, traced_matmul_flops
   from mtp_jax.train import loop
   from mtp_jax.train.metrics import peak_flops
@@ -238,6 +241,13 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     compile_s = time.perf_counter() - start - lower_s
 
   accum = program.cfg.train.grad_accum_steps  # resolved: -1 becomes a count for this mesh
+  m = cfg.model.moe
+  group = moe.expert_group(m, program.mesh, cfg.mesh.rules) if m.num_experts else 1
+  dispatch, buffer = (program.expert_dispatch if group > 1 else None), None
+  if dispatch == "ragged_all_to_all":
+    sent = m.top_k * 10**6  # the ratios do not depend on the rows sent; many keep ceil's rounding out of sight
+    rows, worst = moe.receive_rows(m, group, sent)
+    buffer = (rows / sent, worst / sent)
   c = cost(cfg.model, cfg.data.seq_len)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   memory = _memory(compiled) if compiled else None
@@ -259,6 +269,8 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     slices=topo.slices,
     device_kind=devs[0].device_kind,
     mesh={k: int(v) for k, v in program.mesh.shape.items()},
+    expert_dispatch=dispatch,
+    receive_buffer=buffer,
     lower_s=lower_s,
     compile_s=compile_s,
     grad_accum_steps=accum,
@@ -384,6 +396,25 @@ def _seconds(t: float) -> str:
   return f"{t / 1e-6:,.1f} us"
 
 
+def _experts(r: Report) -> str:
+  """How tokens reach the experts, and for ragged_all_to_all the receive buffer, which can be
+  what decides the fit."""
+  if not r.receive_buffer:
+    return {"gspmd": "gspmd: the compiler moves the tokens", "all_to_all": "all_to_all of capacity buffers"}[
+      r.expert_dispatch
+    ]
+  rows, worst = r.receive_buffer
+  if rows == worst:
+    return (
+      f"ragged_all_to_all: each chip receives into {worst:.3g}x the rows it sends, the worst case "
+      "(nothing drops; model.moe.ragged_buffer_factor bounds it)"
+    )
+  return (
+    f"ragged_all_to_all: each chip receives into {rows:.3g}x the rows it sends "
+    f"(model.moe.ragged_buffer_factor; the worst case is {worst:.3g}x; overflow is dropped)"
+  )
+
+
 def describe(r: Report) -> list[str]:
   """The report as a few readable lines, the verdict last."""
   slices = f" in {r.slices} slices" if r.slices > 1 else ""
@@ -395,6 +426,8 @@ def describe(r: Report) -> list[str]:
     f"{r.tokens_per_step:,} tokens per step{micro}",
     f"state      {_size(r.state_bytes)} per chip: parameters, optimizer state, step",
   ]
+  if r.expert_dispatch:
+    lines.append("experts    " + _experts(r))
   if r.compiled:
     lines.append(f"compile    lowered in {r.lower_s:,.0f} s, compiled in {r.compile_s:,.0f} s")
   if r.memory:

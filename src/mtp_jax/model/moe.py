@@ -229,7 +229,7 @@ def _plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=N
     )
   if want == "gspmd":
     return _Plan("gspmd")
-  w_spec = sharding.spec(("experts", None, "expert_mlp"), (cfg.num_experts, 1, cfg.expert_d_ff), mesh, rules)
+  w_spec = _expert_weight_spec(cfg, mesh, rules)
   ep = _axes(w_spec[0])
   if not ep:  # nothing to exchange: the one-device code path, under GSPMD
     why = f"model.moe.dispatch={want}: the experts are not split over any mesh axis; they run where the tokens are"
@@ -256,6 +256,25 @@ def _plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=N
     )
   tp = tuple(a for a in _axes(w_spec[2]) if a not in token_axes)
   return _Plan(kind, None, ep, tp, tokens)
+
+
+def _expert_weight_spec(cfg: MoEConfig, mesh: Mesh, rules: sharding.Rules) -> PartitionSpec:
+  """How the ExDxF expert weights split: experts over spec[0], their hidden dim over spec[2]."""
+  return sharding.spec(("experts", None, "expert_mlp"), (cfg.num_experts, 1, cfg.expert_d_ff), mesh, rules)
+
+
+def expert_group(cfg: MoEConfig, mesh: Mesh, rules: sharding.Rules) -> int:
+  """Devices the experts are split over (1: every device holds them all)."""
+  return math.prod(mesh.shape[a] for a in _axes(_expert_weight_spec(cfg, mesh, rules)[0]))
+
+
+def receive_rows(cfg: MoEConfig, group: int, n_rows: int) -> tuple[int, int]:
+  """ragged_all_to_all over `group` devices that each send `n_rows` rows (token-slots): (the rows
+  each receives into, the worst case, every device's rows for its experts arriving at one)."""
+  worst = group * (n_rows // cfg.top_k) * min(cfg.top_k, cfg.num_experts // group)
+  if not cfg.ragged_buffer_factor:
+    return worst, worst
+  return min(worst, math.ceil(cfg.ragged_buffer_factor * n_rows)), worst
 
 
 def _axes(entry) -> tuple[str, ...]:
@@ -407,10 +426,7 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, m: MoEC
   send_sizes_P = send_PxE.sum(1)
   send_offsets_P = jnp.cumsum(send_sizes_P) - send_sizes_P
   recv_PxE = jax.lax.all_to_all(send_PxE, ep, 0, 0)  # [source, local expert]: rows coming here
-  # Worst case: every device sends each of its tokens' top-k choices that are experts here.
-  rows = worst = p * (n_rows // m.top_k) * min(m.top_k, e_loc)
-  if m.ragged_buffer_factor:  # balanced routing receives n_rows: the group's rows spread over p devices
-    rows = min(worst, math.ceil(m.ragged_buffer_factor * n_rows))
+  rows, worst = receive_rows(m, p, n_rows)
   lost_N = None
   if rows < worst:
     # Keep what fits, in arrival order (source-major, then local expert): each source loses the
