@@ -138,21 +138,29 @@ def test_ragged_all_to_all_equals_one_device_dropless(emulated, mesh):
   _assert_same(_forward_and_grads(cfg), _forward_and_grads(cfg, _mesh(cfg)))
 
 
-def _arrival_keep(experts_BxLxK: np.ndarray, rows: int) -> np.ndarray:
+def _shared_keep(experts_BxLxK: np.ndarray, rows: int) -> np.ndarray:
   """Which token-slots a receive buffer of `rows` keeps, one batch row and one expert per
-  device: device r receives expert r's rows from sources 0, 1, ... in turn, each source's in
-  token order, and keeps the first `rows`."""
+  device: device r receives expert r's rows from every source; when more than `rows` arrive,
+  each source keeps the same share (the floors of a cumulative split, in float32 as the layer
+  computes them) as the head of its rows, in token order."""
   keep = np.ones(experts_BxLxK.shape, bool)
   for dest in range(experts_BxLxK.shape[0]):
     sources, tokens, choices = np.nonzero(experts_BxLxK == dest)  # source-major, then token order
-    keep[sources[rows:], tokens[rows:], choices[rows:]] = False
+    sizes = np.bincount(sources, minlength=experts_BxLxK.shape[0])
+    if sizes.sum() <= rows:
+      continue
+    end = np.cumsum(sizes)
+    quota = np.diff(np.floor(end.astype(np.float32) * (np.float32(rows) / np.float32(end[-1]))), prepend=0)
+    rank = np.arange(len(sources)) - (end - sizes)[sources]  # place among its source's rows
+    lost = rank >= quota[sources]
+    keep[sources[lost], tokens[lost], choices[lost]] = False
   return keep
 
 
-def test_ragged_all_to_all_with_a_bounded_buffer_drops_the_last_sources_rows(emulated):
+def test_ragged_all_to_all_with_a_bounded_buffer_drops_an_equal_share_of_every_source(emulated):
   """ragged_buffer_factor=1: a device receives at most as many rows as it sends. With every
-  token choosing expert 0, its device keeps what arrives first (source devices in order) and
-  drops the rest: the layer and its input gradient equal the one-device layer with the dropped
+  token choosing expert 0, its device gets 8x that; each source keeps the same share, the first
+  rows of it: the layer and its input gradient equal the one-device layer with the dropped
   choices' gates zeroed, and `dropped` counts the dropped slots of valid tokens."""
   factor = "model.moe.ragged_buffer_factor=1"
   cfg = tiny_config("model.moe.dispatch=ragged_all_to_all", factor, "mesh.data=1", "mesh.expert=8")
@@ -171,7 +179,7 @@ def test_ragged_all_to_all_with_a_bounded_buffer_drops_the_last_sources_rows(emu
   (_, (y, aux)), dx = jax.jit(jax.value_and_grad(sharded, has_aux=True))(x)
 
   experts_TxK = layer.router(x.reshape(B * L, -1))[1]
-  keep_BxLxK = _arrival_keep(np.asarray(experts_TxK).reshape(B, L, m.top_k), rows=L * m.top_k)
+  keep_BxLxK = _shared_keep(np.asarray(experts_TxK).reshape(B, L, m.top_k), rows=L * m.top_k)
   w = layer.experts.weights()
 
   def reference(x):
@@ -189,7 +197,9 @@ def test_ragged_all_to_all_with_a_bounded_buffer_drops_the_last_sources_rows(emu
 
   (_, y_ref), dx_ref = jax.jit(jax.value_and_grad(reference, has_aux=True))(x)
   assert int(aux.dropped) == int((~keep_BxLxK & np.asarray(valid)[..., None]).sum()) > 0
-  assert (~keep_BxLxK[:2]).sum() == 0 and (~keep_BxLxK[-1]).sum() > 0  # the first sources keep all
+  to_expert0 = np.asarray(experts_TxK).reshape(B, L, -1) == 0
+  assert (to_expert0.sum((1, 2)) == L).all()  # 8 sources x 16 rows for expert 0's buffer of 32
+  assert ((keep_BxLxK & to_expert0).sum((1, 2)) == 4).all()  # 4 kept from each
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-6)
 

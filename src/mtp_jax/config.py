@@ -77,8 +77,8 @@ class MoEConfig(_Section):
   ragged_buffer_factor: float = _field(
     0.0,
     "ragged_all_to_all: the rows one device can receive, as a multiple of the rows it sends (what it receives "
-    "when routing is balanced); rows beyond are dropped, from the last source devices first. 0: room for the worst "
-    "case (every row to one device), so nothing drops.",
+    "when routing is balanced); on overflow every source device keeps the same share of the rows it sends there "
+    "and the rest are dropped. 0: room for the worst case (every row to one device), so nothing drops.",
     ge=0,
   )
 

@@ -429,10 +429,16 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, w: Weights, ep, tp, m: MoEC
   rows, worst = receive_rows(m, p, n_rows)
   lost_N = None
   if rows < worst:
-    # Keep what fits, in arrival order (source-major, then local expert): each source loses the
-    # tail of what it sends here, and learns how much arrived.
-    end_PxE = jnp.cumsum(recv_PxE.reshape(-1)).reshape(p, e_loc)
-    recv_PxE = jnp.clip(rows - (end_PxE - recv_PxE), 0, recv_PxE)
+    # On overflow every source keeps the same share of what it sends here (floors of a cumulative
+    # split, so the shares sum to at most `rows`), the head of its rows, which are in expert
+    # order; it learns how many arrived.
+    sizes_P = recv_PxE.sum(1)
+    end_P, total = jnp.cumsum(sizes_P), sizes_P.sum()
+    kept_end_P = jnp.minimum(jnp.floor(end_P * (rows / jnp.maximum(total, 1))), rows).astype(end_P.dtype)
+    kept_end_P = jnp.where(total > rows, kept_end_P, end_P)
+    quota_P = jnp.minimum(jnp.diff(kept_end_P, prepend=0), sizes_P)
+    end_PxE = jnp.cumsum(recv_PxE, axis=1)
+    recv_PxE = jnp.clip(quota_P[:, None] - (end_PxE - recv_PxE), 0, recv_PxE)
     send_sizes_P = jax.lax.all_to_all(recv_PxE.sum(1), ep, 0, 0, tiled=True)
     row_N = jnp.arange(n_rows, dtype=send_offsets_P.dtype)
     dest_N = jnp.searchsorted(send_offsets_P, row_N, side="right") - 1  # destination of each row
