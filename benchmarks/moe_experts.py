@@ -9,7 +9,7 @@ forward only (what decoding runs) and forward plus gradients (what training runs
 `--config`, it times the whole train step of that config (dropless) compiled each way instead,
 alternating between the two three times and keeping each one's fastest. Prints one row per
 case with both times and their ratio. The backends that use the blocked loop are listed in
-`moe.BLOCKED_BACKENDS` (CPU); this measures whether that choice is right on the machine at hand.
+`experts.BLOCKED_BACKENDS` (CPU); this measures whether that choice is right on the machine at hand.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.cli import load_config
-from mtp_jax.model import moe
+from mtp_jax.model import experts
 from mtp_jax.train import loop
 
 
@@ -41,13 +41,13 @@ def fastest(fn, *args, repeats: int) -> float:
 
 def compiled_step(cfg, blocked: bool):
   """(compiled step, state, batch) with the experts run one way; the choice is read at trace time."""
-  saved = moe.BLOCKED_BACKENDS
-  moe.BLOCKED_BACKENDS = frozenset({jax.default_backend()} if blocked else ())
+  saved = experts.BLOCKED_BACKENDS
+  experts.BLOCKED_BACKENDS = frozenset({jax.default_backend()} if blocked else ())
   try:
     program = loop.build(cfg, jax.devices()[:1])
     return program.compile(), program.init_state(), program.synthetic_batch()
   finally:
-    moe.BLOCKED_BACKENDS = saved
+    experts.BLOCKED_BACKENDS = saved
 
 
 def time_steps(cfg, steps: int) -> None:
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
       groups = jnp.asarray(np.bincount(rng.integers(0, e, n), minlength=e), jnp.int32)
       for name, grad in (("forward", False), ("forward + grads", True)):
         times = []
-        for swiglu in (moe.swiglu_ragged_dot, moe.swiglu_blocked):
+        for swiglu in (experts.swiglu_ragged_dot, experts.swiglu_blocked):
           if grad:
             fn = jax.jit(jax.grad(lambda x, w, g, s=swiglu: jnp.sum(s(x, w, g) ** 2), (0, 1)))
           else:

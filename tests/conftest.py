@@ -59,6 +59,7 @@ _LONGEST_FIRST = (
   "test_checkpoint.py",
   "test_step_equivalence.py",
   "test_train.py",
+  "test_compile.py",
   "test_distributed.py",
   "test_speculative.py",
 )

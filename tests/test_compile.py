@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY
 
 from mtp_jax import compile as mtp_compile
-from mtp_jax.model.flops import traced_matmul_flops
+from mtp_jax.model.flops import compiled_matmul_flops, traced_matmul_flops
 from mtp_jax.train import loop
 
 needs_libtpu = pytest.mark.skipif(
@@ -40,13 +40,30 @@ def test_traced_flops_count_every_loop_iteration(tiny):
   traced count must equal the loop-free program's, and remat must add a forward. (Query blocks
   are loops too, but each block is rematerialised, so they add FLOPs of their own.)"""
 
+  # Capacity buffers: each device's microbatch of 32 tokens fills 10 rows per expert, a quarter
+  # of the 40 of its whole batch (dropless on CPU pads each expert's rows into blocks instead).
+  base = ("model.num_layers=4", "data.seq_len=32", "model.moe.mode=capacity")
+
+  def build(*overrides):
+    program = loop.build(tiny(*base, *overrides), jax.devices()[:2])
+    return program.step.trace(program.abstract_state, program.abstract_batch())
+
   def flops(*overrides):
-    program = loop.build(tiny("model.num_layers=4", "data.seq_len=32", *overrides), jax.devices()[:2])
-    return traced_matmul_flops(program.step.trace(program.abstract_state, program.abstract_batch()).jaxpr, 2)
+    return traced_matmul_flops(build(*overrides).jaxpr, 2)
 
   plain = flops("train.scan_layers=false")
   loops = ("train.grad_accum_steps=4", "train.loss_chunk_len=8")
   assert flops(*loops) == pytest.approx(plain, rel=1e-12)
+  # The compiled, partitioned program: microbatches and scanned layers count as often as they
+  # run. (It runs fewer matmuls than traced: XLA merges the head's rematerialised forward with
+  # the forward when no loop separates them, and turns the gate-weighted sum into a reduction.)
+  compiled = [
+    compiled_matmul_flops(build(*overrides).lower().compile().as_text())
+    for overrides in [("train.scan_layers=false",), ("train.grad_accum_steps=4",)]
+  ]
+  assert compiled[0].unknown_loops == compiled[1].unknown_loops == 0
+  assert compiled[1].flops == pytest.approx(compiled[0].flops, rel=1e-3)
+  assert 0.85 < compiled[0].flops / plain < 1
   forward = flops("train.remat=full", *loops) - plain  # the blocks' forward again, not the head's
   assert 0.1 < forward / plain < 1 / 3, forward / plain
   assert flops("train.attention_chunk_len=8", *loops) > plain
@@ -144,16 +161,23 @@ def test_a_step_over_hbm_whose_state_fits_is_compiled_and_judged(run, tmp_path):
 @needs_libtpu
 def test_tiny_config_fits_a_v5p_slice(tmp_path):
   path = tmp_path / "report.json"
-  out = _command("--topology", "v5p-8", "--json", str(path), *TINY, "train.grad_accum_steps=2")
+  # Capacity mode: XLA:TPU computes a ragged dot's weight gradient as a dense product over all
+  # experts (benchmarks/RESULTS.md), which the report would rightly flag.
+  out = _command(
+    "--topology", "v5p-8", "--json", str(path), *TINY, "train.grad_accum_steps=2", "model.moe.mode=capacity"
+  )
   assert out.returncode == 0, out.stderr
   r = json.loads(path.read_text())
   assert r["chips"] == 4 and r["device_kind"] == "TPU v5" and r["mesh"]["data"] == 4
   assert 0 < r["memory"]["peak"] <= r["memory"]["total"] < r["hbm_bytes"] == pytest.approx(95.74 * 2**30)
   assert r["needs_bytes"] == r["memory"]["peak"] and r["fits"] is True
   assert r["memory"]["arguments"] > 0 and r["memory"]["temporaries"] > 0
-  # The traced matmuls: the model's, plus the router's and masked attention's full square.
-  assert 1.0 < r["flops"] * r["chips"] / r["model_flops_per_step"] < 1.25
-  assert r["step_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_flops"] == 459e12
+  # The traced matmuls: the model's, plus the router's and masked attention's full square; what
+  # a chip runs of them, read from the partitioned program, is its share, and the roofline's.
+  assert 1.0 < r["traced_flops"] * r["chips"] / r["model_flops_per_step"] < 1.25
+  assert 0.85 < r["partitioned_flops"] / r["traced_flops"] <= 1.15 and r["repeated"] is None
+  assert r["step_s"] >= r["partitioned_flops"] / r["peak_flops"] > 0
+  assert 0 < r["mfu"] < 1 and r["peak_flops"] == 459e12
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith("fits: needs ") and last.endswith(" per chip, the chip has 95.7 GiB (0% used)"), out.stdout
 
@@ -206,3 +230,26 @@ def test_the_expert_dispatch_is_reported_where_experts_are_split(run, tmp_path):
   rc, out, _ = run(*tiny_chip, "--json", str(path), *TINY)  # 8-way data: every device holds every expert
   assert json.loads(path.read_text())["expert_dispatch"] is None
   assert not any(line.startswith("experts") for line in out), out
+
+
+def test_the_report_counts_what_each_chip_runs(run, tmp_path):
+  """The partitioned program's matmuls per chip, beside the traced share: dispatch=gspmd on an
+  8-way data mesh has every chip compute every token's experts, which the report flags in one
+  line; the default computes each chip's own."""
+  path = tmp_path / "report.json"
+  mesh = ["mesh.data=8", "model.moe.mode=capacity", "train.batch_size=16"]
+  figures = {}
+  for dispatch in ("gspmd", "auto"):
+    rc, out, _ = run("--topology", "cpu:8", "--json", str(path), *TINY, *mesh, f"model.moe.dispatch={dispatch}")
+    r = figures[dispatch] = json.loads(path.read_text())
+    assert rc == 0 and r["partitioned_flops"] > 0 and r["traced_flops"] > 0
+    flops = [line for line in out if line.startswith("flops ")]
+    assert len(flops) == 1 and "in the matmuls the chip runs" in flops[0] and "as traced" in flops[0], out
+    warnings = [line for line in out if line.startswith("warning ")]
+    if dispatch == "gspmd":
+      assert r["partitioned_flops"] / r["traced_flops"] > 1.15
+      assert len(warnings) == 1 and r["repeated"] in warnings[0] and "its share of the step's matmuls" in warnings[0]
+      assert any(line.startswith("note ") and "whole microbatch" in line for line in out), out
+    else:
+      assert r["partitioned_flops"] / r["traced_flops"] <= 1.15 and r["repeated"] is None and not warnings
+  assert figures["gspmd"]["traced_flops"] == pytest.approx(figures["auto"]["traced_flops"], rel=0.02)

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from flax import nnx
+from moe_layer import B, L, assert_same, forward_and_grads, inputs
 
 from mtp_jax import sharding
 from mtp_jax.config import ConfigError
-from mtp_jax.model import moe as moe_lib
+from mtp_jax.model import dispatch as moe_lib
+from mtp_jax.model.experts import swiglu_ragged
 from mtp_jax.model.moe import MoE, RouterBias
 from mtp_jax.train import loop
 
-B, L = 8, 16
 ROOMY = "model.moe.capacity_factor=4"  # = E / K: C_local >= local tokens, so nothing drops
 MESHES = {
   "data2_expert4": ["mesh.data=2", "mesh.expert=4"],
@@ -47,52 +48,6 @@ def emulated(monkeypatch):
   monkeypatch.setattr(moe_lib, "ragged_all_to_all", emulated_ragged_all_to_all)
 
 
-def _inputs(cfg):
-  x = jax.random.normal(jax.random.key(1), (B, L, cfg.model.d_model), jnp.float32)
-  cot = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
-  valid = jnp.ones((B, L), bool).at[3, 10:].set(False)  # padding is routed but not counted
-  return x, cot, valid
-
-
-def _forward_and_grads(cfg, mesh=None):
-  """(y, aux, grads w.r.t. (params, x)) of the MoE layer, on the mesh or on one device."""
-  layer = MoE(cfg.model, rngs=nnx.Rngs(0))
-  layer.router.bias[...] = jax.random.normal(jax.random.key(3), (cfg.model.moe.num_experts,)) * 0.05
-  graphdef, params, bias = nnx.split(layer, nnx.Param, RouterBias)
-  x, cot, valid = _inputs(cfg)
-
-  def loss(params, x):
-    y, aux = nnx.merge(graphdef, params, bias)(x, valid)
-    return jnp.sum(y * cot) + aux.balance_loss + aux.z_loss, (y, aux)
-
-  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-  if mesh is None:
-    (_, (y, aux)), grads = jax.jit(grad_fn)(params, x)
-    return y, aux, grads
-  rules = cfg.mesh.rules
-
-  def sharded(params, x):
-    with sharding.activate(mesh, rules):
-      return grad_fn(params, x)
-
-  x_sharding = sharding.named(("act_batch", "act_length", "act_embed"), x.shape, mesh, rules)
-  fn = jax.jit(sharded, in_shardings=(sharding.tree_shardings(params, mesh, rules), x_sharding))
-  (_, (y, aux)), grads = fn(params, x)
-  return y, aux, grads
-
-
-def _assert_same(one, many):
-  y1, aux1, g1 = one
-  y2, aux2, g2 = many
-  np.testing.assert_allclose(y2, y1, rtol=1e-5, atol=1e-6)
-  for k in ("balance_loss", "z_loss", "load", "dropped"):
-    np.testing.assert_allclose(aux2[k], aux1[k], rtol=1e-5, err_msg=k)
-  flat1, flat2 = jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2)
-  assert len(flat1) == len(flat2) == 8  # router; 3 routed-expert and 3 shared-expert weights; x
-  for (path, a), b in zip(flat1, flat2, strict=True):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-
-
 def _mesh(cfg):
   return sharding.make_mesh(cfg.mesh, jax.devices())
 
@@ -100,24 +55,31 @@ def _mesh(cfg):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_all_to_all_equals_one_device(mesh):
   cfg = tiny_config("model.moe.mode=capacity", ROOMY, "model.moe.dispatch=all_to_all", *MESHES[mesh])
-  many = _forward_and_grads(cfg, _mesh(cfg))
-  one = _forward_and_grads(cfg)
+  many = forward_and_grads(cfg, _mesh(cfg))
+  one = forward_and_grads(cfg)
   assert int(many[1].dropped) == 0
-  _assert_same(one, many)
+  assert_same(one, many)
   # With nothing dropped, capacity buffers compute the dropless layer (which also runs padding).
-  valid = np.asarray(_inputs(cfg)[2])
-  dropless = _forward_and_grads(tiny_config())[0]
+  valid = np.asarray(inputs(cfg)[2])
+  dropless = forward_and_grads(tiny_config())[0]
   np.testing.assert_allclose(np.asarray(many[0])[valid], np.asarray(dropless)[valid], rtol=1e-5, atol=1e-6)
 
 
-def test_all_to_all_drops_by_each_devices_own_capacity():
-  """Overflow is decided per source device: the layer equals one-device capacity mode run on
-  each device's own tokens, and `dropped` totals every device's drops."""
-  cfg = tiny_config("model.moe.mode=capacity", "model.moe.capacity_factor=1.0", *MESHES["data2_expert4"])
+@pytest.mark.parametrize("mesh", ["data2_expert4", "data8"])
+def test_capacity_drops_by_each_devices_own_buffers(mesh):
+  """Overflow is decided per device (per source device under all_to_all): the layer equals
+  one-device capacity mode run on each device's own tokens, and `dropped` totals every
+  device's drops (README, "Where the experts run")."""
+  cfg = tiny_config(
+    "model.moe.mode=capacity", "model.moe.capacity_factor=1.0", *{**MESHES, "data8": ["mesh.data=8"]}[mesh]
+  )
   layer = MoE(cfg.model, rngs=nnx.Rngs(0))
   layer.router.kernel[...] = layer.router.kernel[...].at[:, 0].add(0.5)  # crowd expert 0
-  x, _, valid = _inputs(cfg)
+  x, _, valid = inputs(cfg)
   mesh = _mesh(cfg)
+  assert moe_lib.dispatch_plan(cfg.model.moe, mesh, cfg.mesh.rules, (B, L))[0] == (
+    "all_to_all" if mesh.shape["expert"] > 1 else "local"
+  )
 
   @jax.jit
   def sharded(x):
@@ -128,14 +90,14 @@ def test_all_to_all_drops_by_each_devices_own_capacity():
   blocks = [layer(x[i : i + 1], valid[i : i + 1]) for i in range(B)]  # act_batch splits B 8 ways
   assert int(aux.dropped) == sum(int(a.dropped) for _, a in blocks) > 0
   np.testing.assert_allclose(y, jnp.concatenate([y for y, _ in blocks]), rtol=1e-5, atol=1e-6)
-  assert sharded.lower(x).as_text().count("stablehlo.all_to_all") == 2  # there and back
+  assert sharded.lower(x).as_text().count("stablehlo.all_to_all") == (2 if mesh.shape["expert"] > 1 else 0)
 
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_ragged_all_to_all_equals_one_device_dropless(emulated, mesh):
   cfg = tiny_config("model.moe.dispatch=ragged_all_to_all", "model.moe.z_loss_weight=0.01", *MESHES[mesh])
   assert moe_lib.dispatch_plan(cfg.model.moe, _mesh(cfg), cfg.mesh.rules, (B, L)) == ("ragged_all_to_all", None)
-  _assert_same(_forward_and_grads(cfg), _forward_and_grads(cfg, _mesh(cfg)))
+  assert_same(forward_and_grads(cfg), forward_and_grads(cfg, _mesh(cfg)))
 
 
 def _shared_keep(experts_BxLxK: np.ndarray, rows: int) -> np.ndarray:
@@ -169,7 +131,7 @@ def test_ragged_all_to_all_with_a_bounded_buffer_drops_an_equal_share_of_every_s
   assert moe_lib.dispatch_plan(m, mesh, cfg.mesh.rules, (B, L)) == ("ragged_all_to_all", None)
   layer = MoE(cfg.model, rngs=nnx.Rngs(0))
   layer.router.bias[...] = layer.router.bias[...].at[0].set(10.0)  # selection only: gates are unbiased
-  x, cot, valid = _inputs(cfg)
+  x, cot, valid = inputs(cfg)
 
   def sharded(x):
     with sharding.activate(mesh, cfg.mesh.rules):
@@ -191,7 +153,7 @@ def test_ragged_all_to_all_with_a_bounded_buffer_drops_an_equal_share_of_every_s
       experts_TxK,
       layer.router(x_TxD)[0] * keep_BxLxK.reshape(B * L, -1),
       valid.reshape(-1).astype(jnp.int32),
-      lambda rows, group_sizes_E: (moe_lib.swiglu_ragged(rows, w, group_sizes_E), None),
+      lambda rows, group_sizes_E: (swiglu_ragged(rows, w, group_sizes_E), None),
     )
     y = y_TxD.reshape(x.shape) + layer.shared(x)
     return jnp.sum(y * cot), y
@@ -215,7 +177,7 @@ def test_the_real_ragged_all_to_all_traces_and_differentiates(monkeypatch, facto
   mesh = _mesh(cfg)
   layer = MoE(cfg.model, rngs=nnx.Rngs(0))
   graphdef, params, bias = nnx.split(layer, nnx.Param, RouterBias)
-  x, _, valid = _inputs(cfg)
+  x, _, valid = inputs(cfg)
 
   def loss(params, x):
     with sharding.activate(mesh, cfg.mesh.rules):
@@ -282,9 +244,12 @@ def test_dispatch_plan_on_cpu():
   assert "\n" not in note
   assert _plan("model.moe.mode=capacity", *expert4) == ("all_to_all", None)
   assert _plan("model.moe.mode=capacity", "model.moe.dispatch=gspmd", *expert4) == ("gspmd", None)
-  assert _plan("model.moe.mode=capacity", "mesh.data=8") == ("gspmd", None)  # no expert axis: nothing to send
+  # No expert axis: nothing to send; each device computes its own tokens.
+  assert _plan("model.moe.mode=capacity", "mesh.data=8") == ("local", None)
   kind, note = _plan("model.moe.mode=capacity", "model.moe.dispatch=all_to_all", "mesh.data=8")
-  assert kind == "gspmd" and "not split over any mesh axis" in note
+  assert kind == "local" and "not split over any mesh axis" in note
+  kind, note = _plan("model.moe.dispatch=gspmd", "mesh.data=8")  # asked for: the whole microbatch everywhere
+  assert kind == "gspmd" and "every device computes the experts of the whole microbatch" in note
   # Tokens not split over the expert axis (it would have to carry them): gspmd, with a note.
   kind, note = _plan("model.moe.mode=capacity", "mesh.rules.act_batch=[data]", *expert4)
   assert kind == "gspmd" and "the tokens are not split over the expert mesh axis" in note

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax.model.moe import MoE, capacity, swiglu_blocked, swiglu_ragged_dot
+from mtp_jax.model.dispatch import capacity
+from mtp_jax.model.experts import swiglu_blocked, swiglu_ragged_dot
+from mtp_jax.model.moe import MoE
 
 B, L = 2, 16
 

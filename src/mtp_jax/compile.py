@@ -189,6 +189,7 @@ class Report:
   mesh: dict[str, int]
   expert_dispatch: str | None  # gspmd, all_to_all or ragged_all_to_all; None: no experts split over devices
   receive_buffer: tuple[float, float] | None  # ragged_all_to_all: (rows received into, worst case) / rows sent
+  notes: list[str]  # how the config maps onto the devices, where it is not what was asked
   lower_s: float
   compile_s: float
   grad_accum_steps: int
@@ -203,7 +204,9 @@ class Report:
   active_params: int
   tokens_per_step: int
   model_flops_per_step: float  # analytic: train_flops_per_token x tokens, no rematerialisation
-  flops: float | None  # matmul FLOPs traced from the program, every loop body as often as it runs
+  traced_flops: float | None  # matmul FLOPs of the traced program, global shapes split evenly over the chips
+  partitioned_flops: float | None  # matmul FLOPs of the compiled program one chip runs: the roofline's
+  repeated: str | None  # when a chip runs over 1.15x its share of the traced matmuls: how much, and where
   xla_bytes: float | None  # XLA's HBM bytes accessed, the accumulation loop's body x its count: a floor
   xla_optimal_seconds: float | None  # raw; see _estimate
   peak_flops: float | None
@@ -215,8 +218,8 @@ class Report:
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad input."""
-  from mtp_jax.model import moe
-  from mtp_jax.model.flops import cost, traced_matmul_flops
+  from mtp_jax.model import dispatch as moe_dispatch
+  from mtp_jax.model.flops import chip_work, cost, traced_matmul_flops
   from mtp_jax.train import loop
   from mtp_jax.train.metrics import peak_flops
 
@@ -225,11 +228,11 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   chip = topo.chip or CHIPS.get(_DEVICE_KINDS.get(devs[0].device_kind, ""))
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
   state = state_bytes(program.abstract_state)
-  compiled, error, lower_s, compile_s, flops = None, None, 0.0, 0.0, None
+  compiled, error, lower_s, compile_s, traced_flops, work = None, None, 0.0, 0.0, None, None
   if not (hbm and state > hbm):  # else no compile can fit: say so now, not after many minutes
     start = time.perf_counter()
     traced = program.step.trace(program.abstract_state, program.abstract_batch())
-    flops = traced_matmul_flops(traced.jaxpr, len(devs))
+    traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
     lowered = traced.lower()
     lower_s = time.perf_counter() - start
     try:
@@ -239,14 +242,16 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
         raise
       error = str(err).splitlines()[0]
     compile_s = time.perf_counter() - start - lower_s
+    if compiled:
+      work = chip_work(traced.jaxpr, compiled.as_text(), len(devs))
 
   accum = program.cfg.train.grad_accum_steps  # resolved: -1 becomes a count for this mesh
   m = cfg.model.moe
-  group = moe.expert_group(m, program.mesh, cfg.mesh.rules) if m.num_experts else 1
+  group = moe_dispatch.expert_group(m, program.mesh, cfg.mesh.rules) if m.num_experts else 1
   dispatch, buffer = (program.expert_dispatch if group > 1 else None), None
   if dispatch == "ragged_all_to_all":
     sent = m.top_k * 10**6  # the ratios do not depend on the rows sent; many keep ceil's rounding out of sight
-    rows, worst = moe.receive_rows(m, group, sent)
+    rows, worst = moe_dispatch.receive_rows(m, group, sent)
     buffer = (rows / sent, worst / sent)
   c = cost(cfg.model, cfg.data.seq_len)
   tokens = cfg.train.batch_size * cfg.data.seq_len
@@ -271,6 +276,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     mesh={k: int(v) for k, v in program.mesh.shape.items()},
     expert_dispatch=dispatch,
     receive_buffer=buffer,
+    notes=program.notes,
     lower_s=lower_s,
     compile_s=compile_s,
     grad_accum_steps=accum,
@@ -285,7 +291,9 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     active_params=c.active_params,
     tokens_per_step=tokens,
     model_flops_per_step=c.train_flops_per_token * tokens,
-    flops=flops,
+    traced_flops=traced_flops,
+    partitioned_flops=work.partitioned if work else None,
+    repeated=work.warning() if work else None,
     xla_bytes=xla_bytes,
     xla_optimal_seconds=counts.get("optimal_seconds"),
     peak_flops=peak_flops(devs[0]),
@@ -361,16 +369,16 @@ def _refusal(error: str | None) -> tuple[float | None, float | None]:
 
 
 def _estimate(r: Report) -> None:
-  """Roofline step time: max(FLOPs / peak, HBM bytes / bandwidth) per chip, with the traced
-  matmul FLOPs and XLA's floor on HBM bytes.
+  """Roofline step time: max(FLOPs / peak, HBM bytes / bandwidth) per chip, with the matmul
+  FLOPs of the partitioned program and XLA's floor on HBM bytes.
 
   XLA:TPU's own `optimal_seconds` is no step time: it sums per-instruction estimates, counts a
   loop body once, and comes out negative for the MoE programs (it seems to add -1 for each async
   call it cannot time). The roofline ignores communication and overlap, so it is a lower bound on
   the step time and the MFU an upper bound."""
-  if not (r.flops and r.memory and r.peak_flops and r.hbm_bandwidth):  # no estimate for a refused step
+  if not (r.partitioned_flops and r.memory and r.peak_flops and r.hbm_bandwidth):  # none for a refused step
     return
-  compute, memory = r.flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
+  compute, memory = r.partitioned_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
   r.step_s, r.bound = max(compute, memory), "compute" if compute >= memory else "memory"
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
 
@@ -428,6 +436,7 @@ def describe(r: Report) -> list[str]:
   ]
   if r.expert_dispatch:
     lines.append("experts    " + _experts(r))
+  lines += [f"note       {note}" for note in r.notes]
   if r.compiled:
     lines.append(f"compile    lowered in {r.lower_s:,.0f} s, compiled in {r.compile_s:,.0f} s")
   if r.memory:
@@ -442,15 +451,18 @@ def describe(r: Report) -> list[str]:
   if r.compiler_error:
     lines.append(f"compiler   {r.compiler_error}")
   model = f"{r.model_flops_per_step / r.chips:.3g} model FLOPs (analytic, no rematerialisation)"
-  if r.flops:
-    ratio = r.flops * r.chips / r.model_flops_per_step
-    traffic = f"; HBM traffic >= {_size(r.xla_bytes)} (XLA's count, inner loop bodies once)" if r.xla_bytes else ""
-    lines.append(
-      f"flops      per chip per step: {r.flops:.3g} in matmuls as traced (loops x their trip counts, "
-      f"rematerialisation included: {ratio:.2f} x the model's), {model}{traffic}"
-    )
-  else:
-    lines.append(f"flops      per chip per step: {model}")
+  traffic = f"; HBM traffic >= {_size(r.xla_bytes)} (XLA's count, inner loop bodies once)" if r.xla_bytes else ""
+  counts = []
+  for flops, what in [
+    (r.partitioned_flops, "in the matmuls the chip runs (the compiled, partitioned program)"),
+    (r.traced_flops, "as traced, an even share of every matmul"),
+  ]:
+    if flops:
+      counts.append(f"{flops:.3g} {what}: {flops * r.chips / r.model_flops_per_step:.2f} x the model's")
+  loops = " (loops x their trip counts, rematerialisation included)" if counts else ""
+  lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{traffic}")
+  if r.repeated:
+    lines.append(f"warning    {r.repeated}")
   if r.step_s:
     lines.append(
       f"step time  >= {_seconds(r.step_s)}, a roofline: max(FLOPs / "

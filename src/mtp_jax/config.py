@@ -61,8 +61,8 @@ class MoEConfig(_Section):
   )
   capacity_factor: float = _field(
     1.25,
-    "capacity mode: buffer slots per expert = factor * tokens * top_k / experts (tokens of one device under "
-    "the all_to_all dispatch).",
+    "capacity mode: buffer slots per expert = factor * tokens * top_k / experts, counted per device (its own "
+    "tokens; the whole microbatch only with dispatch gspmd), so what overflows can change with the device count.",
     gt=0,
   )
   balance_loss_weight: float = _field(1e-4, "Sequence-wise balance loss alpha (DeepSeek-V3 eq. 17; 0: off).", ge=0)
@@ -70,9 +70,11 @@ class MoEConfig(_Section):
   bias_update_rate: float = _field(1e-3, "Aux-loss-free bias step gamma (DeepSeek-V3 eq. 16; 0: off).", ge=0)
   dispatch: Literal["auto", "all_to_all", "ragged_all_to_all", "gspmd"] = _field(
     "auto",
-    "How tokens reach experts sharded over the expert mesh axis. all_to_all: capacity buffers, every backend "
-    "(mode: capacity); ragged_all_to_all: dropless, GPU and TPU only (mode: dropless); gspmd: the compiler moves "
-    "them; auto: all_to_all in capacity mode, else ragged_all_to_all where the backend has it, else gspmd.",
+    "How tokens reach experts sharded over the expert mesh axis (with no such axis each device computes its own "
+    "tokens, whatever is asked but gspmd). all_to_all: capacity buffers, every backend (mode: capacity); "
+    "ragged_all_to_all: dropless, GPU and TPU only (mode: dropless); gspmd: the whole microbatch in one program, "
+    "the compiler moves the tokens; auto: all_to_all in capacity mode, else ragged_all_to_all where the backend "
+    "has it, else gspmd.",
   )
   ragged_buffer_factor: float = _field(
     0.0,

@@ -3,8 +3,13 @@ the matmul FLOPs of a traced program."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
+import re
+
+import numpy as np
 
 from mtp_jax.config import ModelConfig
 
@@ -92,6 +97,11 @@ def traced_matmul_flops(jaxpr, devices: int) -> float:
   which in a step with scanned layers, query blocks and microbatches is most of the work.
   Outside `shard_map` shapes are global, so their FLOPs are split evenly over `devices`;
   inside, shapes are per device and count whole (capacity padding included)."""
+  return sum(traced_matmul_groups(jaxpr, devices).values())
+
+
+def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
+  """`traced_matmul_flops` by einsum (`einsum_of`): what a device's share of each is."""
 
   def dot(eqn) -> float:
     """2 FLOPs per multiply-add: each output element sums over the contracted dimensions."""
@@ -116,20 +126,259 @@ def traced_matmul_flops(jaxpr, devices: int) -> float:
       for v in value:
         yield from subjaxprs(v)
 
-  def walk(jx, share: float) -> float:
-    total = 0.0
+  def walk(jx, share: float) -> collections.Counter:
+    total = collections.Counter()
     for eqn in jx.eqns:
       name = eqn.primitive.name
       if name in ("dot_general", "ragged_dot_general"):
-        total += dot(eqn) * share
+        total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += dot(eqn) * share
       elif name == "shard_map":
-        total += walk(eqn.params["jaxpr"], 1.0)
+        total.update(walk(eqn.params["jaxpr"], 1.0))
       elif name == "scan":
-        total += eqn.params["length"] * walk(eqn.params["jaxpr"].jaxpr, share)
+        total.update(_times(walk(eqn.params["jaxpr"].jaxpr, share), eqn.params["length"]))
       elif name == "cond":
-        total += max(walk(b.jaxpr, share) for b in eqn.params["branches"])
+        total.update(max((walk(b.jaxpr, share) for b in eqn.params["branches"]), key=lambda c: sum(c.values())))
       else:  # pjit, remat, custom_vjp, ...: their bodies once (a while_loop's too: no trip count)
-        total += sum(walk(j, share) for v in eqn.params.values() for j in subjaxprs(v))
+        for v in eqn.params.values():
+          for j in subjaxprs(v):
+            total.update(walk(j, share))
     return total
 
   return walk(getattr(jaxpr, "jaxpr", jaxpr), 1.0 / devices)
+
+
+_EINSUM = re.compile(r"[A-Za-z]+(?:,[A-Za-z]+)*->[A-Za-z]*")
+
+
+def einsum_of(name: str) -> str:
+  """The innermost einsum named in a JAX name stack or an XLA op_name, else "ragged_dot" for a
+  ragged dot, else "": the key that matches a traced matmul with the compiled instructions it
+  became (where XLA keeps their names)."""
+  found = _EINSUM.findall(name)
+  return found[-1] if found else "ragged_dot" if "ragged_dot" in name else ""
+
+
+def _times(counter: collections.Counter, n: float) -> collections.Counter:
+  return collections.Counter({k: v * n for k, v in counter.items()})
+
+
+# ---- Matmul FLOPs of a compiled, partitioned program ------------------------------------
+
+_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+_ARRAY = re.compile(r"^[a-z0-9]+\[([0-9,]*)\]")
+_CALLEE = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([^\s,(){}]+)")
+_CALLEES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_GEMMS = ("__cublas$gemm", "__cublas$lt$matmul")  # XLA:GPU's matmul custom-calls
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledFlops:
+  flops: float  # matmul FLOPs one device runs per call of the program
+  by_einsum: dict[str, float]  # the same by `einsum_of` their op_name
+  unknown_loops: int  # while loops with matmuls but no known trip count, each counted as running once
+
+
+def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
+  """Matmul FLOPs per device of a compiled program (`jit(f).lower(...).compile().as_text()`):
+  after partitioning, so each shape is what one device holds. Counts `dot`, `convolution`,
+  `ragged-dot`, XLA:GPU's cuBLAS calls and Mosaic kernels by their cost estimate (XLA:TPU's
+  ragged dot), inside fusions and calls, a while loop's body times the trip count XLA annotated,
+  a conditional's costliest branch. cuDNN's fused attention is not counted."""
+  computations: dict[str, list[tuple[str, str, str]]] = {}
+  shapes: dict[str, str] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    if m := _HEADER.match(line):
+      current = computations.setdefault(m[1], [])
+      if line.startswith("ENTRY"):
+        entry = m[1]
+    elif current is not None and (m := _INSTRUCTION.match(line)):
+      shape, rest = _split_shape(m[2])
+      opcode, _, rest = rest.partition("(")
+      current.append((shape, opcode, rest))
+      shapes[m[1]] = shape
+  unknown = [0]
+
+  @functools.cache
+  def total(name: str) -> collections.Counter:
+    flops = collections.Counter()
+    for shape, opcode, rest in computations.get(name, []):
+      if own := _instruction_flops(shape, opcode, rest, shapes):
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        flops[einsum_of(op_name[1] if op_name else "")] += own
+      called = _CALLEE.findall(rest)
+      called += [c.strip().lstrip("%") for group in _CALLEES.findall(rest) for c in group.split(",") if c.strip()]
+      if opcode == "while":
+        body = total(re.search(r"\bbody=%([^\s,(){}]+)", rest)[1])
+        condition = computations.get(re.search(r"\bcondition=%([^\s,(){}]+)", rest)[1])
+        trip = int(m[1]) if (m := _TRIP.search(rest)) else _counted_to(condition)
+        unknown[0] += trip is None and bool(body)
+        flops.update(_times(body, trip or 1))
+      elif opcode == "conditional":
+        flops.update(max((total(c) for c in called), key=lambda c: sum(c.values()), default={}))
+      else:
+        for c in called:
+          flops.update(total(c))
+    return flops
+
+  groups = total(entry) if entry else collections.Counter()
+  return CompiledFlops(sum(groups.values()), dict(groups), unknown[0])
+
+
+def _convolution_flops(shape: str, rest: str, lhs: tuple[int, ...], rhs: tuple[int, ...]) -> float:
+  """2 FLOPs per multiply-add of the window taps that read input. XLA:TPU writes batched and
+  small matmuls as convolutions whose batch or head dim is a spatial dim, windowed over padding
+  or base-dilated holes so that one tap per output reads input; counting every tap would count
+  those matmuls several times over."""
+  labels = re.search(r"dim_labels=([^_]+)_([^-]+)->(\S+?)[,\s]", rest + " ")
+  out = _dims(shape)
+  if not labels or (len(labels[1]), len(labels[2]), len(labels[3])) != (len(lhs), len(rhs), len(out)):
+    return 0.0
+  lhs_labels, rhs_labels, out_labels = labels[1], labels[2], labels[3]
+  spatial = sorted(c for c in rhs_labels if c.isdigit())
+  window = rest.partition("window={")[2].partition("}")[0]
+  fields = dict(re.findall(r"\b(size|stride|pad|lhs_dilate|rhs_dilate)=(\S+)", window))
+
+  def per_dim(key: str, default):
+    return fields[key].split("x") if key in fields else [default] * len(spatial)
+
+  taps = 1.0
+  for d, k, stride, pad, lhs_dilate, rhs_dilate in zip(
+    spatial,
+    per_dim("size", "1"),
+    per_dim("stride", "1"),
+    per_dim("pad", "0_0"),
+    per_dim("lhs_dilate", "1"),
+    per_dim("rhs_dilate", "1"),
+    strict=True,
+  ):
+    low, high = (int(v) for v in pad.split("_"))
+    taps *= _reading_taps(lhs[lhs_labels.index(d)], int(k), int(stride), low, high, int(lhs_dilate), int(rhs_dilate))
+  rest_of_out = math.prod(n for n, label in zip(out, out_labels, strict=True) if not label.isdigit())
+  features = math.prod(n for n, label in zip(rhs, rhs_labels, strict=True) if label == "i")
+  return 2.0 * rest_of_out * features * taps
+
+
+@functools.cache
+def _reading_taps(n: int, k: int, stride: int, low: int, high: int, lhs_dilate: int, rhs_dilate: int) -> int:
+  """Over all outputs along one spatial dim, the window taps that land on input, not on padding
+  or a dilation hole."""
+  extent = (n - 1) * lhs_dilate + 1
+  outputs = (extent + low + high - ((k - 1) * rhs_dilate + 1)) // stride + 1
+  if outputs <= 0:
+    return 0
+  p = np.arange(outputs)[:, None] * stride - low + np.arange(k)[None] * rhs_dilate
+  return int(np.count_nonzero((p >= 0) & (p < extent) & (p % lhs_dilate == 0)))
+
+
+def _counted_to(condition) -> int | None:
+  """The trip count of a loop whose condition is `counter < N`, N its one constant: JAX's scans
+  count from 0 by 1 (XLA:TPU's compiled loops carry no `known_trip_count`)."""
+  constants = [int(m[1]) for _, op, rest in condition or () if op == "constant" and (m := re.match(r"(-?\d+)\)", rest))]
+  compare = [rest for _, op, rest in condition or () if op == "compare"]
+  if len(constants) != 1 or len(compare) != 1 or "direction=LT" not in compare[0]:
+    return None
+  return constants[0]
+
+
+def _split_shape(text: str) -> tuple[str, str]:
+  """'f32[2,3]{1,0} dot(...)' -> ('f32[2,3]{1,0}', 'dot(...)'); a tuple shape in parentheses whole."""
+  if not text.startswith("("):
+    shape, _, rest = text.partition(" ")
+    return shape, rest
+  depth = 0
+  for i, ch in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if depth == 0:
+      return text[: i + 1], text[i + 1 :].lstrip()
+  return text, ""
+
+
+def _dims(shape: str) -> tuple[int, ...]:
+  if shape.startswith("("):  # a tuple: its first array (a custom-call's result before its workspace)
+    shape = shape[1:]
+  m = _ARRAY.match(shape)
+  return tuple(int(d) for d in m[1].split(",") if d) if m else ()
+
+
+def _attr(rest: str, key: str) -> list[int]:
+  m = re.search(rf"\b{key}=\{{([0-9,]*)\}}", rest)
+  return [int(d) for d in m[1].split(",") if d] if m else []
+
+
+def _operands(rest: str) -> list[str]:
+  head = rest[: rest.find(")")] if ")" in rest else rest
+  return [op.strip().split(" ")[-1].lstrip("%") for op in head.split(",") if op.strip()]
+
+
+def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str]) -> float:
+  """2 FLOPs per multiply-add of one dot-like instruction."""
+  if opcode not in ("dot", "convolution", "ragged-dot", "custom-call"):
+    return 0.0
+  out = math.prod(_dims(shape))
+  ops = _operands(rest)
+  if opcode == "dot":
+    lhs = _dims(shapes.get(ops[0], ""))
+    return 2.0 * out * math.prod(lhs[d] for d in _attr(rest, "lhs_contracting_dims"))
+  if opcode == "ragged-dot":
+    lhs, groups = _dims(shapes.get(ops[0], "")), _dims(shapes.get(ops[2], ""))
+    contracting = _attr(rest, "lhs_contracting_dims")
+    # Ragged rows contracted (the weight gradient): each group's outputs sum over its own rows.
+    share = groups[-1] if set(_attr(rest, "lhs_ragged_dims")) & set(contracting) else 1
+    return 2.0 * out * math.prod(lhs[d] for d in contracting) / share
+  if opcode == "convolution":
+    return _convolution_flops(shape, rest, _dims(shapes.get(ops[0], "")), _dims(shapes.get(ops[1], "")))
+  if 'custom_call_target="tpu_custom_call"' in rest:  # a Mosaic kernel (ragged_dot on TPU): its own estimate
+    estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"', rest)
+    return float(estimate[1]) if estimate else 0.0
+  if any(f'custom_call_target="{g}"' in rest for g in _GEMMS):
+    contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
+    lhs = _dims(shapes.get(ops[0], ""))
+    dims = [int(d.strip('"')) for d in contracting[1].split(",") if d.strip()] if contracting else []
+    return 2.0 * out * math.prod(lhs[d] for d in dims)
+  return 0.0
+
+
+REPEATED = 1.15  # a chip running more than this times its share of the traced matmuls is flagged
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipWork:
+  """Matmul FLOPs one chip runs per step, against its share of the program before partitioning."""
+
+  traced: float  # per chip: the traced program's, global shapes split evenly (`traced_matmul_flops`)
+  partitioned: float  # per chip: the compiled, partitioned program's (`compiled_matmul_flops`)
+  worst: str  # the einsum whose matmuls a chip repeats most ("": matmuls not from an einsum)
+  worst_ratio: float  # their partitioned FLOPs over their traced share
+  unknown_loops: int
+
+  @property
+  def ratio(self) -> float:
+    return self.partitioned / self.traced if self.traced else 1.0
+
+  def warning(self) -> str | None:
+    """One line naming the likely cause when a chip runs more than REPEATED x its share."""
+    if self.ratio <= REPEATED:
+      return None
+    what = f"einsum {self.worst!r}" if self.worst else "matmuls no einsum names (or whose names XLA dropped)"
+    return (
+      f"a chip runs {self.ratio:.2f}x its share of the step's matmuls, most of the excess in {what} "
+      f"({self.worst_ratio:.2f}x its share): work every chip repeats because the rules do not split it"
+    )
+
+
+def chip_work(jaxpr, compiled_text: str, devices: int) -> ChipWork:
+  traced = traced_matmul_groups(jaxpr, devices)
+  compiled = compiled_matmul_flops(compiled_text)
+  excess = {k: v - traced.get(k, 0.0) for k, v in compiled.by_einsum.items()}
+  worst = max(excess, key=excess.get, default="")
+  share = traced.get(worst, 0.0)
+  return ChipWork(
+    traced=sum(traced.values()),
+    partitioned=compiled.flops,
+    worst=worst,
+    worst_ratio=compiled.by_einsum.get(worst, 0.0) / share if share else math.inf,
+    unknown_loops=compiled.unknown_loops,
+  )

@@ -24,8 +24,8 @@ from mtp_jax import config as config_lib
 from mtp_jax import data, sharding
 from mtp_jax.config import Config, ConfigError, spec_prompt_len
 from mtp_jax.distributed import Watchdog
-from mtp_jax.model import moe
-from mtp_jax.model.flops import cost
+from mtp_jax.model import dispatch
+from mtp_jax.model.flops import ChipWork, chip_work, cost
 from mtp_jax.train import evaluate, optimizer, resume, step
 from mtp_jax.train.checkpoint import Checkpointer, leaf_name
 from mtp_jax.train.metrics import MetricsWriter, mfu
@@ -182,7 +182,7 @@ class Program:
   init: Callable[[jax.Array], step.TrainState]  # jitted: the state is born sharded
   step: Any  # jitted train_step, state donated
   eval_step: Any  # jitted: (state, batch) -> per-depth sums
-  expert_dispatch: str  # how tokens reach experts: gspmd, all_to_all or ragged_all_to_all
+  expert_dispatch: str  # how tokens reach experts: local, all_to_all, ragged_all_to_all or gspmd
   notes: list[str]  # things the user should know about how the config maps onto the devices
 
   def init_state(self) -> step.TrainState:
@@ -207,6 +207,12 @@ class Program:
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch()).compile()
 
+  def compile_and_count(self) -> tuple[Any, ChipWork]:
+    """(the compiled step, the matmul FLOPs one device runs against its share)."""
+    traced = self.step.trace(self.abstract_state, self.abstract_batch())
+    compiled = traced.lower().compile()
+    return compiled, chip_work(traced.jaxpr, compiled.as_text(), self.mesh.size)
+
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
@@ -220,7 +226,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   abstract = jax.eval_shape(init, jax.random.key(0))
   _check_mesh(cfg, mesh, abstract)
   micro_BxL = (cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.data.seq_len)
-  dispatch, note = moe.dispatch_plan(cfg.model.moe, mesh, rules, micro_BxL)
+  dispatch_kind, note = dispatch.dispatch_plan(cfg.model.moe, mesh, rules, micro_BxL)
   state_shardings = sharding.tree_shardings(abstract, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules, (cfg.train.batch_size, cfg.data.seq_len))
   train_step = step.make_train_step(
@@ -241,7 +247,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
       out_shardings=(state_shardings, None),
       donate_argnums=0,
     ),
-    expert_dispatch=dispatch,
+    expert_dispatch=dispatch_kind,
     notes=[note] if note else [],
     eval_step=jax.jit(
       step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),
@@ -296,7 +302,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       state = program.init_state()
       if begin.params is not None:
         state = state.replace(params=begin.params["params"], router_bias=begin.params["router_bias"])
-    compiled = program.compile()
+    compiled, work = program.compile_and_count()
 
     c = cost(cfg.model, cfg.data.seq_len)
     log(
@@ -309,6 +315,12 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       log(f"note: {note}")
     log(data.describe(cfg.data, sources))
     log(_describe_memory(compiled))
+    log(
+      f"compiled step per device: {work.partitioned:.3g} matmul FLOPs, {work.ratio:.2f}x its share of the "
+      "step's matmuls"
+    )
+    if warning := work.warning():
+      log(f"warning: {warning}")
 
     writer = MetricsWriter(workdir, enabled=lead)
     stack.callback(writer.close)
@@ -334,12 +346,18 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       if not t.progress_bar:
         log(f"step {done}: loss {values['loss']:.4f}, ntp {values['ntp_loss']:.4f}, {tps:,.0f} tokens/s")
 
-    def check_streak(done: int, streak) -> None:
-      """A skipped update is reported one step late, so the host never waits on the device."""
-      streak = int(np.asarray(streak.addressable_data(0)))
-      if not streak:
-        return
-      say(f"step {done}: non-finite loss or gradient; update skipped ({streak} in a row)")
+    skipped_before = None  # skipped_steps at the last check
+
+    def check_streak(done: int, metrics) -> int:
+      """Reads the non-finite guard's counters of step `done` (a step late, so the device is never
+      idle) and returns the first later step whose streak could reach train.max_bad_steps: the
+      streak grows by one a step at most, so until then the host need not look."""
+      nonlocal skipped_before
+      streak, skipped = (int(np.asarray(metrics[k].addressable_data(0))) for k in ("bad_streak", "skipped_steps"))
+      new = skipped - (skipped if skipped_before is None else skipped_before)
+      skipped_before = skipped
+      if streak or new > 0:
+        say(f"step {done}: {skipped} update(s) skipped for a non-finite loss or gradient so far, {streak} in a row now")
       if streak >= t.max_bad_steps:
         first = done - streak + 1
         saved = ckpt.latest_step() if ckpt else None
@@ -348,8 +366,10 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
           f"(train.max_bad_steps={t.max_bad_steps}); the state is still that of step {first - 1}"
           + (f", and checkpoint step {saved} in {ckpt.directory} is intact" if saved is not None else "")
         )
+      return done + t.max_bad_steps - streak
 
-    pending, streak, preempted = None, None, False
+    # The first step is read: a resumed state may be mid-streak.
+    pending, guard, next_check, preempted = None, None, start + 1, False
     for i in range(start, t.steps):
       batch = _global_batch(next(batches), program.batch_sharding)
       with jax.transfer_guard("disallow"):
@@ -357,10 +377,12 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       if pending is not None:  # fetch step t-1's metrics only after dispatching step t
         report(*pending)
         pending = None
-      if streak is not None:
-        check_streak(*streak)
+      if guard is not None:
+        next_check = check_streak(*guard)
+        guard = None
       done = i + 1
-      streak = (done, metrics["bad_streak"])
+      if done >= next_check or done == t.steps:
+        guard = (done, metrics)
       if done % t.log_every == 0 or done == t.steps:
         pending = (done, metrics)
       preempted = preemption.reached(done)
@@ -377,8 +399,8 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
         break
     if pending is not None:
       report(*pending)
-    if streak is not None:
-      check_streak(*streak)
+    if guard is not None:
+      check_streak(*guard)
     if ckpt:
       ckpt.wait()
     if preempted:

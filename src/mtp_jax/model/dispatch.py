@@ -1,0 +1,364 @@
+"""How tokens reach their experts: the plan for a mesh, the sort by expert, and the exchange.
+
+The only model file that names mesh axes. `MOE.md` beside it has the mode x dispatch table.
+
+Every plan but `gspmd` runs routing, dispatch, the experts and the combine in one `shard_map`
+over the axes that split the tokens, so each device sorts and computes its own tokens only:
+- local: every device holds every expert (no mesh axis splits them); the exchange is trivial.
+- all_to_all (capacity mode): buffers go to the devices holding their experts and back.
+- ragged_all_to_all (dropless; GPU and TPU): sorted rows go there and back.
+gspmd runs the same code on the whole microbatch and leaves the placement to the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from mtp_jax import sharding
+from mtp_jax.config import ConfigError, MoEConfig
+from mtp_jax.model.experts import Weights, swiglu_batched, swiglu_ragged
+
+# The dropless collective, looked up at trace time: CPU has no ragged_all_to_all, so the tests
+# put an exact emulation here. Anything other than the jax primitive counts as available.
+ragged_all_to_all = jax.lax.ragged_all_to_all
+
+# run_experts(rows, group_sizes_E) -> (outputs, rows dropped or None): capacity buffers ExCxD
+# with group_sizes_E None, or rows sorted by expert with their sizes (dropless).
+RunExperts = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None]]
+# route(router_params, x_TxD) -> (gates_TxK, experts_TxK, scores_TxE, logits_TxE)
+Route = Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  kind: str  # local | all_to_all | ragged_all_to_all | gspmd
+  note: str | None = None
+  ep: tuple[str, ...] = ()  # mesh axes the experts are split over (the all-to-all group)
+  tp: tuple[str, ...] = ()  # mesh axes the expert hidden dim is split over (tokens replicated)
+  tokens: PartitionSpec | None = None  # of the B x L x D tokens inside the shard_map; None: no shard_map
+
+
+ONE_DEVICE = Plan("local")
+
+
+def dispatch_plan(
+  cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL: Sequence[int] | None = None
+) -> tuple[str, str | None]:
+  """The dispatch the MoE layers will use on this mesh (local, all_to_all, ragged_all_to_all or
+  gspmd) and a one-line note when it is not what the config asked for. tokens_BxL (the
+  microbatch shape) lets the note see when the rules would not split the tokens there. Raises
+  ConfigError for an explicit ragged_all_to_all on a backend without it."""
+  p = plan(cfg, mesh, rules, tokens_BxL)
+  return p.kind, p.note
+
+
+def plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=None) -> Plan:
+  want = cfg.dispatch
+  if mesh is None or not cfg.num_experts:
+    return ONE_DEVICE
+  platform = mesh.devices.flat[0].platform
+  has_ragged = platform != "cpu" or ragged_all_to_all is not jax.lax.ragged_all_to_all
+  if want == "ragged_all_to_all" and not has_ragged:
+    raise ConfigError(
+      f"config error: model.moe.dispatch: ragged_all_to_all is not implemented on the {platform} backend; "
+      "use auto or gspmd (or all_to_all with model.moe.mode=capacity)"
+    )
+  w_spec = _expert_weight_spec(cfg, mesh, rules)
+  ep = _axes(w_spec[0])
+  if tokens_BxL is None:
+    tokens, token_axes = None, {a for n in ("act_batch", "act_length") for a in rules.get(n, []) if mesh.shape[a] > 1}
+  else:
+    tokens = sharding.spec(("act_batch", "act_length", None), (*tokens_BxL, 1), mesh, rules)
+    token_axes = {a for entry in tokens for a in _axes(entry)}
+  tp = tuple(a for a in _axes(w_spec[2]) if a not in token_axes)
+  if want == "gspmd":
+    why = None
+    if not ep:
+      why = (
+        "model.moe.dispatch=gspmd: no mesh axis splits the experts, so every device computes the experts of the "
+        "whole microbatch (auto computes each device's own tokens)"
+      )
+    return Plan("gspmd", why)
+  if not ep:  # nothing to exchange: each device computes its own tokens
+    why = f"model.moe.dispatch={want}: the experts are not split over any mesh axis; they run where the tokens are"
+    return Plan("local", None if want == "auto" else why, (), tp, tokens)
+  kind = want
+  if want == "auto":
+    kind = "all_to_all" if cfg.mode == "capacity" else "ragged_all_to_all" if has_ragged else "gspmd"
+  if kind == "gspmd":
+    return Plan(
+      "gspmd",
+      f"model.moe.dispatch=auto: ragged_all_to_all is not implemented on the {platform} backend; dropless "
+      f"experts over {_names(ep)} use gspmd (model.moe.mode=capacity uses the all_to_all)",
+    )
+  if missing := [a for a in ep if a not in token_axes]:
+    return Plan(
+      "gspmd",
+      f"model.moe.dispatch={want}: the tokens are not split over {_names(missing)} (mesh.rules.act_batch, "
+      f"act_length) as the experts are; {kind} needs them there, so the experts use gspmd",
+    )
+  return Plan(kind, None, ep, tp, tokens)
+
+
+def _expert_weight_spec(cfg: MoEConfig, mesh: Mesh, rules: sharding.Rules) -> PartitionSpec:
+  """How the ExDxF expert weights split: experts over spec[0], their hidden dim over spec[2]."""
+  return sharding.spec(("experts", None, "expert_mlp"), (cfg.num_experts, 1, cfg.expert_d_ff), mesh, rules)
+
+
+def expert_group(cfg: MoEConfig, mesh: Mesh, rules: sharding.Rules) -> int:
+  """Devices the experts are split over (1: every device holds them all)."""
+  return math.prod(mesh.shape[a] for a in _axes(_expert_weight_spec(cfg, mesh, rules)[0]))
+
+
+def capacity(cfg: MoEConfig, num_tokens: int) -> int:
+  """Buffer rows per expert for `num_tokens` tokens (one device's, except under gspmd)."""
+  return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k / cfg.num_experts))
+
+
+def receive_rows(cfg: MoEConfig, group: int, n_rows: int) -> tuple[int, int]:
+  """ragged_all_to_all over `group` devices that each send `n_rows` rows (token-slots): (the rows
+  each receives into, the worst case, every device's rows for its experts arriving at one)."""
+  worst = group * (n_rows // cfg.top_k) * min(cfg.top_k, cfg.num_experts // group)
+  if not cfg.ragged_buffer_factor:
+    return worst, worst
+  return min(worst, math.ceil(cfg.ragged_buffer_factor * n_rows)), worst
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _names(axes) -> str:
+  return f"the {' x '.join(axes)} mesh axis" + ("es" if len(axes) > 1 else "")
+
+
+# ---- Routing, dispatch, experts and combine, as the plan places them ----------------------
+
+
+def routed_experts(
+  m: MoEConfig, p: Plan, route: Route, router_params, w: Weights, x_BxLxD: jax.Array, valid_BxL: jax.Array
+):
+  """(y_BxLxD, experts_BxLxK, scores_BxLxE, logits_BxLxE, dropped): the routed experts' gated
+  sum for every token, the routing that chose them, and the token-slots dropped over all
+  devices. `route(router_params, x_TxD)` chooses the experts, on each device for its tokens."""
+  active = sharding.active()
+  if p.tokens is None:  # one device, or gspmd: the whole microbatch at once
+    return _per_device(m, route, router_params, _local(w, (), constrain=active is not None), x_BxLxD, valid_BxL, ())
+  tok = p.tokens
+  tok_BxL = PartitionSpec(*tok[:2])
+  ep, tp = p.ep or None, p.tp or None
+  w_specs = (PartitionSpec(ep, None, tp), PartitionSpec(ep, None, tp), PartitionSpec(ep, tp, None))
+  token_axes = tuple(a for entry in tok for a in _axes(entry))
+
+  def body(router_params, w, x_BxLxD, valid_BxL):
+    if p.kind == "all_to_all":
+      run = functools.partial(_all_to_all_experts, w=w, ep=p.ep, tp=p.tp)
+    elif p.kind == "ragged_all_to_all":
+      run = functools.partial(_ragged_all_to_all_experts, w=w, ep=p.ep, tp=p.tp, m=m)
+    else:
+      run = _local(w, p.tp)
+    return _per_device(m, route, router_params, run, x_BxLxD, valid_BxL, token_axes)
+
+  router_specs = jax.tree.map(lambda _: PartitionSpec(), router_params)
+  sharded = jax.shard_map(
+    body,
+    mesh=active[0],
+    in_specs=(router_specs, w_specs, tok, tok_BxL),
+    out_specs=(tok, tok, tok, tok, PartitionSpec()),
+    check_vma=True,
+  )
+  return sharded(router_params, w, x_BxLxD, valid_BxL)
+
+
+def _per_device(m: MoEConfig, route: Route, router_params, run: RunExperts, x_BxLxD, valid_BxL, token_axes):
+  b, l, d = x_BxLxD.shape
+  x_TxD = x_BxLxD.reshape(b * l, d)
+  gates_TxK, experts_TxK, scores_TxE, logits_TxE = route(router_params, x_TxD)
+  y_TxD, dropped = _routed(m, x_TxD, experts_TxK, gates_TxK, valid_BxL.reshape(-1).astype(jnp.int32), run)
+  if token_axes:
+    dropped = jax.lax.psum(dropped, token_axes)
+  return (
+    y_TxD.reshape(b, l, d),
+    experts_TxK.reshape(b, l, -1),
+    scores_TxE.reshape(b, l, -1),
+    logits_TxE.reshape(b, l, -1),
+    dropped,
+  )
+
+
+def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: RunExperts):
+  """Gate-weighted sum of each token's routed experts, and the dropped token-slots.
+
+  The T x K token-slots ("rows", row r = token r // K, choice r % K) are sorted by expert, and
+  moved there and back by gathers with the inverse permutation (`_take_rows`), so neither pass
+  scatters. Dropless: all rows, in token order within an expert. Capacity: an expert's buffer
+  takes its first C rows of valid tokens, first choices first, then by token order (GShard's
+  priority); the rest are dropped."""
+  t, d = x_TxD.shape
+  k = experts_TxK.shape[1]
+  e = m.num_experts
+  if m.mode == "dropless":
+    keys_R = experts_TxK.reshape(-1)
+    row_P = jnp.argsort(keys_R, stable=True)  # sorted position -> row
+    pos_R = jnp.argsort(row_P)  # its inverse
+    start_E, size_E = _groups(keys_R[row_P], e)
+    del start_E
+    y_P, lost_P = run_experts(_take_rows(x_TxD, row_P, pos_R, k), size_E)
+    y_R = _take_rows(y_P, pos_R, row_P, 1)
+    dropped = jnp.zeros((), jnp.int32) if lost_P is None else jnp.sum(lost_P * valid_T[row_P // k])
+  else:
+    cap = capacity(m, t)
+    keys_KxT = jnp.where(valid_T[None] > 0, experts_TxK.T, e)  # choice-major; padding sorts last, unbuffered
+    order_P = jnp.argsort(keys_KxT.reshape(-1), stable=True)
+    row_P = (order_P % t) * k + order_P // t
+    pos_R = jnp.argsort(row_P)
+    sorted_P = keys_KxT.reshape(-1)[order_P]
+    start_E, size_E = _groups(sorted_P, e)
+    # Buffer slot (expert i, c) holds sorted position start_i + c while c < size_i; else nothing (t k).
+    c_C = jnp.arange(cap)
+    at_ExC = jnp.minimum(start_E[:, None] + c_C[None], t * k - 1)
+    src_N = jnp.where(c_C[None] < size_E[:, None], row_P[at_ExC], t * k).reshape(-1)
+    expert_R = sorted_P[pos_R]
+    c_R = pos_R - start_E[jnp.minimum(expert_R, e - 1)]
+    dst_R = jnp.where((expert_R < e) & (c_R < cap), expert_R * cap + c_R, e * cap)
+    buf_ExCxD = _take_rows(x_TxD, src_N, dst_R, k).reshape(e, cap, d)
+    y_ExCxD = run_experts(buf_ExCxD, None)[0]
+    y_R = _take_rows(y_ExCxD.reshape(e * cap, d), dst_R, src_N, 1)
+    dropped = jnp.sum(jnp.maximum(size_E - cap, 0))
+  y_TxKxD = y_R.reshape(t, k, d)
+  return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype)), dropped
+
+
+def _groups(sorted_keys: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
+  """(first position, count) of each of the e keys in a sorted array (keys >= e not counted)."""
+  ids = jnp.arange(e, dtype=sorted_keys.dtype)
+  start = jnp.searchsorted(sorted_keys, ids, side="left").astype(jnp.int32)
+  return start, jnp.searchsorted(sorted_keys, ids, side="right").astype(jnp.int32) - start
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _take_rows(x_NxD: jax.Array, idx_M: jax.Array, inv: jax.Array, group: int) -> jax.Array:
+  """Row i of the result is row idx_M[i] // group of x (zeros where idx_M[i] >= N group): a
+  token's row repeated `group` times, then permuted. inv is the inverse map (a repeated row's
+  index -> i, or an index past the result where nothing took it), so the backward pass is a
+  gather too, and the repeats' cotangents add up by a sum over them instead of a scatter-add."""
+  del inv
+  return x_NxD.at[idx_M // group].get(mode="fill", fill_value=0)
+
+
+def _take_rows_fwd(x_NxD, idx_M, inv, group):
+  return _take_rows(x_NxD, idx_M, inv, group), (inv, x_NxD.shape[0])
+
+
+def _take_rows_bwd(group, res, g_MxD):
+  inv, n = res
+  g = g_MxD.at[inv].get(mode="fill", fill_value=0)
+  return g.reshape(n, group, -1).sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+# ---- The exchanges ------------------------------------------------------------------------
+
+
+def _local(w: Weights, tp: tuple[str, ...], constrain: bool = False) -> RunExperts:
+  """Every expert here: nothing to send. Under gspmd (constrain) the buffers carry the experts'
+  layout, so the compiler splits them as the weights are split."""
+
+  def run(rows, group_sizes_E):
+    if group_sizes_E is None:
+      if constrain:
+        rows = sharding.constrain(rows, ("experts", None, "act_embed"))
+      y = swiglu_batched(rows, w)
+    else:
+      y = swiglu_ragged(rows, w, group_sizes_E)
+    return (jax.lax.psum(y, tp) if tp else y), None  # tp: partial sums over the split hidden dim
+
+  return run
+
+
+def _all_to_all_experts(buf_ExCxD, group_sizes_E, *, w: Weights, ep, tp):
+  """This device's capacity buffers for every expert -> (the experts' outputs for them, None)."""
+  del group_sizes_E
+  e, c, d = buf_ExCxD.shape
+  e_loc = w[0].shape[0]
+  n = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
+  recv_NxExCxD = jax.lax.all_to_all(buf_ExCxD.reshape(n, e_loc, c, d), ep, 0, 0)  # leading axis: source
+  y_ExRxD = swiglu_batched(recv_NxExCxD.swapaxes(0, 1).reshape(e_loc, n * c, d), w)
+  if tp:
+    y_ExRxD = jax.lax.psum(y_ExRxD, tp)  # partial sums over the split hidden dim
+  y_NxExCxD = y_ExRxD.reshape(e_loc, n, c, d).swapaxes(0, 1)
+  return jax.lax.all_to_all(y_NxExCxD, ep, 0, 0).reshape(e, c, d), None
+
+
+def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: MoEConfig):
+  """This device's rows sorted by expert (group_sizes_E per expert) -> (the experts' outputs,
+  the rows dropped for want of room where they were sent, or None when the buffer holds the
+  worst case)."""
+  n_rows, d = x_NxD.shape
+  e = group_sizes_E.shape[0]
+  e_loc = w[0].shape[0]
+  p = e // e_loc  # devices in the group; device j holds experts [j e_loc, (j + 1) e_loc)
+  send_PxE = group_sizes_E.reshape(p, e_loc)
+  send_sizes_P = send_PxE.sum(1)
+  send_offsets_P = jnp.cumsum(send_sizes_P) - send_sizes_P
+  recv_PxE = jax.lax.all_to_all(send_PxE, ep, 0, 0)  # [source, local expert]: rows coming here
+  rows, worst = receive_rows(m, p, n_rows)
+  lost_N = None
+  if rows < worst:
+    # On overflow every source keeps the same share of what it sends here (floors of a cumulative
+    # split, so the shares sum to at most `rows`), the head of its rows, which are in expert
+    # order; it learns how many arrived.
+    sizes_P = recv_PxE.sum(1)
+    end_P, total = jnp.cumsum(sizes_P), sizes_P.sum()
+    kept_end_P = jnp.minimum(jnp.floor(end_P * (rows / jnp.maximum(total, 1))), rows).astype(end_P.dtype)
+    kept_end_P = jnp.where(total > rows, kept_end_P, end_P)
+    quota_P = jnp.minimum(jnp.diff(kept_end_P, prepend=0), sizes_P)
+    end_PxE = jnp.cumsum(recv_PxE, axis=1)
+    recv_PxE = jnp.clip(quota_P[:, None] - (end_PxE - recv_PxE), 0, recv_PxE)
+    send_sizes_P = jax.lax.all_to_all(recv_PxE.sum(1), ep, 0, 0, tiled=True)
+    row_N = jnp.arange(n_rows, dtype=send_offsets_P.dtype)
+    dest_N = jnp.searchsorted(send_offsets_P, row_N, side="right") - 1  # destination of each row
+    lost_N = row_N - send_offsets_P[dest_N] >= send_sizes_P[dest_N]
+  recv_sizes_P = recv_PxE.sum(1)
+  recv_offsets_P = jnp.cumsum(recv_sizes_P) - recv_sizes_P  # source s's rows land here
+  # ragged_all_to_all wants, per destination, where the rows land there: its recv_offsets[me].
+  dest_offsets_P = jax.lax.all_to_all(recv_offsets_P, ep, 0, 0, tiled=True)
+  recv_RxD = ragged_all_to_all(
+    x_NxD,
+    jnp.zeros_like(x_NxD, shape=(rows, d)),
+    send_offsets_P,
+    send_sizes_P,
+    dest_offsets_P,
+    recv_sizes_P,
+    axis_name=ep,
+  )
+  # Arrived source-major, then by local expert; the experts want them expert-major.
+  bounds = jnp.cumsum(recv_PxE.reshape(-1))
+  segment_R = jnp.searchsorted(bounds, jnp.arange(rows, dtype=bounds.dtype), side="right")
+  expert_R = jnp.where(segment_R < p * e_loc, segment_R % e_loc, e_loc)  # padding rows last
+  order = jnp.argsort(expert_R, stable=True)
+  inverse = jnp.argsort(order)
+  y_sorted = swiglu_ragged(_take_rows(recv_RxD, order, inverse, 1), w, recv_PxE.sum(0))
+  if tp:
+    y_sorted = jax.lax.psum(y_sorted, tp)  # partial sums over the split hidden dim
+  y_RxD = _take_rows(y_sorted, inverse, order, 1)
+  # Back the same way: each source's rows return to where it sent them from (dropped ones stay 0).
+  y_NxD = ragged_all_to_all(
+    y_RxD,
+    jnp.zeros_like(y_RxD, shape=(n_rows, d)),
+    recv_offsets_P,
+    recv_sizes_P,
+    jax.lax.all_to_all(send_offsets_P, ep, 0, 0, tiled=True),
+    send_sizes_P,
+    axis_name=ep,
+  )
+  return y_NxD, lost_N

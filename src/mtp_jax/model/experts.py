@@ -1,0 +1,98 @@
+"""The routed experts: E SwiGLU FFNs with stacked weights, and the kernels that run them.
+
+Two layouts of the rows reach them (`dispatch.py` makes both):
+- fixed buffers, E x C x D (capacity mode): one batched matmul per projection;
+- rows sorted by expert with a size per expert (dropless): `swiglu_ragged`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp_jax import sharding
+from mtp_jax.config import ModelConfig
+from mtp_jax.model.layers import weight
+
+Weights = tuple[jax.Array, jax.Array, jax.Array]  # w_gate ExDxF, w_up ExDxF, w_down ExFxD
+
+# Where `swiglu_ragged` runs the blocked loop instead of lax.ragged_dot; read at trace time
+# (benchmarks/moe_experts.py changes it to compare the two).
+BLOCKED_BACKENDS = frozenset({"cpu"})
+
+
+class Experts(nnx.Module):
+  """E SwiGLU experts with stacked weights."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    e, d, f, std = cfg.moe.num_experts, cfg.d_model, cfg.moe.expert_d_ff, cfg.init_std
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.w_gate = weight(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
+    self.w_up = weight(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
+    self.w_down = weight(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pdt)
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def weights(self) -> Weights:
+    return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+
+
+def swiglu_batched(x_ExCxD: jax.Array, w: Weights) -> jax.Array:
+  """Each expert's SwiGLU over its own fixed-size buffer of rows."""
+  gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[0])
+  up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[1])
+  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w[2])
+
+
+def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+  """Each expert's SwiGLU over its rows: rows sorted by expert, group_sizes_E of them to each in
+  turn, rows past their sum giving zeros. TPU and GPU get `lax.ragged_dot`, left to their
+  compilers (a grouped matmul on TPU; GPU: README, "Where the experts run"); JAX lowers it for CPU
+  as every row times every expert, masked (E times the FLOPs), so there the rows go in blocks of
+  one expert (`swiglu_blocked`)."""
+  if _platform() in BLOCKED_BACKENDS:
+    return swiglu_blocked(x_NxD, w, group_sizes_E)
+  return swiglu_ragged_dot(x_NxD, w, group_sizes_E)
+
+
+def swiglu_ragged_dot(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+  """`swiglu_ragged` through `lax.ragged_dot`, on any backend."""
+  gate = jax.lax.ragged_dot(x_NxD, w[0], group_sizes_E)
+  up = jax.lax.ragged_dot(x_NxD, w[1], group_sizes_E)
+  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w[2], group_sizes_E)
+
+
+def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+  """`swiglu_ragged` as dense blocks: each expert's rows are padded to whole blocks of R rows,
+  and a loop multiplies each block by its own expert's weights, read in place (gathering every
+  block's weights would copy them: slower than the masked product at decoding sizes). Blocks of
+  R = N / 2E rows keep the padding under about half the rows, and the block count M static:
+  sum over experts of ceil(g_e / R) <= (N + min(E, N)(R - 1)) / R."""
+  n, d = x_NxD.shape
+  e = group_sizes_E.shape[0]
+  r = max(1, n // (2 * e))
+  m = (n + min(e, n) * (r - 1)) // r
+  blocks_E = (group_sizes_E + r - 1) // r
+  end_row_E, end_block_E = jnp.cumsum(group_sizes_E), jnp.cumsum(blocks_E)
+  row_N = jnp.arange(n, dtype=group_sizes_E.dtype)
+  expert_N = jnp.searchsorted(end_row_E, row_N, side="right", method="compare_all")  # E past the last group
+  ex_N = jnp.minimum(expert_N, e - 1)
+  # A row's slot: its expert's first block, then its place in its group; past the groups, out of range.
+  slot_N = (end_block_E - blocks_E)[ex_N] * r + row_N - (end_row_E - group_sizes_E)[ex_N]
+  slot_N = jnp.where(expert_N < e, slot_N, m * r)
+  x_MxRxD = jnp.zeros((m * r, d), x_NxD.dtype).at[slot_N].set(x_NxD, mode="drop").reshape(m, r, d)
+  # Unused blocks (zero rows) take the last expert.
+  expert_M = jnp.minimum(jnp.searchsorted(end_block_E, jnp.arange(m), side="right", method="compare_all"), e - 1)
+
+  def block(_, rows):  # one block per iteration: swiglu_batched with one expert
+    x_RxD, i = rows
+    return None, swiglu_batched(x_RxD[None], tuple(jax.lax.dynamic_slice_in_dim(wi, i, 1) for wi in w))[0]
+
+  y_MxRxD = jax.lax.scan(block, None, (x_MxRxD, expert_M))[1]
+  return y_MxRxD.reshape(m * r, d).at[slot_N].get(mode="fill", fill_value=0)
+
+
+def _platform() -> str:
+  """The backend the layer is being traced for: the active mesh's, else JAX's default."""
+  active = sharding.active()
+  return active[0].devices.flat[0].platform if active else jax.default_backend()
