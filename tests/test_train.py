@@ -64,6 +64,42 @@ def test_chunked_loss_equals_whole_sequence_loss():
   np.testing.assert_allclose(whole[1], chunked[1], rtol=1e-6, atol=1e-7)
 
 
+def test_the_head_backward_runs_in_the_compute_dtype():
+  """bfloat16 h and head: the loss is float32, but both gradient matmuls take bfloat16 operands
+  (a float32 logits cotangent would make them float32 matmuls), and the gradients agree with
+  float32 autodiff to bfloat16's precision."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  h = jax.random.normal(keys[0], (2, 8, 16)).astype(jnp.bfloat16)
+  w = (0.3 * jax.random.normal(keys[1], (16, 40))).astype(jnp.bfloat16)
+  t = jax.random.randint(keys[2], (2, 8), 0, 40)
+  m = jnp.ones((2, 8), bool)
+
+  def loss(h, w):
+    return losses.head_cross_entropy(h, w, t, m)[0]
+
+  grads = jax.grad(loss, (0, 1))
+  dots = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        dots.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for v in eqn.params.values():
+        for sub in v if isinstance(v, tuple | list) else [v]:
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(jax.make_jaxpr(grads)(h, w).jaxpr)
+  assert len(dots) == 4 and set(dots) == {("bfloat16", "bfloat16")}, dots  # forward, again (remat), dh, dw
+  assert loss(h, w).dtype == jnp.float32
+  want = jax.grad(loss, (0, 1))(h.astype(jnp.float32), w.astype(jnp.float32))
+  for got, ref in zip(grads(h, w), want, strict=True):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=2e-2, atol=2e-3)
+
+
 def test_mtp_depths_never_hold_their_logits_at_once(tiny):
   """Compiled temporary memory: three extra depths cost less than one logits tensor, and
   sequence chunks cut the remaining one."""

@@ -241,6 +241,8 @@ def _default_rules() -> dict[str, list[str]]:
   return {
     # Parameters.
     "embed": ["fsdp"],
+    "q_lora": ["fsdp"],  # MLA's compressed query and key/value ranks: the up-projections' rows
+    "kv_lora": ["fsdp"],
     "vocab": ["tensor"],
     "heads": ["tensor"],
     "kv_heads": ["tensor"],

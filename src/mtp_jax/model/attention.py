@@ -144,12 +144,12 @@ class MLA(nnx.Module):
     if a.q_lora_rank:
       self.wq_a = weight(rngs, (d, a.q_lora_rank), ("embed", None), std, pdt)
       self.q_norm = RMSNorm(a.q_lora_rank, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-      self.wq_b = weight(rngs, (a.q_lora_rank, h, nope + rdim), (None, "heads", None), std, pdt)
+      self.wq_b = weight(rngs, (a.q_lora_rank, h, nope + rdim), ("q_lora", "heads", None), std, pdt)
     else:
       self.wq = weight(rngs, (d, h, nope + rdim), ("embed", "heads", None), std, pdt)
     self.wkv_a = weight(rngs, (d, a.kv_lora_rank + rdim), ("embed", None), std, pdt)
     self.kv_norm = RMSNorm(a.kv_lora_rank, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), (None, "heads", None), std, pdt)
+    self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), ("kv_lora", "heads", None), std, pdt)
     self.wo = weight(rngs, (h, a.v_head_dim, d), ("heads", None, "embed"), std, pdt)
     self.q_lora_rank, self.kv_lora_rank, self.nope = a.q_lora_rank, a.kv_lora_rank, nope
     self.theta, self.dtype, self.chunk_len = a.rope_theta, dt, chunk_len

@@ -42,7 +42,7 @@ def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_ar
 
   @jax.checkpoint
   def chunk(h_BxCxD, t_BxC, m_BxC):
-    logits = jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+    logits = head_logits(h_BxCxD, w_DxV)
     nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t_BxC[..., None], -1)[..., 0]
     top_BxC = jnp.argmax(logits, -1).astype(jnp.int32)
     hits = top_BxC == t_BxC
@@ -61,6 +61,29 @@ def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_ar
   if not keep_argmax:
     return nll, hits, None
   return nll, hits, jnp.moveaxis(top_NxBxC, 0, 1).reshape(b, length)
+
+
+@jax.custom_vjp
+def head_logits(h_BxCxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
+  """Float32 logits of the output head. Its backward casts the logits' cotangent to the compute
+  dtype (h's) first, so both gradient matmuls run there, accumulating in float32, instead of as
+  float32 matmuls; the log-sum-exp and the loss stay in float32."""
+  return jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
+
+
+def _head_logits_fwd(h_BxCxD, w_DxV):
+  return head_logits(h_BxCxD, w_DxV), (h_BxCxD, w_DxV)
+
+
+def _head_logits_bwd(res, g_BxCxV):
+  h_BxCxD, w_DxV = res
+  g_BxCxV = g_BxCxV.astype(h_BxCxD.dtype)
+  dh = jnp.einsum("bcv,dv->bcd", g_BxCxV, w_DxV, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("bcd,bcv->dv", h_BxCxD, g_BxCxV, preferred_element_type=jnp.float32)
+  return dh.astype(h_BxCxD.dtype), dw.astype(w_DxV.dtype)
+
+
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
 def mtp_weight(step: jax.Array, base: float, schedule: list[tuple[int, float]]) -> jax.Array:
