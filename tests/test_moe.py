@@ -1,5 +1,7 @@
 """The MoE layer against dense and brute-force references."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from flax import nnx
 
 from mtp_jax.model.dispatch import capacity
-from mtp_jax.model.experts import swiglu_blocked, swiglu_ragged_dot
+from mtp_jax.model.experts import swiglu_blocked, swiglu_gmm, swiglu_ragged_dot
 from mtp_jax.model.moe import MoE
 
 B, L = 2, 16
@@ -66,7 +68,11 @@ def test_dropless_equals_dense_reference(tiny, overrides):
     (40, [3, 0, 9, 11]),  # rows past the groups (an all-to-all's unused buffer) give zeros
   ],
 )
-def test_blocked_experts_equal_ragged_dot_and_its_gradients(n, groups):
+@pytest.mark.parametrize(
+  "kernel", [swiglu_blocked, functools.partial(swiglu_gmm, interpret=True)], ids=["blocked", "gmm"]
+)
+def test_expert_kernels_equal_ragged_dot_and_its_gradients(n, groups, kernel):
+  """The CPU's blocked loop and the TPU's megablox kernels (Pallas, interpreted here)."""
   e, d, f = len(groups), 8, 12
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (n, d))
@@ -78,12 +84,12 @@ def test_blocked_experts_equal_ragged_dot_and_its_gradients(n, groups):
     return lambda x, w: jnp.sum(cot * fn(x, w, g))
 
   v_want, g_want = jax.value_and_grad(loss(swiglu_ragged_dot), (0, 1))(x, w)
-  v_got, g_got = jax.value_and_grad(loss(swiglu_blocked), (0, 1))(x, w)
-  np.testing.assert_allclose(swiglu_blocked(x, w, g), swiglu_ragged_dot(x, w, g), rtol=1e-5, atol=1e-6)
+  v_got, g_got = jax.value_and_grad(loss(kernel), (0, 1))(x, w)
+  np.testing.assert_allclose(kernel(x, w, g), swiglu_ragged_dot(x, w, g), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(v_got, v_want, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert not np.any(swiglu_blocked(x, w, g)[sum(groups) :])
+  assert not np.any(kernel(x, w, g)[sum(groups) :])
 
 
 def _brute_force_keep(experts_TxK, cap, num_experts):

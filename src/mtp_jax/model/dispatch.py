@@ -172,7 +172,9 @@ def routed_experts(
     mesh=active[0],
     in_specs=(router_specs, w_specs, tok, tok_BxL),
     out_specs=(tok, tok, tok, tok, PartitionSpec()),
-    check_vma=True,
+    # Off: a Pallas kernel's outputs (megablox on TPU) carry no device-variance type. The
+    # layer's values and gradients are tested against one device on every plan with it off.
+    check_vma=False,
   )
   return sharded(router_params, w, x_BxLxD, valid_BxL)
 

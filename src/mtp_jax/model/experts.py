@@ -17,9 +17,10 @@ from mtp_jax.model.layers import weight
 
 Weights = tuple[jax.Array, jax.Array, jax.Array]  # w_gate ExDxF, w_up ExDxF, w_down ExFxD
 
-# Where `swiglu_ragged` runs the blocked loop instead of lax.ragged_dot; read at trace time
-# (benchmarks/moe_experts.py changes it to compare the two).
+# Where `swiglu_ragged` runs the blocked loop, and where megablox's grouped matmuls, instead of
+# lax.ragged_dot; read at trace time (benchmarks/moe_experts.py changes them to compare).
 BLOCKED_BACKENDS = frozenset({"cpu"})
+GMM_BACKENDS = frozenset({"tpu"})
 
 
 class Experts(nnx.Module):
@@ -46,12 +47,16 @@ def swiglu_batched(x_ExCxD: jax.Array, w: Weights) -> jax.Array:
 
 def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
   """Each expert's SwiGLU over its rows: rows sorted by expert, group_sizes_E of them to each in
-  turn, rows past their sum giving zeros. TPU and GPU get `lax.ragged_dot`, left to their
-  compilers (a grouped matmul on TPU; GPU: README, "Where the experts run"); JAX lowers it for CPU
-  as every row times every expert, masked (E times the FLOPs), so there the rows go in blocks of
-  one expert (`swiglu_blocked`)."""
-  if _platform() in BLOCKED_BACKENDS:
+  turn, rows past their sum giving zeros. TPUs get megablox's grouped matmuls (`swiglu_gmm`):
+  XLA:TPU runs `lax.ragged_dot`'s forward as one, but its weight gradient as a product of every
+  row with every expert. GPUs get `lax.ragged_dot`, left to their compiler (README, "Where the
+  experts run"). JAX lowers that for CPU as every row times every expert, masked (E times the
+  FLOPs), so there the rows go in blocks of one expert (`swiglu_blocked`)."""
+  platform = _platform()
+  if platform in BLOCKED_BACKENDS:
     return swiglu_blocked(x_NxD, w, group_sizes_E)
+  if platform in GMM_BACKENDS:
+    return swiglu_gmm(x_NxD, w, group_sizes_E)
   return swiglu_ragged_dot(x_NxD, w, group_sizes_E)
 
 
@@ -60,6 +65,37 @@ def swiglu_ragged_dot(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) ->
   gate = jax.lax.ragged_dot(x_NxD, w[0], group_sizes_E)
   up = jax.lax.ragged_dot(x_NxD, w[1], group_sizes_E)
   return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w[2], group_sizes_E)
+
+
+def swiglu_gmm(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, interpret: bool = False) -> jax.Array:
+  """`swiglu_ragged` through megablox's Pallas grouped matmuls (MaxText's TPU kernel): `gmm`
+  forward and for the input gradient, `tgmm` for the weight gradient, each touching only its
+  own group's rows. Rows past the groups are zeroed on the way in and out (the kernel leaves
+  them unwritten). `interpret` runs the kernels on any backend, for tests."""
+  from jax.experimental.pallas.ops.tpu.megablox import ops
+
+  n = x_NxD.shape[0]
+  rows = -(-n // 16) * 16 if n <= 512 else -(-n // 512) * 512  # whole row tiles (`_gmm_tiles`)
+  valid_N = jnp.arange(n) < group_sizes_E.sum()
+  x_RxD = jnp.pad(jnp.where(valid_N[:, None], x_NxD, 0), ((0, rows - n), (0, 0)))
+  sizes = group_sizes_E.astype(jnp.int32)
+
+  def gmm(lhs, rhs):
+    return ops.gmm(lhs, rhs, sizes, lhs.dtype, _gmm_tiles, None, None, False, interpret)
+
+  h_RxF = jax.nn.silu(gmm(x_RxD, w[0])) * gmm(x_RxD, w[1])
+  return jnp.where(valid_N[:, None], gmm(h_RxF, w[2])[:n], 0)
+
+
+def _gmm_tiles(m: int, k: int, n: int) -> tuple[int, int, int]:
+  """megablox tiles for an m x k by k x n product, forward or backward (the kernel calls this
+  for each): up to 512 rows, and along k and n the largest of 512, 256, 128 that divides the
+  dim, else the whole dim (a TPU block is a multiple of 128 lanes or the whole array)."""
+
+  def tile(x: int) -> int:
+    return next((t for t in (512, 256, 128) if x % t == 0), x)
+
+  return min(512, m), tile(k), tile(n)
 
 
 def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:

@@ -132,6 +132,9 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
       name = eqn.primitive.name
       if name in ("dot_general", "ragged_dot_general"):
         total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += dot(eqn) * share
+      elif name == "pallas_call":  # a kernel (megablox's grouped matmuls): its own estimate, not its body
+        estimate = eqn.params.get("cost_estimate")
+        total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += (estimate.flops if estimate else 0) * share
       elif name == "shard_map":
         total.update(walk(eqn.params["jaxpr"], 1.0))
       elif name == "scan":
@@ -151,11 +154,11 @@ _EINSUM = re.compile(r"[A-Za-z]+(?:,[A-Za-z]+)*->[A-Za-z]*")
 
 
 def einsum_of(name: str) -> str:
-  """The innermost einsum named in a JAX name stack or an XLA op_name, else "ragged_dot" for a
-  ragged dot, else "": the key that matches a traced matmul with the compiled instructions it
-  became (where XLA keeps their names)."""
+  """The innermost einsum named in a JAX name stack or an XLA op_name, else "ragged_dot" or
+  "pallas_call" for those, else "": the key that matches a traced matmul with the compiled
+  instructions it became (where XLA keeps their names)."""
   found = _EINSUM.findall(name)
-  return found[-1] if found else "ragged_dot" if "ragged_dot" in name else ""
+  return found[-1] if found else next((k for k in ("ragged_dot", "pallas_call") if k in name), "")
 
 
 def _times(counter: collections.Counter, n: float) -> collections.Counter:
