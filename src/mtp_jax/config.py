@@ -255,7 +255,7 @@ def _default_rules() -> dict[str, list[str]]:
     "act_embed": [],
     "act_heads": ["tensor"],
     "act_mlp": ["tensor"],
-    "act_vocab": ["tensor", "fsdp"],  # the output head's logits: split by vocabulary before batch
+    "act_vocab": ["tensor"],
   }
 
 

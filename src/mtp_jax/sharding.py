@@ -47,16 +47,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def spec(
-  names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules, first: Sequence[int] = ()
-) -> PartitionSpec:
+def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
   """Logical names -> PartitionSpec. A mesh axis is used at most once per array, and only
-  while it divides the dimension, so odd sizes fall back to replication instead of failing.
-  Dimensions take their axes in order, those listed in `first` before the rest."""
+  while it divides the dimension, so odd sizes fall back to replication instead of failing."""
   used: set[str] = set()
-  out: list = [None] * len(names)
-  for i in [*first, *(i for i in range(len(names)) if i not in first)]:
-    name, dim = names[i], shape[i]
+  out = []
+  for name, dim in zip(names, shape, strict=True):
     axes = []
     for ax in rules.get(name, []) if name else []:
       size = mesh.shape[ax]
@@ -64,14 +60,12 @@ def spec(
         continue
       axes.append(ax)
       used.add(ax)
-    out[i] = tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)
+    out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
   return PartitionSpec(*out)
 
 
-def named(
-  names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules, first: Sequence[int] = ()
-) -> NamedSharding:
-  return NamedSharding(mesh, spec(names, shape, mesh, rules, first))
+def named(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+  return NamedSharding(mesh, spec(names, shape, mesh, rules))
 
 
 def misfit(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> str | None:
@@ -107,13 +101,12 @@ def active() -> tuple[Mesh, Rules] | None:
   return _ACTIVE.get()
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], first: Sequence[int] = ()) -> jax.Array:
-  """Pins an activation's layout by logical names (`spec`'s `first` too); a no-op outside
-  `activate`."""
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's layout by logical names; a no-op outside `activate`."""
   active = _ACTIVE.get()
   if active is None:
     return x
-  return jax.lax.with_sharding_constraint(x, named(names, x.shape, *active, first))
+  return jax.lax.with_sharding_constraint(x, named(names, x.shape, *active))
 
 
 def tree_shardings(tree, mesh: Mesh, rules: Rules):

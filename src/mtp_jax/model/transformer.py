@@ -146,7 +146,7 @@ class Transformer(nnx.Module):
 
   def logits(self, h_BxLxD: jax.Array) -> jax.Array:
     logits = jnp.einsum("bld,dv->blv", h_BxLxD, self.head_matrix())
-    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"), first=(2,))
+    return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
   def moe_layers(self) -> dict[str, MoE]:
     """Every MoE FFN by the name its aux terms are reported under."""

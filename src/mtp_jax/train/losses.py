@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mtp_jax import sharding
 from mtp_jax.model.mtp import shift_left
 
 
@@ -40,18 +39,13 @@ def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_ar
   b, length, _ = h_BxLxD.shape
   chunk_len = chunk_len or length
   n = length // chunk_len
-
-  # The vocabulary takes its mesh axes (act_vocab: tensor, fsdp) before the batch does: each chip
-  # holds D x V/n of the head and the logits of V/n words for the rows of its data and expert
-  # groups, and the log-sum-exp, the target's logit and the argmax reduce over the chips.
   vocab = w_DxV.shape[1]
-  w_DxV = sharding.constrain(w_DxV, ("act_embed", "act_vocab"))
 
   @jax.checkpoint
   def chunk(h_BxCxD, t_BxC, m_BxC):
-    logits = sharding.constrain(head_logits(h_BxCxD, w_DxV), ("act_batch", "act_length", "act_vocab"), first=(2,))
+    logits = head_logits(h_BxCxD, w_DxV)
     hit_BxCxV = jnp.arange(vocab)[None, None] == t_BxC[..., None]
-    target = jnp.sum(jnp.where(hit_BxCxV, logits, 0.0), -1)  # a masked sum: no gather across chips
+    target = jnp.sum(jnp.where(hit_BxCxV, logits, 0.0), -1)  # a masked sum: vocab-split logits need no gather
     nll = jax.nn.logsumexp(logits, -1) - target
     top_BxC = jnp.argmax(logits, -1).astype(jnp.int32)
     hits = top_BxC == t_BxC
