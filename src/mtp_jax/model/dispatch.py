@@ -210,8 +210,7 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: R
     keys_R = experts_TxK.reshape(-1)
     row_P = jnp.argsort(keys_R, stable=True)  # sorted position -> row
     pos_R = jnp.argsort(row_P)  # its inverse
-    start_E, size_E = _groups(keys_R[row_P], e)
-    del start_E
+    _, size_E = _groups(keys_R[row_P], e)
     y_P, lost_P = run_experts(_take_rows(x_TxD, row_P, pos_R, k), size_E)
     y_R = _take_rows(y_P, pos_R, row_P, 1)
     dropped = jnp.zeros((), jnp.int32) if lost_P is None else jnp.sum(lost_P * valid_T[row_P // k])
