@@ -255,6 +255,8 @@ def _default_rules() -> dict[str, list[str]]:
     "act_embed": [],
     "act_heads": ["tensor"],
     "act_mlp": ["tensor"],
+    # The output head's logits. Adding fsdp splits the vocabulary there too (train/losses.py);
+    # measured, it did not lower any step's peak (benchmarks/RESULTS.md), so it is not the default.
     "act_vocab": ["tensor"],
   }
 

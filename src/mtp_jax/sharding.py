@@ -64,6 +64,11 @@ def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: R
   return PartitionSpec(*out)
 
 
+def axes_of(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, one name or a tuple of them)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def named(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, spec(names, shape, mesh, rules))
 

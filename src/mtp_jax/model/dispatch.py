@@ -71,13 +71,13 @@ def plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=No
       "use auto or gspmd (or all_to_all with model.moe.mode=capacity)"
     )
   w_spec = _expert_weight_spec(cfg, mesh, rules)
-  ep = _axes(w_spec[0])
+  ep = sharding.axes_of(w_spec[0])
   if tokens_BxL is None:
     tokens, token_axes = None, {a for n in ("act_batch", "act_length") for a in rules.get(n, []) if mesh.shape[a] > 1}
   else:
     tokens = sharding.spec(("act_batch", "act_length", None), (*tokens_BxL, 1), mesh, rules)
-    token_axes = {a for entry in tokens for a in _axes(entry)}
-  tp = tuple(a for a in _axes(w_spec[2]) if a not in token_axes)
+    token_axes = {a for entry in tokens for a in sharding.axes_of(entry)}
+  tp = tuple(a for a in sharding.axes_of(w_spec[2]) if a not in token_axes)
   if want == "gspmd":
     why = None
     if not ep:
@@ -114,7 +114,7 @@ def _expert_weight_spec(cfg: MoEConfig, mesh: Mesh, rules: sharding.Rules) -> Pa
 
 def expert_group(cfg: MoEConfig, mesh: Mesh, rules: sharding.Rules) -> int:
   """Devices the experts are split over (1: every device holds them all)."""
-  return math.prod(mesh.shape[a] for a in _axes(_expert_weight_spec(cfg, mesh, rules)[0]))
+  return math.prod(mesh.shape[a] for a in sharding.axes_of(_expert_weight_spec(cfg, mesh, rules)[0]))
 
 
 def capacity(cfg: MoEConfig, num_tokens: int) -> int:
@@ -129,10 +129,6 @@ def receive_rows(cfg: MoEConfig, group: int, n_rows: int) -> tuple[int, int]:
   if not cfg.ragged_buffer_factor:
     return worst, worst
   return min(worst, math.ceil(cfg.ragged_buffer_factor * n_rows)), worst
-
-
-def _axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _names(axes) -> str:
@@ -155,7 +151,7 @@ def routed_experts(
   tok_BxL = PartitionSpec(*tok[:2])
   ep, tp = p.ep or None, p.tp or None
   w_specs = (PartitionSpec(ep, None, tp), PartitionSpec(ep, None, tp), PartitionSpec(ep, tp, None))
-  token_axes = tuple(a for entry in tok for a in _axes(entry))
+  token_axes = tuple(a for entry in tok for a in sharding.axes_of(entry))
 
   def body(router_params, w, x_BxLxD, valid_BxL):
     if p.kind == "all_to_all":

@@ -2,14 +2,22 @@
 
 Each depth's logits are projected and reduced one sequence chunk at a time under
 `jax.checkpoint`, so the backward pass recomputes them: peak memory holds about one chunk of
-logits, never all depths at once (Gloeckle et al. §2).
+logits, never all depths at once (Gloeckle et al. §2). On a mesh the head runs in one
+`shard_map`, each device on its own tokens, with the vocabulary split over the axes of
+`mesh.rules.act_vocab` (`vocab_split`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
+from mtp_jax import sharding
 from mtp_jax.model.mtp import shift_left
 
 
@@ -25,32 +33,103 @@ def depth_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, depth: int)
 
 def head_cross_entropy(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
   """Returns (summed NLL, summed top-1 hits) over masked positions, in float32."""
-  nll, hits, _ = _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=False)
+  nll, hits, _ = _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=False)
   return nll, hits
 
 
 def head_eval(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
   """`head_cross_entropy` plus every position's top-1 token (argmax_BxL, int32), for held-out
   metrics that compare depths; a separate path so the training step carries no extra output."""
-  return _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=True)
+  return _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=True)
 
 
-def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bool):
+@dataclasses.dataclass(frozen=True)
+class VocabSplit:
+  """Where the head runs on a mesh. The vocabulary splits over `vocab` (mesh.rules.act_vocab,
+  the axes that divide it); those of them that also split the tokens (`gather`) are given the
+  whole group's tokens, so a device computes its group's logits over its share of the
+  vocabulary: the same FLOPs as its own tokens over all of it, without the whole head matrix."""
+
+  mesh: Mesh
+  tokens: PartitionSpec  # of B x L x D
+  vocab: tuple[str, ...]
+  gather: tuple[str, ...]
+
+
+def vocab_split(vocab_size: int, h_shape) -> VocabSplit | None:
+  """The head's layout on the active mesh (`sharding.activate`), or None outside one."""
+  active = sharding.active()
+  if active is None:
+    return None
+  mesh, rules = active
+  tokens = sharding.spec(("act_batch", "act_length", None), h_shape, mesh, rules)
+  vocab = []  # the act_vocab axes, in order, while they divide the vocabulary (not the length's: see gather)
+  for a in rules.get("act_vocab", []):
+    if (
+      mesh.shape[a] > 1
+      and a not in sharding.axes_of(tokens[1])
+      and vocab_size % (math.prod(mesh.shape[v] for v in vocab) * mesh.shape[a]) == 0
+    ):
+      vocab.append(a)
+  return VocabSplit(mesh, tokens, tuple(vocab), tuple(a for a in sharding.axes_of(tokens[0]) if a in vocab))
+
+
+def _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bool):
+  split = vocab_split(w_DxV.shape[1], h_BxLxD.shape)
+  if split is None:
+    return _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, (), (), ())
+  tok, tok_BxL = split.tokens, PartitionSpec(*split.tokens[:2])
+  token_axes = sharding.axes_of(tok[0]) + sharding.axes_of(tok[1])
+  body = functools.partial(
+    _chunked_head,
+    chunk_len=chunk_len,
+    keep_argmax=keep_argmax,
+    vocab=split.vocab,
+    gather=split.gather,
+    token_axes=token_axes,
+  )
+  top_spec = tok_BxL if keep_argmax else PartitionSpec()
+  return jax.shard_map(
+    body,
+    mesh=split.mesh,
+    in_specs=(tok, PartitionSpec(None, split.vocab or None), tok_BxL, tok_BxL),
+    out_specs=(PartitionSpec(), PartitionSpec(), top_spec),
+  )(h_BxLxD, w_DxV, targets_BxL, mask_BxL)
+
+
+def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, vocab, gather, token_axes):
+  """On one device, or inside `_head`'s shard_map on each: (NLL sum, hits sum, argmax or None).
+  Over `vocab` the logits are split and the log-sum-exp, target logit and argmax combine across
+  devices; over `gather` the tokens of the group are gathered and each device keeps its own rows'
+  results."""
   b, length, _ = h_BxLxD.shape
   chunk_len = chunk_len or length
   n = length // chunk_len
-  vocab = w_DxV.shape[1]
+  part = w_DxV.shape[1]
+  # Both head operands vary over every axis the head's work splits over; the head matrix's
+  # cast's transpose is the sum of its gradient over the devices that share it.
+  w_DxV = _varying(w_DxV, tuple(a for a in token_axes if a not in vocab))
 
   @jax.checkpoint
   def chunk(h_BxCxD, t_BxC, m_BxC):
-    logits = head_logits(h_BxCxD, w_DxV)
-    hit_BxCxV = jnp.arange(vocab)[None, None] == t_BxC[..., None]
-    target = jnp.sum(jnp.where(hit_BxCxV, logits, 0.0), -1)  # a masked sum: vocab-split logits need no gather
-    nll = jax.nn.logsumexp(logits, -1) - target
-    top_BxC = jnp.argmax(logits, -1).astype(jnp.int32)
-    hits = top_BxC == t_BxC
+    if gather:  # the group's rows; the gather's transpose is a reduce-scatter of dh
+      h_BxCxD = jax.lax.all_gather(h_BxCxD, gather, axis=0, tiled=True)
+      t_BxC = jax.lax.all_gather(t_BxC, gather, axis=0, tiled=True)
+    logits = head_logits(_varying(h_BxCxD, tuple(a for a in vocab if a not in token_axes)), w_DxV)
+    first = jax.lax.axis_index(vocab) * part if vocab else 0  # of this device's slice of the vocabulary
+    top_local = jnp.max(logits, -1)
+    top = _over(jax.lax.pmax, jax.lax.stop_gradient(top_local), vocab)
+    lse = top + jnp.log(_over(jax.lax.psum, jnp.sum(jnp.exp(logits - top[..., None]), -1), vocab))
+    hit_BxCxV = (first + jnp.arange(part))[None, None] == t_BxC[..., None]
+    nll = lse - _over(jax.lax.psum, jnp.sum(jnp.where(hit_BxCxV, logits, 0.0), -1), vocab)
+    arg = jnp.where(top_local == top, first + jnp.argmax(logits, -1).astype(jnp.int32), _NONE)
+    arg_BxC = _over(jax.lax.pmin, arg, vocab)  # the first maximum over the whole vocabulary
+    hits = arg_BxC == t_BxC
+    if gather:  # back to this device's rows
+      own = jax.lax.axis_index(gather) * m_BxC.shape[0]
+      nll, hits, arg_BxC = (jax.lax.dynamic_slice_in_dim(x, own, m_BxC.shape[0]) for x in (nll, hits, arg_BxC))
     m = m_BxC.astype(jnp.float32)
-    return jnp.sum(nll * m), jnp.sum(hits * m), top_BxC if keep_argmax else None
+    return jnp.sum(nll * m), jnp.sum(hits * m), arg_BxC if keep_argmax else None
 
   def split(x):  # B x L x ... -> N x B x C x ...
     return jnp.moveaxis(x.reshape(b, n, chunk_len, *x.shape[2:]), 1, 0)
@@ -59,11 +138,24 @@ def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_ar
     nll, hits, top_BxC = chunk(*xs)
     return (carry[0] + nll, carry[1] + hits), top_BxC
 
-  zero = jnp.zeros((), jnp.float32)
+  zero = _varying(jnp.zeros((), jnp.float32), token_axes)
   (nll, hits), top_NxBxC = jax.lax.scan(body, (zero, zero), (split(h_BxLxD), split(targets_BxL), split(mask_BxL)))
+  if token_axes:
+    nll, hits = jax.lax.psum(nll, token_axes), jax.lax.psum(hits, token_axes)
   if not keep_argmax:
     return nll, hits, None
   return nll, hits, jnp.moveaxis(top_NxBxC, 0, 1).reshape(b, length)
+
+
+_NONE = jnp.iinfo(jnp.int32).max
+
+
+def _over(reduce, x, axes):
+  return reduce(x, axes) if axes else x
+
+
+def _varying(x, axes):  # x, invariant over `axes` so far, as varying over them
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 @jax.custom_vjp
