@@ -1,5 +1,6 @@
 """The output head and loss split by vocabulary on 8 fake devices: the same NLL, hits, argmax and
-gradients as one device, without the whole head matrix on any device."""
+gradients as one device, without the whole head matrix on any device where the vocabulary splits
+over fsdp, and with the head matrix's gradient reduce-scattered where it does not."""
 
 import re
 
@@ -48,6 +49,7 @@ SPLIT = {"act_vocab": ["tensor", "fsdp"]}
       ("fsdp", "expert"),
     ),
     ({"data": 2, "fsdp": 2, "tensor": 2}, {}, ("tensor",), ()),  # the default: the vocabulary over tensor only
+    ({"data": 1, "fsdp": 2, "expert": 4}, {"embed": ["fsdp", "expert"]}, (), ()),  # rows gathered over both
     ({"data": 8}, SPLIT, (), ()),
   ],
 )
@@ -73,6 +75,8 @@ def test_the_head_split_by_vocabulary_equals_one_device(axes, rules, vocab, gath
   ways = int(np.prod([mesh.shape[a] for a in vocab]))
   if ways > 1:  # no device holds the whole head matrix or its gradient (only its own rows of it), or whole logits
     assert not re.search(rf"\[{D},{V}\]|,{CHUNK},{V}\]", text), "a whole-vocabulary array on one device"
+  if split.rows:  # the head matrix's gradient is reduce-scattered to each device's rows, never all-reduced whole
+    assert not re.search(rf"= \w+\[{D},{V // ways}\]\S* all-reduce", text)
   one = compiled_matmul_flops(jax.jit(_head).lower(h, w, t, m).compile().as_text()).flops
   assert compiled_matmul_flops(text).flops * mesh.size / one == pytest.approx(1.0, abs=0.05)
 

@@ -54,6 +54,7 @@ class VocabSplit:
   tokens: PartitionSpec  # of B x L x D
   vocab: tuple[str, ...]
   gather: tuple[str, ...]
+  rows: tuple[str, ...]  # the axes the head matrix's D rows are stored split over (gathered, as FSDP does)
 
 
 def vocab_split(vocab_size: int, h_shape) -> VocabSplit | None:
@@ -71,13 +72,15 @@ def vocab_split(vocab_size: int, h_shape) -> VocabSplit | None:
       and vocab_size % (math.prod(mesh.shape[v] for v in vocab) * mesh.shape[a]) == 0
     ):
       vocab.append(a)
-  return VocabSplit(mesh, tokens, tuple(vocab), tuple(a for a in sharding.axes_of(tokens[0]) if a in vocab))
+  rows = sharding.spec(("embed", "vocab"), (h_shape[-1], vocab_size), mesh, rules)[0]
+  gather = tuple(a for a in sharding.axes_of(tokens[0]) if a in vocab)
+  return VocabSplit(mesh, tokens, tuple(vocab), gather, tuple(a for a in sharding.axes_of(rows) if a not in vocab))
 
 
 def _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bool):
   split = vocab_split(w_DxV.shape[1], h_BxLxD.shape)
   if split is None:
-    return _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, (), (), ())
+    return _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, (), (), (), ())
   tok, tok_BxL = split.tokens, PartitionSpec(*split.tokens[:2])
   token_axes = sharding.axes_of(tok[0]) + sharding.axes_of(tok[1])
   body = functools.partial(
@@ -86,36 +89,41 @@ def _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bo
     keep_argmax=keep_argmax,
     vocab=split.vocab,
     gather=split.gather,
+    rows=split.rows,
     token_axes=token_axes,
   )
   top_spec = tok_BxL if keep_argmax else PartitionSpec()
   return jax.shard_map(
     body,
     mesh=split.mesh,
-    in_specs=(tok, PartitionSpec(None, split.vocab or None), tok_BxL, tok_BxL),
+    in_specs=(tok, PartitionSpec(split.rows or None, split.vocab or None), tok_BxL, tok_BxL),
     out_specs=(PartitionSpec(), PartitionSpec(), top_spec),
   )(h_BxLxD, w_DxV, targets_BxL, mask_BxL)
 
 
-def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, vocab, gather, token_axes):
+def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, vocab, gather, rows, token_axes):
   """On one device, or inside `_head`'s shard_map on each: (NLL sum, hits sum, argmax or None).
   Over `vocab` the logits are split and the log-sum-exp, target logit and argmax combine across
   devices; over `gather` the tokens of the group are gathered and each device keeps its own rows'
-  results."""
+  results; over `rows` the head matrix's rows are gathered (the gradient reduce-scattered)."""
   b, length, _ = h_BxLxD.shape
   chunk_len = chunk_len or length
   n = length // chunk_len
   part = w_DxV.shape[1]
   # Both head operands vary over every axis the head's work splits over; the head matrix's
-  # cast's transpose is the sum of its gradient over the devices that share it.
-  w_DxV = _varying(w_DxV, tuple(a for a in token_axes if a not in vocab))
+  # cast's transpose is the sum of its gradient over the devices that share it, after the
+  # gather's transpose (a reduce-scatter) has cut it to this device's rows.
+  split_by = set(token_axes) | set(vocab) | set(rows)
+  w_DxV = _varying(w_DxV, tuple(a for a in sorted(split_by) if a not in vocab + rows))
+  if rows:
+    w_DxV = jax.lax.all_gather(w_DxV, rows, axis=0, tiled=True)
 
   @jax.checkpoint
   def chunk(h_BxCxD, t_BxC, m_BxC):
     if gather:  # the group's rows; the gather's transpose is a reduce-scatter of dh
       h_BxCxD = jax.lax.all_gather(h_BxCxD, gather, axis=0, tiled=True)
       t_BxC = jax.lax.all_gather(t_BxC, gather, axis=0, tiled=True)
-    logits = head_logits(_varying(h_BxCxD, tuple(a for a in vocab if a not in token_axes)), w_DxV)
+    logits = head_logits(_varying(h_BxCxD, tuple(a for a in sorted(split_by) if a not in token_axes)), w_DxV)
     first = jax.lax.axis_index(vocab) * part if vocab else 0  # of this device's slice of the vocabulary
     top_local = jnp.max(logits, -1)
     top = _over(jax.lax.pmax, jax.lax.stop_gradient(top_local), vocab)
