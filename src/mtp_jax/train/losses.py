@@ -79,7 +79,10 @@ def vocab_split(vocab_size: int, h_shape) -> VocabSplit | None:
 
 def _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bool):
   split = vocab_split(w_DxV.shape[1], h_BxLxD.shape)
-  if split is None:
+  if split is None or not split.gather:
+    # One device, or a vocabulary split only over axes that do not split the tokens (tensor):
+    # the compiler places it. (The same program in a shard_map, the head matrix gathered inside,
+    # compiled to 5 GiB more a chip for 671B on v5p-1024; benchmarks/RESULTS.md.)
     return _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, (), (), (), ())
   tok, tok_BxL = split.tokens, PartitionSpec(*split.tokens[:2])
   token_axes = sharding.axes_of(tok[0]) + sharding.axes_of(tok[1])
