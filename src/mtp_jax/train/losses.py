@@ -48,7 +48,8 @@ class VocabSplit:
   """Where the head runs on a mesh. The vocabulary splits over `vocab` (mesh.rules.act_vocab,
   the axes that divide it); those of them that also split the tokens (`gather`) are given the
   whole group's tokens, so a device computes its group's logits over its share of the
-  vocabulary: the same FLOPs as its own tokens over all of it, without the whole head matrix."""
+  vocabulary: the same FLOPs as its own tokens over all of it, without the whole head matrix.
+  Only then does the head run in a shard_map (`_head`)."""
 
   mesh: Mesh
   tokens: PartitionSpec  # of B x L x D
