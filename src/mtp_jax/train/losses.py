@@ -2,16 +2,15 @@
 
 Each depth's logits are projected and reduced one sequence chunk at a time under
 `jax.checkpoint`, so the backward pass recomputes them: peak memory holds about one chunk of
-logits, never all depths at once (Gloeckle et al. §2). On a mesh the head runs in one
-`shard_map`, each device on its own tokens, with the vocabulary split over the axes of
-`mesh.rules.act_vocab` (`vocab_split`).
+logits, never all depths at once (Gloeckle et al. §2). On a mesh the logits split by vocabulary
+over the axes of `mesh.rules.act_vocab`; where one of them also splits the tokens, the head runs
+in one `shard_map` (`vocab_split`, `_head`), elsewhere the compiler places it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -65,17 +64,12 @@ def vocab_split(vocab_size: int, h_shape) -> VocabSplit | None:
     return None
   mesh, rules = active
   tokens = sharding.spec(("act_batch", "act_length", None), h_shape, mesh, rules)
-  vocab = []  # the act_vocab axes, in order, while they divide the vocabulary (not the length's: see gather)
-  for a in rules.get("act_vocab", []):
-    if (
-      mesh.shape[a] > 1
-      and a not in sharding.axes_of(tokens[1])
-      and vocab_size % (math.prod(mesh.shape[v] for v in vocab) * mesh.shape[a]) == 0
-    ):
-      vocab.append(a)
+  # The act_vocab axes that divide the vocabulary, less the length's (only the batch's are gathered).
+  on_length = {"act_length": list(sharding.axes_of(tokens[1])), "act_vocab": rules.get("act_vocab", [])}
+  vocab = sharding.axes_of(sharding.spec(("act_length", "act_vocab"), (h_shape[1], vocab_size), mesh, on_length)[1])
   rows = sharding.spec(("embed", "vocab"), (h_shape[-1], vocab_size), mesh, rules)[0]
   gather = tuple(a for a in sharding.axes_of(tokens[0]) if a in vocab)
-  return VocabSplit(mesh, tokens, tuple(vocab), gather, tuple(a for a in sharding.axes_of(rows) if a not in vocab))
+  return VocabSplit(mesh, tokens, vocab, gather, tuple(a for a in sharding.axes_of(rows) if a not in vocab))
 
 
 def _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bool):
