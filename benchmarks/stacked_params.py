@@ -1,18 +1,16 @@
-"""What keeping scanned layers' parameters stacked in the train state would save, compiled for TPU.
+"""What storing scanned layers' parameters stacked saves over stacking them in the step, compiled for TPU.
 
   python benchmarks/stacked_params.py [--topology v5p:2x2x1] [--layers 16] [--d 4096] [--f 16384] \
       [--microbatches 1,4,8] [--swiglu]
 
-`train.scan_layers` stacks each run of layers' parameters inside the step (`transformer._scan`),
-a copy the scan reads. Storing them stacked in the model would make that copy unnecessary, at
-the price of a second checkpoint layout. Before paying that price, this measures the copy on a
-stand-in step: L two-matmul layers (three with `--swiglu`; f32, sharded over every device on their first dimension) run
-as a rematerialised `lax.scan`, gradients accumulated over microbatches, a momentum update,
-parameters and optimizer state donated. It compiles the step for the TPU topology with the
-parameters passed as one array per layer (stacked in the step, as now) and as one stacked array,
-and prints the compiler's per-device memory for each. Needs libtpu (`pip install
-'mtp-jax[tpu-aot]'`); nothing runs on a TPU.
-"""
+Until the model stored each run of scanned layers stacked (`transformer.stack`), the step
+stacked their per-layer parameters itself, a copy the scan read. This measures that copy on a
+stand-in step: L two-matmul layers (three with `--swiglu`; f32, sharded over every device on
+their first dimension) run as a rematerialised `lax.scan`, gradients accumulated over
+microbatches, a momentum update, parameters and optimizer state donated. It compiles the step
+for the TPU topology with the parameters passed as one array per layer (stacked in the step)
+and as one stacked array, and prints the compiler's per-device memory for each. Needs libtpu
+(`pip install 'mtp-jax[tpu-aot]'`); nothing runs on a TPU."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ def test_restore_onto_another_mesh_and_device_count_keeps_every_value(tiny, tmp_
   restored, run = ckpt.restore(1, restored_on.abstract_state)
   ckpt.close()
   assert run["origin"] is None
-  w = restored.params["blocks"][1]["ffn"]["experts"]["w_gate"][...]
+  w = restored.params["layers"][1]["ffn"]["experts"]["w_gate"][...]
   assert len(w.sharding.device_set) == 4 and "expert" in w.sharding.spec  # really on the new mesh
   before, after = checkpoint.named_leaves(state), checkpoint.named_leaves(restored)
   assert before.keys() == after.keys()
@@ -147,10 +147,33 @@ def test_checksums_see_one_changed_element_and_not_the_layout(tiny):
   sums = checkpoint.checksums(state.params)
   moved = jax.device_put(state.params, jax.tree.map(lambda _: jax.devices()[0], state.params))
   assert checkpoint.checksums(moved) == sums
-  w = state.params["blocks"][0]["attn"]["wq"]
-  w[...] = w[...].at[3, 1, 2].add(1e-6)
+  w = state.params["layers"][1]["attn"]["wq"]
+  w[...] = w[...].at[0, 3, 1, 2].add(1e-6)
   changed = checkpoint.checksums(state.params)
-  assert [k for k in sums if sums[k] != changed[k]] == ["blocks.0.attn.wq"]
+  assert [k for k in sums if sums[k] != changed[k]] == ["layers.1.attn.wq"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_checksum_terms_of_a_stacks_blocks_add_up_to_the_arrays(dtype):
+  x = jax.random.normal(jax.random.key(0), (4, 6, 5), dtype)
+  whole = checkpoint.checksums({"x": x})["x"]
+  size = x[0].size
+  assert sum(checkpoint.slice_checksum(np.asarray(x[j]), j * size) for j in range(4)) % 2**32 == whole
+  assert checkpoint.slice_checksum(x[1], size) != checkpoint.slice_checksum(x[1], 0)  # where a block sits counts
+
+
+def test_a_checkpoint_of_the_block_by_block_layout_is_refused_in_one_line(tiny, tmp_path):
+  program = loop.build(tiny("mesh.data=1"), jax.devices()[:1])
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  ckpt.save(1, {"params": {"blocks": {"0": {"attn_norm": {"scale": {"value": jnp.ones(32)}}}}}}, None)
+  ckpt.wait()
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"/checkpoints/1 stores the trunk a block at a time \(params\.blocks\.0\.attn_norm\.scale\), .* "
+    r"mtp-import the result$",
+  ):
+    ckpt.restore(1, program.abstract_state)
+  ckpt.close()
 
 
 def test_retention_keeps_the_latest_n_and_every_mth(tmp_path):
@@ -302,8 +325,8 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_the_array(tiny, tmp_path
   workdir = _copy(first_run, tmp_path / "run")
   with pytest.raises(
     checkpoint.CheckpointError,
-    match=r"checkpoints/4 does not fit this config: params\.blocks\.0\.attn\.wk has shape \(32, 2, 8\) there, "
-    r"\(48, 2, 8\) here",
+    match=r"checkpoints/4 does not fit this config: params\.embed\.table has shape \(320, 32\) there, "
+    r"\(320, 48\) here",
   ):
     _train(tiny, workdir, "model.d_model=48", "train.steps=6")
   with pytest.raises(checkpoint.CheckpointError, match=r"has no params\.mtp\.1\.\S+, which this config needs \(shape"):
@@ -422,6 +445,6 @@ def test_mtp_train_names_a_bad_restore_from_in_one_line(tmp_path, first_run):
   other_shapes = [f"checkpoint.restore_from={first_run[0]}", "model.d_model=48"]  # read through Orbax, quietly
   out = subprocess.run([*cmd, *other_shapes], capture_output=True, text=True)
   assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr
-  assert "does not fit this config: params.blocks.0.attn.wk has shape (32, 2, 8) there" in out.stderr, out.stderr
+  assert "does not fit this config: params.embed.table has shape (320, 32) there" in out.stderr, out.stderr
   out = subprocess.run([*cmd, "checkpoint.load_params_only=true"], capture_output=True, text=True)
   assert out.returncode == 2 and "checkpoint.load_params_only: needs checkpoint.restore_from" in out.stderr

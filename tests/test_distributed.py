@@ -79,19 +79,23 @@ def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_an
   other = tiny(*RUN, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"train.workdir={multi}")
   target = loop.build(other).abstract_state
   restored, _ = Checkpointer(multi / "checkpoints", read_only=True).restore(3, target)
-  w = restored.params["blocks"][1]["ffn"]["experts"]["w_gate"][...]
+  w = restored.params["layers"][1]["ffn"]["experts"]["w_gate"][...]
   assert len(w.sharding.device_set) == 8 and "tensor" in w.sharding.spec  # really on the new mesh
   got, want = checkpoint.named_leaves(restored), checkpoint.named_leaves(state)
   assert got.keys() == want.keys()
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-7, err_msg=k)
-  # mtp-export's reader takes the checkpoint both processes wrote one array at a time, each checked
-  # against its checksum: the parameters and router biases are those restored above.
+  # mtp-export's reader takes the checkpoint both processes wrote one array, or one block of a
+  # stack, at a time, each checked against its checksum: the parameters and router biases are
+  # those restored above.
   leaves = source.abstract_leaves(other)
   reader = source.Reader(source.locate(str(multi)), leaves)
   try:
-    for name in leaves:
-      np.testing.assert_array_equal(reader.read([name])[name], np.asarray(got[name]), err_msg=name)
+    for name, leaf in leaves.items():
+      np.testing.assert_array_equal(reader.read([(name, None)])[name, None], np.asarray(got[name]), err_msg=name)
+      if ".layers." in name:
+        blocks = reader.read([(name, j) for j in range(leaf.shape[0])])
+        np.testing.assert_array_equal(np.stack(list(blocks.values())), np.asarray(got[name]), err_msg=name)
   finally:
     reader.close()
   said = []

@@ -8,6 +8,7 @@ is float32 rounding through a few layers, while any layout or maths mistake move
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from mtp_jax.export import ExportError, deepseek_v3, source, writer
 from mtp_jax.export.cli import main
 from mtp_jax.export.exporter import export
 from mtp_jax.export.layout import SAME, Linear
+from mtp_jax.train import checkpoint as checkpoint_lib
 from mtp_jax.train import loop, optimizer, step
 from mtp_jax.train.checkpoint import Checkpointer
 
@@ -354,7 +356,7 @@ def check_table(table, leaves) -> None:
     if t.zero:
       assert t.ours.startswith("router_bias.") and t.file is None
       continue
-    x = rng.normal(size=shape[1:] if t.expert is not None else shape)
+    x = rng.normal(size=t.part_shape(shape))
     y = t.layout.to_hf(x)
     assert y.shape == t.hf_shape(shape), t.hf
     np.testing.assert_array_equal(t.layout.from_hf(y, x.shape), x, err_msg=t.hf)
@@ -532,6 +534,41 @@ def test_console_script_exports_and_names_a_damaged_checkpoint_in_one_line(train
   assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
   assert f"checkpoint {damaged / 'checkpoints' / '2'} is damaged (" in bad.stderr
   assert "export an earlier step by naming its directory" in bad.stderr
+  assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_a_stack_is_stored_and_read_a_block_at_a_time_and_checked_whole(case, tmp_path, monkeypatch):
+  """A stack of trunk blocks is one array, saved in chunks of one block; export reads it block by
+  block (never whole), and the blocks' checksum terms must add up to the one saved for the array:
+  a stack that differs from its record is refused before anything is written."""
+  import orbax.checkpoint as ocp
+
+  run = case("lora")[2]
+  src = source.locate(str(run))
+  leaves = source.abstract_leaves(src.config)
+  name = next(n for n in leaves if n.startswith("params.layers.1.") and leaves[n].ndim >= 3)
+  n_blocks = leaves[name].shape[0]
+  assert n_blocks > 1
+  saved = checkpoint_lib.named_leaves(ocp.PyTreeCheckpointHandler().metadata(src.step_dir / "state").tree)
+  assert saved[name].storage.chunk_shape[0] == 1
+
+  blocks, wholes = [], []
+  read_block, read_whole = source.Reader._read_block, source.Reader._read_whole
+  monkeypatch.setattr(source.Reader, "_read_block", lambda r, n, j: blocks.append((n, j)) or read_block(r, n, j))
+  monkeypatch.setattr(source.Reader, "_read_whole", lambda r, names: wholes.extend(names) or read_whole(r, names))
+  export(str(run), str(tmp_path / "hf"))
+  assert sorted(j for n, j in blocks if n == name) == list(range(n_blocks)) and name not in wholes
+
+  record = Checkpointer.run_record
+
+  def altered(self, step):
+    run = record(self, step)
+    run["checksums"][name] = (run["checksums"][name] + 1) % 2**32
+    return run
+
+  monkeypatch.setattr(Checkpointer, "run_record", altered)
+  with pytest.raises(ExportError, match=rf"is damaged \({re.escape(name)} does not match its checksum\)"):
+    export(str(run), str(tmp_path / "bad"))
   assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 
 

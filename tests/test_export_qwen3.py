@@ -367,7 +367,8 @@ def test_a_nonzero_selection_bias_is_refused_and_nothing_is_written(case, tmp_pa
   cfg, state, _, _, _, _ = case("tied")
   biased = _randomized(state, seed=3)  # router biases drawn from N(0, 0.5)
   _save_run(tmp_path / "run", cfg, biased)
-  with pytest.raises(ExportError, match=r"cannot express router_bias\.blocks\.0\.ffn\.router\.bias: it is nonzero"):
+  nonzero = r"cannot express block 0 of router_bias\.layers\.0\.ffn\.router\.bias: it is nonzero"
+  with pytest.raises(ExportError, match=nonzero):
     export(str(tmp_path / "run"), str(tmp_path / "hf"), format="qwen3_moe")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -410,9 +411,10 @@ def test_qk_norm_adds_one_scale_per_head_dim_and_changes_the_output():
   cfg = config.load(None, [*TINY, "model.attention.qk_norm=true"])
   plain = config.load(None, TINY)
   model, base = Transformer(cfg.model, rngs=nnx.Rngs(0)), Transformer(plain.model, rngs=nnx.Rngs(0))
-  attn = model.blocks[0].attn
-  assert attn.q_norm.scale.shape == attn.k_norm.scale.shape == (cfg.model.attention.head_dim,)
-  assert not hasattr(base.blocks[0].attn, "q_norm")
+  attn = model.layers[0].attn  # stack 0: the first_k_dense = 1 dense block
+  assert attn.q_norm.scale.shape == attn.k_norm.scale.shape == (1, cfg.model.attention.head_dim)
+  assert model.block(0).attn.q_norm.scale.shape == (cfg.model.attention.head_dim,)
+  assert not hasattr(base.block(0).attn, "q_norm")
   real = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert cost(cfg.model, cfg.data.seq_len).total_params == real
 

@@ -29,7 +29,7 @@ class Decoder:
 
   def __init__(self, cfg):
     self.model = Transformer(cfg.model, rngs=nnx.Rngs(0))
-    for i, moe in enumerate(self.model.moe_layers().values()):  # a trained-looking router bias
+    for i, (_, moe) in enumerate(self.model.moe_layers()):  # a trained-looking router bias
       moe.router.bias[...] = 0.1 * jax.random.normal(jax.random.key(i), moe.router.bias.shape)
     self.vocab = cfg.model.vocab_size
     graphdef, state = nnx.split(self.model)
@@ -43,7 +43,7 @@ class Decoder:
     @jax.jit
     def start(tokens_BxP, lengths_B):
       model = nnx.merge(graphdef, state)
-      return prefill(model, tokens_BxP, lengths_B, cache_lib.allocate(model.blocks, B, S))
+      return prefill(model, tokens_BxP, lengths_B, cache_lib.allocate(model.empty_cache(B, S), B))
 
     @jax.jit
     def advance(tokens_BxT, cache):

@@ -63,7 +63,7 @@ def _saved(run_dir) -> dict[str, np.ndarray]:
   leaves = source.abstract_leaves(src.config)
   reader = source.Reader(src, leaves)
   try:
-    return reader.read(list(leaves))
+    return {name: x for (name, _), x in reader.read([(name, None) for name in leaves]).items()}
   finally:
     reader.close()
 

@@ -102,8 +102,11 @@ def _logits_after(cfg, edit):
   return np.stack([np.asarray(model.logits(h)) for h in out.hidden])
 
 
-def _scale(module):
-  module.scale[...] = module.scale[...] * 1.5
+def _scale(model, i):
+  """Scales trunk block i's attention norm by 1.5 (in its stack, the other blocks left alone)."""
+  r, j = next((r, i - a) for r, (a, b) in enumerate(model.runs) if a <= i < b)
+  norm = model.layers[r].attn_norm
+  norm.scale[...] = norm.scale[...].at[j].mul(1.5)
 
 
 def _bump(norm):
@@ -113,10 +116,10 @@ def _bump(norm):
 def test_parallel_heads_branch_before_the_last_trunk_block(tiny):
   cfg = tiny("model.mtp.kind=parallel", f"model.mtp.depth={DEPTH}", "model.num_layers=3")
   base = _logits_after(cfg, lambda m: None)
-  last = _logits_after(cfg, lambda m: _scale(m.blocks[-1].attn_norm))
+  last = _logits_after(cfg, lambda m: _scale(m, 2))
   np.testing.assert_array_equal(base[1:], last[1:])  # extra heads never see the last block
   assert np.abs(base[0] - last[0]).max() > 0  # the next-token head is the last block
-  shared = _logits_after(cfg, lambda m: _scale(m.blocks[-2].attn_norm))
+  shared = _logits_after(cfg, lambda m: _scale(m, 1))
   assert all(np.abs(base[d] - shared[d]).max() > 0 for d in range(DEPTH + 1))
 
 

@@ -57,7 +57,7 @@ def _predictable_model(attention_scale=0.0):
   `attention_scale` keeps that much of each attention output, so context (and every cache)
   matters again and only some drafts are right."""
   model = _model("model.moe.num_experts=0", "model.attention.kind=gqa", "model.mtp.depth=2")
-  for block in [*model.blocks, *(m.block for m in model.mtp)]:
+  for block in [*model.layers, *(m.block for m in model.mtp)]:  # a stack: every block of it
     block.attn.wo[...] = attention_scale * block.attn.wo[...]
     block.ffn.w_down[...] = jnp.zeros_like(block.ffn.w_down[...])
   for module in model.mtp:
@@ -74,7 +74,8 @@ def test_trunk_cache_after_rejections_equals_a_plain_cache_of_the_accepted_token
   assert 0 < accepted_K[0] < row_rounds  # some drafts accepted, some rejected
   length_B = np.asarray(out.trunk.length_B)
   seq_BxL = np.asarray(out.seq_BxS)[:, : length_B.max()]
-  fresh = prefill(model, seq_BxL, length_B, cache_lib.allocate(model.blocks, len(PROMPTS), out.seq_BxS.shape[1]))[2]
+  empty = cache_lib.allocate(model.empty_cache(len(PROMPTS), out.seq_BxS.shape[1]), len(PROMPTS))
+  fresh = prefill(model, seq_BxL, length_B, empty)[2]
   for got, want in zip(jax.tree.leaves(out.trunk.layers), jax.tree.leaves(fresh.layers), strict=True):
     for b, n in enumerate(length_B):
       np.testing.assert_allclose(got[b, :n], want[b, :n], rtol=1e-5, atol=1e-6)

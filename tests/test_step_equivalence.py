@@ -16,19 +16,19 @@ from mtp_jax.train import loop
     (
       ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"],
       [],
-      (("blocks", 1, "ffn", "experts", "w_gate"), "experts", "expert"),
+      (("layers", 1, "ffn", "experts", "w_gate"), "experts", "expert"),
     ),
     (
       ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
       # All-to-all capacity is per device: with factor E/K = 2 nothing drops, on either side.
       ["model.attention.kind=mla", "model.moe.mode=capacity", "model.moe.capacity_factor=2", "model.mtp.kind=parallel"],
-      (("blocks", 0, "attn", "wkv_b"), "heads", "tensor"),
+      (("layers", 0, "attn", "wkv_b"), "heads", "tensor"),
     ),
     (  # the sequence (context) axis: activations split along the sequence, attention sees it whole,
       # in strided query blocks that keep the split
       ["mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"],
       ["train.attention_chunk_len=4"],
-      (("blocks", 0, "attn", "wq"), "embed", "fsdp"),
+      (("layers", 0, "attn", "wq"), "embed", "fsdp"),
     ),
   ],
 )

@@ -125,7 +125,7 @@ def test_router_bias_moves_without_the_optimizer(tiny):
   _, state = run_steps(cfg, steps=1)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert paths and not any("bias" in p for p in paths)
-  bias = state.router_bias["blocks"][1]["ffn"]["router"]["bias"][...]
+  bias = state.router_bias["layers"][1]["ffn"]["router"]["bias"][...][0]  # layer 1: block 0 of the MoE stack
   # One sign step from zero: gamma * sign(mean load - load), 0 for an expert at exactly the mean.
   steps = np.round(np.asarray(bias) / 0.01, 4)
   assert set(steps.tolist()) <= {-1.0, 0.0, 1.0} and np.count_nonzero(steps) >= 6, bias

@@ -28,6 +28,7 @@ from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
 from mtp_jax.export import ExportError, common_config
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
+from mtp_jax.model.transformer import stack_of
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 
@@ -216,8 +217,9 @@ def _linear(rope: int = 0, in_axes: int = 1) -> Layout:
   return Linear(in_axes=in_axes, rope=rope)
 
 
-def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str) -> list[Tensor]:
-  """One transformer block: HF layer prefix `hf`, our Block prefix `ours` (under params.)."""
+def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str, layer: int | None = None) -> list[Tensor]:
+  """One transformer block: HF layer prefix `hf`, our Block prefix `ours` (under params.), block
+  `layer` of it when it is a stack of trunk blocks."""
   a, rope = m.attention, m.attention.qk_rope_head_dim
   rows: list[tuple[str, str, Layout]] = [("input_layernorm.weight", "attn_norm.scale", SAME)]
   if a.q_lora_rank:
@@ -248,12 +250,14 @@ def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str) -> l
       ("mlp.up_proj.weight", "ffn.w_up", _linear()),
       ("mlp.down_proj.weight", "ffn.w_down", _linear()),
     ]
-  out = [Tensor(f"{hf}.{h}", f"params.{ours}.{o}", layout) for h, o, layout in rows]
+  out = [Tensor(f"{hf}.{h}", f"params.{ours}.{o}", layout, layer=layer) for h, o, layout in rows]
   if moe:
-    out.append(Tensor(f"{hf}.mlp.gate.e_score_correction_bias", f"{router_bias}.ffn.router.bias", keep_fp32=True))
+    bias = f"{hf}.mlp.gate.e_score_correction_bias"
+    out.append(Tensor(bias, f"{router_bias}.ffn.router.bias", layer=layer, keep_fp32=True))
     for proj, w in [("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")]:
+      ours_w = f"params.{ours}.ffn.experts.{w}"
       out += [  # stacked [E, in, out] -> one [out, in] Linear per expert
-        Tensor(f"{hf}.mlp.experts.{e}.{proj}.weight", f"params.{ours}.ffn.experts.{w}", _linear(), expert=e)
+        Tensor(f"{hf}.mlp.experts.{e}.{proj}.weight", ours_w, _linear(), layer=layer, expert=e)
         for e in range(m.moe.num_experts)
       ]
   return out
@@ -277,7 +281,8 @@ def tensors(m: ModelConfig) -> list[Tensor]:
   has_moe = m.moe.num_experts > 0
   for i in range(m.num_layers):
     moe = has_moe and i >= m.first_k_dense
-    out += _block(m, f"model.layers.{i}", f"blocks.{i}", moe, f"router_bias.blocks.{i}")
+    r, j = stack_of(m, i)
+    out += _block(m, f"model.layers.{i}", f"layers.{r}", moe, f"router_bias.layers.{r}", j)
   for k in range(m.mtp.depth):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
     hf, ours = f"model.layers.{m.num_layers + k}", f"mtp.{k}"
     out += [

@@ -59,10 +59,11 @@ def export(
   _check_covers(table, leaves)
   tok = source.tokenizer(cfg, src.directory.parent)
 
-  # Read each leaf once: its tensors go out together (per-expert slices, the MTP layer's copies).
-  order = list(dict.fromkeys(t.ours for t in table))
-  by_leaf = {name: [t for t in table if t.ours == name] for name in order}
-  written = [t for name in order for t in by_leaf[name] if not t.zero]
+  # Read each piece (a leaf, or one block of a stack) once: its tensors go out together
+  # (per-expert slices, the MTP layer's copies).
+  order = list(dict.fromkeys(t.piece for t in table))
+  by_piece = {piece: [t for t in table if t.piece == piece] for piece in order}
+  written = [t for piece in order for t in by_piece[piece] if not t.zero]
   out_dtype = {t.hf: np.dtype(np.float32) if t.keep_fp32 else np_dtype for t in written}
   size = {t.hf: math.prod(t.hf_shape(leaves[t.ours].shape)) * out_dtype[t.hf].itemsize for t in written}
   sharded = [t.hf for t in written if t.file is None]
@@ -75,13 +76,14 @@ def export(
       extra: dict[str, dict[str, np.ndarray]] = {}  # file -> its tensors, written whole at the end
       with tqdm(total=sum(size.values()), unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
         for group in source.read_groups(order, leaves, max_read_bytes):
-          for name, leaf in reader.read(group).items():
-            for t in by_leaf[name]:
+          for piece, value in reader.read(group).items():
+            for t in by_piece[piece]:
               if t.zero:
-                if np.any(leaf):
-                  raise ExportError(f"--format {format} cannot express {name}: it is nonzero and there is no {t.hf}")
+                if np.any(value):
+                  what = piece[0] if piece[1] is None else f"block {piece[1]} of {piece[0]}"
+                  raise ExportError(f"--format {format} cannot express {what}: it is nonzero and there is no {t.hf}")
                 continue
-              array = t.to_hf(leaf).astype(out_dtype[t.hf], copy=False)
+              array = t.to_hf(value).astype(out_dtype[t.hf], copy=False)
               if t.file is None:
                 shards.add(t.hf, array)
               else:

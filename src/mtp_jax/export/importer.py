@@ -311,11 +311,11 @@ def _check(table: list[Tensor], in_files: list[Tensor], leaves: dict, files: _Fi
 
 
 def _sources(table: list[Tensor]) -> set[Tensor]:
-  """The Tensor each leaf (or expert slice of one) is read from: the first naming it."""
+  """The Tensor each leaf (or layer or expert slice of one) is read from: the first naming it."""
   first = {}
   for t in table:
     if not t.zero:
-      first.setdefault((t.ours, t.expert), t)
+      first.setdefault((t.ours, *t.index()), t)
   return set(first.values())
 
 
@@ -346,20 +346,20 @@ class _Converter:
   def _convert(self, name: str) -> np.ndarray:
     leaf = self.leaves[name]
     out = np.zeros(leaf.shape, leaf.dtype)  # what a `zero` Tensor leaves
-    first: dict[int | None, tuple[str, np.ndarray]] = {}
+    first: dict[tuple, tuple[str, np.ndarray]] = {}
     for t in self.by_leaf[name]:
-      part = leaf.shape if t.expert is None else leaf.shape[1:]
+      part = t.part_shape(leaf.shape)
       if t in self.sources:
         value = t.layout.from_hf(self.files.read(t.hf), part)
-        out[... if t.expert is None else t.expert] = value  # exact for bf16 -> float32
+        out[t.index()] = value  # exact for bf16 -> float32
         self.tensors += 1
         self.bytes += value.nbytes
         if self.bar is not None:
           self.bar.update(math.prod(part) * out.itemsize)
-        if any(c.expert == t.expert and c not in self.sources for c in self.by_leaf[name]):
-          first[t.expert] = (t.hf, value)
+        if any(c.index() == t.index() and c not in self.sources for c in self.by_leaf[name]):
+          first[t.index()] = (t.hf, value)
       elif not t.zero and t.hf in self.files.file_of:  # a copy: the first was read, the copy must agree
-        hf, value = first[t.expert]
+        hf, value = first[t.index()]
         if not np.array_equal(t.layout.from_hf(self.files.read(t.hf), part), value):
           self.notes.append(f"{t.hf} differs from {hf}; our model shares one array, so {hf} was imported")
     return out

@@ -69,9 +69,10 @@ class Linear(Layout):
 @dataclasses.dataclass(frozen=True)
 class Tensor:
   """One tensor of the target checkpoint: `hf` is made from our leaf `ours` (a train-state
-  name, `params.…` or `router_bias.…`), from its slice [expert] when that is set (stacked
-  experts), through `layout`. Several Tensors may share a leaf (the MTP layer's copies of the
-  embedding and head); import reads the first.
+  name, `params.…` or `router_bias.…`), from its block `layer` when that is set (a stack of
+  trunk blocks), then from its slice [expert] when that is set (stacked experts), through
+  `layout`. Several Tensors may share a leaf (the MTP layer's copies of the embedding and head);
+  import reads the first.
 
   `zero`: the target has no such tensor (`hf` then only describes what is missing). Export
   writes nothing and refuses a leaf that is not all zeros, since dropping it would change the
@@ -80,13 +81,32 @@ class Tensor:
   hf: str
   ours: str
   layout: Layout = SAME
+  layer: int | None = None
   expert: int | None = None
   keep_fp32: bool = False  # stored in float32 whatever the export dtype (the router's selection bias)
   file: str | None = None  # None: the sharded model files (in the index); else an extra file of that name
   zero: bool = False
 
-  def to_hf(self, leaf: np.ndarray) -> np.ndarray:
-    return self.layout.to_hf(leaf if self.expert is None else leaf[self.expert])
+  @property
+  def piece(self) -> tuple[str, int | None]:
+    """What is read for it: the leaf, or one block of a stacked leaf."""
+    return self.ours, self.layer
+
+  def piece_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(leaf_shape) if self.layer is None else tuple(leaf_shape[1:])
+
+  def to_hf(self, piece: np.ndarray) -> np.ndarray:
+    """The target tensor from our piece (the leaf, or its block `layer`)."""
+    return self.layout.to_hf(piece if self.expert is None else piece[self.expert])
+
+  def part_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of what `layout` carries: the leaf without its layer and expert axes."""
+    shape = self.piece_shape(leaf_shape)
+    return shape if self.expert is None else shape[1:]
 
   def hf_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return self.layout.hf_shape(tuple(leaf_shape) if self.expert is None else tuple(leaf_shape[1:]))
+    return self.layout.hf_shape(self.part_shape(leaf_shape))
+
+  def index(self) -> tuple:
+    """Where its part sits in the leaf."""
+    return tuple(i for i in (self.layer, self.expert) if i is not None) or (...,)

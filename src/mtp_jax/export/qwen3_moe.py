@@ -31,6 +31,7 @@ from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
 from mtp_jax.export import ExportError, common_config
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
+from mtp_jax.model.transformer import stack_of
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 MTP_FILE = "mtp.safetensors"
@@ -188,8 +189,11 @@ def model_config(hf: dict) -> dict:
   }
 
 
-def _block(m: ModelConfig, hf: str, ours: str, dense: bool, router_bias: str, file: str | None) -> list[Tensor]:
-  """One decoder layer: HF layer prefix `hf`, our Block prefix `ours` (under params.)."""
+def _block(
+  m: ModelConfig, hf: str, ours: str, dense: bool, router_bias: str, file: str | None, layer: int | None = None
+) -> list[Tensor]:
+  """One decoder layer: HF layer prefix `hf`, our Block prefix `ours` (under params.), block
+  `layer` of it when it is a stack of trunk blocks."""
   rows: list[tuple[str, str, Layout]] = [
     ("input_layernorm.weight", "attn_norm.scale", SAME),
     ("self_attn.q_proj.weight", "attn.wq", Linear()),  # [D, H, K] -> [H*K, D]
@@ -204,11 +208,18 @@ def _block(m: ModelConfig, hf: str, ours: str, dense: bool, router_bias: str, fi
     rows += [(f"mlp.{p}_proj.weight", f"ffn.w_{p}", Linear()) for p in ("gate", "up", "down")]
   else:
     rows += [("mlp.gate.weight", "ffn.router.kernel", Linear())]  # [D, E] -> [E, D]
-  out = [Tensor(f"{hf}.{h}", f"params.{ours}.{o}", layout, file=file) for h, o, layout in rows]
+  out = [Tensor(f"{hf}.{h}", f"params.{ours}.{o}", layout, layer=layer, file=file) for h, o, layout in rows]
   if not dense:
-    out.append(Tensor(f"selection bias in {hf}.mlp.gate", f"{router_bias}.ffn.router.bias", zero=True))
+    out.append(Tensor(f"selection bias in {hf}.mlp.gate", f"{router_bias}.ffn.router.bias", layer=layer, zero=True))
     out += [  # stacked [E, in, out] -> one [out, in] Linear per expert
-      Tensor(f"{hf}.mlp.experts.{e}.{p}_proj.weight", f"params.{ours}.ffn.experts.w_{p}", Linear(), expert=e, file=file)
+      Tensor(
+        f"{hf}.mlp.experts.{e}.{p}_proj.weight",
+        f"params.{ours}.ffn.experts.w_{p}",
+        Linear(),
+        layer=layer,
+        expert=e,
+        file=file,
+      )
       for p in ("gate", "up", "down")
       for e in range(m.moe.num_experts)
     ]
@@ -229,7 +240,8 @@ def tensors(m: ModelConfig) -> list[Tensor]:
   if not m.tie_embeddings:
     out.append(Tensor("lm_head.weight", "params.head", Linear()))  # [D, V] -> [V, D]
   for i in range(m.num_layers):
-    out += _block(m, f"model.layers.{i}", f"blocks.{i}", _dense(m, i), f"router_bias.blocks.{i}", None)
+    r, j = stack_of(m, i)
+    out += _block(m, f"model.layers.{i}", f"layers.{r}", _dense(m, i), f"router_bias.layers.{r}", None, j)
   for k in range(m.mtp.depth):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
     i = m.num_layers + k
     hf, ours = f"model.layers.{i}", f"mtp.{k}"

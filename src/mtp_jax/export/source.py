@@ -18,6 +18,7 @@ import pathlib
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 from flax import nnx
 
@@ -30,7 +31,7 @@ from mtp_jax.model import Transformer
 from mtp_jax.model.moe import RouterBias
 
 # _QUIET and _root_cause: the one-line reporting of Orbax failures that restoring uses too.
-from mtp_jax.train.checkpoint import _QUIET, Checkpointer, _root_cause, checksums, named_leaves
+from mtp_jax.train.checkpoint import _QUIET, Checkpointer, _root_cause, checksums, named_leaves, slice_checksum
 
 CONFIG_FILE = "config.yaml"  # written by mtp-train into its workdir
 
@@ -115,6 +116,8 @@ class Reader:
     self.source, self.leaves = source, leaves
     self._state_dir = epath.Path(source.step_dir / "state")  # the train state item of the step
     self._orbax = ocp.PyTreeCheckpointHandler()
+    self._stores: dict[str, ts.TensorStore] = {}  # stacks being read block by block
+    self._blocks: dict[str, tuple[set[int], int]] = {}  # ... their blocks read so far and checksum terms
     try:
       self._check_fits()
     except BaseException:
@@ -141,9 +144,23 @@ class Reader:
           f"{tuple(saved[name].shape)} there, {tuple(want.shape)} by the config"
         )
 
-  def read(self, names: list[str]) -> dict[str, np.ndarray]:
-    """The named arrays, in one Orbax restore (each call rereads the checkpoint's tree metadata,
-    so reading small arrays together saves time; memory is what the caller asks for)."""
+  def read(self, pieces: list[tuple[str, int | None]]) -> dict[tuple[str, int | None], np.ndarray]:
+    """The named pieces: (name, None) a whole array, (name, j) block j of a stack. Whole arrays
+    come in one Orbax restore (each call rereads the checkpoint's tree metadata, so reading
+    small arrays together saves time); blocks straight from their chunks, a stack's checksum
+    checked once all its blocks have been read. Memory is what the caller asks for."""
+    out = self._read_whole([name for name, j in pieces if j is None])
+    try:
+      for name, j in pieces:
+        if j is not None:
+          out[name, j] = self._read_block(name, j)
+    except Exception as err:  # storage layers raise anything; the user needs one line
+      raise self._damaged(err) from None
+    return out
+
+  def _read_whole(self, names: list[str]) -> dict[tuple[str, None], np.ndarray]:
+    if not names:
+      return {}
     item, restore_args = {}, {}
     for name in names:
       *parents, last = name.split(".")
@@ -163,7 +180,22 @@ class Reader:
           raise _Mismatch(f"{name} does not match its checksum")
     except Exception as err:  # storage layers raise anything; the user needs one line
       raise self._damaged(err) from None
-    return {name: arrays[name] for name in names}
+    return {(name, None): arrays[name] for name in names}
+
+  def _read_block(self, name: str, j: int) -> np.ndarray:
+    if name not in self._stores:
+      self._stores[name] = _open_array(self._state_dir, f"{name}.value")
+      self._blocks[name] = (set(), 0)
+    block = np.asarray(self._stores[name][j].read().result())
+    done, total = self._blocks[name]
+    done.add(j)
+    total = (total + slice_checksum(block, j * block.size)) % 2**32
+    self._blocks[name] = (done, total)
+    if len(done) == self.leaves[name].shape[0]:
+      del self._stores[name]
+      if total != self._checksums.get(name):
+        raise _Mismatch(f"{name} does not match its checksum")
+    return block
 
   def close(self) -> None:
     self._orbax.close()
@@ -175,17 +207,33 @@ class Reader:
     )
 
 
-def read_groups(names: list[str], leaves: dict[str, jax.ShapeDtypeStruct], max_bytes: int) -> list[list[str]]:
-  """Consecutive names grouped while their arrays fit in `max_bytes` together: each `Reader.read`
-  rereads the tree metadata, so small arrays are read together, and host memory holds about
-  `max_bytes` (or the largest array) at a time."""
+def _open_array(directory: epath.Path, name: str) -> ts.TensorStore:
+  """One array of an Orbax PyTree item, opened with TensorStore for reads of any slice: zarr
+  in an OCDBT database (Orbax's default), or zarr3, or either as plain files."""
+  base = str(directory) if "://" in str(directory) else f"file://{directory}"
+  kvstores = [{"driver": "ocdbt", "base": f"{base}/", "path": f"{name}/"}, f"{base}/{name}/"]
+  errors = []
+  for kvstore in kvstores:
+    for driver in ("zarr", "zarr3"):
+      try:
+        return ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+      except ValueError as err:
+        errors.append(err)
+  raise errors[0]
+
+
+def read_groups(pieces: list[tuple[str, int | None]], leaves: dict[str, jax.ShapeDtypeStruct], max_bytes: int):
+  """Consecutive pieces ((name, None) an array, (name, j) block j of a stack) grouped while they
+  fit in `max_bytes` together: each `Reader.read` rereads the tree metadata, so small arrays are
+  read together, and host memory holds about `max_bytes` (or the largest piece) at a time."""
   groups, used = [], 0
-  for name in names:
-    size = math.prod(leaves[name].shape) * leaves[name].dtype.itemsize
+  for name, j in pieces:
+    shape = leaves[name].shape if j is None else leaves[name].shape[1:]
+    size = math.prod(shape) * leaves[name].dtype.itemsize
     if not groups or used + size > max_bytes:
       groups.append([])
       used = 0
-    groups[-1].append(name)
+    groups[-1].append((name, j))
     used += size
   return groups
 

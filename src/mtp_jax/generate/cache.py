@@ -8,13 +8,9 @@ stale slots beyond are invisible to every later query and the next write overwri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import struct
-
-from mtp_jax.model.transformer import Block
 
 
 @struct.dataclass
@@ -23,9 +19,10 @@ class Cache:
   length_B: jax.Array  # int32: each row's next write position; slots from there on are stale
 
 
-def allocate(blocks: Sequence[Block], batch: int, max_len: int) -> Cache:
-  """An empty cache for `blocks` (a model's trunk, or later an MTP module's block)."""
-  return Cache(layers=[b.empty_cache(batch, max_len) for b in blocks], length_B=jnp.zeros((batch,), jnp.int32))
+def allocate(layers: list, batch: int) -> Cache:
+  """A cache of empty attention caches `layers` (`Transformer.empty_cache` for the trunk, or
+  `Block.empty_cache` of each MTP block), every row at length 0."""
+  return Cache(layers=layers, length_B=jnp.zeros((batch,), jnp.int32))
 
 
 def positions(cache: Cache, new: int) -> jax.Array:

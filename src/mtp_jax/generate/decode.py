@@ -26,10 +26,10 @@ from mtp_jax.model import Transformer
 
 def dropless(model: Transformer) -> Transformer:
   """The model, or a copy sharing its arrays whose MoE layers route dropless (see above)."""
-  if all(moe.cfg.mode == "dropless" for moe in model.moe_layers().values()):
+  if all(moe.cfg.mode == "dropless" for _, moe in model.moe_layers()):
     return model
   model = nnx.merge(*nnx.split(model))
-  for moe in model.moe_layers().values():
+  for _, moe in model.moe_layers():
     moe.cfg = moe.cfg.model_copy(update={"mode": "dropless"})
   return model
 
@@ -98,7 +98,7 @@ def _generate(graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_toke
   once all rows have."""
   model = nnx.merge(graphdef, state)
   b, p = tokens_BxP.shape
-  cache = cache_lib.allocate(model.blocks, b, p + max_new_tokens)
+  cache = cache_lib.allocate(model.empty_cache(b, p + max_new_tokens), b)
   logits_BxV, _, cache = prefill(model, tokens_BxP, lengths_B, cache)
 
   def pick(i, logits_BxV, done_B):

@@ -60,8 +60,8 @@ def weights(src: source.Source) -> Transformer:
   arrays = {}
   reader = source.Reader(src, leaves)  # checks the saved names and shapes against the config first
   try:
-    for group in source.read_groups(list(leaves), leaves, MAX_READ_BYTES):
-      for name, array in reader.read(group).items():
+    for group in source.read_groups([(name, None) for name in leaves], leaves, MAX_READ_BYTES):
+      for (name, _), array in reader.read(group).items():
         arrays[name] = jax.device_put(array.astype(leaves[name].dtype, copy=False))
   finally:
     reader.close()

@@ -265,14 +265,14 @@ def _speculative(
 
   # Prefill: the trunk reads the prompts (padding too, left stale by the rollback); its first
   # token comes from plain sampling, so n = prompt length + 1 and L = prompt length.
-  trunk = cache_lib.allocate(model.blocks, b, s)
+  trunk = cache_lib.allocate(model.empty_cache(b, s), b)
   logits_BxPxV, hidden_BxPxD, branch_BxPxD, trunk = _trunk(model, tokens_BxP, trunk)
   trunk = cache_lib.rollback(trunk, lengths_B)
   first_B = pick(jax.random.fold_in(key, 0), 0, _rows(logits_BxPxV, lengths_B - 1))
   seq_BxS = _put(seq_BxS, first_B[:, None], lengths_B[:, None])
   if sequential:
     modules = [model.mtp[(j - 1) % depth] for j in range(1, k + 1)]  # reuse: module ((j-1) mod depth)+1
-    drafts = cache_lib.allocate([m.block for m in modules], b, s)
+    drafts = cache_lib.allocate([m.block.empty_cache(b, s) for m in modules], b)
     h0_BxSxD = jnp.zeros((b, s, hidden_BxPxD.shape[-1]), hidden_BxPxD.dtype).at[:, :p].set(hidden_BxPxD)
     # Every prompt slot, so that slots the first round's window does not reach are settled.
     prompt_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -281,7 +281,7 @@ def _speculative(
     extra = (h0_BxSxD, drafts.replace(layers=layers, length_B=trunk.length_B))
   else:
     heads = list(model.mtp)[:k]
-    drafts = cache_lib.allocate(heads, b, s)
+    drafts = cache_lib.allocate([h.empty_cache(b, s) for h in heads], b)
     outs, layers = _heads(model, heads, branch_BxPxD, cache_lib.positions(drafts, p), drafts.layers)
     draft_logits_BxKxV = model.logits(jnp.stack([_rows(o, lengths_B - 1) for o in outs], 1))
     extra = (

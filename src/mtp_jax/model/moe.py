@@ -74,8 +74,9 @@ class Router(nnx.Module):
     return route(self.cfg, self.params(), x_TxD)
 
   def update_bias(self, load_E: jax.Array, rate: float) -> None:
-    """b_i += gamma * sign(mean load - load_i) (DeepSeek-V3 eq. 16)."""
-    self.bias[...] = self.bias[...] + rate * jnp.sign(load_E.mean() - load_E)
+    """b_i += gamma * sign(mean load - load_i) (DeepSeek-V3 eq. 16); `load_E` is shaped as the
+    bias: [E], or [layers, E] for a stack's router, each layer's row by its own mean."""
+    self.bias[...] = self.bias[...] + rate * jnp.sign(load_E.mean(-1, keepdims=True) - load_E)
 
 
 class MoE(nnx.Module):

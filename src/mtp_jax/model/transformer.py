@@ -74,39 +74,80 @@ def _remat(policy):
   return run
 
 
-def _scan(blocks: list[Block], remat: str, x_BxLxD, *args) -> tuple[jax.Array, MoEAux | None]:
-  """Runs blocks of one structure in turn as one `lax.scan` over their stacked variables: the
-  same function as calling them one by one, but XLA sees one layer. It compiles it once, and
-  gathers a layer's sharded weights inside the loop, when that layer runs: unrolled, XLA can
-  hoist every layer's gathers out of the microbatch loop and hold all the gathered weights
-  at once. Returns the blocks' aux stacked, block i at index i."""
-  graphdef = nnx.graphdef(blocks[0])
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
-  stacked = jax.tree.map(_pin_stacked, stacked, is_leaf=lambda v: isinstance(v, nnx.Variable))
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
-  def body(x, state):
+
+def _axes(v: nnx.Variable) -> tuple:
+  return tuple(v.get_metadata().get("axes") or (None,) * v.get_value().ndim)
+
+
+def stack(blocks: list[Block]) -> Block:
+  """Blocks of one structure as one block whose every variable has a leading `layers` axis,
+  block i at index i: the layout the scan runs over and the state stores (as MaxText's), so no
+  step stacks (and holds a stacked copy of) the weights it scans."""
+  states = [nnx.state(b) for b in blocks]
+  stacked = jax.tree.map(
+    lambda *vs: vs[0].replace(jnp.stack([v.get_value() for v in vs]), axes=("layers", *_axes(vs[0]))),
+    *states,
+    is_leaf=_is_variable,
+  )
+  return nnx.merge(nnx.graphdef(blocks[0]), stacked)
+
+
+def layer(stacked: Block, j: int) -> Block:
+  """Block j of a stack, as its own (sliced) block."""
+  graphdef, state = nnx.split(stacked)
+  sliced = jax.tree.map(lambda v: v.replace(v.get_value()[j], axes=_axes(v)[1:]), state, is_leaf=_is_variable)
+  return nnx.merge(graphdef, sliced)
+
+
+def _scan(stacked: Block, remat: str, x_BxLxD, *args) -> tuple[jax.Array, MoEAux | None]:
+  """Runs a stack's blocks in turn as one `lax.scan` over its variables: the same function as
+  calling them one by one, but XLA sees one layer. It compiles it once, and gathers a layer's
+  sharded weights inside the loop, when that layer runs: unrolled, XLA can hoist every layer's
+  gathers out of the microbatch loop and hold all the gathered weights at once. Returns the
+  blocks' aux stacked, block i at index i."""
+  graphdef, state = nnx.split(stacked)
+
+  def body(x, xs):
+    state, i = xs
+    # XLA moves a layer's cast to the compute dtype up through the loop's slice of the stack and
+    # then out of every loop (XLA:TPU does, 0.95 GiB a chip on the small step): a compute-dtype
+    # copy of the whole stack, held through the step. A zero made from the loop index (i * 0 is
+    # not folded for floats) keeps each layer's cast in the loop; adding it changes no weight.
+    zero = i * 0.0
+    state = jax.tree.map(lambda w: w + zero.astype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, state)
     return nnx.merge(graphdef, state)(x, *args)
 
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  return jax.lax.scan(body, x_BxLxD, stacked)
+  n = jax.tree.leaves(state)[0].shape[0]
+  return jax.lax.scan(body, x_BxLxD, (state, jnp.arange(n, dtype=jnp.float32)))
 
 
-def _pin_stacked(v: nnx.Variable) -> nnx.Variable:
-  """A stacked variable laid out as each layer's is, the new leading (layer) axis whole."""
-  names = v.get_metadata().get("axes") or (None,) * (v.ndim - 1)
-  return v.replace(sharding.constrain(v.get_value(), (None, *names)))
-
-
-def _runs(blocks) -> list[range]:
-  """Consecutive blocks of one structure (the dense first layers, then the MoE ones)."""
-  runs: list[range] = []
-  for i, block in enumerate(blocks):
-    if runs and nnx.graphdef(block) == nnx.graphdef(blocks[runs[-1].start]):
-      runs[-1] = range(runs[-1].start, i + 1)
+def stacks(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
+  """(start, stop) of each stack of trunk blocks (see `stack`): consecutive blocks of one
+  structure (the dense first layers, then the MoE ones); the parallel kind's last block, its
+  next-token head, alone. Stack r is stored as `layers.r`."""
+  moe = [cfg.moe.num_experts > 0 and i >= cfg.first_k_dense for i in range(cfg.num_layers)]
+  n_trunk = cfg.num_layers - (1 if cfg.mtp.kind == "parallel" else 0)
+  runs: list[list[int]] = []
+  for i in range(cfg.num_layers):
+    if runs and i < n_trunk and moe[i] == moe[runs[-1][0]]:
+      runs[-1][1] = i + 1
     else:
-      runs.append(range(i, i + 1))
-  return runs
+      runs.append([i, i + 1])
+  return tuple((a, b) for a, b in runs)
+
+
+def stack_of(cfg: ModelConfig, i: int) -> tuple[int, int]:
+  """(r, j): trunk block i is block j of stack r."""
+  return _find(stacks(cfg), i)
+
+
+def _find(runs: tuple[tuple[int, int], ...], i: int) -> tuple[int, int]:
+  return next((r, i - a) for r, (a, b) in enumerate(runs) if a <= i < b)
 
 
 class Transformer(nnx.Module):
@@ -122,12 +163,13 @@ class Transformer(nnx.Module):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     has_moe = cfg.moe.num_experts > 0
     self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, std=cfg.init_std, dtype=dt, param_dtype=pdt)
-    self.blocks = nnx.List(
-      [
-        Block(cfg, moe=has_moe and i >= cfg.first_k_dense, rngs=rngs, attention_chunk_len=attention_chunk_len)
-        for i in range(cfg.num_layers)
-      ]
-    )
+    blocks = [
+      Block(cfg, moe=has_moe and i >= cfg.first_k_dense, rngs=rngs, attention_chunk_len=attention_chunk_len)
+      for i in range(cfg.num_layers)
+    ]
+    # The trunk is stored as stacks (see `stack`): `layers[r]` holds blocks runs[r][0]..runs[r][1]-1.
+    self.runs = stacks(cfg)
+    self.layers = nnx.List([stack(blocks[a:b]) for a, b in self.runs])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.head = nnx.data(None)
     if not cfg.tie_embeddings:
@@ -148,11 +190,22 @@ class Transformer(nnx.Module):
     logits = jnp.einsum("bld,dv->blv", h_BxLxD, self.head_matrix())
     return sharding.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
-  def moe_layers(self) -> dict[str, MoE]:
-    """Every MoE FFN by the name its aux terms are reported under."""
-    blocks = {f"layer_{i}": b for i, b in enumerate(self.blocks)}
-    blocks.update({f"mtp_{k + 1}": getattr(m, "block", m) for k, m in enumerate(self.mtp)})
-    return {name: b.ffn for name, b in blocks.items() if isinstance(b.ffn, MoE)}
+  def block(self, i: int) -> Block:
+    """Trunk block i as its own block (its variables sliced out of its stack)."""
+    r, j = _find(self.runs, i)
+    return layer(self.layers[r], j)
+
+  def moe_layers(self) -> list[tuple[list[str], MoE]]:
+    """Every MoE FFN with the names its layers' aux terms are reported under: a trunk stack's
+    one module holds its layers' variables stacked (names in layer order), an MTP depth's its own."""
+    out = [([f"layer_{i}" for i in range(a, b)], s.ffn) for (a, b), s in zip(self.runs, self.layers, strict=True)]
+    out += [([f"mtp_{k + 1}"], getattr(m, "block", m).ffn) for k, m in enumerate(self.mtp)]
+    return [(names, ffn) for names, ffn in out if isinstance(ffn, MoE)]
+
+  def empty_cache(self, batch: int, max_len: int) -> list:
+    """An empty attention cache per trunk block, for `batch` rows of up to `max_len` positions."""
+    runs = zip(self.runs, self.layers, strict=True)
+    return [s.empty_cache(batch, max_len) for (a, b), s in runs for _ in range(a, b)]
 
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL) -> ModelOutput:
     mask_BxLxS = attention.mask(segment_ids_BxL)
@@ -167,21 +220,21 @@ class Transformer(nnx.Module):
       return x
 
     x = self.embed(tokens_BxL)
-    n_trunk = len(self.blocks) - (1 if self.mtp_kind == "parallel" else 0)
-    trunk = list(self.blocks)[:n_trunk]
-    for layers in _runs(trunk) if self.scan_layers else [range(i, i + 1) for i in range(n_trunk)]:
-      if len(layers) == 1:
-        x = run(f"layer_{layers.start}", trunk[layers.start], x)
+    trunk = self.runs[:-1] if self.mtp_kind == "parallel" else self.runs  # the parallel head: below
+    for (a, b), stacked in zip(trunk, self.layers, strict=False):
+      if b - a == 1 or not self.scan_layers:
+        for i in range(a, b):
+          x = run(f"layer_{i}", layer(stacked, i - a), x)
         continue
-      x, a = _scan(trunk[layers.start : layers.stop], self.remat, x, mask_BxLxS, positions_BxL, valid_BxL)
-      if a is not None:
-        aux.update({f"layer_{i}": jax.tree.map(lambda v, j=j: v[j], a) for j, i in enumerate(layers)})
+      x, stacked_aux = _scan(stacked, self.remat, x, mask_BxLxS, positions_BxL, valid_BxL)
+      if stacked_aux is not None:
+        aux.update({f"layer_{i}": jax.tree.map(lambda v, j=i - a: v[j], stacked_aux) for i in range(a, b)})
     hidden = []
     if self.mtp_kind == "parallel":
       # Gloeckle et al.: the last trunk block is the next-token head; the extra heads
       # branch from the same shared trunk state and share the final norm and unembedding.
-      last = len(self.blocks) - 1
-      hidden.append(self.final_norm(run(f"layer_{last}", self.blocks[last], x)))
+      last = self.runs[-1][0]
+      hidden.append(self.final_norm(run(f"layer_{last}", layer(self.layers[-1], 0), x)))
       for k, head in enumerate(self.mtp, start=1):
         hidden.append(self.final_norm(run(f"mtp_{k}", head, x)))
     else:
@@ -195,15 +248,16 @@ class Transformer(nnx.Module):
 
   def decode(self, tokens_BxL, positions_BxL, caches: list) -> tuple[jax.Array, list, jax.Array]:
     """(h, caches, branch): the next-token state of new tokens at `positions_BxL` (final-normed,
-    BxLxD, what `logits` reads), every block attending over its cache in `caches` (one per block
-    of `self.blocks`, as `Block.empty_cache` makes them) and writing the new keys there. A query
+    BxLxD, what `logits` reads), every block attending over its cache in `caches` (one per trunk
+    block, as `empty_cache` makes them) and writing the new keys there. A query
     at position p sees cache slots 0..p. `branch` is the state entering the last block, where
     the parallel kind's extra heads branch off (speculative drafting runs them); the MTP depths
     themselves are not run."""
     mask_BxLxS = attention.cached_mask(positions_BxL, _cache_len(caches[0]))
     x = self.embed(tokens_BxL)
     new, branch = [], x
-    for block, cache in zip(self.blocks, caches, strict=True):
+    blocks = [layer(s, j) for (a, b), s in zip(self.runs, self.layers, strict=True) for j in range(b - a)]
+    for block, cache in zip(blocks, caches, strict=True):
       branch = x
       x, cache = block.decode(x, mask_BxLxS, positions_BxL, cache)
       new.append(cache)

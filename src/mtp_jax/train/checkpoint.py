@@ -49,14 +49,16 @@ def named_leaves(tree) -> dict:
   return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _array_checksum(x: jax.Array) -> jax.Array:
+def _array_checksum(x: jax.Array, offset=0) -> jax.Array:
   """sum_i bits[i] * (2i + 1) mod 2**32 over the row-major index i: any change to one element
-  changes it, and it is computed elementwise then summed, so no sharding moves data."""
+  changes it, and it is computed elementwise then summed, so no sharding moves data. For a
+  slice of an array, `offset` is the index of its first element there: the slices' sums add up
+  to the array's."""
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
   else:
     bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-  index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+  index, stride = jnp.full(x.shape, offset, jnp.uint32), 1
   for dim in reversed(range(x.ndim)):
     index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
     stride *= x.shape[dim]
@@ -68,6 +70,14 @@ def _checksum_vector(tree) -> jax.Array:
   return jnp.stack([_array_checksum(x) for x in jax.tree.leaves(tree)])
 
 
+def slice_checksum(x, offset: int) -> int:
+  """The checksum terms of `x`, elements offset.. of a row-major array (see `_array_checksum`)."""
+  return int(_slice_checksum(x, np.uint32(offset % 2**32)))
+
+
+_slice_checksum = jax.jit(_array_checksum)
+
+
 def checksums(tree) -> dict[str, int]:
   """One uint32 checksum per array, by leaf name; the same for the same values on any mesh."""
   names = list(named_leaves(tree))
@@ -75,6 +85,13 @@ def checksums(tree) -> dict[str, int]:
     return {}
   values = np.asarray(_checksum_vector(tree).addressable_data(0))  # replicated: every host has it
   return dict(zip(names, values.tolist(), strict=True))
+
+
+def _save_args(path, x) -> ocp.SaveArgs:
+  """A stack's arrays (and their optimizer moments) are stored in chunks of one block each,
+  so a reader can take one block without reading the others (see export.source.Reader)."""
+  stacked = "layers" in leaf_name(path).split(".") and getattr(x, "ndim", 0) > 0
+  return ocp.SaveArgs(shard_axes=(0,) if stacked else ())
 
 
 def _agree(ok: bool) -> bool:
@@ -123,7 +140,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator: grain.DatasetIterator | None, origin: dict | None = None) -> None:
     """Starts saving `state` (donatable once this returns) and the iterator's current position."""
     items = {
-      "state": ocp.args.PyTreeSave(state),
+      "state": ocp.args.PyTreeSave(state, save_args=jax.tree_util.tree_map_with_path(_save_args, state)),
       "run": ocp.args.JsonSave({"checksums": checksums(state), "origin": origin}),
     }
     if data_iterator is not None:
@@ -143,6 +160,12 @@ class Checkpointer:
       raise Damaged(f"metadata unreadable: {_root_cause(err)}") from None
     where = f"checkpoint {self.directory / str(step)}"
     wanted = named_leaves(target)
+    old = next((n for n in saved if n.startswith("params.blocks.")), None)
+    if old and any(n.startswith("params.layers.") for n in wanted):
+      raise CheckpointError(
+        f"{where} stores the trunk a block at a time ({old}), as mtp-jax did before it stored blocks of one "
+        "structure stacked (params.layers.R...): export it with the mtp-jax that wrote it and mtp-import the result"
+      )
     for name, want in wanted.items():
       if name not in saved:
         raise CheckpointError(f"{where} has no {name}, which this config needs (shape {tuple(want.shape)})")

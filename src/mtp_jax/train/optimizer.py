@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from mtp_jax.config import OptimizerConfig
 
@@ -25,9 +26,15 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices only: norms (and any bias vector) are left alone. The router
-  bias is not a parameter at all, so it never reaches the optimizer."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only: norms (and any bias vector) are left alone, a stack's
+  `layers` axis not counted. The router bias is not a parameter at all, so it never reaches the
+  optimizer."""
+
+  def matrix(v) -> bool:
+    axes = v.get_metadata().get("axes") or (None,) * v.get_value().ndim
+    return v.replace(sum(a != "layers" for a in axes) >= 2)
+
+  return jax.tree.map(matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

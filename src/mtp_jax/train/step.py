@@ -185,8 +185,9 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
       bias = state.router_bias
       if moe_cfg.bias_update_rate and sums["load"]:
         model: Transformer = nnx.merge(graphdef, params, bias, copy=True)  # state.router_bias stays as it was
-        for name, moe in model.moe_layers().items():
-          moe.router.update_bias(sums["load"][name], moe_cfg.bias_update_rate)
+        for names, moe in model.moe_layers():
+          load = jnp.stack([sums["load"][n] for n in names]).reshape(moe.router.bias.shape)
+          moe.router.update_bias(load, moe_cfg.bias_update_rate)
         bias = nnx.state(model, RouterBias)
 
       metrics = _metrics(loss, sums, denominators, grads, mtp_cfg.depth, bias)
