@@ -76,6 +76,20 @@ def test_traced_flops_count_every_loop_iteration(tiny):
   assert traced_matmul_flops(grad, 4) == 3 * 2 * 64 * 8 * 16 / 4  # forward, and the two gradients
 
 
+def test_named_remat_policies_recompute_less_than_full_remat(tiny):
+  """save_attn_moe keeps the attention kernel's q, k, v and output and the experts' input and
+  output rows, so its backward recomputes fewer matmuls than full remat's, but still some (the
+  scores, the experts' first projections); save_attn and save_moe each keep part of that."""
+
+  def flops(remat):
+    program = loop.build(tiny("model.moe.mode=capacity", f"train.remat={remat}"), jax.devices()[:2])
+    return traced_matmul_flops(program.step.trace(program.abstract_state, program.abstract_batch()).jaxpr, 2)
+
+  none, full = flops("none"), flops("full")
+  both, attn, moe = flops("save_attn_moe"), flops("save_attn"), flops("save_moe")
+  assert none < both < attn < full and both < moe < full, (none, both, attn, moe, full)
+
+
 @pytest.mark.parametrize(
   "name, chip, shape, slices",
   [
@@ -187,7 +201,9 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
   """XLA:TPU would move the cast of a scanned layer's weights up through the loop's slice of
   the stack and out of every loop, holding a bfloat16 copy of the whole stack through the step
   (0.95 GiB a chip on the small step); `transformer._scan` keeps each layer's cast in the loop.
-  Read from the compiled v5p-8 program: no cast makes a [3, ...] stack (tiny's MoE layers)."""
+  Read from the compiled v5p-8 program: no cast makes a [3, ...] stack (tiny's MoE layers).
+  The same program runs splash attention (auto on TPU), whose Mosaic kernels carry no cost
+  estimate: the partitioned count still finds their matmuls, as the traced count does."""
   code = """if True:
     import re
     from mtp_jax import compile as C, config
@@ -197,7 +213,11 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
     over = ["model.dtype=bfloat16", "train.grad_accum_steps=2", "train.remat=full", "mesh.data=1", "mesh.fsdp=-1"]
     cfg = config.load("configs/tiny.yaml", over)
     assert cfg.model.num_layers - cfg.model.first_k_dense == 3
-    text = loop.build(cfg, C.devices(topo)).compile().as_text()
+    program = loop.build(cfg, C.devices(topo))
+    compiled, work = program.compile_and_count()
+    text = compiled.as_text()
+    assert program.attention == "splash (auto on TPU)" and "splash_mha_dkv" in text, program.attention
+    assert 0.99 < work.ratio < 1.01, work.ratio
     assert "bf16[3," in text  # the stack's weights are bfloat16 somewhere (a gradient), so the pattern can match
     print(re.findall(r"%(\\w*convert[\\w.\\-]*) = bf16\\[3,", text))
   """

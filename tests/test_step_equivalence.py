@@ -51,7 +51,11 @@ def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
 
 def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
   base, _ = run_steps(tiny("model.mtp.depth=2", "train.batch_size=16"), steps=2)
-  for overrides in (["train.grad_accum_steps=2"], ["train.remat=full", "train.loss_chunk_len=8"]):
+  for overrides in (
+    ["train.grad_accum_steps=2"],
+    ["train.remat=full", "train.loss_chunk_len=8"],
+    ["train.remat=save_attn_moe"],
+  ):
     other, _ = run_steps(tiny("model.mtp.depth=2", "train.batch_size=16", *overrides), steps=2)
     for a, b in zip(base, other, strict=True):
       for k in STEP_KEYS:

@@ -43,7 +43,20 @@ class AttentionConfig(_Section):
   qk_nope_head_dim: int = _field(16, "mla: per-head query/key dims without RoPE.", ge=1)
   qk_rope_head_dim: int = _field(8, "mla: decoupled RoPE dims (key shared across heads; even).", ge=2)
   v_head_dim: int = _field(16, "mla: per-head value dimension.", ge=1)
+  absorb: bool = _field(
+    True,
+    "mla: decoding steps attend over the cached latent, W_uk folded into the query and W_uv into the output "
+    "(DeepSeek-V3 absorbed attention); false: up-project the whole cache every step (the reference). "
+    "The prefill and training always up-project.",
+  )
   rope_theta: float = _field(10000.0, "RoPE base frequency.", gt=0)
+  impl: Literal["auto", "xla", "splash", "cudnn"] = _field(
+    "auto",
+    "Training's attention kernel. auto: splash on TPU, cudnn on GPU, xla elsewhere or where those cannot serve "
+    "the step; xla: einsums with a materialised mask (the reference); splash: Pallas splash attention (TPU; off "
+    "TPU in Pallas interpret mode, slow, for tests; data.seq_len a multiple of 128); cudnn: cuDNN flash attention "
+    "(GPU, bfloat16, heads up to 256 wide on Hopper). Decoding always runs xla.",
+  )
 
 
 class MoEConfig(_Section):
@@ -171,8 +184,11 @@ class TrainConfig(_Section):
     ge=-1,
   )
   log_every: int = _field(10, "Log metrics every this many steps.", ge=1)
-  remat: Literal["none", "full", "dots", "dots_no_batch"] = _field(
-    "none", "Rematerialisation per block: none, full, or save matmul outputs."
+  remat: Literal["none", "full", "dots", "dots_no_batch", "save_attn", "save_attn_moe", "save_moe"] = _field(
+    "none",
+    "Rematerialisation per block: none; full (recompute the whole block); dots, dots_no_batch (keep matmul "
+    "outputs); save_attn, save_moe, save_attn_moe (keep the attention kernel's inputs and output, the expert "
+    "kernels' input and output rows, or both; recompute the rest).",
   )
   scan_layers: bool = _field(
     True,
@@ -181,7 +197,10 @@ class TrainConfig(_Section):
   )
   loss_chunk_len: int = _field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
   attention_chunk_len: int = _field(
-    0, "Queries per attention block: float32 scores exist for this many at a time (0: whole sequence).", ge=0
+    0,
+    "Queries per attention block with model.attention.impl xla: float32 scores exist for this many at a time "
+    "(0: whole sequence). The fused kernels hold no scores and ignore it.",
+    ge=0,
   )
   progress_bar: bool = _field(True, "Show a progress bar on the terminal.")
   eval_every: int = _field(

@@ -7,6 +7,10 @@ buffers from the number of tokens in the call, so a one-token step would drop (o
 different token-slots than the training-time forward over the whole sequence did; dropless is
 what that forward computes whenever nothing overflowed. The aux-loss-free router bias is used
 as trained: it steers which experts are chosen, exactly as in the forward pass.
+
+MLA layers run `step` absorbed (`model.attention.absorb`, the default): attending over the
+cached latent instead of up-projecting all of it for every new token. `prefill` up-projects, as
+training does (`absorbing`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mtp_jax.generate import cache as cache_lib
 from mtp_jax.generate.cache import Cache
 from mtp_jax.generate.sample import sample
 from mtp_jax.model import Transformer
+from mtp_jax.model.attention import MLA
 
 
 def dropless(model: Transformer) -> Transformer:
@@ -31,6 +36,23 @@ def dropless(model: Transformer) -> Transformer:
   model = nnx.merge(*nnx.split(model))
   for _, moe in model.moe_layers():
     moe.cfg = moe.cfg.model_copy(update={"mode": "dropless"})
+  return model
+
+
+def absorbing(model: Transformer, on: bool) -> Transformer:
+  """The model, or a copy sharing its arrays, whose MLA layers attend over their cached latent
+  with W_uk and W_uv folded into the query and output (`on`, `attention.absorbed_attend`) or
+  up-project the whole cache (`model.attention.absorb` picks the model's own). The prefill
+  runs with it off: there the new tokens are about as many as the slots, so up-projecting the
+  slots once costs less than attending over R-wide latents, and the prefill stays the training
+  forward's maths."""
+  layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MLA)]
+  if all(m.absorb == on for m in layers):
+    return model
+  model = nnx.merge(*nnx.split(model))
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, MLA):
+      m.absorb = on
   return model
 
 
@@ -50,8 +72,9 @@ def prefill(
 ) -> tuple[jax.Array, jax.Array, Cache]:
   """(logits_BxV at each row's last prompt token, hidden_BxPxD, cache) for right-padded
   prompts. The padding is written too, then left stale: each row's length ends after its
-  prompt, so its first new token overwrites the padding's slots."""
-  model = dropless(model)
+  prompt, so its first new token overwrites the padding's slots. MLA layers up-project their
+  cache here, absorbed or not (see `absorbing`)."""
+  model = absorbing(dropless(model), False)
   positions_BxP = cache_lib.positions(cache, tokens_BxP.shape[1])
   hidden_BxPxD, layers, _ = model.decode(tokens_BxP, positions_BxP, cache.layers)
   cache = Cache(layers=layers, length_B=cache.length_B + prompt_lengths_B.astype(jnp.int32))

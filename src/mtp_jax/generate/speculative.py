@@ -264,25 +264,28 @@ def _speculative(
     return sample(logits_BxV, jax.random.fold_in(round_key, j), temperature, top_p)
 
   # Prefill: the trunk reads the prompts (padding too, left stale by the rollback); its first
-  # token comes from plain sampling, so n = prompt length + 1 and L = prompt length.
+  # token comes from plain sampling, so n = prompt length + 1 and L = prompt length. MLA layers
+  # up-project their caches there, as `decode.prefill` does; the rounds attend absorbed.
+  full = decode.absorbing(model, False)
   trunk = cache_lib.allocate(model.empty_cache(b, s), b)
-  logits_BxPxV, hidden_BxPxD, branch_BxPxD, trunk = _trunk(model, tokens_BxP, trunk)
+  logits_BxPxV, hidden_BxPxD, branch_BxPxD, trunk = _trunk(full, tokens_BxP, trunk)
   trunk = cache_lib.rollback(trunk, lengths_B)
   first_B = pick(jax.random.fold_in(key, 0), 0, _rows(logits_BxPxV, lengths_B - 1))
   seq_BxS = _put(seq_BxS, first_B[:, None], lengths_B[:, None])
   if sequential:
     modules = [model.mtp[(j - 1) % depth] for j in range(1, k + 1)]  # reuse: module ((j-1) mod depth)+1
+    full_modules = [full.mtp[(j - 1) % depth] for j in range(1, k + 1)]  # the same, for the prefill
     drafts = cache_lib.allocate([m.block.empty_cache(b, s) for m in modules], b)
     h0_BxSxD = jnp.zeros((b, s, hidden_BxPxD.shape[-1]), hidden_BxPxD.dtype).at[:, :p].set(hidden_BxPxD)
     # Every prompt slot, so that slots the first round's window does not reach are settled.
     prompt_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     argmax = lambda j, logits_BxV: jnp.argmax(logits_BxV, -1).astype(jnp.int32)  # these drafts are discarded
-    *_, layers = _chain(model, modules, seq_BxS, h0_BxSxD, drafts.layers, prompt_BxP, lengths_B - 1, argmax)
+    *_, layers = _chain(full, full_modules, seq_BxS, h0_BxSxD, drafts.layers, prompt_BxP, lengths_B - 1, argmax)
     extra = (h0_BxSxD, drafts.replace(layers=layers, length_B=trunk.length_B))
   else:
     heads = list(model.mtp)[:k]
     drafts = cache_lib.allocate([h.empty_cache(b, s) for h in heads], b)
-    outs, layers = _heads(model, heads, branch_BxPxD, cache_lib.positions(drafts, p), drafts.layers)
+    outs, layers = _heads(full, list(full.mtp)[:k], branch_BxPxD, cache_lib.positions(drafts, p), drafts.layers)
     draft_logits_BxKxV = model.logits(jnp.stack([_rows(o, lengths_B - 1) for o in outs], 1))
     extra = (
       draft_logits_BxKxV,

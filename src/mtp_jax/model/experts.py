@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mtp_jax import sharding
 from mtp_jax.config import ModelConfig
@@ -40,9 +41,10 @@ class Experts(nnx.Module):
 
 def swiglu_batched(x_ExCxD: jax.Array, w: Weights) -> jax.Array:
   """Each expert's SwiGLU over its own fixed-size buffer of rows."""
+  x_ExCxD = checkpoint_name(x_ExCxD, "moe_in")
   gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[0])
   up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[1])
-  return jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w[2])
+  return checkpoint_name(jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w[2]), "moe_out")
 
 
 def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
@@ -52,12 +54,14 @@ def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax
   row with every expert. GPUs get `lax.ragged_dot`, left to their compiler (README, "Where the
   experts run"). JAX lowers that for CPU as every row times every expert, masked (E times the
   FLOPs), so there the rows go in blocks of one expert (`swiglu_blocked`)."""
-  platform = _platform()
+  platform, x_NxD = _platform(), checkpoint_name(x_NxD, "moe_in")
   if platform in BLOCKED_BACKENDS:
-    return swiglu_blocked(x_NxD, w, group_sizes_E)
-  if platform in GMM_BACKENDS:
-    return swiglu_gmm(x_NxD, w, group_sizes_E)
-  return swiglu_ragged_dot(x_NxD, w, group_sizes_E)
+    y_NxD = swiglu_blocked(x_NxD, w, group_sizes_E)
+  elif platform in GMM_BACKENDS:
+    y_NxD = swiglu_gmm(x_NxD, w, group_sizes_E)
+  else:
+    y_NxD = swiglu_ragged_dot(x_NxD, w, group_sizes_E)
+  return checkpoint_name(y_NxD, "moe_out")
 
 
 def swiglu_ragged_dot(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:

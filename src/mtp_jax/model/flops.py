@@ -9,6 +9,7 @@ import functools
 import math
 import re
 
+import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax.config import ModelConfig
@@ -134,7 +135,9 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
         total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += dot(eqn) * share
       elif name == "pallas_call":  # a kernel (megablox's grouped matmuls): its own estimate, not its body
         estimate = eqn.params.get("cost_estimate")
-        total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += (estimate.flops if estimate else 0) * share
+        floats = [v.aval.shape for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]  # bf16 too
+        flops = estimate.flops if estimate else splash_flops(str(eqn.params.get("name", "")), floats)
+        total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += flops * share
       elif name == "shard_map":
         total.update(walk(eqn.params["jaxpr"], 1.0))
       elif name == "scan":
@@ -148,6 +151,28 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
     return total
 
   return walk(getattr(jaxpr, "jaxpr", jaxpr), 1.0 / devices)
+
+
+_SPLASH = re.compile(r"splash_mha_(fwd|dq|dkv)")
+
+
+def splash_flops(kernel: str, float_operands: list) -> float:
+  """Matmul FLOPs of one pass of splash attention (`kernel`: the forward, dq or dkv kernel's
+  name, else 0) as `attention.splash` runs it: causal, in square blocks, those above the
+  diagonal skipped. Its first float operands are q (... x H x L x K), k and v (... x G x S x V).
+  Per pair of query and key blocks: the scores (K), then forward: P V (V); dq: dP = dO V^T (V)
+  and dQ = dS K (K); dkv: dP (V), dV = P^T dO (V) and dK = dS^T Q (K)."""
+  from mtp_jax.model.attention import splash_block
+
+  kind = _SPLASH.search(kernel)
+  if not kind or len(float_operands) < 3 or len(float_operands[0]) < 3:
+    return 0.0
+  *batch, heads, length, k_dim = float_operands[0]
+  v_dim = float_operands[2][-1]
+  block = splash_block(length)
+  n = length // block
+  per_pair = {"fwd": k_dim + v_dim, "dq": 2 * k_dim + v_dim, "dkv": 2 * k_dim + 2 * v_dim}[kind[1]]
+  return 2.0 * block * block * per_pair * math.prod(batch) * heads * n * (n + 1) // 2
 
 
 _EINSUM = re.compile(r"[A-Za-z]+(?:,[A-Za-z]+)*->[A-Za-z]*")
@@ -200,17 +225,18 @@ def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
     elif current is not None and (m := _INSTRUCTION.match(line)):
       shape, rest = _split_shape(m[2])
       opcode, _, rest = rest.partition("(")
-      current.append((shape, opcode, rest))
+      current.append((shape, opcode, rest, m[1]))
       shapes[m[1]] = shape
   unknown = [0]
 
   @functools.cache
   def total(name: str) -> collections.Counter:
     flops = collections.Counter()
-    for shape, opcode, rest in computations.get(name, []):
-      if own := _instruction_flops(shape, opcode, rest, shapes):
+    for shape, opcode, rest, instruction in computations.get(name, []):
+      if own := _instruction_flops(shape, opcode, rest, shapes, instruction):
         op_name = re.search(r'op_name="([^"]*)"', rest)
-        flops[einsum_of(op_name[1] if op_name else "")] += own
+        # XLA:TPU names no op for splash's kernels: their key is the traced one, "pallas_call".
+        flops[einsum_of(op_name[1] if op_name else "pallas_call" if _SPLASH.match(instruction) else "")] += own
       called = _CALLEE.findall(rest)
       called += [c.strip().lstrip("%") for group in _CALLEES.findall(rest) for c in group.split(",") if c.strip()]
       if opcode == "while":
@@ -279,8 +305,10 @@ def _reading_taps(n: int, k: int, stride: int, low: int, high: int, lhs_dilate: 
 def _counted_to(condition) -> int | None:
   """The trip count of a loop whose condition is `counter < N`, N its one constant: JAX's scans
   count from 0 by 1 (XLA:TPU's compiled loops carry no `known_trip_count`)."""
-  constants = [int(m[1]) for _, op, rest in condition or () if op == "constant" and (m := re.match(r"(-?\d+)\)", rest))]
-  compare = [rest for _, op, rest in condition or () if op == "compare"]
+  constants = [
+    int(m[1]) for _, op, rest, _ in condition or () if op == "constant" and (m := re.match(r"(-?\d+)\)", rest))
+  ]
+  compare = [rest for _, op, rest, _ in condition or () if op == "compare"]
   if len(constants) != 1 or len(compare) != 1 or "direction=LT" not in compare[0]:
     return None
   return constants[0]
@@ -316,8 +344,8 @@ def _operands(rest: str) -> list[str]:
   return [op.strip().split(" ")[-1].lstrip("%") for op in head.split(",") if op.strip()]
 
 
-def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str]) -> float:
-  """2 FLOPs per multiply-add of one dot-like instruction."""
+def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str], name: str = "") -> float:
+  """2 FLOPs per multiply-add of one dot-like instruction (`name`: the instruction's)."""
   if opcode not in ("dot", "convolution", "ragged-dot", "custom-call"):
     return 0.0
   out = math.prod(_dims(shape))
@@ -335,7 +363,10 @@ def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str
     return _convolution_flops(shape, rest, _dims(shapes.get(ops[0], "")), _dims(shapes.get(ops[1], "")))
   if 'custom_call_target="tpu_custom_call"' in rest:  # a Mosaic kernel (ragged_dot on TPU): its own estimate
     estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"', rest)
-    return float(estimate[1]) if estimate else 0.0
+    if estimate:
+      return float(estimate[1])
+    operands = rest.partition("operand_layout_constraints={")[2].partition("=")[0]  # its operands' shapes
+    return splash_flops(name, [_dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)])
   if any(f'custom_call_target="{g}"' in rest for g in _GEMMS):
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
     lhs = _dims(shapes.get(ops[0], ""))

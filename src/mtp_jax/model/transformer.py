@@ -16,10 +16,18 @@ from mtp_jax.model.mtp import SequentialModule, shift_left
 
 _ACT = ("act_batch", "act_length", "act_embed")
 
+# What a rematerialised block keeps for its backward pass; the rest it recomputes. The names
+# are checkpoint names in attention.py (`attn_qkv`: the kernel's q, k, v; `attn_context`: its
+# output, and splash's log-sum-exp) and experts.py (`moe_in`, `moe_out`: the rows each expert
+# kernel runs on and its outputs, after the dispatch exchange and before the return one).
+_ATTN, _MOE = ("attn_qkv", "attn_context"), ("moe_in", "moe_out")
 REMAT_POLICIES = {
   "full": None,
   "dots": jax.checkpoint_policies.checkpoint_dots,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_attn": jax.checkpoint_policies.save_only_these_names(*_ATTN),
+  "save_moe": jax.checkpoint_policies.save_only_these_names(*_MOE),
+  "save_attn_moe": jax.checkpoint_policies.save_only_these_names(*_ATTN, *_MOE),
 }
 
 
@@ -42,8 +50,8 @@ class Block(nnx.Module):
     else:
       self.ffn = MLP(cfg.d_model, cfg.d_ff, rngs=rngs, std=cfg.init_std, dtype=dt, param_dtype=pdt)
 
-  def __call__(self, x_BxLxD, mask_BxLxS, positions_BxL, valid_BxL) -> tuple[jax.Array, MoEAux | None]:
-    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), mask_BxLxS, positions_BxL)
+  def __call__(self, x_BxLxD, visible, positions_BxL, valid_BxL) -> tuple[jax.Array, MoEAux | None]:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), visible, positions_BxL)
     return self._ffn(x_BxLxD, valid_BxL)
 
   def empty_cache(self, batch: int, max_len: int) -> attention.GQACache | attention.MLACache:
@@ -208,13 +216,13 @@ class Transformer(nnx.Module):
     return [s.empty_cache(batch, max_len) for (a, b), s in runs for _ in range(a, b)]
 
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL) -> ModelOutput:
-    mask_BxLxS = attention.mask(segment_ids_BxL)
+    visible = attention.Causal(segment_ids_BxL)
     valid_BxL = segment_ids_BxL != 0
     aux: dict[str, MoEAux] = {}
     block_fn = Block.__call__ if self.remat == "none" else _remat(REMAT_POLICIES[self.remat])
 
     def run(name, block, x):
-      x, a = block_fn(block, x, mask_BxLxS, positions_BxL, valid_BxL)
+      x, a = block_fn(block, x, visible, positions_BxL, valid_BxL)
       if a is not None:
         aux[name] = a
       return x
@@ -226,7 +234,7 @@ class Transformer(nnx.Module):
         for i in range(a, b):
           x = run(f"layer_{i}", layer(stacked, i - a), x)
         continue
-      x, stacked_aux = _scan(stacked, self.remat, x, mask_BxLxS, positions_BxL, valid_BxL)
+      x, stacked_aux = _scan(stacked, self.remat, x, visible, positions_BxL, valid_BxL)
       if stacked_aux is not None:
         aux.update({f"layer_{i}": jax.tree.map(lambda v, j=i - a: v[j], stacked_aux) for i in range(a, b)})
     hidden = []

@@ -24,7 +24,7 @@ from mtp_jax import config as config_lib
 from mtp_jax import data, sharding
 from mtp_jax.config import Config, ConfigError, spec_prompt_len
 from mtp_jax.distributed import Watchdog
-from mtp_jax.model import dispatch
+from mtp_jax.model import attention, dispatch
 from mtp_jax.model.flops import ChipWork, chip_work, cost
 from mtp_jax.train import evaluate, optimizer, resume, step
 from mtp_jax.train.checkpoint import Checkpointer, leaf_name
@@ -55,6 +55,24 @@ def _resolve_accum(cfg: Config, mesh) -> Config:
     )
   train = cfg.train.model_copy(update={"grad_accum_steps": cfg.train.batch_size // ways})
   return cfg.model_copy(update={"train": train})
+
+
+def _resolve_attention(cfg: Config, mesh) -> tuple[Config, str]:
+  """`model.attention.impl` for this mesh's devices, and why (`attention.choose`)."""
+  split = sharding.spec(("act_length",), (cfg.data.seq_len,), mesh, cfg.mesh.rules)[0] is not None
+  a, device = cfg.model.attention, mesh.devices.flat[0]
+  capability = getattr(device, "compute_capability", None)  # a GPU's, as "9.0"
+  impl, why = attention.choose(
+    a.impl,
+    device.platform,
+    cfg.data.seq_len,
+    sequence_split=split,
+    qk_dim=a.qk_nope_head_dim + a.qk_rope_head_dim if a.kind == "mla" else a.head_dim,
+    dtype=cfg.model.dtype,
+    capability=float(capability) if capability else None,
+  )
+  model = cfg.model.model_copy(update={"attention": a.model_copy(update={"impl": impl})})
+  return cfg.model_copy(update={"model": model}), f"{impl} ({why})"
 
 
 def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
@@ -183,6 +201,7 @@ class Program:
   step: Any  # jitted train_step, state donated
   eval_step: Any  # jitted: (state, batch) -> per-depth sums
   expert_dispatch: str  # how tokens reach experts: local, all_to_all, ragged_all_to_all or gspmd
+  attention: str  # the attention kernel and why: "splash (auto on TPU)"
   notes: list[str]  # things the user should know about how the config maps onto the devices
 
   def init_state(self) -> step.TrainState:
@@ -220,6 +239,7 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")
 def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   mesh = sharding.make_mesh(cfg.mesh, devices)
   cfg = _resolve_accum(cfg, mesh)
+  cfg, attention_kernel = _resolve_attention(cfg, mesh)
   rules = cfg.mesh.rules
   tx = optimizer.make(cfg.optimizer, cfg.train.steps)
   init = step.make_init(cfg, tx)
@@ -248,6 +268,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
       donate_argnums=0,
     ),
     expert_dispatch=dispatch_kind,
+    attention=attention_kernel,
     notes=[note] if note else [],
     eval_step=jax.jit(
       step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),
@@ -307,7 +328,8 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     c = cost(cfg.model, cfg.data.seq_len)
     log(
       f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
-      f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}"
+      f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}; "
+      f"attention {program.attention}"
       + (f", experts via {program.expert_dispatch}" if cfg.model.moe.num_experts and mesh.shape["expert"] > 1 else "")
       + (f", {accum} microbatches per step" if (accum := program.cfg.train.grad_accum_steps) > 1 else "")
     )
