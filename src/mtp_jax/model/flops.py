@@ -158,7 +158,7 @@ _SPLASH = re.compile(r"splash_mha_(fwd|dq|dkv)")
 
 def splash_flops(kernel: str, float_operands: list) -> float:
   """Matmul FLOPs of one pass of splash attention (`kernel`: the forward, dq or dkv kernel's
-  name, else 0) as `attention.splash` runs it: causal, in square blocks, those above the
+  name, else 0) as `attention.fused` runs it: causal, in square blocks, those above the
   diagonal skipped. Its first float operands are q (... x H x L x K), k and v (... x G x S x V).
   Per pair of query and key blocks: the scores (K), then forward: P V (V); dq: dP = dO V^T (V)
   and dQ = dS K (K); dkv: dP (V), dV = P^T dO (V) and dK = dS^T Q (K)."""
