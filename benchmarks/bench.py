@@ -1,10 +1,12 @@
 """Throughput of a config, and the cost of each MTP depth against its FLOPs.
 
   python benchmarks/bench.py --config configs/tiny.yaml --depths 0,1,2 --steps 20 [key=value ...]
+  python benchmarks/bench.py --depths 1 --trainable all,mtp      # a drafter on a frozen trunk
 
-For each depth it compiles the real train step, runs warm-up steps, then times `--steps`
-steps on a fixed synthetic batch (data loading excluded) and prints tokens/s, MFU (where the
-device's peak is known) and step time and FLOPs relative to the first depth listed.
+For each depth (and each `--trainable`, train.trainable) it compiles the real train step, runs
+warm-up steps, then times `--steps` steps on a fixed synthetic batch (data loading excluded) and
+prints tokens/s, MFU (where the device's peak is known) and step time and FLOPs relative to the
+first row.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
   jax.block_until_ready(metrics)
   step_time = (time.perf_counter() - start) / steps
   tps = cfg.train.batch_size * cfg.data.seq_len / step_time
-  flops = cost(cfg.model, cfg.data.seq_len).train_flops_per_token
+  flops = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable).train_flops_per_token
   return {
     "step_time": step_time,
     "tokens_per_sec": tps,
@@ -50,14 +52,20 @@ def main(argv=None) -> int:
   parser.add_argument("--depths", default="0,1,2", help="comma-separated MTP depths; the first is the baseline")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--trainable", default="all", help="comma-separated train.trainable values (all, mtp)")
   args = parser.parse_args(argv)
   try:
     depths = [int(d) for d in args.depths.split(",")]
   except ValueError:
     parser.error(f"--depths {args.depths!r}: expected comma-separated integers")
+  rows = [(d, t) for d in depths for t in args.trainable.split(",")]
   cfgs = [
-    load_config("bench", args.config, [*args.overrides, f"model.mtp.depth={d}", "checkpoint.enabled=false"])
-    for d in depths
+    load_config(
+      "bench",
+      args.config,
+      [*args.overrides, f"model.mtp.depth={d}", f"train.trainable={t}", "checkpoint.enabled=false"],
+    )
+    for d, t in rows
   ]
 
   dev = jax.devices()[0]
@@ -65,15 +73,15 @@ def main(argv=None) -> int:
     f"# {args.config} {' '.join(args.overrides)} on {len(jax.devices())} x {dev.device_kind} "
     f"({platform.processor() or platform.machine()}), jax {jax.__version__}, {args.steps} timed steps"
   )
-  print("| MTP depth | step time (s) | tokens/s | MFU | step time / depth 0 | FLOPs / depth 0 |")
-  print("|---|---|---|---|---|---|")
+  print("| MTP depth | trained | step time (s) | tokens/s | MFU | step time / first row | FLOPs / first row |")
+  print("|---|---|---|---|---|---|---|")
   base = None
-  for d, cfg in zip(depths, cfgs, strict=True):
+  for (d, t), cfg in zip(rows, cfgs, strict=True):
     r = measure(cfg, args.steps, args.warmup)
     base = base or r
     m = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     print(
-      f"| {d} | {r['step_time']:.4f} | {r['tokens_per_sec']:,.0f} | {m} | "
+      f"| {d} | {t} | {r['step_time']:.4f} | {r['tokens_per_sec']:,.0f} | {m} | "
       f"{r['step_time'] / base['step_time']:.3f} | {r['flops_per_token'] / base['flops_per_token']:.3f} |",
       flush=True,
     )

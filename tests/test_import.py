@@ -231,9 +231,10 @@ def test_an_imported_model_trains_restored_params_only_and_in_place(trained, tmp
 # ----------------------------------------------------------------------------- an independent source
 
 
-def test_a_model_transformers_saved_imports_and_computes_its_logits(tmp_path):
-  """transformers initialises and saves the model (per-expert tensor names, no MTP layer although
-  num_nextn_predict_layers is 1, a tied head left out of the file); ours computes its logits."""
+@pytest.fixture(scope="module")
+def saved_by_transformers(tmp_path_factory):
+  """(torch model, directory): transformers initialises and saves a DeepseekV3 model (per-expert
+  tensor names, no MTP layer although num_nextn_predict_layers is 1, a tied head left out)."""
   torch, transformers = _hf()
   hf_cfg = transformers.DeepseekV3Config(
     vocab_size=320,
@@ -271,16 +272,22 @@ def test_a_model_transformers_saved_imports_and_computes_its_logits(tmp_path):
     for name, b in model.named_buffers():  # not the RoPE frequencies
       if name.endswith("e_score_correction_bias"):
         b.normal_(0.0, 0.5)
-  model.save_pretrained(tmp_path / "hf")
-  assert not (tmp_path / "hf" / writer.INDEX).exists()  # one model.safetensors
+  directory = tmp_path_factory.mktemp("transformers") / "hf"
+  model.save_pretrained(directory)
+  assert not (directory / writer.INDEX).exists()  # one model.safetensors
+  return model, directory
 
+
+def test_a_model_transformers_saved_imports_and_computes_its_logits(saved_by_transformers, tmp_path):
+  torch, _ = _hf()
+  model, hf_dir = saved_by_transformers
   over = ["data.seq_len=16", "train.batch_size=8"]
   with pytest.raises(
     ExportError, match=r"no tensor model\.layers\.3\..*import the model without them with model.mtp.depth=0"
   ):
-    import_(str(tmp_path / "hf"), str(tmp_path / "run"), overrides=over)
+    import_(str(hf_dir), str(tmp_path / "run"), overrides=over)
   assert not (tmp_path / "run").exists()
-  result = import_(str(tmp_path / "hf"), str(tmp_path / "run"), overrides=[*over, "model.mtp.depth=0"])
+  result = import_(str(hf_dir), str(tmp_path / "run"), overrides=[*over, "model.mtp.depth=0"])
   cfg = result.config
   assert cfg.model.tie_embeddings and cfg.model.attention.rope_theta == 500 and cfg.model.mtp.depth == 0
   assert cfg.model.moe.num_shared_experts == 2 and cfg.model.first_k_dense == 1 and cfg.model.eos_id == 256
@@ -298,12 +305,43 @@ def test_a_model_transformers_saved_imports_and_computes_its_logits(tmp_path):
   assert diff < TOL, f"max abs logit difference {diff:.2e} (logits up to {np.abs(ours).max():.1f})"
 
   export(str(tmp_path / "run"), str(tmp_path / "again"), dtype="fp32")  # what transformers saved, bit for bit
-  saved, again = _exported_single(tmp_path / "hf"), _exported(tmp_path / "again")
+  saved, again = _exported_single(hf_dir), _exported(tmp_path / "again")
   assert set(again) == {*saved, "lm_head.weight"}
   assert all(again[n].tobytes() == x.tobytes() for n, x in saved.items())
   assert np.array_equal(again["lm_head.weight"], saved["model.embed_tokens.weight"])
   _, info = _load_hf(tmp_path / "again")
   assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_drafter_is_added_to_a_model_without_one(saved_by_transformers, tmp_path):
+  """`mtp-import` with an explicit model.mtp.depth starts the MTP module the files lack afresh,
+  with optimizer state for it alone (train.trainable=mtp; its training: test_trainable.py), and
+  `mtp-export` writes the trunk back bit for bit with the new MTP layer beside it."""
+  _, hf_dir = saved_by_transformers
+  over = ["data.seq_len=16", "train.batch_size=8", "model.mtp.depth=1", "train.trainable=mtp", "train.steps=3"]
+  result = import_(str(hf_dir), str(tmp_path / "run"), overrides=over)
+  assert any("MTP module(s) 1 to 1 are not in" in n and "initialised afresh" in n for n in result.notes), result.notes
+  cfg = result.config
+  program = loop.build(cfg)
+  fresh = program.init_state()  # what a new run of this config starts from (train.seed)
+  ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+  state, _ = ckpt.restore(0, program.abstract_state)
+  ckpt.close()
+  imported, fresh = named_leaves(state.params), named_leaves(fresh.params)
+  assert [k for k in imported if k.startswith("mtp.")]
+  for name, value in imported.items():
+    assert np.array_equal(value, fresh[name]) == name.startswith("mtp."), name  # the rest is the files'
+  moments = [k for k in named_leaves(state.opt_state) if ".mu." in k or ".nu." in k]
+  assert moments and all(".mtp." in k for k in moments), moments  # the optimizer's state: the MTP module's
+
+  export(str(tmp_path / "run"), str(tmp_path / "out"), dtype="fp32")
+  saved, out = _exported_single(hf_dir), _exported(tmp_path / "out")
+  assert all(out[n].tobytes() == x.tobytes() for n, x in saved.items())  # the trunk as transformers saved it
+  new = sorted(n for n in out if n.startswith("model.layers.3."))
+  assert (
+    "model.layers.3.eh_proj.weight" in new
+    and json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+  )
 
 
 def _exported_single(directory) -> dict[str, np.ndarray]:
@@ -391,7 +429,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, capsys
   for name, edit, want in cases:
     assert want in fails(broken(name, edit)), name
   assert "model.d_model: fixed by config.json" in fails(hf_dir, "model.d_model=64")
-  assert "model.mtp.depth=3: config.json has 2 MTP module(s)" in fails(hf_dir, "model.mtp.depth=3")
+  assert "model.mtp.depth=-1: not a number of MTP modules" in fails(hf_dir, "model.mtp.depth=-1")
   assert "train.workdir: set by the import" in fails(hf_dir, "train.workdir=elsewhere")
   assert "config error: model.moe.mode" in fails(hf_dir, "model.moe.mode=sometimes")
   assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -195,6 +195,11 @@ class TrainConfig(_Section):
     "Run consecutive trunk blocks of one structure as one scanned layer: compiled once, and sharded weights "
     "gathered a layer at a time (false: unrolled, each block its own code).",
   )
+  trainable: Literal["all", "mtp"] = _field(
+    "all",
+    "What the optimizer trains: all parameters, or only the MTP modules (model.mtp), the trunk, embedding and "
+    "head frozen and run forward only (a drafter for a model as it is; no trunk gradients or optimizer state).",
+  )
   loss_chunk_len: int = _field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
   attention_chunk_len: int = _field(
     0,
@@ -418,6 +423,8 @@ def _problems(c: Config):
       yield "model.moe.n_group", "groups need at least 2 experts each (scored by their top-2)"
     if c.mesh.expert > 0 and moe.num_experts % c.mesh.expert:
       yield "model.moe.num_experts", f"{moe.num_experts} is not divisible by mesh.expert ({c.mesh.expert})"
+  if c.train.trainable == "mtp" and not mtp.depth:
+    yield "train.trainable", "mtp trains the MTP modules, and model.mtp.depth is 0"
   if mtp.depth >= c.data.seq_len - 1:
     yield "model.mtp.depth", f"{mtp.depth} leaves no target in a sequence of data.seq_len={c.data.seq_len}"
   steps = [s for s, _ in mtp.loss_weight_schedule]

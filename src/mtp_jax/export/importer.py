@@ -20,6 +20,7 @@ One process imports; the checkpoint restores onto any mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -95,13 +96,25 @@ def import_(
     **_named(program.abstract_state.router_bias, "router_bias"),
   }
 
-  table = fmt.tensors(cfg.model)
+  def tensors(depth: int) -> list[Tensor]:  # of our model with `depth` MTP modules
+    return fmt.tensors(cfg.model.model_copy(update={"mtp": cfg.model.mtp.model_copy(update={"depth": depth})}))
+
+  table = tensors(cfg.model.mtp.depth)
   files = _Files(directory, {t.file for t in table if t.file})
-  file_mtp = cfg.model.mtp.model_copy(update={"depth": model["mtp"]["depth"]})
-  in_files = fmt.tensors(cfg.model.model_copy(update={"mtp": file_mtp}))  # all the directory may hold
+  in_files = tensors(model["mtp"]["depth"])  # all the directory may hold
+  fresh = []
+  if "model.mtp.depth" in _dotted(config_lib.parse_overrides(list(overrides)), ""):
+    # An explicit depth: the MTP modules the files hold are read, the rest start afresh.
+    held = _modules_held(tensors, cfg.model.mtp.depth, files)
+    table, fresh = tensors(held), [f"mtp.{k}." for k in range(held, cfg.model.mtp.depth)]
+    if fresh:
+      notes.append(
+        f"MTP module(s) {held + 1} to {cfg.model.mtp.depth} are not in {directory}: initialised afresh "
+        "(train them alone with train.trainable=mtp)"
+      )
   notes += _check(table, in_files, leaves, files)
 
-  converter = _Converter(table, leaves, files, notes)
+  converter = _Converter(table, leaves, files, notes, _fresh_leaves(program, cfg, fresh))
   tokenizer = [f for f in TOKENIZER_FILES if (directory / f).is_file()]
   with writer.output_dir(output, overwrite) as tmp:
     with tqdm(total=converter.total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
@@ -153,20 +166,19 @@ def run_config(model: dict, base_config: str | None, overrides, workdir: pathlib
 
 
 def check_overrides(model: dict, overrides: dict) -> None:
-  """An override may set anything config.json does not fix, `OVERRIDABLE`, and a lower
-  model.mtp.depth (the later MTP modules are left out); nothing in `IMPORT_SETS`."""
+  """An override may set anything config.json does not fix, `OVERRIDABLE`, and model.mtp.depth
+  (modules past it are left out, modules the files lack start afresh); nothing in `IMPORT_SETS`."""
   fixed = set(_dotted(model, "model"))
   for key, value in _dotted(overrides, "").items():
     if key in IMPORT_SETS:
       raise ExportError(f"{key}: set by the import (the run lives in --output and starts from its step 0)")
     if key == "model.mtp.depth":
-      depth = model["mtp"]["depth"]
-      if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= depth:
-        raise ExportError(f"{key}={value}: config.json has {depth} MTP module(s); an import may keep 0 to {depth}")
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ExportError(f"{key}={value}: not a number of MTP modules")
     elif key in fixed and key not in OVERRIDABLE:
       raise ExportError(
         f"{key}: fixed by config.json (an import takes the architecture from there; overridable: "
-        f"{', '.join(OVERRIDABLE)}, a lower model.mtp.depth)"
+        f"{', '.join(OVERRIDABLE)}, model.mtp.depth)"
       )
 
 
@@ -291,7 +303,8 @@ def _check(table: list[Tensor], in_files: list[Tensor], leaves: dict, files: _Fi
       module = t.ours.split(".")[2] if t.ours.split(".")[1] == "mtp" else None
       hint = (
         f"; it belongs to MTP module {int(module) + 1}, and transformers' save_pretrained leaves MTP layers out: "
-        f"import the model without them with model.mtp.depth={module}"
+        f"import the model without them with model.mtp.depth={module}, or start them afresh by giving "
+        "model.mtp.depth explicitly"
         if module is not None
         else ""
       )
@@ -310,6 +323,15 @@ def _check(table: list[Tensor], in_files: list[Tensor], leaves: dict, files: _Fi
   return [f"left out {len(ignored)} tensors of the MTP modules past model.mtp.depth"] if ignored else []
 
 
+def _modules_held(tensors, depth: int, files: _Files) -> int:
+  """How many of the first `depth` MTP modules the files hold any tensor of."""
+  for k in range(depth):
+    own = [t for t in tensors(k + 1) if t.ours.startswith(f"params.mtp.{k}.") and not t.zero]
+    if not any(t.hf in files.file_of for t in own):
+      return k
+  return depth
+
+
 def _sources(table: list[Tensor]) -> set[Tensor]:
   """The Tensor each leaf (or layer or expert slice of one) is read from: the first naming it."""
   first = {}
@@ -326,8 +348,8 @@ class _Converter:
   """Our leaves from the files, one at a time: make_array_from_callback asks for one device's
   slice after another, so the whole leaf is converted once and kept until the next is asked for."""
 
-  def __init__(self, table: list[Tensor], leaves: dict, files: _Files, notes: list[str]):
-    self.files, self.leaves, self.notes = files, leaves, notes
+  def __init__(self, table: list[Tensor], leaves: dict, files: _Files, notes: list[str], fresh: dict):
+    self.files, self.leaves, self.notes, self.fresh = files, leaves, notes, fresh
     self.by_leaf: dict[str, list[Tensor]] = {}
     for t in table:
       self.by_leaf.setdefault(t.ours, []).append(t)
@@ -365,6 +387,22 @@ class _Converter:
     return out
 
 
+def _fresh_leaves(program: loop.Program, cfg: Config, modules: list[str]) -> dict[str, jax.Array]:
+  """The leaves of the MTP `modules` ("mtp.1.", ...) as a fresh run initialises them (train.seed),
+  on the mesh; the compiler computes only these of the initialiser's outputs."""
+  wanted = tuple(f"{part}.{m}" for part in ("params", "router_bias") for m in modules)
+  if not wanted:
+    return {}
+
+  def pick(state):
+    named = {**_named(state.params, "params"), **_named(state.router_bias, "router_bias")}
+    return {k: v for k, v in named.items() if k.startswith(wanted)}
+
+  init = step.make_init(cfg, optimizer.make(cfg.optimizer, cfg.train.steps))
+  fresh = jax.jit(lambda key: pick(init(key)), out_shardings=pick(program.state_shardings))
+  return fresh(jax.random.key(cfg.train.seed))
+
+
 def _state(program: loop.Program, cfg: Config, leaves: dict, converter: _Converter) -> step.TrainState:
   """Step 0: the parameters and router biases from the files, built on the mesh slice by slice,
   and the optimizer state initialised from them with the state's shardings."""
@@ -372,6 +410,8 @@ def _state(program: loop.Program, cfg: Config, leaves: dict, converter: _Convert
   def build(prefix):
     def one(path, abstract):
       name = f"{prefix}.{leaf_name(path)}"
+      if name in converter.fresh:
+        return converter.fresh[name]
       return jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda i: converter.slice(name, i))
 
     return one
@@ -380,5 +420,6 @@ def _state(program: loop.Program, cfg: Config, leaves: dict, converter: _Convert
   params = jax.tree_util.tree_map_with_path(build("params"), abstract.params)
   bias = jax.tree_util.tree_map_with_path(build("router_bias"), abstract.router_bias)
   tx = optimizer.make(cfg.optimizer, cfg.train.steps)
-  opt_state = jax.jit(tx.init, out_shardings=program.state_shardings.opt_state)(params)
+  init = functools.partial(step.init_optimizer, cfg, tx)
+  opt_state = jax.jit(init, out_shardings=program.state_shardings.opt_state)(params)
   return jax.device_put(step.new_state(params, bias, opt_state), program.state_shardings)

@@ -20,7 +20,7 @@ class Cost:
   total_params: int  # every parameter, MTP modules included
   active_params: int  # parameters one token's forward pass multiplies through (embedding lookup excluded)
   train_flops_per_token: float  # forward + backward (3x forward), attention and MTP included
-  mtp_train_flops_per_token: float  # the share of the above spent in MTP depths
+  mtp_train_flops_per_token: float  # the share of the above spent in MTP depths (training everything)
 
 
 def _attention(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -51,7 +51,10 @@ def _ffn(cfg: ModelConfig, moe: bool) -> tuple[int, int]:
   return router + m.num_experts * expert + shared, router + m.top_k * expert + shared
 
 
-def cost(cfg: ModelConfig, seq_len: int) -> Cost:
+def cost(cfg: ModelConfig, seq_len: int, trainable: str = "all") -> Cost:
+  """With `trainable` "mtp" (train.trainable) the trunk and the main head run forward only and
+  each depth's backward computes no weight gradient for the frozen head. (Every input gradient
+  inside a depth is still needed: its first projections read a norm with a trained scale.)"""
   d, v = cfg.d_model, cfg.vocab_size
   attn_params, qk_dim, v_dim = _attention(cfg)
   # Causal attention: on average a token attends to (L + 1) / 2 keys; QK^T and PV each
@@ -83,10 +86,13 @@ def cost(cfg: ModelConfig, seq_len: int) -> Cost:
   n_attn = cfg.num_layers + cfg.mtp.depth
   fwd = 2 * (active + mtp_active) + n_attn * attn_scores
   mtp_fwd = 2 * mtp_active + cfg.mtp.depth * attn_scores
+  train = 3 * fwd
+  if trainable == "mtp":
+    train = fwd + 2 * mtp_fwd - 2 * cfg.mtp.depth * head
   return Cost(
     total_params=total,
     active_params=active + mtp_active,
-    train_flops_per_token=3 * fwd,
+    train_flops_per_token=train,
     mtp_train_flops_per_token=3 * mtp_fwd,
   )
 

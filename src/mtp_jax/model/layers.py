@@ -13,7 +13,16 @@ from mtp_jax import sharding
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float, dtype: jnp.dtype) -> nnx.Param:
   """A normally-initialised weight carrying its logical axis names."""
-  return nnx.Param(std * jax.random.normal(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+  return nnx.Param(std * jax.random.normal(_next_key(rngs.params), tuple(shape), dtype), axes=tuple(axes))
+
+
+def _next_key(stream: nnx.RngStream) -> jax.Array:
+  """`stream()`'s key (the same fold_in of its count), its count stored whole: under a trace
+  (`eval_shape`) flax 0.12.8's indexed store asks the tracer for its sharding, which on jax 0.10
+  builds an error message by walking the whole program so far, about 10 ms a weight for 671B."""
+  count = stream.count.get_value()
+  stream.count.set_value(count + 1)
+  return jax.random.fold_in(stream.key.get_value(), count)
 
 
 class RMSNorm(nnx.Module):

@@ -151,13 +151,17 @@ class Checkpointer:
     """{"checksums": {array name: uint32}, "origin": restore_from record or None}."""
     return self._manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
 
-  def _fit(self, step: int, target, partial: bool) -> dict:
-    """The saved arrays' metadata by name, once they are known to fit `target` by name and shape."""
+  def saved(self, step: int) -> dict:
+    """The saved arrays' metadata (shape, dtype) by name."""
     try:
       with _QUIET:
-        saved = named_leaves(self._manager.item_metadata(step)["state"])
+        return named_leaves(self._manager.item_metadata(step)["state"])
     except Exception as err:  # unreadable metadata: a damaged step, for the caller to handle
       raise Damaged(f"metadata unreadable: {_root_cause(err)}") from None
+
+  def _fit(self, step: int, target, partial: bool) -> dict:
+    """The saved arrays' metadata by name, once they are known to fit `target` by name and shape."""
+    saved = self.saved(step)
     where = f"checkpoint {self.directory / str(step)}"
     wanted = named_leaves(target)
     old = next((n for n in saved if n.startswith("params.blocks.")), None)

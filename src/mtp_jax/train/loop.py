@@ -322,10 +322,14 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     if state is None:
       state = program.init_state()
       if begin.params is not None:
-        state = state.replace(params=begin.params["params"], router_bias=begin.params["router_bias"])
+        # What the checkpoint held over the fresh state (new MTP modules keep their initialisation).
+        params, bias = begin.params["params"], begin.params["router_bias"]
+        state = state.replace(
+          params=nnx.merge_state(state.params, params), router_bias=nnx.merge_state(state.router_bias, bias)
+        )
     compiled, work = program.compile_and_count()
 
-    c = cost(cfg.model, cfg.data.seq_len)
+    c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
     log(
       f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
       f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}; "

@@ -168,23 +168,27 @@ def _varying(x, axes):  # x, invariant over `axes` so far, as varying over them
 def head_logits(h_BxCxD: jax.Array, w_DxV: jax.Array) -> jax.Array:
   """Float32 logits of the output head. Its backward casts the logits' cotangent to the compute
   dtype (h's) first, so both gradient matmuls run there, accumulating in float32, instead of as
-  float32 matmuls; the log-sum-exp and the loss stay in float32."""
+  float32 matmuls; the log-sum-exp and the loss stay in float32. It computes the gradient of
+  only what is differentiated: not the head's when it is frozen (train.trainable=mtp)."""
   return jnp.einsum("bcd,dv->bcv", h_BxCxD, w_DxV, preferred_element_type=jnp.float32)
 
 
-def _head_logits_fwd(h_BxCxD, w_DxV):
-  return head_logits(h_BxCxD, w_DxV), (h_BxCxD, w_DxV)
+def _head_logits_fwd(h, w):  # symbolic zeros: each argument says whether it is differentiated
+  return head_logits(h.value, w.value), (h.value, w.value, h.perturbed, w.perturbed)
 
 
 def _head_logits_bwd(res, g_BxCxV):
-  h_BxCxD, w_DxV = res
+  h_BxCxD, w_DxV, dh_needed, dw_needed = res
   g_BxCxV = g_BxCxV.astype(h_BxCxD.dtype)
-  dh = jnp.einsum("bcv,dv->bcd", g_BxCxV, w_DxV, preferred_element_type=jnp.float32)
-  dw = jnp.einsum("bcd,bcv->dv", h_BxCxD, g_BxCxV, preferred_element_type=jnp.float32)
-  return dh.astype(h_BxCxD.dtype), dw.astype(w_DxV.dtype)
+  dh = dw = None
+  if dh_needed:
+    dh = jnp.einsum("bcv,dv->bcd", g_BxCxV, w_DxV, preferred_element_type=jnp.float32).astype(h_BxCxD.dtype)
+  if dw_needed:
+    dw = jnp.einsum("bcd,bcv->dv", h_BxCxD, g_BxCxV, preferred_element_type=jnp.float32).astype(w_DxV.dtype)
+  return dh, dw
 
 
-head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+head_logits.defvjp(_head_logits_fwd, _head_logits_bwd, symbolic_zeros=True)
 
 
 def mtp_weight(step: jax.Array, base: float, schedule: list[tuple[int, float]]) -> jax.Array:

@@ -12,6 +12,7 @@ import dataclasses
 import pathlib
 
 import jax
+from flax import nnx
 
 from mtp_jax.config import CheckpointConfig
 from mtp_jax.train.checkpoint import Checkpointer, CheckpointError, Damaged
@@ -108,9 +109,11 @@ def _restore_explicit(reader: Checkpointer, step, params_only, abstract_state, d
   where = reader.directory / str(step)
   try:
     if params_only:
-      target = {"params": abstract_state.params, "router_bias": abstract_state.router_bias}
-      loaded, _ = reader.restore(step, target, partial=True)
+      params, bias, new = _held_modules(reader.saved(step), abstract_state)
+      loaded, _ = reader.restore(step, {"params": params, "router_bias": bias}, partial=True)
       log(f"loaded parameters from {where} (checkpoint.load_params_only): a new run from step 0, fresh optimizer")
+      if new:
+        log(f"MTP module(s) {', '.join(str(k + 1) for k in new)} are not in {where}: initialised afresh")
       return Start(state=None, step=0, origin=origin, params=loaded)
     state, _ = reader.restore(step, abstract_state)
     _restore_data(reader, step, data_iterator, log)
@@ -118,6 +121,21 @@ def _restore_explicit(reader: Checkpointer, step, params_only, abstract_state, d
     raise CheckpointError(f"checkpoint {where} (checkpoint.restore_from) is damaged: {err}") from None
   log(f"restored step {step} from {where} (checkpoint.restore_from)")
   return Start(state=state, step=step, origin=origin)
+
+
+def _held_modules(saved: dict, abstract_state):
+  """(params, router biases, new modules): the abstract parameters and biases less the MTP
+  modules the checkpoint holds nothing of (a model trained with fewer, given a drafter now), and
+  those modules' indices; their fresh initialisation stays."""
+  depth = len(abstract_state.params["mtp"]) if "mtp" in abstract_state.params else 0
+  new = [k for k in range(depth) if not any(n.startswith(f"params.mtp.{k}.") for n in saved)]
+
+  def held(path, _) -> bool:
+    return not (len(path) > 1 and path[0] == "mtp" and path[1] in new)
+
+  params, _ = nnx.split_state(abstract_state.params, held, ...)
+  bias, _ = nnx.split_state(abstract_state.router_bias, held, ...)
+  return params, bias, new
 
 
 def _resume_latest(own: Checkpointer, strict: bool, abstract_state, data_iterator, log) -> Start:

@@ -53,12 +53,25 @@ def split(model: Transformer):
   return graphdef, params, bias
 
 
+def trained(cfg: Config, params: nnx.State) -> tuple[nnx.State, nnx.State]:
+  """(trained, frozen) parameters: all of them and none, or with train.trainable=mtp the MTP
+  modules' (`params.mtp`) and the rest (embedding, trunk, final norm, head)."""
+  if cfg.train.trainable == "all":
+    return params, nnx.State({})
+  return nnx.split_state(params, lambda path, _: path[0] == "mtp", ...)
+
+
+def init_optimizer(cfg: Config, tx: optax.GradientTransformation, params: nnx.State):
+  """The optimizer state of a fresh start: over the trained parameters only."""
+  return tx.init(trained(cfg, params)[0])
+
+
 def make_init(cfg: Config, tx: optax.GradientTransformation):
   """PRNG key -> TrainState; jit it with out_shardings so the state is born sharded."""
 
   def init(key):
     _, params, bias = split(build_model(cfg, key))
-    return new_state(params, bias, tx.init(params))
+    return new_state(params, bias, init_optimizer(cfg, tx, params))
 
   return init
 
@@ -75,9 +88,10 @@ def graphdef_of(cfg: Config):
   return split(nnx.eval_shape(lambda: build_model(cfg)))[0]
 
 
-def loss_fn(params, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp_lambda, accum: int):
-  """Scalar loss for one microbatch (normalised by whole-batch counts) and its sums."""
-  model: Transformer = nnx.merge(graphdef, params, bias)
+def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp_lambda, accum: int):
+  """Scalar loss for one microbatch (normalised by whole-batch counts) and its sums; `params`
+  are the trained parameters, `frozen` the rest (`trained`)."""
+  model: Transformer = nnx.merge(graphdef, nnx.merge_state(params, frozen), bias)
   out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
   w_DxV = model.head_matrix()
   nll, hits = [], []
@@ -163,8 +177,12 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
       lam = losses.mtp_weight(state.step, mtp_cfg.loss_weight, mtp_cfg.loss_weight_schedule)
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+      # With train.trainable=mtp only the MTP modules are differentiated: the trunk below them
+      # runs forward only, keeping no activations for a backward pass and computing no gradients.
+      params, frozen = trained(cfg, state.params)
+
       def grads_of(mb):
-        return grad_fn(state.params, state.router_bias, graphdef, mb, denominators, cfg, lam, accum)
+        return grad_fn(params, frozen, state.router_bias, graphdef, mb, denominators, cfg, lam, accum)
 
       if accum == 1:
         (loss, sums), grads = grads_of(batch)
@@ -180,12 +198,14 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
         poison = jnp.where(jnp.isin(state.step + 1, jnp.asarray(inject_nan)), jnp.nan, 1.0)
         loss, grads = loss * poison, jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
 
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      updates, opt_state = tx.update(grads, state.opt_state, params)
+      params = nnx.merge_state(optax.apply_updates(params, updates), frozen)
       bias = state.router_bias
       if moe_cfg.bias_update_rate and sums["load"]:
         model: Transformer = nnx.merge(graphdef, params, bias, copy=True)  # state.router_bias stays as it was
         for names, moe in model.moe_layers():
+          if cfg.train.trainable == "mtp" and not names[0].startswith("mtp_"):
+            continue  # a frozen trunk's routing stays as it was
           load = jnp.stack([sums["load"][n] for n in names]).reshape(moe.router.bias.shape)
           moe.router.update_bias(load, moe_cfg.bias_update_rate)
         bias = nnx.state(model, RouterBias)
