@@ -125,10 +125,10 @@ def test_a_wrong_w_uk_fold_is_caught(models, monkeypatch):
   """The comparison above detects a fold of W_uk with its heads rolled by one."""
   real = attention.absorbed_attend
 
-  def wrong(q_BxLxHxK, cache, wkv_b_RxHxK, mask_BxLxS):
+  def wrong(q_BxLxHxK, cache, wkv_b_RxHxK, mask_BxLxS, scale):
     nope = q_BxLxHxK.shape[-1] - cache.k_rope_BxSxK.shape[-1]
     rolled = jnp.concatenate([jnp.roll(wkv_b_RxHxK[..., :nope], 1, axis=1), wkv_b_RxHxK[..., nope:]], -1)
-    return real(q_BxLxHxK, cache, rolled, mask_BxLxS)
+    return real(q_BxLxHxK, cache, rolled, mask_BxLxS, scale)
 
   monkeypatch.setattr(attention, "absorbed_attend", wrong)
   prefill, steps = _decode(models.model, models.tokens_BxS, _decoder())  # traced anew, with the wrong fold

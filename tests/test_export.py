@@ -51,7 +51,9 @@ LORA = [
   "model.moe.routed_scaling_factor=2.5",
   "model.mtp.depth=2",
 ]
-# q_proj (q_lora_rank 0), gates not normalised, scale 1.5, tied embeddings, another RoPE base.
+# q_proj (q_lora_rank 0), gates not normalised, scale 1.5, tied embeddings, another RoPE base,
+# and YaRN over an original context of 8 (the test tokens run to 16), mscale_all_dim apart from
+# mscale so both its softmax correction and its cos/sin factor act.
 FULL_Q = [
   *MLA,
   "model.attention.q_lora_rank=0",
@@ -60,6 +62,9 @@ FULL_Q = [
   "model.moe.routed_scaling_factor=1.5",
   "model.tie_embeddings=true",
   "model.attention.rope_theta=500",
+  "model.attention.rope_scaling.factor=4",
+  "model.attention.rope_scaling.original_max_position_embeddings=8",
+  "model.attention.rope_scaling.mscale_all_dim=0.5",
   "model.mtp.depth=1",
 ]
 
@@ -171,6 +176,16 @@ def test_transformers_computes_our_logits(case, name):
   if cfg.model.moe.num_experts:  # the router bias matters here, so it was carried over
     moved = np.abs(_our_logits(cfg, state, tokens, zero_bias=True)[0] - ours[0]).max()
     assert moved > 0.1, f"the router bias hardly changes the logits ({moved:.2e}): the test would not see it lost"
+  if cfg.model.attention.rope_scaling:
+    _assert_yarn_matters(cfg, state, tokens, ours[0])
+
+
+def _assert_yarn_matters(cfg, state, tokens, logits) -> None:
+  """The same weights without YaRN compute other logits: a comparison that would see it lost."""
+  plain = cfg.model.attention.model_copy(update={"rope_scaling": None})
+  plain = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attention": plain})})
+  moved = np.abs(_our_logits(plain, state, tokens)[0] - logits).max()
+  assert moved > 0.1, f"YaRN hardly changes the logits ({moved:.2e})"
 
 
 def _rms(x, w, eps):

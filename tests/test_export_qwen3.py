@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from test_export import (
   SHARD,
   TOL,
+  _assert_yarn_matters,
   _err_line,
   _exported,
   _hf,
@@ -51,7 +52,7 @@ QWEN = [
 # d_model / num_heads (8), so config.json's head_dim is what transformers reads.
 MTP = [*QWEN, "model.attention.head_dim=16", "model.moe.norm_topk_prob=true", "model.mtp.depth=1"]
 # Gates not renormalised, tied embeddings, every layer MoE, 4 query heads over 1 key/value head,
-# top-3, another RoPE base, no MTP.
+# top-3, another RoPE base with YaRN past position 8 (its cos/sin factor 0.1 ln 4 + 1), no MTP.
 TIED = [
   *QWEN,
   "model.moe.norm_topk_prob=false",
@@ -60,6 +61,8 @@ TIED = [
   "model.attention.num_kv_heads=1",
   "model.moe.top_k=3",
   "model.attention.rope_theta=500",
+  "model.attention.rope_scaling.factor=4",
+  "model.attention.rope_scaling.original_max_position_embeddings=8",
   "model.mtp.depth=0",
 ]
 CASES = {"mtp": MTP, "tied": TIED}
@@ -109,7 +112,7 @@ def _mtp_file(directory) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", ["mtp", "tied"])
 def test_transformers_computes_our_logits(case, name):
   torch, _ = _hf()
-  cfg, _, _, hf_dir, ours, tokens = case(name)
+  cfg, state, _, hf_dir, ours, tokens = case(name)
   model, info = _load_hf(hf_dir)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
   assert model.config.head_dim == cfg.model.attention.head_dim
@@ -118,6 +121,8 @@ def test_transformers_computes_our_logits(case, name):
     logits = model(torch.tensor(tokens, dtype=torch.long), position_ids=torch.arange(length).expand(b, -1)).logits
   diff = np.abs(logits.numpy() - ours[0]).max()
   assert diff < TOL, f"{name}: max abs logit difference {diff:.2e} (logits up to {np.abs(ours[0]).max():.1f})"
+  if cfg.model.attention.rope_scaling:
+    _assert_yarn_matters(cfg, state, tokens, ours[0])
 
 
 def test_the_mtp_file_computes_our_depth_1_logits_by_eqs_21_to_23(case):
@@ -324,8 +329,8 @@ def test_a_published_config_reads_as_a_model_the_layout_exports():
     ({"attention_bias": True}, "attention_bias=True"),
     ({"use_sliding_window": True}, "use_sliding_window=True"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling="),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope_parameters="),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "rope_scaling: dynamic"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e6, "factor": 4.0}}, "rope_parameters: longrope"),
     ({"eos_token_id": [151645, 151643]}, "eos_token_id=[151645, 151643]"),
     ({"mlp_only_layers": [3]}, "mlp_only_layers=[3]"),  # a dense layer after MoE layers
     ({"decoder_sparse_step": 2}, "decoder_sparse_step=2"),  # every other layer dense

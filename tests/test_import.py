@@ -156,25 +156,36 @@ PUBLISHED = {
   "hidden_act": "silu",
   "rms_norm_eps": 1e-06,
   "rope_theta": 10000,
-  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "type": "yarn"},
+  "max_position_embeddings": 163840,
+  "rope_scaling": {
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "factor": 40,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096,
+    "type": "yarn",
+  },
   "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8"},
   "tie_word_embeddings": False,
   "eos_token_id": 1,
 }
 
 
-def test_the_published_deepseek_v3_config_is_refused_by_key_until_plain_bf16():
-  with pytest.raises(ExportError, match=r"^config.json rope_scaling: yarn RoPE is not supported"):
-    deepseek_v3.model_config(PUBLISHED)
-  plain = {**PUBLISHED, "rope_scaling": None}
+def test_the_published_deepseek_v3_config_imports_once_its_weights_are_bf16():
   with pytest.raises(ExportError, match=r"^config.json quantization_config: fp8 weights are not supported; convert"):
-    deepseek_v3.model_config(plain)
-  del plain["quantization_config"]
+    deepseek_v3.model_config(PUBLISHED)
+  plain = {k: v for k, v in PUBLISHED.items() if k != "quantization_config"}
   model = deepseek_v3.model_config(plain)
   cfg = config.from_dict({"model": model, "data": {"path": "x"}, "mesh": {"expert": 1}})  # a valid config
   m = cfg.model
   assert (m.num_layers, m.first_k_dense, m.moe.num_experts, m.moe.n_group, m.mtp.depth) == (61, 3, 256, 8, 1)
   assert m.attention.q_lora_rank == 1536 and m.eos_id == 1 and not m.tie_embeddings
+  yarn = m.attention.rope_scaling
+  assert (yarn.factor, yarn.original_max_position_embeddings, yarn.mscale, yarn.mscale_all_dim) == (40, 4096, 1, 1)
+  written = deepseek_v3.config_json(cfg, "bfloat16", None)  # and back: the published keys
+  assert {k: written["rope_scaling"][k] for k in PUBLISHED["rope_scaling"]} == PUBLISHED["rope_scaling"]
+  assert written["max_position_embeddings"] == PUBLISHED["max_position_embeddings"]
   for change, named in [
     ({"hidden_act": "gelu"}, 'hidden_act="gelu"'),
     ({"scoring_func": "softmax"}, 'scoring_func="softmax"'),
@@ -184,7 +195,8 @@ def test_the_published_deepseek_v3_config_is_refused_by_key_until_plain_bf16():
     ({"attention_bias": True}, "attention_bias=true"),
     ({"num_key_value_heads": 16}, "num_key_value_heads=16"),
     ({"num_nextn_predict_layers": 2, "first_k_dense_replace": 62}, "first_k_dense_replace=62"),  # MTP 1 dense, 2 MoE
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4}}, "rope_parameters"),
+    ({"rope_scaling": {**PUBLISHED["rope_scaling"], "attention_factor": 0.5}}, "rope_scaling"),
   ]:
     with pytest.raises(ExportError, match=rf"^config.json {named}: "):
       deepseek_v3.model_config({**plain, **change})
@@ -416,7 +428,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, capsys
   assert "empty: no config.json" in fails(tmp_path / "empty")
   cases = [
     ("llama", edit_config(model_type="llama"), "model_type 'llama' cannot be imported (formats: deepseek_v3"),
-    ("yarn", edit_config(rope_scaling={"type": "yarn", "factor": 4}), "config.json rope_scaling: yarn RoPE"),
+    ("longrope", edit_config(rope_scaling={"type": "longrope", "factor": 4}), "rope_scaling: longrope RoPE"),
     ("fp8", edit_config(quantization_config={"quant_method": "fp8"}), "config.json quantization_config: fp8"),
     ("missing", drop, "no tensor model.layers.1.mlp.gate.weight, which config.json implies"),
     ("shape", reshape, "model.layers.1.mlp.gate.weight has shape (8, 30), config.json implies (8, 32)"),

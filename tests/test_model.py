@@ -160,3 +160,33 @@ def test_attention_in_query_blocks_equals_whole_attention():
     np.testing.assert_allclose(out, whole, rtol=1e-5, atol=1e-6)
     for a, w in zip(grads, whole_grads, strict=True):
       np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "dim, theta, scaling",
+  [
+    # DeepSeek-V3's published rope_scaling, on its 64 RoPE dims
+    (64, 10000.0, dict(factor=40, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)),
+    # Qwen3's recipe (no mscale keys: the cos/sin carry 0.1 ln 4 + 1), the ramp's ends not rounded
+    (128, 1e6, dict(factor=4, original_max_position_embeddings=32768, beta_fast=16, truncate=False)),
+  ],
+)
+def test_yarn_frequencies_are_transformers(dim, theta, scaling):
+  pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+  from mtp_jax.config import RopeScaling
+  from mtp_jax.model.layers import Rope
+
+  hf = transformers.PretrainedConfig(
+    hidden_size=dim, num_attention_heads=1, head_dim=dim, max_position_embeddings=1 << 20
+  )
+  hf.rope_parameters = {"rope_type": "yarn", "rope_theta": theta, **scaling}
+  theirs, their_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+  ours, our_factor = Rope(dim, theta, RopeScaling(**scaling)).frequencies()
+  np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6)
+  assert our_factor == pytest.approx(their_factor, rel=1e-12)
+  plain, _ = Rope(dim, theta).frequencies()
+  ratio = ours / plain  # the fast dimensions kept, the slow ones stretched by the factor
+  assert ratio[0] == 1 and ratio[-1] == pytest.approx(1 / scaling["factor"], rel=1e-5)

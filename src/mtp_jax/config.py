@@ -30,6 +30,24 @@ def _field(default: Any, doc: str, **kw: Any) -> Any:
   return Field(default, description=doc, **kw)
 
 
+class RopeScaling(_Section):
+  """Hugging Face's `rope_scaling` keys, for YaRN (DeepSeek-V3: factor 40 over 4096 positions)."""
+
+  type: Literal["yarn"] = _field("yarn", "The scaling method: yarn (Peng et al. 2023).")
+  factor: float = _field(..., "How many times the original context the frequencies are stretched to.", ge=1)
+  original_max_position_embeddings: int = _field(..., "The context the model was pretrained on.", ge=1)
+  beta_fast: float = _field(32.0, "Dimensions rotating more often than this over that context are kept.", gt=0)
+  beta_slow: float = _field(1.0, "Dimensions rotating less often than this are stretched by factor.", gt=0)
+  mscale: float = _field(1.0, "Scales log(factor) in the attention temperature.", ge=0)
+  mscale_all_dim: float = _field(
+    0.0,
+    "With mscale, the temperature's divisor; for MLA also the softmax scale's correction "
+    "(DeepSeek-V3: mscale(factor, mscale_all_dim)^2). 0: not set.",
+    ge=0,
+  )
+  truncate: bool = _field(True, "Round the ramp's ends to whole dimensions (as DeepSeek-V3 and Hugging Face).")
+
+
 class AttentionConfig(_Section):
   kind: Literal["gqa", "mla"] = _field(
     "gqa", "gqa: grouped-query attention; mla: DeepSeek Multi-head Latent Attention."
@@ -50,6 +68,9 @@ class AttentionConfig(_Section):
     "The prefill and training always up-project.",
   )
   rope_theta: float = _field(10000.0, "RoPE base frequency.", gt=0)
+  rope_scaling: RopeScaling | None = _field(
+    None, "YaRN context extension (Hugging Face's rope_scaling keys), e.g. rope_scaling.factor=4 (null: plain RoPE)."
+  )
   impl: Literal["auto", "xla", "splash", "cudnn"] = _field(
     "auto",
     "Training's attention kernel. auto: splash on TPU, cudnn on GPU, xla elsewhere or where those cannot serve "

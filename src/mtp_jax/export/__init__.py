@@ -18,10 +18,9 @@ class ExportError(ValueError):
 
 def common_config(cfg, dtype: str, tok) -> dict:
   """The config.json keys every Hugging Face layout here writes alike: sizes, the MTP depth, norms,
-  plain RoPE (rope_theta beside rope_parameters for readers older than transformers 5), no
-  attention bias, token ids, dtype. `cfg` is our Config, `tok` the run's TokenizerInfo or None."""
+  RoPE (`rope_json`), no attention bias, token ids, dtype. `cfg` is our Config, `tok` the run's
+  TokenizerInfo or None."""
   m = cfg.model
-  theta = m.attention.rope_theta
   return {
     "vocab_size": m.vocab_size,
     "hidden_size": m.d_model,
@@ -32,12 +31,9 @@ def common_config(cfg, dtype: str, tok) -> dict:
     "num_attention_heads": m.attention.num_heads,
     "hidden_act": "silu",
     "rms_norm_eps": m.norm_eps,
-    "rope_theta": theta,
-    "rope_scaling": None,
-    "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+    **rope_json(m.attention.rope_theta, m.attention.rope_scaling, cfg.data.seq_len),
     "attention_bias": False,
     "attention_dropout": 0.0,
-    "max_position_embeddings": cfg.data.seq_len,
     "initializer_range": m.init_std,
     "tie_word_embeddings": m.tie_embeddings,
     "bos_token_id": tok.bos_id if tok else None,
@@ -47,3 +43,61 @@ def common_config(cfg, dtype: str, tok) -> dict:
     "dtype": dtype,
     "torch_dtype": dtype,
   }
+
+
+YARN_KEYS = (
+  "factor",
+  "original_max_position_embeddings",
+  "beta_fast",
+  "beta_slow",
+  "mscale",
+  "mscale_all_dim",
+  "truncate",
+)
+
+
+def rope_json(theta: float, scaling, seq_len: int) -> dict:
+  """RoPE's config.json keys: rope_parameters (transformers 5) with rope_theta and rope_scaling
+  beside it (older readers, vLLM); with YaRN max_position_embeddings is the context it reaches."""
+  if scaling is None:
+    return {
+      "rope_theta": theta,
+      "rope_scaling": None,
+      "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+      "max_position_embeddings": seq_len,
+    }
+  yarn = {k: getattr(scaling, k) for k in YARN_KEYS}
+  return {
+    "rope_theta": theta,
+    "rope_scaling": {"type": "yarn", "rope_type": "yarn", **yarn},
+    "rope_parameters": {"rope_type": "yarn", "rope_theta": theta, **yarn},
+    "max_position_embeddings": int(scaling.original_max_position_embeddings * scaling.factor),
+  }
+
+
+def rope_from_json(hf: dict, default_theta: float) -> tuple[float, dict | None]:
+  """(rope_theta, our model.attention.rope_scaling or None) from a config.json's rope_parameters
+  and rope_scaling, which must agree where both are given; raises ExportError naming the key for
+  a scaling our model does not compute."""
+  read = {key: _rope(key, hf, default_theta) for key in ("rope_parameters", "rope_scaling") if hf.get(key)}
+  if len(read) == 2 and read["rope_parameters"][1] != read["rope_scaling"][1]:
+    raise ExportError("config.json rope_scaling: differs from rope_parameters; which one a reader takes varies")
+  return next(iter(read.values()), (hf.get("rope_theta", default_theta), None))
+
+
+def _rope(key: str, hf: dict, default_theta: float) -> tuple[float, dict | None]:
+  rope = dict(hf[key])
+  kind = rope.pop("rope_type", rope.pop("type", "default"))
+  theta = rope.pop("rope_theta", hf.get("rope_theta", default_theta))
+  if kind == "default":
+    return theta, None
+  if kind != "yarn":
+    raise ExportError(f"config.json {key}: {kind} RoPE scaling is not supported, only yarn (and plain RoPE)")
+  if rope.pop("attention_factor", None) is not None:
+    raise ExportError(f"config.json {key}: attention_factor is not supported (YaRN's is derived from mscale)")
+  if unknown := sorted(set(rope) - set(YARN_KEYS)):
+    raise ExportError(f"config.json {key}: {unknown[0]} is not a YaRN setting we compute")
+  original = rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+  factor = rope.get("factor") or hf.get("max_position_embeddings", 0) / original
+  keep = {k: rope[k] for k in YARN_KEYS[2:] if rope.get(k) is not None}
+  return theta, {"type": "yarn", "factor": factor, "original_max_position_embeddings": original, **keep}

@@ -26,7 +26,7 @@ import json
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
-from mtp_jax.export import ExportError, common_config
+from mtp_jax.export import ExportError, common_config, rope_from_json
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
 from mtp_jax.model.transformer import stack_of
 
@@ -138,7 +138,7 @@ def model_config(hf: dict) -> dict:
   for key, why in _inexpressible(hf, get):
     raise ExportError(f"config.json {key}: {why}")
   layers, depth, dense = get("num_hidden_layers"), get("num_nextn_predict_layers"), get("first_k_dense_replace")
-  rope = hf.get("rope_parameters") or {}
+  theta, scaling = rope_from_json(hf, DEFAULTS["rope_theta"])
   eos = get("eos_token_id")
   model = {
     "vocab_size": get("vocab_size"),
@@ -157,7 +157,8 @@ def model_config(hf: dict) -> dict:
       "qk_nope_head_dim": get("qk_nope_head_dim"),
       "qk_rope_head_dim": get("qk_rope_head_dim"),
       "v_head_dim": get("v_head_dim"),
-      "rope_theta": rope.get("rope_theta", get("rope_theta")),
+      "rope_theta": theta,
+      "rope_scaling": scaling,
     },
     "moe": {
       # config_json's "no MoE layer anywhere", MTP layers included (then no expert tensor may be there)
@@ -180,12 +181,6 @@ def model_config(hf: dict) -> dict:
 
 def _inexpressible(hf: dict, get):
   """Yields (config.json key, why) for each setting our model cannot express."""
-  for key in ("rope_scaling", "rope_parameters"):
-    rope = hf.get(key) or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-      why = f"{kind} RoPE is not supported, only plain RoPE (rope_type default)"
-      yield key, f"{why}; the published DeepSeek-V3 uses yarn to reach 128K tokens, so its attention would differ"
   if hf.get("quantization_config"):
     method = hf["quantization_config"].get("quant_method", "quantized")
     how = "convert them to bf16 first (the published fp8 checkpoint: DeepSeek's inference/fp8_cast_bf16.py)"

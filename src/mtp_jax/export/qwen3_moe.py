@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
-from mtp_jax.export import ExportError, common_config
+from mtp_jax.export import ExportError, common_config, rope_from_json
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
 from mtp_jax.model.transformer import stack_of
 
@@ -138,9 +138,7 @@ def model_config(hf: dict) -> dict:
     raise refuse("use_sliding_window", "our attention sees the whole causal context")
   if c["hidden_act"] != "silu":
     raise refuse("hidden_act", "our FFNs are SwiGLU (silu)")
-  rope = c["rope_parameters"] or c["rope_scaling"] or {}
-  if rope.get("rope_type", rope.get("type", "default")) != "default":
-    raise refuse("rope_parameters" if c["rope_parameters"] else "rope_scaling", "only default RoPE is ours")
+  theta, scaling = rope_from_json(c, DEFAULTS["rope_theta"])
   eos = c["eos_token_id"]
   if isinstance(eos, list) and len(eos) == 1:
     eos = eos[0]
@@ -171,7 +169,8 @@ def model_config(hf: dict) -> dict:
       "num_kv_heads": c["num_key_value_heads"],
       "head_dim": c["head_dim"] or c["hidden_size"] // c["num_attention_heads"],
       "qk_norm": True,
-      "rope_theta": rope.get("rope_theta", c["rope_theta"]),
+      "rope_theta": theta,
+      "rope_scaling": scaling,
     },
     "moe": {
       "num_experts": experts,

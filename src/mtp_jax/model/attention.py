@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec
 
 from mtp_jax import sharding
 from mtp_jax.config import AttentionConfig, ConfigError, ModelConfig
-from mtp_jax.model.layers import RMSNorm, rope, weight
+from mtp_jax.model.layers import RMSNorm, Rope, softmax_mscale, weight
 
 SPLASH_BLOCK = 128  # splash's tiles hold whole 128-lane blocks of the sequence
 
@@ -253,22 +253,22 @@ def _write(buf_BxSx_, new_BxLx_, positions_BxL):
   return buf_BxSx_.at[rows_Bx1, positions_BxL].set(new_BxLx_.astype(buf_BxSx_.dtype), mode="drop")
 
 
-def absorbed_attend(q_BxLxHxK, cache: MLACache, wkv_b_RxHxK, mask_BxLxS) -> jax.Array:
+def absorbed_attend(q_BxLxHxK, cache: MLACache, wkv_b_RxHxK, mask_BxLxS, scale: float) -> jax.Array:
   """BxLxHxV: MLA's attention over the cached latent itself (DeepSeek-V2 §2.1.2: W_UK absorbed
   into the query side, W_UV into the output; DeepSeek-V3, vLLM and SGLang decode this way).
   Head h's key at slot s is [W_uk c_s; k_rope_s] and its value W_uv c_s, so
   q . k_s = (q_nope W_uk) . c_s + q_rope . k_rope_s and sum_s p_s v_s = W_uv (sum_s p_s c_s):
   one (R + rope)-wide key and R-wide value shared by all H query heads, and the cache is never
   up-projected. Per new token that costs about 2 H S (2 R + rope) FLOPs where up-projecting
-  costs 2 S R H (nope + v). The softmax is the up-projected path's: float32, scale
-  (nope + rope)^-1/2; only the order of the float sums differs."""
+  costs 2 S R H (nope + v). The softmax is the up-projected path's: float32, the same `scale`;
+  only the order of the float sums differs."""
   dt, f32 = q_BxLxHxK.dtype, jnp.float32
   nope = q_BxLxHxK.shape[-1] - cache.k_rope_BxSxK.shape[-1]
   w_uk_RxHxK, w_uv_RxHxV = wkv_b_RxHxK[..., :nope], wkv_b_RxHxK[..., nope:]
   q_lat_BxLxHxR = sharding.constrain(jnp.einsum("blhk,rhk->blhr", q_BxLxHxK[..., :nope], w_uk_RxHxK), _ACT_HEADS)
   s = jnp.einsum("blhr,bsr->bhls", q_lat_BxLxHxR, cache.ckv_BxSxR, preferred_element_type=f32)
   s = s + jnp.einsum("blhk,bsk->bhls", q_BxLxHxK[..., nope:], cache.k_rope_BxSxK, preferred_element_type=f32)
-  s = jnp.where(mask_BxLxS[:, None], s * q_BxLxHxK.shape[-1] ** -0.5, jnp.finfo(f32).min)
+  s = jnp.where(mask_BxLxS[:, None], s * scale, jnp.finfo(f32).min)
   p = jax.nn.softmax(s, axis=-1).astype(dt)
   out_lat_BxLxHxR = jnp.einsum("bhls,bsr->blhr", p, cache.ckv_BxSxR)
   return jnp.einsum("blhr,rhv->blhv", out_lat_BxLxHxR, w_uv_RxHxV)
@@ -288,7 +288,8 @@ class GQA(nnx.Module):
     if a.qk_norm:
       self.q_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
       self.k_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    self.qk_norm, self.theta, self.dtype, self.chunk_len = a.qk_norm, a.rope_theta, dt, chunk_len
+    self.qk_norm, self.dtype, self.chunk_len = a.qk_norm, dt, chunk_len
+    self.rope = Rope(a.head_dim, a.rope_theta, a.rope_scaling)
     self.kv_shape, self.impl = (a.num_kv_heads, a.head_dim), a.impl
 
   def empty_cache(self, batch: int, max_len: int) -> GQACache:
@@ -303,7 +304,7 @@ class GQA(nnx.Module):
     k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = rope(q, positions_BxL, self.theta), rope(k, positions_BxL, self.theta)
+    q, k = self.rope(q, positions_BxL), self.rope(k, positions_BxL)
     v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
     q = sharding.constrain(q, _ACT_HEADS)
     chunk_len = self.chunk_len
@@ -339,7 +340,10 @@ class MLA(nnx.Module):
     self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), ("kv_lora", "heads", None), std, pdt)
     self.wo = weight(rngs, (h, a.v_head_dim, d), ("heads", None, "embed"), std, pdt)
     self.q_lora_rank, self.kv_lora_rank, self.nope = a.q_lora_rank, a.kv_lora_rank, nope
-    self.theta, self.dtype, self.chunk_len = a.rope_theta, dt, chunk_len
+    self.rope = Rope(rdim, a.rope_theta, a.rope_scaling)
+    # (nope + rope)^-1/2, and under YaRN DeepSeek-V3's correction of it
+    self.scale = (nope + rdim) ** -0.5 * softmax_mscale(a.rope_scaling)
+    self.dtype, self.chunk_len = dt, chunk_len
     self.rope_dim, self.impl = rdim, a.impl
     self.absorb = a.absorb
 
@@ -362,10 +366,10 @@ class MLA(nnx.Module):
       q = jnp.einsum("blr,rhk->blhk", cq_BxLxR, self.wq_b[...].astype(dt))
     else:
       q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
-    q = jnp.concatenate([q[..., :nope], rope(q[..., nope:], positions_BxL, self.theta)], axis=-1)
+    q = jnp.concatenate([q[..., :nope], self.rope(q[..., nope:], positions_BxL)], axis=-1)
     kv_a = jnp.einsum("bld,dr->blr", x_BxLxD, self.wkv_a[...].astype(dt))
     ckv_BxLxR = self.kv_norm(kv_a[..., : self.kv_lora_rank])
-    k_rope_BxLx1xK = rope(kv_a[..., None, self.kv_lora_rank :], positions_BxL, self.theta)
+    k_rope_BxLx1xK = self.rope(kv_a[..., None, self.kv_lora_rank :], positions_BxL)
     chunk_len = self.chunk_len
     if cache is not None:  # a few new queries over the whole cache: no chunking
       cache = MLACache(
@@ -373,14 +377,15 @@ class MLA(nnx.Module):
         k_rope_BxSxK=_write(cache.k_rope_BxSxK, k_rope_BxLx1xK[:, :, 0], positions_BxL),
       )
       if self.absorb:
-        out_BxLxHxV = absorbed_attend(sharding.constrain(q, _ACT_HEADS), cache, self.wkv_b[...].astype(dt), visible)
+        q = sharding.constrain(q, _ACT_HEADS)
+        out_BxLxHxV = absorbed_attend(q, cache, self.wkv_b[...].astype(dt), visible, self.scale)
         return jnp.einsum("blhv,hvd->bld", out_BxLxHxV, self.wo[...].astype(dt)), cache
       ckv_BxLxR, k_rope_BxLx1xK, chunk_len = cache.ckv_BxSxR, cache.k_rope_BxSxK[:, :, None], 0
     kv = jnp.einsum("blr,rhk->blhk", ckv_BxLxR, self.wkv_b[...].astype(dt))
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxLx1xK, (*k_nope.shape[:3], k_rope_BxLx1xK.shape[-1]))], -1)
     q = sharding.constrain(q, _ACT_HEADS)
-    out_BxLxHxV = attend(q, k, v, visible, q.shape[-1] ** -0.5, chunk_len, self.impl)
+    out_BxLxHxV = attend(q, k, v, visible, self.scale, chunk_len, self.impl)
     out = jnp.einsum("blhv,hvd->bld", out_BxLxHxV, self.wo[...].astype(dt))
     return out if cache is None else (out, cache)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtp_jax import sharding
+from mtp_jax.config import RopeScaling
 
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float, dtype: jnp.dtype) -> nnx.Param:
@@ -37,15 +41,68 @@ class RMSNorm(nnx.Module):
     return (x32 * scale).astype(self.dtype)
 
 
-def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half layout (the first and second halves form the pairs)."""
-  half = x_BxLxHxK.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq[None, None]
-  sin, cos = jnp.sin(angle_BxLxK)[:, :, None], jnp.cos(angle_BxLxK)[:, :, None]
-  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxLxHxK.dtype)
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary embedding over `dim` dimensions: base `theta`, and YaRN (`scaling`, Peng et al. 2023,
+  as Hugging Face's `rope_scaling` computes it) where set."""
+
+  dim: int
+  theta: float
+  scaling: RopeScaling | None = None
+
+  def frequencies(self):
+    """(inverse frequencies, dim / 2 of them, float32; the factor on cos and sin)."""
+    half = self.dim // 2
+    if self.scaling is None:
+      return self.theta ** (-jnp.arange(half, dtype=jnp.float32) / half), 1.0
+    return yarn(self.dim, self.theta, self.scaling)
+
+  def __call__(self, x_BxLxHxK: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+    """Rotate-half layout: the first and second halves of the last axis form the pairs."""
+    freq, factor = self.frequencies()
+    angle_BxLxK = positions_BxL[..., None].astype(jnp.float32) * freq[None, None]
+    sin, cos = jnp.sin(angle_BxLxK)[:, :, None], jnp.cos(angle_BxLxK)[:, :, None]
+    if factor != 1.0:
+      sin, cos = sin * factor, cos * factor
+    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+def yarn(dim: int, theta: float, s: RopeScaling) -> tuple[np.ndarray, float]:
+  """YaRN's frequencies: each dimension pair's between its own (rotating more than `beta_fast`
+  times over the original context: extrapolated) and `factor` times slower (fewer than
+  `beta_slow`: interpolated), a linear ramp between; and the cos/sin factor, 1 when both
+  `mscale` and `mscale_all_dim` are set (DeepSeek-V3 then scales the softmax instead:
+  `softmax_mscale`)."""
+  half = dim // 2
+
+  def boundary(rotations: float) -> float:  # the dimension that rotates this many times
+    return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = boundary(s.beta_fast), boundary(s.beta_slow)
+  if s.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  ramp = np.clip((np.arange(half, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+  own = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+  freq = own / s.factor * ramp + own * (1 - ramp)
+  if s.mscale and s.mscale_all_dim:
+    factor = _mscale(s.factor, s.mscale) / _mscale(s.factor, s.mscale_all_dim)
+  else:
+    factor = _mscale(s.factor, 1.0)
+  return freq.astype(np.float32), factor
+
+
+def softmax_mscale(s: RopeScaling | None) -> float:
+  """DeepSeek-V3's correction to MLA's softmax scale under YaRN: mscale(factor, mscale_all_dim)^2."""
+  if s is None or not s.mscale_all_dim:
+    return 1.0
+  return _mscale(s.factor, s.mscale_all_dim) ** 2
+
+
+def _mscale(factor: float, mscale: float) -> float:
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 class Embed(nnx.Module):
