@@ -75,7 +75,7 @@ def measure(model, prompts, batch, max_new, temperature, repeats, eos_id) -> dic
   """Both decoders over `prompts` in batches of `batch`, summed over the batches."""
   settings = dict(temperature=temperature, eos_id=eos_id)
   total = {"plain_s": 0.0, "spec_s": 0.0, "plain_new": 0, "spec_new": 0, "decoded": 0, "passes": 0}
-  accepted_K = np.zeros(len(model.mtp))
+  accepted_K = np.zeros(model.mtp_depth)
   for i in range(0, len(prompts), batch):
     group = prompts[i : i + batch]
     plain, _, plain_s = timed(

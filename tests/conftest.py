@@ -61,7 +61,12 @@ _LONGEST_FIRST = (
   "test_train.py",
   "test_compile.py",
   "test_distributed.py",
+  "test_export.py",
+  "test_import.py",
   "test_speculative.py",
+  "test_generate_cli.py",
+  "test_trainable.py",
+  "test_attention_kernels.py",
 )
 
 

@@ -69,6 +69,10 @@ FULL_Q = [
 ]
 
 
+# One MTP module applied at both depths (Nemotron 3 Super's shared head): one NextN layer.
+SHARED = [*MLA, "model.attention.q_lora_rank=8", "model.mtp.depth=2", "model.mtp.share_weights=true"]
+
+
 def _save_run(workdir: pathlib.Path, cfg, state, step_number: int = 1) -> None:
   """A run's workdir as mtp-train leaves it: config.yaml and checkpoints/<step>."""
   ckpt = Checkpointer(workdir / "checkpoints")
@@ -111,7 +115,7 @@ def case(tmp_path_factory):
 
   def get(name):
     if name not in cache:
-      cfg = config.load(None, [*TINY, *{"lora": LORA, "full_q": FULL_Q}[name], "model.init_std=0.2"])
+      cfg = config.load(None, [*TINY, *{"lora": LORA, "full_q": FULL_Q, "shared": SHARED}[name], "model.init_std=0.2"])
       init = step.make_init(cfg, optimizer.make(cfg.optimizer, cfg.train.steps))  # eager: no compile to wait for
       state = _randomized(init(jax.random.key(len(cache))), seed=len(cache))
       root = tmp_path_factory.mktemp(name)
@@ -193,7 +197,7 @@ def _rms(x, w, eps):
   return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _mtp_from_tensors(hf_dir, model, tokens) -> list[np.ndarray]:
+def _mtp_from_tensors(hf_dir, model, tokens, depth: int = 0) -> list[np.ndarray]:
   """DeepSeek-V3 eqs. 21-23 from the exported tensors alone: module k reads layer N + k - 1's
   enorm, hnorm, eh_proj (embedding half first), embed_tokens and shared_head copies; its block is
   transformers' DeepseekV3DecoderLayer on that layer's tensors. h^0 is the main model's
@@ -211,8 +215,8 @@ def _mtp_from_tensors(hf_dir, model, tokens) -> list[np.ndarray]:
   with torch.no_grad():
     h = model.model(ids, position_ids=positions).last_hidden_state
     rope = model.model.rotary_emb(h, positions)
-    for k in range(1, c.num_nextn_predict_layers + 1):
-      p = f"model.layers.{c.num_hidden_layers + k - 1}."
+    for k in range(1, (depth or c.num_nextn_predict_layers) + 1):  # a shared layer: applied `depth` times
+      p = f"model.layers.{c.num_hidden_layers + min(k, c.num_nextn_predict_layers) - 1}."
       nxt = torch.cat([ids[:, k:], torch.zeros_like(ids[:, :k])], 1)  # t_{i+k}; past the end: 0, as ours
       emb = torch.nn.functional.embedding(nxt, t[p + "embed_tokens.weight"])
       eps = c.rms_norm_eps
@@ -235,11 +239,12 @@ def _mtp_from_tensors(hf_dir, model, tokens) -> list[np.ndarray]:
   return out
 
 
-@pytest.mark.parametrize("name", ["lora", "full_q"])
+@pytest.mark.parametrize("name", ["lora", "full_q", "shared"])
 def test_mtp_layers_compute_our_depth_logits_by_eqs_21_to_23(case, name):
   cfg, _, _, hf_dir, ours, tokens = case(name)
   model, _ = _load_hf(hf_dir)
-  theirs = _mtp_from_tensors(hf_dir, model, tokens)
+  assert model.config.num_nextn_predict_layers == cfg.model.mtp.modules  # a shared module: one NextN layer
+  theirs = _mtp_from_tensors(hf_dir, model, tokens, cfg.model.mtp.depth)
   assert len(theirs) == cfg.model.mtp.depth
   length = tokens.shape[1]
   for k, logits in enumerate(theirs, start=1):
@@ -436,7 +441,8 @@ def test_a_trained_run_exports_its_latest_step_or_the_one_named(trained, tmp_pat
   assert main(["--checkpoint", str(workdir), "--output", str(tmp_path / "latest"), "--dtype", "fp32"]) == 0
   out = capsys.readouterr()
   assert f"from {workdir / 'checkpoints' / '2'}:" in out.out and "MTP at model.layers.2" in out.out
-  assert "note: the run used byte-level tokens (stdlib): no tokenizer files written" in out.err
+  assert out.err.startswith("mtp-export: warning: vLLM will not serve this export: its MLA kernels take")
+  assert (tmp_path / "latest" / "tokenizer.json").is_file()  # the byte-level tokens
   step1 = workdir / "checkpoints" / "1"
   assert main(["--checkpoint", str(step1), "--output", str(tmp_path / "one"), "--dtype", "fp32"]) == 0
   assert f"from {step1}:" in capsys.readouterr().out
@@ -615,7 +621,7 @@ def test_the_runs_hugging_face_tokenizer_is_written_beside_the_weights(trained, 
   (run / "config.yaml").write_text(config.to_yaml(cfg))
 
   result = export(str(run), str(tmp_path / "hf"))
-  assert result.notes == []
+  assert result.notes == deepseek_v3.serving_notes(cfg.model)  # this tiny latent: vLLM's warning alone
   hf = tmp_path / "hf"
   assert (hf / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
   special = json.loads((hf / "tokenizer_config.json").read_text())
@@ -628,12 +634,37 @@ def test_the_runs_hugging_face_tokenizer_is_written_beside_the_weights(trained, 
   shutil.copyfile(tmp_path / "tokenizer.json", tmp_path / "original.json")
   (tmp_path / "tokenizer.json").write_text("{}")  # no longer the file the data was made with
   result = export(str(run), str(tmp_path / "changed"))
-  assert result.notes == [
+  assert result.notes[0] == (
     f"no tokenizer files written: {tmp_path / 'tokenizer.json'} changed since the data was prepared"
-  ]
+  )
   assert not (tmp_path / "changed" / "tokenizer.json").exists()
 
   _, transformers = _hf()
   loaded = transformers.AutoTokenizer.from_pretrained(hf)
   assert loaded.eos_token == "</s>" and loaded.bos_token == "<s>"
   assert loaded("the lazy fox", add_special_tokens=False).input_ids == tok.encode("the lazy fox").ids
+
+
+def test_a_byte_level_run_exports_a_tokenizer_transformers_uses_as_it_is(case):
+  """The stdlib corpus's byte-level ids as a tokenizer.json: AutoTokenizer encodes UTF-8 bytes to
+  the ids we trained on, adds nothing, knows EOS, and transformers' generate runs on the directory
+  with no extra setting and picks our model's greedy token."""
+  _, transformers = _hf()
+  cfg, state, _, hf_dir, _, _ = case("lora")
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  text = "def é(x): €\n\t"
+  ids = tok(text).input_ids
+  assert ids == list(text.encode()) and tok.decode(ids) == text
+  assert tok.eos_token_id == cfg.model.eos_id == 256 and tok.decode([*ids, 256], skip_special_tokens=True) == text
+  model, _ = _load_hf(hf_dir)
+  out = model.generate(**tok(text, return_tensors="pt"), max_new_tokens=1, do_sample=False)
+  ours = _our_logits(cfg, state, np.asarray([ids], np.int32))[0][0, -1]
+  assert out[0, -1].item() == int(np.argmax(ours))
+
+
+def test_mla_dimensions_vllm_cannot_serve_are_named_in_one_line(tiny):
+  """vLLM's MLA kernels take kv_lora_rank + qk_rope_head_dim of 320, 512 or 576 only."""
+  servable = tiny(*MLA, "model.attention.kv_lora_rank=512", "model.attention.qk_rope_head_dim=64").model
+  assert deepseek_v3.serving_notes(servable) == []
+  [note] = deepseek_v3.serving_notes(tiny(*MLA).model)
+  assert note.startswith("warning: vLLM will not serve this export: its MLA kernels take") and "16 + 4 = 20" in note

@@ -84,7 +84,7 @@ def _assert_same_export(a, b) -> None:
 def test_import_gives_back_the_run_and_exports_again_bit_for_bit(case, imported, name, tmp_path):
   cfg, state, _, hf_dir, _, _ = case(name)
   out = imported(name)
-  assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml"]
+  assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "tokenizer"]
   got = config.load(out / "config.yaml")  # the model (tie_embeddings included) and everything else
   assert got.model == cfg.model and got.train.workdir == str(out) and got.optimizer == cfg.optimizer
   want = named_leaves(jax.device_get({"params": state.params, "router_bias": state.router_bias}))
@@ -489,7 +489,7 @@ def test_console_script_imports_and_names_a_corrupt_shard_in_one_line(case, tmp_
   assert ok.returncode == 0, ok.stderr
   assert ok.stdout.startswith(f"wrote {tmp_path / 'run'} from {hf_dir} (deepseek_v3): ")
   assert f"mtp-train --config {tmp_path / 'run' / 'config.yaml'}" in ok.stdout
-  assert ok.stderr.count("\n") == 1 and "holds no tokenizer files" in ok.stderr, ok.stderr
+  assert ok.stderr.count("\n") == 1 and "tokenizer files copied to" in ok.stderr, ok.stderr  # the byte-level one
 
   bad = tmp_path / "hf"
   shutil.copytree(hf_dir, bad)

@@ -190,3 +190,23 @@ def test_yarn_frequencies_are_transformers(dim, theta, scaling):
   plain, _ = Rope(dim, theta).frequencies()
   ratio = ours / plain  # the fast dimensions kept, the slow ones stretched by the factor
   assert ratio[0] == 1 and ratio[-1] == pytest.approx(1 / scaling["factor"], rel=1e-5)
+
+
+def test_a_shared_mtp_module_is_one_module_applied_at_every_depth(tiny):
+  """model.mtp.share_weights: the depths' logits are those of separate modules holding one
+  module's weights, and only that one module is stored (and counted)."""
+  over = ("model.mtp.depth=3", "model.init_std=0.2")
+  shared = Transformer(tiny(*over, "model.mtp.share_weights=true").model, rngs=nnx.Rngs(0))
+  separate = Transformer(tiny(*over).model, rngs=nnx.Rngs(0))
+  assert len(shared.mtp) == 1 and len(separate.mtp) == 3
+  for module in separate.mtp:  # the same draws came first, so the trunk and module 1 already agree
+    nnx.update(module, nnx.state(shared.mtp[0]))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 320, (2, 16)), jnp.int32)
+  ones = jnp.ones_like(tokens)
+  a, b = (m(tokens, ones, jnp.cumsum(ones, 1) - 1) for m in (shared, separate))
+  assert len(a.hidden) == 4 and set(a.aux) == set(b.aux)
+  for x, y in zip(a.hidden, b.hidden, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  cfg = tiny(*over, "model.mtp.share_weights=true").model
+  real = sum(x.size for x in jax.tree.leaves(nnx.state(shared, nnx.Param)))
+  assert cost(cfg, 16).total_params == real

@@ -102,13 +102,18 @@ def test_accepted_drafts_cut_forward_passes_and_stats_match_the_tokens():
   assert plain_tokens == want and plain.passes_per_token == 1.0
 
 
-@pytest.mark.parametrize("kind,attention", [("sequential", "mla"), ("parallel", "gqa")])
-def test_every_draft_is_the_training_forwards_prediction_at_its_depth(kind, attention):
+@pytest.mark.parametrize(
+  "kind,attention,shared", [("sequential", "mla", False), ("parallel", "gqa", False), ("sequential", "gqa", True)]
+)
+def test_every_draft_is_the_training_forwards_prediction_at_its_depth(kind, attention, shared):
   """Draft j of a round, whose committed tokens are t_0 .. t_{n-1}, must be what the training
   forward's depth j predicts at position n - 2 over those tokens followed by the round's
   earlier drafts (which sequential depth j reads as Emb(t_{n-2+j})). Sampled drafts and
-  frequent rejections exercise the chain, the rollback and the recomputed window."""
-  model = _model(f"model.mtp.kind={kind}", f"model.attention.kind={attention}", "model.mtp.depth=2")
+  frequent rejections exercise the chain, the rollback and the recomputed window. One module
+  shared by the depths (model.mtp.share_weights) drafts every depth, as training applies it."""
+  share = f"model.mtp.share_weights={shared}"
+  model = _model(f"model.mtp.kind={kind}", f"model.attention.kind={attention}", "model.mtp.depth=2", share)
+  assert len(model.mtp) == (1 if shared else 2)
   max_new = 10
   out, _ = speculative.run(model, PROMPTS, max_new, temperature=1.0, seed=3, trace=True)
   t = jax.device_get(out.trace)

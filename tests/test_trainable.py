@@ -9,8 +9,14 @@ from mtp_jax.model.flops import cost, traced_matmul_flops
 from mtp_jax.train import loop
 from mtp_jax.train.checkpoint import Checkpointer, named_leaves
 
-# Adam moves each parameter by its own gradient alone when nothing clips the global norm.
-OVERRIDES = ("model.mtp.depth=2", "optimizer.grad_clip=0", "optimizer.learning_rate=0.01")
+# Adam moves each parameter by its own gradient alone when nothing clips the global norm. One
+# MTP module serves both depths (model.mtp.share_weights), its router bias moved by their summed load.
+OVERRIDES = (
+  "model.mtp.depth=2",
+  "model.mtp.share_weights=true",
+  "optimizer.grad_clip=0",
+  "optimizer.learning_rate=0.01",
+)
 
 
 def _leaves(tree) -> dict[str, np.ndarray]:

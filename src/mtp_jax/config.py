@@ -129,6 +129,16 @@ class MTPConfig(_Section):
     [], "Step schedule: [[from_step, weight], ...] overriding loss_weight from each step on."
   )
   use_moe: bool = _field(True, "MTP blocks use an MoE FFN when the model has experts (as DeepSeek-V3).")
+  share_weights: bool = _field(
+    False,
+    "sequential: one module applied at every depth, trained on all depth losses (Nemotron 3 Super's shared MTP "
+    "head, Megatron's repeated layer); exported as one NextN layer, decoding drafts depth tokens by reusing it.",
+  )
+
+  @property
+  def modules(self) -> int:
+    """MTP modules stored: one when they share weights, else one per depth."""
+    return min(self.depth, 1) if self.share_weights else self.depth
 
 
 class ModelConfig(_Section):
@@ -444,6 +454,8 @@ def _problems(c: Config):
       yield "model.moe.n_group", "groups need at least 2 experts each (scored by their top-2)"
     if c.mesh.expert > 0 and moe.num_experts % c.mesh.expert:
       yield "model.moe.num_experts", f"{moe.num_experts} is not divisible by mesh.expert ({c.mesh.expert})"
+  if mtp.share_weights and mtp.kind != "sequential":
+    yield "model.mtp.share_weights", "shares one sequential module over the depths; parallel heads each branch alone"
   if c.train.trainable == "mtp" and not mtp.depth:
     yield "train.trainable", "mtp trains the MTP modules, and model.mtp.depth is 0"
   if mtp.depth >= c.data.seq_len - 1:

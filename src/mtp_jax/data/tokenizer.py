@@ -52,6 +52,25 @@ class ByteTokenizer:
 
 
 BYTE_TOKENIZER = ByteTokenizer()
+EOS_TOKEN = "<|endoftext|>"  # how a Hugging Face tokenizer of ours spells EOS_ID
+
+
+def byte_level_json() -> str:
+  """`ByteTokenizer` as a Hugging Face tokenizer.json: each UTF-8 byte is the token whose id is
+  its value (spelled in GPT-2's byte-level alphabet, as the `ByteLevel` pre-tokenizer and decoder
+  spell bytes), no merges, and EOS_ID the special token EOS_TOKEN."""
+  from tokenizers import AddedToken, decoders, models, pre_tokenizers
+  from tokenizers import Tokenizer as HFTokenizer
+
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  spelled = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+  tok = HFTokenizer(models.BPE(vocab={spelled[b]: b for b in range(256)}, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+  assert tok.token_to_id(EOS_TOKEN) == EOS_ID
+  return tok.to_str()
 
 
 def encode(text: str) -> np.ndarray:

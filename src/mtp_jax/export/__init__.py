@@ -27,7 +27,7 @@ def common_config(cfg, dtype: str, tok) -> dict:
     "intermediate_size": m.d_ff,
     "moe_intermediate_size": m.moe.expert_d_ff,
     "num_hidden_layers": m.num_layers,
-    "num_nextn_predict_layers": m.mtp.depth,
+    "num_nextn_predict_layers": m.mtp.modules,  # one for modules sharing weights, as vLLM reuses it
     "num_attention_heads": m.attention.num_heads,
     "hidden_act": "silu",
     "rms_norm_eps": m.norm_eps,

@@ -109,7 +109,7 @@ def _attempt(prog: str, work):
     print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
     return 130
   for note in result.notes:
-    print(f"{prog}: note: {note}", file=sys.stderr)
+    print(f"{prog}: {note}" if note.startswith("warning: ") else f"{prog}: note: {note}", file=sys.stderr)
   return result
 
 

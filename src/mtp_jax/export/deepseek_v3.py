@@ -61,11 +61,27 @@ def check(m: ModelConfig) -> None:
     raise ExportError(f"--format deepseek_v3 cannot express {setting}: {why}")
 
 
+VLLM_MLA_LATENTS = (320, 512, 576)  # kv_lora_rank + qk_rope_head_dim vLLM's MLA kernels take (0.32)
+
+
+def serving_notes(m: ModelConfig) -> list[str]:
+  """What a serving runtime will refuse in this export, one line each."""
+  a = m.attention
+  latent = a.kv_lora_rank + a.qk_rope_head_dim
+  if latent in VLLM_MLA_LATENTS:
+    return []
+  return [
+    f"warning: vLLM will not serve this export: its MLA kernels take kv_lora_rank + qk_rope_head_dim of "
+    f"{', '.join(map(str, VLLM_MLA_LATENTS))} (its CPU kernel only 576), and this model's is "
+    f"{a.kv_lora_rank} + {a.qk_rope_head_dim} = {latent}"
+  ]
+
+
 def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
   """config.json: every key DeepseekV3Config reads, plus those vLLM / SGLang and the published
   file carry (rope_theta beside rope_parameters for readers older than transformers 5)."""
   m, a, moe = cfg.model, cfg.model.attention, cfg.model.moe
-  dense_layers = m.first_k_dense if moe.num_experts else m.num_layers + m.mtp.depth  # no MoE layer anywhere
+  dense_layers = m.first_k_dense if moe.num_experts else m.num_layers + m.mtp.modules  # no MoE layer anywhere
   return {
     "architectures": [ARCHITECTURE],
     "model_type": "deepseek_v3",
@@ -260,7 +276,7 @@ def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str, laye
 
 def mtp_layers(m: ModelConfig) -> list[str]:
   """Where the MTP modules are: module k at layer num_hidden_layers + k - 1."""
-  return [f"model.layers.{m.num_layers + k}" for k in range(m.mtp.depth)]
+  return [f"model.layers.{m.num_layers + k}" for k in range(m.mtp.modules)]
 
 
 def tensors(m: ModelConfig) -> list[Tensor]:
@@ -278,7 +294,7 @@ def tensors(m: ModelConfig) -> list[Tensor]:
     moe = has_moe and i >= m.first_k_dense
     r, j = stack_of(m, i)
     out += _block(m, f"model.layers.{i}", f"layers.{r}", moe, f"router_bias.layers.{r}", j)
-  for k in range(m.mtp.depth):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
+  for k in range(m.mtp.modules):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
     hf, ours = f"model.layers.{m.num_layers + k}", f"mtp.{k}"
     out += [
       Tensor(f"{hf}.enorm.weight", f"params.{ours}.enorm.scale"),

@@ -16,7 +16,7 @@ from mtp_jax.export.layout import Tensor
 
 MAX_READ_BYTES = 2**30  # small arrays are read together up to this; a larger one alone
 # --format name -> its layout module: problems(m), check(m), config_json(cfg, dtype, tok), tensors(m),
-# mtp_layers(m), model_config(hf_config).
+# mtp_layers(m), model_config(hf_config), serving_notes(m).
 FORMATS = {"deepseek_v3": deepseek_v3, "qwen3_moe": qwen3_moe}
 DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)), "fp32": ("float32", np.dtype(np.float32))}
 
@@ -101,7 +101,7 @@ def export(
     shards=len(shards.files),
     bytes=shards.bytes + extra_bytes,
     mtp_layers=fmt.mtp_layers(cfg.model),
-    notes=[tok.note] if tok.note else [],
+    notes=([tok.note] if tok.note else []) + fmt.serving_notes(cfg.model),
   )
 
 
@@ -112,8 +112,8 @@ def _write_configs(directory: pathlib.Path, fmt, cfg, dtype_name: str, tok: sour
   if info and info.pad_id is not None:
     generation["pad_token_id"] = info.pad_id
   writer.write_json(directory / "generation_config.json", generation)
-  if tok.file is not None:
-    writer.write_tokenizer(directory, tok.file, info.bos_id, info.eos_id, info.pad_id, cfg.data.seq_len)
+  if (text := tok.json()) is not None:
+    writer.write_tokenizer(directory, text, info.bos_id, info.eos_id, info.pad_id, cfg.data.seq_len)
 
 
 def _check_covers(table: list[Tensor], leaves: dict) -> None:

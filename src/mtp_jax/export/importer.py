@@ -96,20 +96,22 @@ def import_(
     **_named(program.abstract_state.router_bias, "router_bias"),
   }
 
-  def tensors(depth: int) -> list[Tensor]:  # of our model with `depth` MTP modules
-    return fmt.tensors(cfg.model.model_copy(update={"mtp": cfg.model.mtp.model_copy(update={"depth": depth})}))
+  def tensors(modules: int) -> list[Tensor]:  # of our model with this many MTP modules stored
+    mtp = cfg.model.mtp.model_copy(update={"depth": modules, "share_weights": False})
+    return fmt.tensors(cfg.model.model_copy(update={"mtp": mtp}))
 
-  table = tensors(cfg.model.mtp.depth)
+  modules = cfg.model.mtp.modules
+  table = tensors(modules)
   files = _Files(directory, {t.file for t in table if t.file})
   in_files = tensors(model["mtp"]["depth"])  # all the directory may hold
   fresh = []
   if "model.mtp.depth" in _dotted(config_lib.parse_overrides(list(overrides)), ""):
     # An explicit depth: the MTP modules the files hold are read, the rest start afresh.
-    held = _modules_held(tensors, cfg.model.mtp.depth, files)
-    table, fresh = tensors(held), [f"mtp.{k}." for k in range(held, cfg.model.mtp.depth)]
+    held = _modules_held(tensors, modules, files)
+    table, fresh = tensors(held), [f"mtp.{k}." for k in range(held, modules)]
     if fresh:
       notes.append(
-        f"MTP module(s) {held + 1} to {cfg.model.mtp.depth} are not in {directory}: initialised afresh "
+        f"MTP module(s) {held + 1} to {modules} are not in {directory}: initialised afresh "
         "(train them alone with train.trainable=mtp)"
       )
   notes += _check(table, in_files, leaves, files)

@@ -95,6 +95,11 @@ def check(m: ModelConfig) -> None:
     raise ExportError(f"--format qwen3_moe cannot express {setting}: {why}")
 
 
+def serving_notes(m: ModelConfig) -> list[str]:
+  """What a serving runtime will refuse in this export: nothing known for this layout."""
+  return []
+
+
 def _dense(m: ModelConfig, layer: int) -> bool:
   """Whether HF layer `layer` (trunk, then MTP modules) has a dense FFN."""
   if not m.moe.num_experts:
@@ -116,7 +121,7 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
     "num_experts_per_tok": moe.top_k,
     "norm_topk_prob": moe.norm_topk_prob,
     "decoder_sparse_step": 1,
-    "mlp_only_layers": [i for i in range(m.num_layers + m.mtp.depth) if _dense(m, i)],
+    "mlp_only_layers": [i for i in range(m.num_layers + m.mtp.modules) if _dense(m, i)],
     "use_sliding_window": False,
     "sliding_window": None,
     "max_window_layers": m.num_layers,
@@ -227,7 +232,7 @@ def _block(
 
 def mtp_layers(m: ModelConfig) -> list[str]:
   """Where the MTP modules are: module k at layer num_hidden_layers + k - 1 of mtp.safetensors."""
-  return [f"{MTP_FILE}:model.layers.{m.num_layers + k}" for k in range(m.mtp.depth)]
+  return [f"{MTP_FILE}:model.layers.{m.num_layers + k}" for k in range(m.mtp.modules)]
 
 
 def tensors(m: ModelConfig) -> list[Tensor]:
@@ -241,7 +246,7 @@ def tensors(m: ModelConfig) -> list[Tensor]:
   for i in range(m.num_layers):
     r, j = stack_of(m, i)
     out += _block(m, f"model.layers.{i}", f"layers.{r}", _dense(m, i), f"router_bias.layers.{r}", None, j)
-  for k in range(m.mtp.depth):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
+  for k in range(m.mtp.modules):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
     i = m.num_layers + k
     hf, ours = f"model.layers.{i}", f"mtp.{k}"
     out += [

@@ -26,6 +26,7 @@ from mtp_jax import config as config_lib
 from mtp_jax.config import STDLIB, Config
 from mtp_jax.data import manifest as manifest_lib
 from mtp_jax.data.manifest import DataError, TokenizerInfo
+from mtp_jax.data.tokenizer import EOS_ID, VOCAB_SIZE_MIN, byte_level_json
 from mtp_jax.export import ExportError
 from mtp_jax.model import Transformer
 from mtp_jax.model.moe import RouterBias
@@ -240,12 +241,17 @@ def read_groups(pieces: list[tuple[str, int | None]], leaves: dict[str, jax.Shap
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
-  """The run's tokenizer as a Hugging Face directory wants it; `file` is None when it cannot be
-  written there (with `note` saying why)."""
+  """The run's tokenizer as a Hugging Face directory wants it: `file` (its tokenizer.json) or
+  `text` (one built for it); neither when it cannot be written there (`note` says why)."""
 
   info: TokenizerInfo | None
   file: pathlib.Path | None = None
   note: str | None = None
+  text: str | None = None
+
+  def json(self) -> bytes | None:
+    """tokenizer.json's bytes, or None."""
+    return self.file.read_bytes() if self.file is not None else None if self.text is None else self.text.encode()
 
 
 def tokenizer(cfg: Config, workdir: pathlib.Path) -> Tokenizer:
@@ -253,7 +259,7 @@ def tokenizer(cfg: Config, workdir: pathlib.Path) -> Tokenizer:
   that every source shares it)."""
   path = cfg.data.sources[0].path
   if path == STDLIB:
-    return Tokenizer(None, note="the run used byte-level tokens (stdlib): no tokenizer files written")
+    return _bytes(TokenizerInfo(kind="bytes", vocab_size=VOCAB_SIZE_MIN, eos_id=EOS_ID))
   where = pathlib.Path(path)
   if not where.is_absolute() and not where.exists() and (workdir / where).exists():
     where = workdir / where
@@ -261,6 +267,8 @@ def tokenizer(cfg: Config, workdir: pathlib.Path) -> Tokenizer:
     info = manifest_lib.read(where).tokenizer
   except DataError as err:
     return Tokenizer(None, note=f"no tokenizer files written: data.sources[0]: {err}")
+  if info.kind == "bytes":
+    return _bytes(info)
   if info.kind != "huggingface":
     return Tokenizer(info, note=f"no tokenizer files written: the run's tokenizer is {info.kind}, not Hugging Face")
   file = pathlib.Path(info.path)
@@ -269,3 +277,12 @@ def tokenizer(cfg: Config, workdir: pathlib.Path) -> Tokenizer:
   if hashlib.sha256(file.read_bytes()).hexdigest() != info.sha256:
     return Tokenizer(info, note=f"no tokenizer files written: {file} changed since the data was prepared")
   return Tokenizer(info, file=file)
+
+
+def _bytes(info: TokenizerInfo) -> Tokenizer:
+  """Byte-level tokens: a tokenizer.json that encodes UTF-8 bytes to their values, EOS 256."""
+  if info.eos_id != EOS_ID:
+    return Tokenizer(
+      info, note=f"no tokenizer files written: byte-level tokens with eos_id {info.eos_id}, not {EOS_ID}"
+    )
+  return Tokenizer(info, text=byte_level_json())

@@ -112,13 +112,13 @@ def write_json(path: pathlib.Path, value: dict) -> None:
   path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def write_tokenizer(directory: pathlib.Path, file: pathlib.Path, bos_id, eos_id: int, pad_id, max_length: int) -> None:
-  """tokenizer.json as the run used it, and a tokenizer_config.json naming its special tokens
-  (documents were encoded without them and end in EOS; nothing is added to a prompt)."""
+def write_tokenizer(directory: pathlib.Path, text: bytes, bos_id, eos_id: int, pad_id, max_length: int) -> None:
+  """tokenizer.json (`text`: as the run used it) and a tokenizer_config.json naming its special
+  tokens (documents were encoded without them and end in EOS; nothing is added to a prompt)."""
   from tokenizers import Tokenizer
 
-  shutil.copyfile(file, directory / "tokenizer.json")
-  tok = Tokenizer.from_file(str(file))
+  (directory / "tokenizer.json").write_bytes(text)
+  tok = Tokenizer.from_str(text.decode())
 
   def token(i):
     return None if i is None else tok.id_to_token(i)

@@ -189,7 +189,7 @@ def _drafts(run, args) -> int:
   """Drafts per round, 0 for plain decoding."""
   from mtp_jax.generate import speculative
 
-  depth = len(run.model.mtp)
+  depth = run.model.mtp_depth
   asked = args.speculative or args.draft_tokens is not None or args.reuse
   if args.speculative is False or not (depth or asked):
     return 0

@@ -80,7 +80,7 @@ class Trace:
 
 def check(model: Transformer, draft_tokens: int | None, reuse: bool) -> int:
   """The number of drafts per round, or a ValueError saying why these settings cannot draft."""
-  depth = len(model.mtp)
+  depth = model.mtp_depth
   if depth == 0:
     raise ValueError("speculative decoding drafts with the MTP depths, and this model has model.mtp.depth=0")
   k = depth if draft_tokens is None else draft_tokens
@@ -254,7 +254,7 @@ def _speculative(
 ):
   model = nnx.merge(graphdef, state)
   b, p = tokens_BxP.shape
-  k, depth, sequential = draft_tokens, len(model.mtp), model.mtp_kind == "sequential"
+  k, sequential = draft_tokens, model.mtp_kind == "sequential"
   window = 2 * k  # see MTP.md: enough for every draft-dependent slot to be rewritten once settled
   s = p + max_new_tokens + window  # verification reaches position n - 1 + K, n <= P + max_new_tokens - 1
   steps_T = jnp.arange(k + 1, dtype=jnp.int32)
@@ -273,8 +273,8 @@ def _speculative(
   first_B = pick(jax.random.fold_in(key, 0), 0, _rows(logits_BxPxV, lengths_B - 1))
   seq_BxS = _put(seq_BxS, first_B[:, None], lengths_B[:, None])
   if sequential:
-    modules = [model.mtp[(j - 1) % depth] for j in range(1, k + 1)]  # reuse: module ((j-1) mod depth)+1
-    full_modules = [full.mtp[(j - 1) % depth] for j in range(1, k + 1)]  # the same, for the prefill
+    modules = [model.mtp_module(j) for j in range(1, k + 1)]  # reuse: module ((j-1) mod modules)+1
+    full_modules = [full.mtp_module(j) for j in range(1, k + 1)]  # the same, for the prefill
     drafts = cache_lib.allocate([m.block.empty_cache(b, s) for m in modules], b)
     h0_BxSxD = jnp.zeros((b, s, hidden_BxPxD.shape[-1]), hidden_BxPxD.dtype).at[:, :p].set(hidden_BxPxD)
     # Every prompt slot, so that slots the first round's window does not reach are settled.

@@ -76,11 +76,11 @@ def cost(cfg: ModelConfig, seq_len: int, trainable: str = "all") -> Cost:
   active += sum(a for _, a in trunk_blocks)
 
   mtp_total = mtp_active = 0
-  for _ in range(cfg.mtp.depth):
+  for k in range(cfg.mtp.depth):
     t, a = block(has_moe and cfg.mtp.use_moe)
     if cfg.mtp.kind == "sequential":  # enorm, hnorm, 2D -> D projection, own final norm
       t, a = t + 2 * d * d + 3 * d, a + 2 * d * d
-    mtp_total += t
+    mtp_total += t if k < cfg.mtp.modules else 0  # a module shared by the depths is stored once
     mtp_active += a + head  # every depth projects through the shared head
   total += mtp_total
   n_attn = cfg.num_layers + cfg.mtp.depth

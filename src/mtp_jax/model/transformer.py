@@ -183,11 +183,17 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.head = weight(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
     mtp_moe = has_moe and cfg.mtp.use_moe
-    extra = [Block(cfg, moe=mtp_moe, rngs=rngs, attention_chunk_len=attention_chunk_len) for _ in range(cfg.mtp.depth)]
+    chunk = attention_chunk_len
+    extra = [Block(cfg, moe=mtp_moe, rngs=rngs, attention_chunk_len=chunk) for _ in range(cfg.mtp.modules)]
     if cfg.mtp.kind == "sequential":
       extra = [SequentialModule(cfg, block, rngs=rngs) for block in extra]
-    self.mtp = nnx.List(extra)
+    self.mtp = nnx.List(extra)  # one per depth, or one applied at every depth (model.mtp.share_weights)
+    self.mtp_depth = cfg.mtp.depth
     self.mtp_kind, self.dtype, self.remat, self.scan_layers = cfg.mtp.kind, dt, remat, scan_layers
+
+  def mtp_module(self, k: int):
+    """The MTP module of depth k (1-based)."""
+    return self.mtp[(k - 1) % len(self.mtp)]
 
   def head_matrix(self) -> jax.Array:
     """The output head, DxV, in the compute dtype (shared by every depth)."""
@@ -205,9 +211,11 @@ class Transformer(nnx.Module):
 
   def moe_layers(self) -> list[tuple[list[str], MoE]]:
     """Every MoE FFN with the names its layers' aux terms are reported under: a trunk stack's
-    one module holds its layers' variables stacked (names in layer order), an MTP depth's its own."""
+    one module holds its layers' variables stacked (names in layer order), an MTP module the
+    depths it serves (every depth's, when they share it)."""
     out = [([f"layer_{i}" for i in range(a, b)], s.ffn) for (a, b), s in zip(self.runs, self.layers, strict=True)]
-    out += [([f"mtp_{k + 1}"], getattr(m, "block", m).ffn) for k, m in enumerate(self.mtp)]
+    depths = [[f"mtp_{k}" for k in range(1, self.mtp_depth + 1) if self.mtp_module(k) is m] for m in self.mtp]
+    out += [(names, getattr(m, "block", m).ffn) for names, m in zip(depths, self.mtp, strict=True)]
     return [(names, ffn) for names, ffn in out if isinstance(ffn, MoE)]
 
   def empty_cache(self, batch: int, max_len: int) -> list:
@@ -248,7 +256,8 @@ class Transformer(nnx.Module):
     else:
       hidden.append(self.final_norm(x))
       h_prev = hidden[0]  # depth 1 sees the final-normed state, as vLLM / SGLang / Megatron feed it
-      for k, module in enumerate(self.mtp, start=1):
+      for k in range(1, self.mtp_depth + 1):
+        module = self.mtp_module(k)
         emb = self.embed(shift_left(tokens_BxL, k))
         h_prev = run(f"mtp_{k}", module.block, module.mix(emb, h_prev))
         hidden.append(module.norm(h_prev))

@@ -42,7 +42,7 @@ def speculative_acceptance(
   j, the share accepted), eval/spec_accepted_len (1 + drafts accepted per round: tokens per
   verifying pass before rows hit max tokens or eos) and eval/spec_passes_per_token (measured),
   as `speculative.SpecStats` counts them."""
-  out, _ = speculative.run(model, prompts, new_tokens, draft_tokens=len(model.mtp), eos_id=eos_id)
+  out, _ = speculative.run(model, prompts, new_tokens, draft_tokens=model.mtp_depth, eos_id=eos_id)
   row_rounds, accepted_K, count_B = (_everywhere(x) for x in (out.row_rounds, out.accepted_K, out.count_B))
   rounds = max(int(row_rounds), 1)
   values = {f"eval/spec_accept_{j}": float(a) / rounds for j, a in enumerate(accepted_K, start=1)}

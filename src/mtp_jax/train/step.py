@@ -206,7 +206,8 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
         for names, moe in model.moe_layers():
           if cfg.train.trainable == "mtp" and not names[0].startswith("mtp_"):
             continue  # a frozen trunk's routing stays as it was
-          load = jnp.stack([sums["load"][n] for n in names]).reshape(moe.router.bias.shape)
+          # One row per layer the module's bias stacks; a module shared by MTP depths sums theirs.
+          load = jnp.stack([sums["load"][n] for n in names]).reshape(-1, *moe.router.bias.shape).sum(0)
           moe.router.update_bias(load, moe_cfg.bias_update_rate)
         bias = nnx.state(model, RouterBias)
 
