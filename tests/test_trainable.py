@@ -7,7 +7,7 @@ from conftest import fixed_batch
 
 from mtp_jax.model.flops import cost, traced_matmul_flops
 from mtp_jax.train import loop
-from mtp_jax.train.checkpoint import Checkpointer, named_leaves
+from mtp_jax.train.checkpoint import Checkpointer, CheckpointError, named_leaves
 
 # Adam moves each parameter by its own gradient alone when nothing clips the global norm. One
 # MTP module serves both depths (model.mtp.share_weights), its router bias moved by their summed load.
@@ -111,3 +111,7 @@ def test_a_run_without_mtp_modules_gets_a_drafter_trained_on_its_frozen_trunk(ti
   assert set(saved["drafter"]) - set(saved["base"]) == {k for k in saved["drafter"] if k.startswith("mtp.")}
   for name, value in saved["base"].items():
     assert np.array_equal(value, saved["drafter"][name]), f"{name} changed"
+  # Resuming it as full training: its optimizer state covers the MTP modules alone, said in one line.
+  full = drafter.model_copy(update={"train": drafter.train.model_copy(update={"trainable": "all", "steps": 3})})
+  with pytest.raises(CheckpointError, match=r"has no opt_state\..*\(train\.trainable changed\?\): start a new run"):
+    loop.train(full, log=lambda _: None)

@@ -45,6 +45,16 @@ def leaf_name(path) -> str:
   return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
 
 
+def _why(name: str) -> str:
+  """A likely cause of a checkpoint not fitting at `name`, for the one-line error."""
+  if name.startswith("opt_state."):
+    return (
+      "; the optimizer state covers other parameters (train.trainable changed?): start a new run from it with "
+      "checkpoint.restore_from and checkpoint.load_params_only=true"
+    )
+  return ""
+
+
 def named_leaves(tree) -> dict:
   return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -172,7 +182,7 @@ class Checkpointer:
       )
     for name, want in wanted.items():
       if name not in saved:
-        raise CheckpointError(f"{where} has no {name}, which this config needs (shape {tuple(want.shape)})")
+        raise CheckpointError(f"{where} has no {name}, which this config needs (shape {tuple(want.shape)}){_why(name)}")
       if tuple(saved[name].shape) != tuple(want.shape):
         raise CheckpointError(
           f"{where} does not fit this config: {name} has shape {tuple(saved[name].shape)} there, "
@@ -182,7 +192,7 @@ class Checkpointer:
     if extra and not partial:
       raise CheckpointError(
         f"{where} does not fit this config: it has {extra[0]} (shape {tuple(saved[extra[0]].shape)}), "
-        "which this config does not"
+        f"which this config does not{_why(extra[0])}"
       )
     return saved
 
