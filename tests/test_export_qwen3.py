@@ -353,6 +353,8 @@ def test_model_config_takes_dense_leading_layers_and_a_one_element_eos_list():
   [
     (["model.attention.kind=mla", "model.attention.qk_norm=false"], "model.attention.kind=mla"),
     (["model.attention.qk_norm=false"], "model.attention.qk_norm=false"),
+    (["model.attention.qkv_bias=true"], "model.attention.qkv_bias=true"),
+    (["model.attention.partial_rotary_factor=0.5"], "model.attention.partial_rotary_factor=0.5"),
     (["model.mtp.kind=parallel"], "model.mtp.kind=parallel"),
     (["model.moe.score_func=sigmoid"], "model.moe.score_func=sigmoid"),
     (["model.moe.num_shared_experts=1"], "model.moe.num_shared_experts=1"),

@@ -210,3 +210,50 @@ def test_a_shared_mtp_module_is_one_module_applied_at_every_depth(tiny):
   cfg = tiny(*over, "model.mtp.share_weights=true").model
   real = sum(x.size for x in jax.tree.leaves(nnx.state(shared, nnx.Param)))
   assert cost(cfg, 16).total_params == real
+
+
+def test_partial_rotary_turns_the_first_dims_as_glm_does(tiny):
+  """model.attention.partial_rotary_factor: RoPE (rotate-half) on each head's first dims, the rest
+  passed through, as transformers' Glm4Moe applies it."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from transformers.models.glm4_moe import modeling_glm4_moe as glm
+
+  from mtp_jax.model import attention
+
+  over = ("model.attention.head_dim=16", "model.attention.partial_rotary_factor=0.5", "model.attention.rope_theta=500")
+  gqa = attention.GQA(tiny(*over).model, rngs=nnx.Rngs(0))
+  hf = transformers.Glm4MoeConfig(
+    hidden_size=64,
+    num_attention_heads=4,
+    partial_rotary_factor=0.5,
+    rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+  )
+  x_BxLxHxK = np.random.default_rng(0).normal(size=(2, 12, 4, 16)).astype(np.float32)
+  positions = np.tile(np.arange(12), (2, 1))
+  xt = torch.from_numpy(x_BxLxHxK).transpose(1, 2)
+  cos, sin = glm.Glm4MoeRotaryEmbedding(hf)(xt, torch.from_numpy(positions))
+  theirs, _ = glm.apply_rotary_pos_emb(xt, xt, cos, sin)
+  ours = np.asarray(gqa._rope(jnp.asarray(x_BxLxHxK), jnp.asarray(positions)))
+  np.testing.assert_allclose(ours, theirs.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ours[..., 8:], x_BxLxHxK[..., 8:])
+
+
+def test_qkv_biases_are_parameters_that_act_and_are_not_decayed(tiny):
+  from mtp_jax.train import optimizer, step
+
+  cfg = tiny("model.attention.qkv_bias=true", "model.init_std=0.2")
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  _, params, _ = step.split(model)
+  assert cost(cfg.model, cfg.data.seq_len).total_params == sum(x.size for x in jax.tree.leaves(params))
+  decays = optimizer.decay_mask(params)
+  bias = decays["layers"][0]["attn"]["bias"]
+  assert not any(bias[n].get_value() for n in ("q", "k", "v")) and decays["layers"][0]["attn"]["wq"].get_value()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 320, (2, 16)), jnp.int32)
+  ones = jnp.ones_like(tokens)
+  before = model(tokens, ones, jnp.cumsum(ones, 1) - 1).hidden[0]
+  for n in ("q", "k", "v"):
+    b = model.layers[0].attn.bias[n]
+    b[...] = b[...] + 0.5
+  after = model(tokens, ones, jnp.cumsum(ones, 1) - 1).hidden[0]
+  assert np.abs(np.asarray(after - before)).max() > 1e-2

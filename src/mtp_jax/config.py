@@ -56,6 +56,10 @@ class AttentionConfig(_Section):
   num_kv_heads: int = _field(2, "gqa: key/value heads (divides num_heads).", ge=1)
   head_dim: int = _field(16, "gqa: per-head dimension (even, for RoPE).", ge=2)
   qk_norm: bool = _field(False, "gqa: RMS-normalise each query and key head before RoPE (Qwen3).")
+  qkv_bias: bool = _field(False, "gqa: biases on the query, key and value projections (GLM-4.5, Qwen2).")
+  partial_rotary_factor: float = _field(
+    1.0, "gqa: the share of each head's dimensions RoPE rotates, its first ones (GLM-4.5: 0.5).", gt=0, le=1
+  )
   q_lora_rank: int = _field(0, "mla: rank of the compressed query (0: full-rank query projection).", ge=0)
   kv_lora_rank: int = _field(32, "mla: rank of the compressed key/value latent.", ge=1)
   qk_nope_head_dim: int = _field(16, "mla: per-head query/key dims without RoPE.", ge=1)
@@ -437,6 +441,9 @@ def _problems(c: Config):
       yield "model.attention.num_kv_heads", f"{a.num_kv_heads} does not divide num_heads ({a.num_heads})"
     if a.head_dim % 2:
       yield "model.attention.head_dim", f"{a.head_dim} must be even for RoPE"
+    elif (rotary := int(a.head_dim * a.partial_rotary_factor)) % 2 or not rotary:
+      why = f"rotates {rotary} of head_dim {a.head_dim}; RoPE needs an even, nonzero count"
+      yield "model.attention.partial_rotary_factor", why
   elif a.qk_rope_head_dim % 2:
     yield "model.attention.qk_rope_head_dim", f"{a.qk_rope_head_dim} must be even for RoPE"
   if a.kind == "mla" and a.qk_norm:

@@ -71,6 +71,10 @@ def problems(m: ModelConfig):
     yield f"model.attention.kind={m.attention.kind}", "Qwen3-MoE attention is grouped-query (deepseek_v3 takes MLA)"
   elif not m.attention.qk_norm:
     yield "model.attention.qk_norm=false", "Qwen3 always RMS-normalises each query and key head"
+  elif m.attention.qkv_bias:
+    yield "model.attention.qkv_bias=true", "Qwen3's attention projections have no bias"
+  elif m.attention.partial_rotary_factor != 1:
+    yield f"model.attention.partial_rotary_factor={m.attention.partial_rotary_factor:g}", "Qwen3 rotates every dim"
   if m.mtp.depth and m.mtp.kind != "sequential":
     yield f"model.mtp.kind={m.mtp.kind}", "parallel heads branch inside the trunk; sequential modules go beside it"
   moe = m.moe

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec
 
 from mtp_jax import sharding
 from mtp_jax.config import AttentionConfig, ConfigError, ModelConfig
-from mtp_jax.model.layers import RMSNorm, Rope, softmax_mscale, weight
+from mtp_jax.model.layers import RMSNorm, Rope, bias, softmax_mscale, weight
 
 SPLASH_BLOCK = 128  # splash's tiles hold whole 128-lane blocks of the sequence
 
@@ -288,8 +288,16 @@ class GQA(nnx.Module):
     if a.qk_norm:
       self.q_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
       self.k_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
+    self.bias = nnx.data(None)
+    if a.qkv_bias:  # zero at the start, never weight-decayed
+      self.bias = nnx.Dict(
+        q=bias((a.num_heads, a.head_dim), ("heads", None), pdt),
+        k=bias((a.num_kv_heads, a.head_dim), ("kv_heads", None), pdt),
+        v=bias((a.num_kv_heads, a.head_dim), ("kv_heads", None), pdt),
+      )
     self.qk_norm, self.dtype, self.chunk_len = a.qk_norm, dt, chunk_len
-    self.rope = Rope(a.head_dim, a.rope_theta, a.rope_scaling)
+    self.rotary = int(a.head_dim * a.partial_rotary_factor)  # RoPE turns the first `rotary` dims
+    self.rope = Rope(self.rotary, a.rope_theta, a.rope_scaling)
     self.kv_shape, self.impl = (a.num_kv_heads, a.head_dim), a.impl
 
   def empty_cache(self, batch: int, max_len: int) -> GQACache:
@@ -302,10 +310,12 @@ class GQA(nnx.Module):
     dt = self.dtype
     q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
     k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
+    v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+    if self.bias is not None:
+      q, k, v = (x + self.bias[n][...].astype(dt)[None, None] for n, x in (("q", q), ("k", k), ("v", v)))
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = self.rope(q, positions_BxL), self.rope(k, positions_BxL)
-    v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+    q, k = self._rope(q, positions_BxL), self._rope(k, positions_BxL)
     q = sharding.constrain(q, _ACT_HEADS)
     chunk_len = self.chunk_len
     if cache is not None:  # a few new queries over the whole cache: no chunking
@@ -316,6 +326,12 @@ class GQA(nnx.Module):
     out_BxLxHxK = attend(q, k, v, visible, q.shape[-1] ** -0.5, chunk_len, self.impl)
     out = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
     return out if cache is None else (out, cache)
+
+  def _rope(self, x_BxLxHxK, positions_BxL):
+    if self.rotary == x_BxLxHxK.shape[-1]:
+      return self.rope(x_BxLxHxK, positions_BxL)
+    turned = self.rope(x_BxLxHxK[..., : self.rotary], positions_BxL)
+    return jnp.concatenate([turned, x_BxLxHxK[..., self.rotary :]], axis=-1)
 
 
 class MLA(nnx.Module):

@@ -29,6 +29,7 @@ def _attention(cfg: ModelConfig) -> tuple[int, int, int]:
   if a.kind == "gqa":
     params = d * a.num_heads * a.head_dim * 2 + 2 * d * a.num_kv_heads * a.head_dim
     params += 2 * a.head_dim if a.qk_norm else 0  # the q and k norm scales
+    params += (a.num_heads + 2 * a.num_kv_heads) * a.head_dim if a.qkv_bias else 0
     return params, a.head_dim, a.head_dim
   qk = a.qk_nope_head_dim + a.qk_rope_head_dim
   q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.num_heads * qk if a.q_lora_rank else d * a.num_heads * qk

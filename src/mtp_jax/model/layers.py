@@ -20,6 +20,11 @@ def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std
   return nnx.Param(std * jax.random.normal(_next_key(rngs.params), tuple(shape), dtype), axes=tuple(axes))
 
 
+def bias(shape: Sequence[int], axes: Sequence[str | None], dtype: jnp.dtype) -> nnx.Param:
+  """A zero-initialised bias carrying its logical axis names, left out of weight decay."""
+  return nnx.Param(jnp.zeros(tuple(shape), dtype), axes=tuple(axes), decay=False)
+
+
 def _next_key(stream: nnx.RngStream) -> jax.Array:
   """`stream()`'s key (the same fold_in of its count), its count stored whole: under a trace
   (`eval_shape`) flax 0.12.8's indexed store asks the tracer for its sharding, which on jax 0.10

@@ -26,13 +26,13 @@ def schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on matrices only: norms (and any bias vector) are left alone, a stack's
+  """Weight decay on matrices only: norms and biases (`decay=False`) are left alone, a stack's
   `layers` axis not counted. The router bias is not a parameter at all, so it never reaches the
   optimizer."""
 
   def matrix(v) -> bool:
     axes = v.get_metadata().get("axes") or (None,) * v.get_value().ndim
-    return v.replace(sum(a != "layers" for a in axes) >= 2)
+    return v.replace(v.get_metadata().get("decay", True) and sum(a != "layers" for a in axes) >= 2)
 
   return jax.tree.map(matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
