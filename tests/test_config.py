@@ -32,7 +32,7 @@ def test_overrides_reach_their_keys():
     (["model.mtp.depth=127"], "config error: model.mtp.depth: 127 leaves no target"),
     (["train.trainable=mtp", "model.mtp.depth=0"], "config error: train.trainable: mtp trains the MTP modules, and"),
     (["model.mtp.kind=parallel", "model.mtp.share_weights=true"], "config error: model.mtp.share_weights: shares one"),
-    (["model.attention.partial_rotary_factor=0.1"], "model.attention.partial_rotary_factor: rotates 1 of head_dim"),
+    (["model.attention.partial_rotary_factor=0.1"], "config error: model.attention.partial_rotary_factor: rotates 1"),
     (["model.moe.n_group=3"], "config error: model.moe.n_group: 3 does not divide num_experts (8)"),
     (["model.attention.num_kv_heads=3"], "config error: model.attention.num_kv_heads: 3 does not divide"),
     (["train.grad_accum_steps=5"], "config error: train.grad_accum_steps: 5 does not divide"),
