@@ -110,9 +110,9 @@ def import_(
     held = _modules_held(tensors, modules, files)
     table, fresh = tensors(held), [f"mtp.{k}." for k in range(held, modules)]
     if fresh:
+      which = ", ".join(str(k + 1) for k in range(held, modules))
       notes.append(
-        f"MTP module(s) {held + 1} to {modules} are not in {directory}: initialised afresh "
-        "(train them alone with train.trainable=mtp)"
+        f"MTP module(s) {which} are not in {directory}: initialised afresh (train them alone with train.trainable=mtp)"
       )
   notes += _check(table, in_files, leaves, files)
 
