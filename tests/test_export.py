@@ -197,7 +197,7 @@ def _rms(x, w, eps):
   return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
-def _mtp_from_tensors(hf_dir, model, tokens, depth: int = 0) -> list[np.ndarray]:
+def _mtp_from_tensors(hf_dir, model, tokens, depth: int = 0, layer_class=None) -> list[np.ndarray]:
   """DeepSeek-V3 eqs. 21-23 from the exported tensors alone: module k reads layer N + k - 1's
   enorm, hnorm, eh_proj (embedding half first), embed_tokens and shared_head copies; its block is
   transformers' DeepseekV3DecoderLayer on that layer's tensors. h^0 is the main model's
@@ -222,7 +222,7 @@ def _mtp_from_tensors(hf_dir, model, tokens, depth: int = 0) -> list[np.ndarray]
       eps = c.rms_norm_eps
       both = torch.cat([_rms(emb, t[p + "enorm.weight"], eps), _rms(h, t[p + "hnorm.weight"], eps)], dim=-1)
       x = both @ t[p + "eh_proj.weight"].T  # eq. 21
-      layer = DeepseekV3DecoderLayer(c, layer_idx=c.num_hidden_layers + k - 1).eval()
+      layer = (layer_class or DeepseekV3DecoderLayer)(c, layer_idx=c.num_hidden_layers + k - 1).eval()
       parts = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")  # the block, not the MTP extras
       block = {n[len(p) :]: v for n, v in t.items() if n.startswith(p) and ".experts." not in n}
       block = {n: v for n, v in block.items() if n.split(".")[0] in parts}

@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
   parser.add_argument(
-    "--format", default="deepseek_v3", choices=["deepseek_v3", "qwen3_moe"], help="target layout (default deepseek_v3)"
+    "--format",
+    default="deepseek_v3",
+    choices=["deepseek_v3", "qwen3_moe", "glm4_moe"],
+    help="target layout (default deepseek_v3)",
   )
   parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weight dtype written (default bf16)")
   parser.add_argument("--overwrite", action="store_true", help="replace DIR when it already holds something")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def import_main(argv: list[str] | None = None) -> int:
   parser = _Parser(
     prog="mtp-import",
-    description="Turn a Hugging Face DeepSeek-V3 or Qwen3-MoE directory into a run to continue training.",
+    description="Turn a Hugging Face DeepSeek-V3, GLM-4.5 or Qwen3-MoE directory into a run to continue training.",
   )
   parser.add_argument("hf_dir", metavar="HF_DIR", help="a Hugging Face model directory: config.json and safetensors")
   parser.add_argument("--output", "-o", required=True, metavar="DIR", help="the run directory to write")

@@ -228,11 +228,10 @@ def _linear(rope: int = 0, in_axes: int = 1) -> Layout:
   return Linear(in_axes=in_axes, rope=rope)
 
 
-def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str, layer: int | None = None) -> list[Tensor]:
-  """One transformer block: HF layer prefix `hf`, our Block prefix `ours` (under params.), block
-  `layer` of it when it is a stack of trunk blocks."""
+def mla_rows(m: ModelConfig) -> list[tuple[str, str, Layout]]:
+  """DeepSeek-V3's attention tensors: (HF name under the layer, ours under the block, layout)."""
   a, rope = m.attention, m.attention.qk_rope_head_dim
-  rows: list[tuple[str, str, Layout]] = [("input_layernorm.weight", "attn_norm.scale", SAME)]
+  rows: list[tuple[str, str, Layout]] = []
   if a.q_lora_rank:
     rows += [
       ("self_attn.q_a_proj.weight", "attn.wq_a", _linear()),
@@ -241,13 +240,22 @@ def _block(m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str, laye
     ]
   else:
     rows += [("self_attn.q_proj.weight", "attn.wq", _linear(rope))]  # [D, H, nope+rope] -> [H*(nope+rope), D]
-  rows += [
+  return [
+    *rows,
     ("self_attn.kv_a_proj_with_mqa.weight", "attn.wkv_a", _linear(rope)),  # [D, R+rope] -> [R+rope, D]
     ("self_attn.kv_a_layernorm.weight", "attn.kv_norm.scale", SAME),
     ("self_attn.kv_b_proj.weight", "attn.wkv_b", _linear()),  # [R, H, nope+v] -> [H*(nope+v), R]
     ("self_attn.o_proj.weight", "attn.wo", _linear(in_axes=2)),  # [H, v, D] -> [D, H*v]
-    ("post_attention_layernorm.weight", "ffn_norm.scale", SAME),
   ]
+
+
+def _block(
+  m: ModelConfig, hf: str, ours: str, moe: bool, router_bias: str, layer: int | None, attention
+) -> list[Tensor]:
+  """One transformer block: HF layer prefix `hf`, our Block prefix `ours` (under params.), block
+  `layer` of it when it is a stack of trunk blocks, its attention tensors `attention(m)`."""
+  rows: list[tuple[str, str, Layout]] = [("input_layernorm.weight", "attn_norm.scale", SAME), *attention(m)]
+  rows += [("post_attention_layernorm.weight", "ffn_norm.scale", SAME)]
   if moe:
     rows += [
       ("mlp.gate.weight", "ffn.router.kernel", _linear()),  # [D, E] -> [E, D]
@@ -279,8 +287,9 @@ def mtp_layers(m: ModelConfig) -> list[str]:
   return [f"model.layers.{m.num_layers + k}" for k in range(m.mtp.modules)]
 
 
-def tensors(m: ModelConfig) -> list[Tensor]:
-  """Every tensor of the exported checkpoint and where it comes from, in our leaves' order."""
+def tensors(m: ModelConfig, attention=mla_rows) -> list[Tensor]:
+  """Every tensor of the exported checkpoint and where it comes from, in our leaves' order
+  (`attention`: the layout's attention tensors; GLM-4.5's layout is this one with its own)."""
   head = Tensor("lm_head.weight", "params.head", _linear())  # [D, V] -> [V, D]
   if m.tie_embeddings:
     head = Tensor("lm_head.weight", "params.embed.table")
@@ -293,7 +302,7 @@ def tensors(m: ModelConfig) -> list[Tensor]:
   for i in range(m.num_layers):
     moe = has_moe and i >= m.first_k_dense
     r, j = stack_of(m, i)
-    out += _block(m, f"model.layers.{i}", f"layers.{r}", moe, f"router_bias.layers.{r}", j)
+    out += _block(m, f"model.layers.{i}", f"layers.{r}", moe, f"router_bias.layers.{r}", j, attention)
   for k in range(m.mtp.modules):  # module k + 1 (DeepSeek-V3 eqs. 21-23)
     hf, ours = f"model.layers.{m.num_layers + k}", f"mtp.{k}"
     out += [
@@ -304,5 +313,5 @@ def tensors(m: ModelConfig) -> list[Tensor]:
       Tensor(f"{hf}.embed_tokens.weight", "params.embed.table"),
       Tensor(f"{hf}.shared_head.head.weight", head.ours, head.layout),
     ]
-    out += _block(m, hf, f"{ours}.block", has_moe and m.mtp.use_moe, f"router_bias.{ours}.block")
+    out += _block(m, hf, f"{ours}.block", has_moe and m.mtp.use_moe, f"router_bias.{ours}.block", None, attention)
   return out

@@ -11,13 +11,13 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from mtp_jax.export import ExportError, deepseek_v3, qwen3_moe, source, writer
+from mtp_jax.export import ExportError, deepseek_v3, glm4_moe, qwen3_moe, source, writer
 from mtp_jax.export.layout import Tensor
 
 MAX_READ_BYTES = 2**30  # small arrays are read together up to this; a larger one alone
 # --format name -> its layout module: problems(m), check(m), config_json(cfg, dtype, tok), tensors(m),
 # mtp_layers(m), model_config(hf_config), serving_notes(m).
-FORMATS = {"deepseek_v3": deepseek_v3, "qwen3_moe": qwen3_moe}
+FORMATS = {"deepseek_v3": deepseek_v3, "qwen3_moe": qwen3_moe, "glm4_moe": glm4_moe}
 DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)), "fp32": ("float32", np.dtype(np.float32))}
 
 

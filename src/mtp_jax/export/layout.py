@@ -32,6 +32,20 @@ SAME = Layout()
 
 
 @dataclasses.dataclass(frozen=True)
+class Flat(Layout):
+  """Our [H, K] per-head vector (a bias) as one [H*K] vector."""
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1)
+
+  def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (math.prod(shape),)
+
+
+FLAT = Flat()
+
+
+@dataclasses.dataclass(frozen=True)
 class Linear(Layout):
   """Our [in_1..in_n, out_1..out_m] weight as a Linear [prod(out), prod(in)].
 
