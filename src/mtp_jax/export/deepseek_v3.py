@@ -37,23 +37,29 @@ def problems(m: ModelConfig):
   """Yields (setting, why) for each model setting the DeepSeek-V3 layout cannot express."""
   if m.attention.kind != "mla":
     yield f"model.attention.kind={m.attention.kind}", "DeepSeek-V3 attention is MLA only (qwen3_moe takes GQA)"
-  if m.mtp.depth and m.mtp.kind != "sequential":
-    yield f"model.mtp.kind={m.mtp.kind}", "DeepSeek-V3 MTP modules are sequential (eq. 21-23), not parallel heads"
   if m.norm_eps != 1e-6:
     yield (
       f"model.norm_eps={m.norm_eps:g}",
       "transformers' DeepSeek-V3 normalises the q/kv latents with eps 1e-6 whatever rms_norm_eps says",
     )
+  yield from moe_problems(m, "DeepSeek-V3")
+
+
+def moe_problems(m: ModelConfig, name: str):
+  """(setting, why) for the MoE settings DeepSeek-V3's MoE layers (and GLM-4.5's, the same) cannot
+  express, and a parallel MTP kind; `name` is the layout's."""
+  if m.mtp.depth and m.mtp.kind != "sequential":
+    yield f"model.mtp.kind={m.mtp.kind}", f"{name} MTP modules are sequential (eq. 21-23), not parallel heads"
   moe = m.moe
   if moe.num_experts:
     if moe.score_func != "sigmoid":
-      yield f"model.moe.score_func={moe.score_func}", "the DeepSeek-V3 router (topk_method noaux_tc) scores by sigmoid"
+      yield f"model.moe.score_func={moe.score_func}", f"the {name} router (topk_method noaux_tc) scores by sigmoid"
     if moe.num_shared_experts == 0:
-      yield "model.moe.num_shared_experts=0", "every DeepSeek-V3 MoE layer has shared experts"
+      yield "model.moe.num_shared_experts=0", f"every {name} MoE layer has shared experts"
     if moe.num_experts // moe.n_group < 2:
-      yield f"model.moe.num_experts={moe.num_experts}", "DeepSeek-V3 groups need 2 experts or more (top-2 group scores)"
+      yield f"model.moe.num_experts={moe.num_experts}", f"{name} groups need 2 experts or more (top-2 group scores)"
     if m.mtp.depth and not m.mtp.use_moe:
-      yield "model.mtp.use_moe=false", "a DeepSeek-V3 MTP layer has an MoE FFN whenever the trunk has experts"
+      yield "model.mtp.use_moe=false", f"a {name} MTP layer has an MoE FFN whenever the trunk has experts"
 
 
 def check(m: ModelConfig) -> None:
@@ -77,25 +83,33 @@ def serving_notes(m: ModelConfig) -> list[str]:
   ]
 
 
-def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
-  """config.json: every key DeepseekV3Config reads, plus those vLLM / SGLang and the published
-  file carry (rope_theta beside rope_parameters for readers older than transformers 5)."""
-  m, a, moe = cfg.model, cfg.model.attention, cfg.model.moe
-  dense_layers = m.first_k_dense if moe.num_experts else m.num_layers + m.mtp.modules  # no MoE layer anywhere
+def moe_json(m: ModelConfig) -> dict:
+  """The MoE keys of DeepSeek-V3's config.json (and GLM-4.5's, the same)."""
+  moe = m.moe
   return {
-    "architectures": [ARCHITECTURE],
-    "model_type": "deepseek_v3",
-    "num_key_value_heads": a.num_heads,
     "n_shared_experts": moe.num_shared_experts,
     "n_routed_experts": moe.num_experts,
     "num_experts_per_tok": moe.top_k,
     "routed_scaling_factor": moe.routed_scaling_factor,
     "n_group": moe.n_group,
     "topk_group": moe.topk_group,
+    "norm_topk_prob": moe.norm_topk_prob,
+    # no MoE layer anywhere: every layer dense, the MTP layers too
+    "first_k_dense_replace": m.first_k_dense if moe.num_experts else m.num_layers + m.mtp.modules,
+  }
+
+
+def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
+  """config.json: every key DeepseekV3Config reads, plus those vLLM / SGLang and the published
+  file carry (rope_theta beside rope_parameters for readers older than transformers 5)."""
+  m, a, moe = cfg.model, cfg.model.attention, cfg.model.moe
+  return {
+    "architectures": [ARCHITECTURE],
+    "model_type": "deepseek_v3",
+    "num_key_value_heads": a.num_heads,
+    **moe_json(m),
     "topk_method": "noaux_tc",
     "scoring_func": moe.score_func,
-    "norm_topk_prob": moe.norm_topk_prob,
-    "first_k_dense_replace": dense_layers,
     "moe_layer_freq": 1,
     "kv_lora_rank": a.kv_lora_rank,
     "q_lora_rank": a.q_lora_rank or None,

@@ -22,21 +22,9 @@ ARCHITECTURE = "Glm4MoeForCausalLM"
 
 def problems(m: ModelConfig):
   """Yields (setting, why) for each model setting the GLM-4.5 layout cannot express."""
-  a = m.attention
-  if a.kind != "gqa":
-    yield f"model.attention.kind={a.kind}", "GLM-4.5 attention is grouped-query (deepseek_v3 takes MLA)"
-  if m.mtp.depth and m.mtp.kind != "sequential":
-    yield f"model.mtp.kind={m.mtp.kind}", "GLM-4.5 MTP modules are sequential (eq. 21-23), not parallel heads"
-  moe = m.moe
-  if moe.num_experts:
-    if moe.score_func != "sigmoid":
-      yield f"model.moe.score_func={moe.score_func}", "the GLM-4.5 router scores by sigmoid"
-    if moe.num_shared_experts == 0:
-      yield "model.moe.num_shared_experts=0", "every GLM-4.5 MoE layer has shared experts"
-    if moe.num_experts // moe.n_group < 2:
-      yield f"model.moe.num_experts={moe.num_experts}", "GLM-4.5 groups need 2 experts or more (top-2 group scores)"
-    if m.mtp.depth and not m.mtp.use_moe:
-      yield "model.mtp.use_moe=false", "a GLM-4.5 MTP layer has an MoE FFN whenever the trunk has experts"
+  if m.attention.kind != "gqa":
+    yield f"model.attention.kind={m.attention.kind}", "GLM-4.5 attention is grouped-query (deepseek_v3 takes MLA)"
+  yield from deepseek_v3.moe_problems(m, "GLM-4.5")
 
 
 def check(m: ModelConfig) -> None:
@@ -51,7 +39,7 @@ def serving_notes(m: ModelConfig) -> list[str]:
 
 def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
   """config.json: every key Glm4MoeConfig reads except the training-only output_router_logits."""
-  m, a, moe = cfg.model, cfg.model.attention, cfg.model.moe
+  a = cfg.model.attention
   out = {
     "architectures": [ARCHITECTURE],
     "model_type": "glm4_moe",
@@ -59,14 +47,7 @@ def config_json(cfg: Config, dtype: str, tok: TokenizerInfo | None) -> dict:
     "head_dim": a.head_dim,
     "partial_rotary_factor": a.partial_rotary_factor,
     "use_qk_norm": a.qk_norm,
-    "n_shared_experts": moe.num_shared_experts,
-    "n_routed_experts": moe.num_experts,
-    "num_experts_per_tok": moe.top_k,
-    "routed_scaling_factor": moe.routed_scaling_factor,
-    "n_group": moe.n_group,
-    "topk_group": moe.topk_group,
-    "norm_topk_prob": moe.norm_topk_prob,
-    "first_k_dense_replace": m.first_k_dense if moe.num_experts else m.num_layers + m.mtp.modules,
+    **deepseek_v3.moe_json(cfg.model),
     **common_config(cfg, dtype, tok),
     "attention_bias": a.qkv_bias,
   }
