@@ -4,8 +4,8 @@
 
 Without `--data` it first runs `mtp-prepare` (byte-level) on the stdlib corpus into a
 temporary directory. For each worker count it builds the real training pipeline on the
-prepared data (global shuffle, slice, pack, batch, prefetch; one process's share of
-`train.batch_size` with `--processes`), discards warm-up batches and times `--batches`
+prepared data (global shuffle, pack, mix, batch, prefetch; with `--processes`, one host's rows
+of each global batch: it plans every row and reads its own), discards warm-up batches and times `--batches`
 more. The step's appetite is measured here (`--step measure`: the compiled train step on
 this host's devices, synthetic batch) or estimated from the FLOP model for a host of
 accelerators (`--step H100:8:0.5`: 8 H100s per host at 50% MFU).
@@ -27,9 +27,10 @@ from mtp_jax.model.flops import cost
 PEAK = {"H100": 989e12, "H200": 989e12, "TPUv5p": 459e12, "TPUv6e": 918e12}  # dense bf16 FLOP/s per chip
 
 
-def pipeline_tokens_per_sec(cfg, batch_size: int, batches: int, warmup: int) -> tuple[float, float]:
-  """(tokens/s, fraction of tokens that are not padding) of the training pipeline."""
-  it = iter(data.make_dataset(cfg.data, batch_size=batch_size, seed=0))
+def pipeline_tokens_per_sec(cfg, rows: int, batches: int, warmup: int) -> tuple[float, float]:
+  """(tokens/s, fraction of tokens that are not padding) of the training pipeline, for a host
+  that reads the first `rows` rows of each global batch."""
+  it = iter(data.make_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0, rows=range(rows)))
   for _ in range(warmup):
     next(it)
   real = 0
@@ -37,7 +38,8 @@ def pipeline_tokens_per_sec(cfg, batch_size: int, batches: int, warmup: int) -> 
   for _ in range(batches):
     real += int((next(it)["segment_ids"] > 0).sum())
   elapsed = time.perf_counter() - start
-  total = batches * batch_size * cfg.data.seq_len
+  it.close()
+  total = batches * rows * cfg.data.seq_len
   return total / elapsed, real / total
 
 

@@ -61,6 +61,7 @@ _LONGEST_FIRST = (
   "test_train.py",
   "test_compile.py",
   "test_distributed.py",
+  "test_gcs.py",
   "test_export.py",
   "test_import.py",
   "test_speculative.py",

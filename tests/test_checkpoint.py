@@ -321,6 +321,28 @@ def test_resume_order_rollback_restore_from_another_run_and_params_only(tiny, tm
   assert new["checksums"]["step"] != source["step"]  # step 2 of the new run, not 4
 
 
+def test_a_checkpoint_with_per_process_data_positions_resumes_its_model_with_a_note(tiny, tmp_path, first_run):
+  """Checkpoints of mtp-jax before the global data order held one Grain position per process."""
+  workdir = _copy(first_run, tmp_path / "run")
+  step = workdir / "checkpoints" / "4"
+  shutil.rmtree(step / "position")
+  (step / "data").mkdir()
+  (step / "data" / "process_0-of-1.json").write_text('{"next_index": 7}')
+  records, said = _train(tiny, workdir, "train.steps=5")
+  assert "resumed from step 4" in said, said
+  assert "note: checkpoint step 4 holds per-process data positions from an older mtp-jax" in said, said
+  assert sorted(records) == [5]
+  # A position of another data stream is refused in one line, and nothing is set aside.
+  workdir = _copy(first_run, tmp_path / "other")
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=r"checkpoints/4: the saved data position does not fit this data config \(it was saved with seq_len 16, "
+    r"this run has 12\); restore with the data config it was saved with, or checkpoint.restore_data=false$",
+  ):
+    _train(tiny, workdir, "train.steps=5", "data.seq_len=12")
+  assert _complete_steps(workdir) == [2, 4]
+
+
 def test_a_checkpoint_of_other_shapes_is_refused_naming_the_array(tiny, tmp_path, first_run):
   workdir = _copy(first_run, tmp_path / "run")
   with pytest.raises(
@@ -427,13 +449,12 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_one_host_resumes(tiny, t
   steps = [re.findall(r"preempted at step (\d+): saved checkpoint step \1", out) for out in outs]
   assert len(steps[0]) == 1 and steps[1] == [], steps  # only process 0 logs; both saved (below)
   step = int(steps[0][0])
-  data = sorted(p.name for p in (tmp_path / "checkpoints" / str(step) / "data").glob("*.json"))
-  assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert (tmp_path / "checkpoints" / str(step) / "position").is_dir()  # one global data position
 
   said = []
   records = loop.train(tiny(*run[1:], f"train.steps={step + 1}"), log=said.append)
   said = "\n".join(said)
-  assert f"resumed from step {step}" in said and "written by a different number of processes" in said, said
+  assert f"resumed from step {step}" in said and "data order" not in said, said  # the data position too
   assert [r["step"] for r in records if "loss" in r] == [step + 1]
 
 

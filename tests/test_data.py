@@ -1,5 +1,6 @@
-"""The input pipeline: packing, exactly-once epochs, process slices, mixtures, resume, bad data."""
+"""The input pipeline: packing, exactly-once epochs, one global stream read by host rows, mixtures, resume, bad data."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -72,14 +73,14 @@ def _one_epoch(cfg, **kw) -> list[dict[str, np.ndarray]]:
 
 
 def test_stdlib_batches_have_shapes_and_dtypes():
-  ds = data.make_dataset(_cfg(max_documents=NUM_DOCS), batch_size=8, seed=0, process_index=1, process_count=2)
+  ds = data.make_dataset(_cfg(max_documents=NUM_DOCS), batch_size=8, seed=0, rows=range(4, 8))
   batch = next(iter(ds))
   assert set(batch) == {"tokens", "segment_ids", "positions"}
   for v in batch.values():
     assert v.shape == (4, SEQ_LEN) and v.dtype == np.int32
   assert batch["tokens"].min() >= 0 and batch["tokens"].max() <= data.EOS_ID
-  with pytest.raises(ValueError, match="batch_size"):
-    data.make_dataset(_cfg(), batch_size=6, seed=0, process_count=4)
+  with pytest.raises(ValueError, match="not indices into a batch of 6"):
+    data.make_dataset(_cfg(), batch_size=6, seed=0, rows=[5, 6])
 
 
 def test_stdlib_eval_split_is_held_out():
@@ -118,35 +119,51 @@ def test_concat_lays_documents_end_to_end_exactly_once(corpus):
   assert all((r["segment_ids"] > 0).all() for r in rows[:-1])  # no padding but the last row's
 
 
-def test_process_slices_are_disjoint_and_cover_each_epoch(corpus):
-  cfg = _cfg(sources=[{"path": corpus["a"]}])
-  source = data.open_sources(cfg)[0]
-  n = len(source)
-  for epoch in (1, 0):  # epoch 0 last: its slices are checked against packing below
-    slices = []
-    for p in range(3):
-      docs = data.documents(source, seed=0, shuffle=True, process_index=p, process_count=3, repeat=True)
-      per_epoch = len(source.documents[p::3])
-      slices.append([docs[epoch * per_epoch + i].tobytes() for i in range(per_epoch)])
-    assert sum(map(len, slices)) == n
-    assert sum(map(Counter, slices), Counter()) == Counter(d.tobytes() for d in corpus["a_docs"])
-  # What a process packs comes only from its slice.
-  own = _pieces([np.frombuffer(d, np.int32) for d in slices[1]])
-  rows = list(data.rows(cfg, [source], seed=0, process_index=1, process_count=3, repeat=False))
-  assert Counter(s.tobytes() for r in rows for s in _segments(r)) == own
+class _Recording:
+  """A source's documents, noting which are read."""
+
+  def __init__(self, documents):
+    self.documents, self.read = documents, set()
+
+  def __getitem__(self, i):
+    self.read.add(int(i))
+    return self.documents[i]
 
 
-def test_epochs_are_reshuffled_and_the_seed_decides(corpus):
-  source = data.open_sources(_cfg(sources=[{"path": corpus["a"]}]))[0]
-  n = len(source)
+@pytest.mark.parametrize("packing", ["first_fit", "concat"])
+def test_a_host_gets_its_rows_of_the_global_batch_and_reads_only_their_documents(corpus, packing):
+  cfg = _cfg(sources=[{"path": corpus["a"], "weight": 2}, {"path": corpus["b"], "weight": 1}], packing=packing)
+  whole = _take(iter(data.make_dataset(cfg, batch_size=8, seed=0)), 3)
+  # Where each row's documents come from: the plan, which every host computes alone.
+  plan = data.Stream(cfg, data.open_sources(cfg), seed=0, shuffle=True, repeat=True)
+  rows = [plan.next_row() for _ in range(24)]
+  needs = [{(s, int(plan.sources[s].order[k])) for k, _, _ in pieces} for s, pieces in rows]
+  hosts = [[0, 1, 2], [3, 7], [4, 5, 6]]  # any rows, in any grouping: a host feeds its devices' rows
+  read = set()
+  for mine in hosts:
+    sources = data.open_sources(cfg)
+    notes = [_Recording(src.documents) for src in sources]
+    sources = [dataclasses.replace(src, documents=n) for src, n in zip(sources, notes, strict=True)]
+    got = _take(iter(data.make_dataset(cfg, batch_size=8, seed=0, rows=mine, sources=sources)), 3)
+    for want, have in zip(whole, got, strict=True):
+      for k in want:
+        np.testing.assert_array_equal(want[k][mine], have[k])
+    mine_docs = set().union(*(needs[8 * b + r] for b in range(3) for r in mine))
+    assert {(s, d) for s, n in enumerate(notes) for d in n.read} == mine_docs  # its rows' documents, no others
+    read |= mine_docs
+  assert read == set().union(*needs)
 
-  def order(seed, epoch, shuffle=True):
-    docs = data.documents(source, seed=seed, shuffle=shuffle, process_index=0, process_count=1, repeat=True)
-    return [docs[epoch * n + i].tobytes() for i in range(n)]
 
-  assert sorted(order(0, 0)) == sorted(order(0, 1)) and order(0, 0) != order(0, 1)
-  assert order(0, 0) == order(0, 0) and order(0, 0) != order(1, 0)
-  assert order(0, 1, shuffle=False) == [d.tobytes() for d in corpus["a_docs"]]
+def test_every_document_once_in_each_epoch_and_each_epoch_in_its_own_order(corpus):
+  cfg = _cfg(sources=[{"path": corpus["a"]}], packing="concat")
+  n = len(corpus["a_docs"])
+  stream = np.concatenate([r["tokens"] for r in _take(data.rows(cfg, data.open_sources(cfg), seed=0), 120)])
+  docs = [d.tobytes() for d in np.split(stream, np.flatnonzero(stream == 999) + 1)]
+  first, second = docs[:n], docs[n : 2 * n]
+  everything = sorted(d.tobytes() for d in corpus["a_docs"])
+  assert sorted(first) == everything and sorted(second) == everything and first != second
+  again = np.concatenate([r["tokens"] for r in _take(data.rows(cfg, data.open_sources(cfg), seed=1), 120)])
+  assert not np.array_equal(stream, again)  # the seed decides the order
 
 
 @pytest.mark.parametrize("packing", ["first_fit", "concat"])
@@ -172,11 +189,41 @@ def test_mid_epoch_resume_yields_the_same_next_batches(corpus, overrides):
   _take(it, 7)  # mid-epoch, mid packing group: ~4 epochs of source b pass below
   state = json.loads(json.dumps(it.get_state()))  # checkpoints store it as JSON
   expected = _take(it, 40)
-  restored = iter(data.make_dataset(cfg, batch_size=4, seed=0))
+  it.close()
+  restored = iter(data.make_dataset(cfg, batch_size=4, seed=0, rows=[1, 3]))  # another host's rows
   restored.set_state(state)
   for want, got in zip(expected, _take(restored, 40), strict=True):
     for k in want:
-      np.testing.assert_array_equal(want[k], got[k])
+      np.testing.assert_array_equal(want[k][[1, 3]], got[k])
+  # The position counts rows, not batches: a run resumed with half the batch size goes on with
+  # the same rows, two batches for one.
+  halves = iter(data.make_dataset(cfg, batch_size=2, seed=0))
+  halves.set_state(state)
+  for want in expected[:10]:
+    got = _take(halves, 2)
+    for k in want:
+      np.testing.assert_array_equal(want[k], np.concatenate([g[k] for g in got]))
+  restored.close()
+  halves.close()
+
+
+def test_a_position_from_another_data_config_is_refused(corpus):
+  cfg = _cfg(sources=[{"path": corpus["a"]}])
+  it = iter(data.make_dataset(cfg, batch_size=4, seed=0))
+  next(it)
+  state = it.get_state()
+  for other, message in [
+    (
+      _cfg(sources=[{"path": corpus["b"]}]),
+      r"data.sources\[0\]: it was saved for .*a \(37 documents\), this source is ",
+    ),
+    (_cfg(sources=[{"path": corpus["a"]}], seq_len=32), r"saved with seq_len 64, this run has 32"),
+    (_cfg(sources=[{"path": corpus["a"]}, {"path": corpus["b"]}]), r"saved with 1 data sources, this run has 2"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      iter(data.make_dataset(other, batch_size=4, seed=0)).set_state(state)
+  with pytest.raises(ValueError, match=r"saved with seed 0, this run has 1"):
+    iter(data.make_dataset(cfg, batch_size=4, seed=1)).set_state(state)
 
 
 def test_eval_stream_is_the_held_out_split_in_the_same_order_every_time(corpus):
@@ -253,9 +300,7 @@ def test_other_bad_data_is_named(corpus, tmp_path):
     data.open_sources(_cfg(sources=[{"path": str(tmp_path / "nowhere")}]))
   with pytest.raises(data.DataError, match=r"no data source has a held-out 'eval' split; prepare one with mtp-prepare"):
     data.open_sources(_cfg(sources=[{"path": corpus["b"]}]), "eval")
-  few = data.open_sources(_cfg(sources=[{"path": corpus["a"]}], max_documents=2))
-  with pytest.raises(data.DataError, match=r"2 documents are fewer than the 3 processes"):
-    data.make_dataset(_cfg(), batch_size=3, seed=0, process_count=3, sources=few)
+  assert data.open_sources(_cfg(sources=[{"path": corpus["b"]}]), "eval", required=False) == []
 
 
 def test_pipeline_runs_without_jax():
@@ -278,50 +323,49 @@ _PROCESS = textwrap.dedent(
   import numpy as np
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
-  from mtp_jax import data
-  from mtp_jax.config import DataConfig
-  from mtp_jax.sharding import batch_sharding, make_mesh
-  from mtp_jax.config import MeshConfig
-  cfg = DataConfig(path=sys.argv[3], seq_len=32, prefetch=0)
-  sources = data.open_sources(cfg)
-  me, n = jax.process_index(), jax.process_count()
-  rows = list(data.rows(cfg, sources, seed=0, process_index=me, process_count=n, repeat=False))
-  segments = [r["tokens"][r["segment_ids"] == i].tolist() for r in rows for i in np.unique(r["segment_ids"]) if i]
-  # The global batch is assembled from each host's own rows.
-  mesh = make_mesh(MeshConfig(), jax.devices())
-  sharding = batch_sharding(mesh, MeshConfig().rules, (4, 32))
-  local = next(iter(data.make_dataset(cfg, batch_size=4, seed=0, process_index=me, process_count=n, sources=sources)))
-  tokens = jax.make_array_from_process_local_data(sharding, local["tokens"])
-  assert tokens.shape == (4, 32), tokens.shape
-  mine = [np.asarray(s.data).tolist() for s in tokens.addressable_shards]
-  assert sum(mine, []) == local["tokens"].tolist(), "this host's rows are its part of the global batch"
-  # Each host's iterator position rides in the shared Orbax checkpoint and comes back exactly.
   from jax.sharding import NamedSharding, PartitionSpec
+  from mtp_jax import data, sharding
+  from mtp_jax.config import DataConfig, MeshConfig
   from mtp_jax.train.checkpoint import Checkpointer
+  cfg = DataConfig(path=sys.argv[3], seq_len=32, prefetch=1)
+  sources = data.open_sources(cfg)
+  mesh = sharding.make_mesh(MeshConfig(), jax.devices())
+  shape = (4, 32)
+  batch_sharding = sharding.batch_sharding(mesh, MeshConfig().rules, shape)
+  rows = sharding.host_rows(batch_sharding, shape)
+  assert len(rows) == 2, rows  # the data axis spans the two processes: half the rows each
   def stream():
-    return iter(data.make_dataset(cfg, batch_size=4, seed=0, process_index=me, process_count=n, sources=sources))
+    return iter(data.make_dataset(cfg, batch_size=4, seed=0, rows=rows, sources=sources))
   it = stream()
+  whole = []
   for _ in range(3):
-    next(it)
+    local = next(it)
+    tokens = sharding.from_host_rows(local["tokens"], rows, batch_sharding, shape)
+    assert tokens.shape == shape, tokens.shape
+    for shard in tokens.addressable_shards:  # each device holds its rows of the global batch
+      held = [rows.index(r) for r in range(*shard.index[0].indices(4))]
+      np.testing.assert_array_equal(np.asarray(shard.data), local["tokens"][held])
+    from jax.experimental import multihost_utils
+    whole.append(multihost_utils.process_allgather(tokens, tiled=True).tolist())
+  # The global position rides in the shared Orbax checkpoint, written once.
   replicated = NamedSharding(mesh, PartitionSpec())
   ckpt = Checkpointer(sys.argv[5])
   ckpt.save(3, {"w": jax.device_put(np.arange(4.0, dtype=np.float32), replicated)}, it)
   ckpt.wait()
-  expected = [next(it)["tokens"].tolist() for _ in range(6)]
+  expected = [next(it)["tokens"].tolist() for _ in range(3)]
+  it.close()
   it = stream()
-  target = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=replicated)}
-  state, _ = ckpt.restore(3, target)
   assert ckpt.restore_data(3, it)
-  assert np.asarray(state["w"]).tolist() == [0.0, 1.0, 2.0, 3.0]
-  assert [next(it)["tokens"].tolist() for _ in range(6)] == expected, "resumed stream differs"
+  assert [next(it)["tokens"].tolist() for _ in range(3)] == expected, "resumed stream differs"
+  it.close()
   ckpt.close()
-  json.dump({"process": me, "segments": segments, "expected": expected}, open(sys.argv[4], "w"))
+  json.dump({"rows": rows, "whole": whole, "expected": expected}, open(sys.argv[4], "w"))
   jax.distributed.shutdown()
   """
 )
 
 
-def test_two_processes_read_disjoint_slices_that_cover_the_dataset_and_resume(corpus, tmp_path):
+def test_two_processes_assemble_the_one_process_batches_and_resume_in_one(corpus, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -329,9 +373,10 @@ def test_two_processes_read_disjoint_slices_that_cover_the_dataset_and_resume(co
   script.write_text(_PROCESS)
   env = child_env(PYTHONPATH=os.pathsep.join(sys.path))  # one CPU device per process
   outs = [tmp_path / f"out{i}.json" for i in range(2)]
+  checkpoints = tmp_path / "checkpoints"
   procs = [
     subprocess.Popen(
-      [sys.executable, str(script), str(port), str(i), corpus["a"], str(outs[i]), str(tmp_path / "checkpoints")],
+      [sys.executable, str(script), str(port), str(i), corpus["a"], str(outs[i]), str(checkpoints)],
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
@@ -342,15 +387,25 @@ def test_two_processes_read_disjoint_slices_that_cover_the_dataset_and_resume(co
   for p in procs:
     output, _ = p.communicate(timeout=240)
     assert p.returncode == 0, output[-3000:]
-  seen = [Counter(np.array(s, np.int32).tobytes() for s in json.loads(o.read_text())["segments"]) for o in outs]
-  saved = sorted(p.name for p in (tmp_path / "checkpoints" / "3" / "data").glob("*.json"))
-  assert saved == ["process_0-of-2.json", "process_1-of-2.json"], saved
-  after = [json.loads(o.read_text())["expected"] for o in outs]
-  assert after[0] != after[1]  # two different slices resumed, each its own
-  # Equal as multisets: every piece of every document read once, by one of the two (a piece
-  # read by both would be counted twice). Short tail pieces such as [EOS] recur across documents.
-  assert seen[0] + seen[1] == _pieces(corpus["a_docs"], seq_len=32)
-  assert min(seen[0].total(), seen[1].total()) > 0.3 * (seen[0].total() + seen[1].total())
+  got = [json.loads(o.read_text()) for o in outs]
+  assert sorted(got[0]["rows"] + got[1]["rows"]) == [0, 1, 2, 3]
+  # The global batches two hosts assembled are those one process reads alone.
+  cfg = _cfg(path=corpus["a"], seq_len=32, prefetch=0)
+  one = iter(data.make_dataset(cfg, batch_size=4, seed=0))
+  for want in got[0]["whole"]:
+    assert next(one)["tokens"].tolist() == want
+  assert got[1]["whole"] == got[0]["whole"]
+  # The position the two saved resumes one process where they stood.
+  assert not (checkpoints / "3" / "data").exists() and (checkpoints / "3" / "position").is_dir()
+  alone = iter(data.make_dataset(cfg, batch_size=4, seed=0))
+  from mtp_jax.train.checkpoint import Checkpointer
+
+  reader = Checkpointer(checkpoints, read_only=True)
+  assert reader.restore_data(3, alone)
+  reader.close()
+  after = [next(alone)["tokens"] for _ in range(3)]
+  for i, mine in enumerate(got):
+    assert [a[mine["rows"]].tolist() for a in after] == mine["expected"], i
 
 
 def test_mtp_train_refuses_bad_data_in_one_line(corpus, tmp_path):
@@ -358,7 +413,7 @@ def test_mtp_train_refuses_bad_data_in_one_line(corpus, tmp_path):
     cmd = [sys.executable, "-m", "mtp_jax.cli", f"train.workdir={tmp_path / 'run'}", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
 
-  out = run(f"data.path={corpus['a']}")  # a 1000-token vocabulary; the default model has 320
+  out = run(f"data.path={corpus['a']}", "model.vocab_size=320", "model.eos_id=256")  # a 1000-token vocabulary
   assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
   assert out.stderr.startswith(
     f"mtp-train: data error: data.sources[0] ({corpus['a']}): tokenizer vocab size 1000 exceeds model.vocab_size 320"
@@ -366,3 +421,28 @@ def test_mtp_train_refuses_bad_data_in_one_line(corpus, tmp_path):
   out = run(f"data.path={tmp_path / 'missing'}", "train.eval_every=5")
   assert out.returncode == 1 and out.stderr == f"mtp-train: data error: {tmp_path / 'missing'}: no such directory\n"
   assert not (tmp_path / "run").exists()  # nothing written before the data was checked
+
+
+def test_the_model_takes_vocabulary_and_end_of_document_from_the_data_unless_told(corpus):
+  tiny = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+  m = load(tiny, [f"data.path={corpus['a']}"]).model  # 1000 tokens, EOS 999
+  assert (m.vocab_size, m.eos_id) == (1024, 999)  # rounded up to a multiple of 64
+  m = load(None, [f"data.sources=[{{path: {corpus['b']}}}, {{path: {corpus['a']}}}]", "model.eos_id=auto"]).model
+  assert (m.vocab_size, m.eos_id) == (1024, 999)  # the first source's
+  m = load(tiny, [f"data.path={corpus['a']}", "model.vocab_size=2000", "model.eos_id=5"]).model
+  assert (m.vocab_size, m.eos_id) == (2000, 5)  # what is set wins
+  m = load(tiny).model
+  assert (m.vocab_size, m.eos_id) == (320, 256)  # the stdlib corpus: 257 byte-level tokens
+
+
+def test_a_run_that_would_never_evaluate_needs_no_eval_split(corpus, tmp_path):
+  def run(steps):
+    cmd = [sys.executable, "-m", "mtp_jax.cli", f"train.workdir={tmp_path / str(steps)}", f"data.path={corpus['b']}"]
+    cmd += [f"train.steps={steps}", "train.eval_every=5", "checkpoint.enabled=false", "train.progress_bar=false"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=child_env())
+
+  out = run(4)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "note: no data source has a held-out eval split, and train.steps < train.eval_every" in out.stdout
+  out = run(5)
+  assert out.returncode == 1 and "no data source has a held-out 'eval' split" in out.stderr

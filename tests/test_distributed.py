@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import jax
 import numpy as np
@@ -29,6 +30,10 @@ RUN = ["train.steps=3", "train.log_every=1", "checkpoint.every=3", "train.eval_e
 def _losses(workdir) -> dict[int, float]:
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _quiet(*_) -> None:
+  pass
 
 
 def _env() -> dict[str, str]:
@@ -56,22 +61,17 @@ def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_an
   assert out.stdout.count("step 3: loss") == 1, "only process 0 logs"
   assert "step 3: loss" not in (multi / "logs" / "process_1.log").read_text()
 
-  # Each process packs its own share of the documents, so the reference steps on the same
-  # global batches: process 0's rows, then process 1's (the data axis crosses the processes).
+  # The global batches do not depend on the process count: the reference reads them whole.
   cfg = tiny(*RUN, *axes, "mesh.data=2")
   program = loop.build(cfg)
   step = program.compile()
-  sources = data.open_sources(cfg.data, "train")
-  streams = [
-    iter(data.make_dataset(cfg.data, batch_size=8, seed=0, sources=sources, process_index=i, process_count=2))
-    for i in range(2)
-  ]
+  stream = iter(data.make_dataset(cfg.data, batch_size=8, seed=0))
   state, want = program.init_state(), []
   for _ in range(3):
-    parts = [next(s) for s in streams]
-    batch = {k: jax.device_put(np.concatenate([p[k] for p in parts]), program.batch_sharding) for k in parts[0]}
+    batch = {k: jax.device_put(v, program.batch_sharding) for k, v in next(stream).items()}
     state, metrics = step(state, batch)
     want.append(float(metrics["loss"]))
+  stream.close()
   got = _losses(multi)
   assert sorted(got) == [1, 2, 3]
   np.testing.assert_allclose([got[s] for s in (1, 2, 3)], want, rtol=2e-6)
@@ -102,6 +102,57 @@ def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_an
   records = loop.train(other.model_copy(update={"train": other.train.model_copy(update={"steps": 4})}), log=said.append)
   assert "resumed from step 3" in "\n".join(said)
   assert [r["step"] for r in records if "loss" in r] == [4]
+
+
+def _launch(processes: int, devices: int, workdir, *overrides) -> None:
+  cmd = [str(ROOT / "launch" / "local.sh"), str(processes), str(devices), *TINY, *overrides]
+  out = subprocess.run([*cmd, f"train.workdir={workdir}"], capture_output=True, text=True, env=_env(), timeout=600)
+  logs = "".join(p.read_text()[-1500:] for p in sorted((pathlib.Path(workdir) / "logs").glob("*.log")))
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
+
+
+def _pieces(stream, batches: int) -> Counter:
+  """The document pieces (source, document, first token, end) of the stream's next batches."""
+  rows = [stream.next_row() for _ in range(8 * batches)]
+  return Counter((s, int(stream.sources[s].order[k]), a, b) for s, pieces in rows for k, a, b in pieces)
+
+
+def test_the_data_order_and_losses_do_not_depend_on_the_process_count_across_resumes(tiny, tmp_path):
+  """Global batch n is a pure function of (seed, n): 2 processes of 2 devices and 4 of 1 train
+  like 1 of 4 with the same mesh axes (data and fsdp span the processes). A run saved on 2
+  processes resumes on 1, one saved on 1 resumes on 4, each going on with the uninterrupted
+  run's losses and documents."""
+  axes = ["mesh.data=2", "mesh.fsdp=2", "train.log_every=1", "checkpoint.every=3", "train.eval_every=0"]
+  ref = tmp_path / "ref"
+  records = loop.train(tiny(*axes, "train.steps=6", f"train.workdir={ref}"), devices=jax.devices()[:4], log=_quiet)
+  want = {r["step"]: r["loss"] for r in records if "loss" in r}
+  assert sorted(want) == [1, 2, 3, 4, 5, 6]
+
+  two = tmp_path / "two"
+  _launch(2, 2, two, *axes, "train.steps=3")
+  np.testing.assert_allclose([_losses(two)[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)], rtol=1e-5)
+  said = []  # saved on 2 processes, resumed on 1
+  records = loop.train(tiny(*axes, "train.steps=6", f"train.workdir={two}"), devices=jax.devices()[:4], log=said.append)
+  assert "resumed from step 3" in "\n".join(said) and "data order" not in "\n".join(said), said
+  np.testing.assert_allclose([r["loss"] for r in records if "loss" in r], [want[s] for s in (4, 5, 6)], rtol=1e-5)
+
+  four = tmp_path / "four"  # saved on 1 process, resumed on 4
+  _launch(4, 1, four, *axes, "train.steps=6", f"checkpoint.restore_from={ref / 'checkpoints' / '3'}")
+  np.testing.assert_allclose([_losses(four)[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
+
+  # The saved positions are global and equal; from them the documents go on, none twice, none skipped.
+  position = {run: Checkpointer(run / "checkpoints", read_only=True).data_position for run in (ref, two, four)}
+  assert position[two](3) == position[ref](3) and position[two](6) == position[four](6) == position[ref](6)
+  cfg = tiny(*axes).data
+  sources = data.open_sources(cfg)
+
+  def fresh():
+    return data.Stream(cfg, sources, seed=0, shuffle=cfg.shuffle, repeat=True)
+
+  whole, resumed = _pieces(fresh(), 6), fresh()
+  first = _pieces(resumed, 3)
+  resumed.set_state(position[two](3))
+  assert first + _pieces(resumed, 3) == whole and set(whole.values()) == {1}
 
 
 def test_a_stopped_process_makes_the_other_fail_in_bounded_time(tmp_path):

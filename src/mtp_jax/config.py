@@ -146,8 +146,15 @@ class MTPConfig(_Section):
 
 
 class ModelConfig(_Section):
-  vocab_size: int = _field(320, "Vocabulary size (may exceed the tokenizer's, e.g. padded to a multiple of 128).", ge=2)
-  eos_id: int = _field(256, "End-of-document token id; must match the data's tokenizer (256: byte-level).", ge=0)
+  vocab_size: int = _field(
+    320,
+    "Vocabulary size, at least the tokenizer's. auto (what a config file leaves out means): the first data "
+    "source's tokenizer's, rounded up to a multiple of 64 (320 for the stdlib corpus's 257 byte-level tokens).",
+    ge=2,
+  )
+  eos_id: int = _field(
+    256, "End-of-document token id; must match the data's tokenizer. auto (or left out): the first source's.", ge=0
+  )
   d_model: int = _field(64, "Model (residual) width.", ge=1)
   num_layers: int = _field(2, "Transformer blocks in the trunk.", ge=1)
   first_k_dense: int = _field(1, "Leading blocks with a dense FFN; the rest use MoE.", ge=0)
@@ -182,7 +189,7 @@ class DataConfig(_Section):
   )
   shuffle: bool = _field(True, "Shuffle documents globally each epoch (and rows within the packing bins).")
   max_documents: int = _field(0, "Use only the first this many documents of each source (0: all).", ge=0)
-  workers: int = _field(0, "Processes that read and pack batches (0: a thread in the training process).", ge=0)
+  workers: int = _field(0, "Threads reading a batch's documents (0: the one thread that prepares batches).", ge=0)
   prefetch: int = _field(2, "Batches prepared ahead of the step (0: none).", ge=0)
 
   @pydantic.model_validator(mode="before")
@@ -314,8 +321,7 @@ def _default_rules() -> dict[str, list[str]]:
     "act_embed": [],
     "act_heads": ["tensor"],
     "act_mlp": ["tensor"],
-    # The output head's logits. Adding fsdp splits the vocabulary there too (train/losses.py);
-    # measured, it did not lower any step's peak (benchmarks/RESULTS.md), so it is not the default.
+    # The output head's logits. mesh.vocab_split adds fsdp where it pays (train/losses.py).
     "act_vocab": ["tensor"],
   }
 
@@ -337,6 +343,12 @@ class MeshConfig(_Section):
   sequence: int = _field(1, "Sequence (context) parallel axis size: activations split along the sequence.")
   expert: int = _field(1, "Expert-parallel axis size.")
   tensor: int = _field(1, "Tensor-parallel axis size.")
+  vocab_split: Literal["auto", True, False] = _field(
+    "auto",
+    "Split the output head's vocabulary over fsdp too (adds fsdp to rules.act_vocab, where it divides the "
+    "vocabulary). auto: where the head holds at least a quarter of the blocks' parameters, where it measurably "
+    "lowers the peak (benchmarks/RESULTS.md); not elsewhere, where it raised it.",
+  )
   dcn: DcnConfig = DcnConfig()
   rules: dict[str, list[str]] = _field(
     _default_rules(),
@@ -419,11 +431,61 @@ class Config(_Section):
   mesh: MeshConfig = MeshConfig()
   distributed: DistributedConfig = DistributedConfig()
 
+  @pydantic.model_validator(mode="before")
+  @classmethod
+  def _tokenizer_defaults(cls, raw: Any) -> Any:
+    """model.vocab_size and model.eos_id, when `auto` or left out: the data's tokenizer's."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict):
+      return raw
+    model = raw.get("model", {})
+    auto = [k for k in ("vocab_size", "eos_id") if model.get(k, AUTO) == AUTO]
+    if auto:
+      found = _tokenizer_of(raw.get("data"))
+      defaults = {"vocab_size": -(-found[0] // 64) * 64, "eos_id": found[1]} if found else {}
+      model = {k: v for k, v in model.items() if k not in auto} | {k: defaults[k] for k in auto if k in defaults}
+      raw = {**raw, "model": model}
+    return raw
+
   @pydantic.model_validator(mode="after")
   def _consistent(self) -> Config:
     for key, problem in _problems(self):
       raise ConfigError(f"config error: {key}: {problem}")
     return self
+
+
+AUTO = "auto"
+
+
+def _has_gcsfs() -> bool:
+  import importlib.util
+
+  return importlib.util.find_spec("gcsfs") is not None
+
+
+def _tokenizer_of(data: Any) -> tuple[int, int] | None:
+  """(vocab size, end-of-document id) of the first data source's tokenizer, from its manifest;
+  None where it cannot be read (training then reports the data's problem in one line)."""
+  if isinstance(data, DataConfig):
+    path = data.sources[0].path
+  elif isinstance(data, dict) and "path" in data:
+    path = data["path"]
+  elif isinstance(data, dict) and isinstance(data.get("sources"), list) and data["sources"]:
+    first = data["sources"][0]
+    path = (
+      first.path if isinstance(first, SourceConfig) else first.get("path", STDLIB) if isinstance(first, dict) else None
+    )
+  else:
+    path = STDLIB
+  from mtp_jax.data import manifest, tokenizer  # here only: the config module needs no more of the data package
+
+  if path == STDLIB:
+    return tokenizer.BYTE_TOKENIZER.vocab_size, tokenizer.BYTE_TOKENIZER.eos_id
+
+  try:
+    t = manifest.read(str(path)).tokenizer
+  except (manifest.DataError, TypeError):
+    return None
+  return t.vocab_size, t.eos_id
 
 
 def spec_prompt_len(train: TrainConfig, data: DataConfig) -> int:
@@ -485,10 +547,18 @@ def _problems(c: Config):
     yield "checkpoint.load_params_only", "needs checkpoint.restore_from (the run to take the parameters from)"
   if c.checkpoint.restore_from is not None and not c.checkpoint.restore_from.strip():
     yield "checkpoint.restore_from", "is empty"
-  paths = [("train.workdir", c.train.workdir), ("checkpoint.restore_from", c.checkpoint.restore_from or "")]
-  for key, path in [*paths, *((f"data.sources[{i}].path", s.path) for i, s in enumerate(c.data.sources))]:
-    if "://" in path:  # pathlib would quietly make a local directory named `gs:`
-      yield key, f"{path} is a URL; runs read and write filesystem paths (mount a bucket, e.g. with gcsfuse)"
+  outputs = [("train.workdir", c.train.workdir), ("checkpoint.restore_from", c.checkpoint.restore_from or "")]
+  for key, path in outputs:
+    if "://" in path and not path.startswith("gs://"):  # pathlib would quietly make a directory named `s3:`
+      yield key, f"{path}: runs write local paths or gs:// buckets"
+    elif path.startswith("gs://") and not _has_gcsfs():
+      yield key, f"{path}: gs:// needs gcsfs (pip install 'mtp-jax[gcs]')"
+  for i, source in enumerate(c.data.sources):
+    if "://" in source.path:  # ArrayRecord reads local files only
+      yield (
+        f"data.sources[{i}].path",
+        f"{source.path} is a URL; training reads datasets from a file system (mount the bucket, e.g. with gcsfuse)",
+      )
   accum, batch = c.train.grad_accum_steps, c.train.batch_size
   if accum == 0:
     yield "train.grad_accum_steps", "must be at least 1, or -1 for one sequence per device per microbatch"

@@ -130,3 +130,22 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
 def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
   """Sharding of a (batch, length) input array."""
   return named(("act_batch", "act_length"), shape, mesh, rules)
+
+
+def host_rows(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> list[int]:
+  """The rows of a global (batch, ...) array that this process's devices hold, in order: the
+  rows its data pipeline reads."""
+  rows: set[int] = set()
+  for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+    rows.update(range(*index[0].indices(shape[0])))
+  return sorted(rows)
+
+
+def from_host_rows(local: np.ndarray, rows: list[int], sharding: jax.sharding.Sharding, shape: Sequence[int]):
+  """The global array whose `rows` (host_rows) are `local`'s, placed with `sharding`."""
+  at = {r: i for i, r in enumerate(rows)}
+
+  def part(index):
+    return local[[at[r] for r in range(*index[0].indices(shape[0]))]][(slice(None), *index[1:])]
+
+  return jax.make_array_from_callback(tuple(shape), sharding, part)

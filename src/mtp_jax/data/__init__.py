@@ -1,7 +1,9 @@
-"""Input pipeline: datasets on disk -> shuffled, sharded, packed, mixed batches (numpy + grain, no JAX).
+"""Input pipeline: datasets on disk -> one global stream of packed, mixed rows -> each host's rows
+of each batch (numpy + grain, no JAX).
 
-`make_dataset(cfg.data, batch_size=..., seed=...)` is the entry point; `iter()` of
-its result is a grain iterator whose `get_state()` / `set_state()` resume exactly.
+`make_dataset(cfg.data, batch_size=..., seed=..., rows=...)` is the entry point; `iter()` of
+its result is an iterator whose `get_state()` / `set_state()` (a global position) resume
+exactly, on any number of hosts.
 `mtp-prepare` (`prepare.py`) writes the datasets it reads (format: `manifest.py`).
 
 The pipeline's names are imported on first use: Grain imports JAX, which `mtp-prepare`
@@ -15,7 +17,17 @@ import importlib
 from mtp_jax.data.manifest import DataError
 from mtp_jax.data.tokenizer import EOS_ID, VOCAB_SIZE_MIN, decode, encode
 
-_PIPELINE = ("Source", "check_model", "describe", "documents", "make_dataset", "open_source", "open_sources", "rows")
+_PIPELINE = (
+  "BATCH_KEYS",
+  "Source",
+  "Stream",
+  "check_model",
+  "describe",
+  "make_dataset",
+  "open_source",
+  "open_sources",
+  "rows",
+)
 
 __all__ = ["EOS_ID", "VOCAB_SIZE_MIN", "DataError", "decode", "encode", *_PIPELINE]
 

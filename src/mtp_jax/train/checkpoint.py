@@ -1,33 +1,32 @@
 """Orbax checkpoints of the train state and each host's data position, with checksums.
 
 One step directory holds three Orbax items:
-  state  the TrainState, written by every host for its own shards (restores onto any mesh);
-  data   one small JSON file per process: where its Grain iterator stands;
-  run    JSON: a checksum of every array, and the `checkpoint.restore_from` the run began from.
+  state     the TrainState, written by every host for its own shards (restores onto any mesh);
+  position  JSON: where the global data stream stands, the same for every host (restores on any
+            number of hosts); checkpoints of mtp-jax before it held `data`, a position per process;
+  run       JSON: a checksum of every array, and the `checkpoint.restore_from` the run began from.
 
 Saves are asynchronous (the arrays are copied to host memory, then written by a background
 thread while training goes on) and atomic: Orbax writes into a temporary directory and renames
 it only once every host has finished, so a crash mid-save leaves nothing that is later taken
-for a checkpoint (paths are local or mounted file systems for now). What a rename cannot catch,
+for a checkpoint. A bucket (`gs://`) has no rename: there Orbax writes the step in place and
+marks it complete last, with a `commit_success.txt` object, and an unmarked step is not one. What a rename cannot catch,
 a file damaged after the fact, the checksums do: each is an order-independent hash of an
 array's bits, so it is the same on any mesh and is checked after every restore.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import pathlib
-import shutil
 import sys
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mtp_jax import storage
 from mtp_jax.config import CheckpointConfig
 
 
@@ -114,12 +113,12 @@ def _agree(ok: bool) -> bool:
 class Checkpointer:
   """The checkpoints of one directory (`<run>/checkpoints`); writable unless `read_only`."""
 
-  def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig | None = None, read_only: bool = False):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory, cfg: CheckpointConfig | None = None, read_only: bool = False):
+    self.directory = storage.path(directory)  # a local path or gs://
     cfg = cfg or CheckpointConfig()
     handlers = {
       "state": ocp.PyTreeCheckpointHandler(),
-      "data": grain.checkpoint.CheckpointHandler(),
+      "position": ocp.JsonCheckpointHandler(),
       "run": ocp.JsonCheckpointHandler(),
     }
     absl = logging.getLogger("absl")
@@ -147,14 +146,15 @@ class Checkpointer:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator | None, origin: dict | None = None) -> None:
-    """Starts saving `state` (donatable once this returns) and the iterator's current position."""
+  def save(self, step: int, state, data_iterator=None, origin: dict | None = None) -> None:
+    """Starts saving `state` (donatable once this returns) and the data iterator's position
+    (`get_state()`: global, written once)."""
     items = {
       "state": ocp.args.PyTreeSave(state, save_args=jax.tree_util.tree_map_with_path(_save_args, state)),
       "run": ocp.args.JsonSave({"checksums": checksums(state), "origin": origin}),
     }
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["position"] = ocp.args.JsonSave(data_iterator.get_state())
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def run_record(self, step: int) -> dict:
@@ -229,34 +229,40 @@ class Checkpointer:
     state = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype), state, target)
     return state, run
 
-  def restore_data(self, step: int, data_iterator: grain.DatasetIterator) -> bool:
-    """Moves the iterator to where this process's stood at `step`. False (iterator untouched)
-    when the checkpoint was written by a different number of processes."""
-    path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not _agree(path.is_file()):
+  def data_position(self, step: int) -> dict | None:
+    """The data position saved at `step`; None when the step holds none (written by mtp-import,
+    or by an mtp-jax that saved one per process)."""
+    if not (self.directory / str(step) / "position").is_dir():
+      return None
+    try:
+      with _QUIET:
+        return self._manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))["position"]
+    except Exception as err:
+      raise Damaged(f"data position unreadable: {_root_cause(err)}") from None
+
+  def restore_data(self, step: int, data_iterator) -> bool:
+    """Moves the iterator to the data position saved at `step`. False (iterator untouched) when
+    the step holds none."""
+    position = self.data_position(step)
+    if position is None:
       return False
     try:
-      json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-      raise Damaged(f"data position unreadable: {_root_cause(err)}") from None
-    try:
-      self._manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    except Exception as err:  # a readable position the pipeline refuses: the data config changed
+      data_iterator.set_state(position)
+    except (ValueError, KeyError, TypeError) as err:  # a readable position of another stream: the data config changed
       raise CheckpointError(
         f"checkpoint {self.directory / str(step)}: the saved data position does not fit this data config "
-        f"({_root_cause(err)}); restore with the data config it was saved with"
+        f"({_root_cause(err)}); restore with the data config it was saved with, or checkpoint.restore_data=false"
       ) from None
     return True
 
-  def set_aside(self, step: int, why: str) -> pathlib.Path:
+  def set_aside(self, step: int, why: str):
     """Moves a step out of Orbax's sight (kept, never deleted) to `checkpoints-<why>/<step>`."""
-    dest = self.directory.with_name(f"{self.directory.name}-{why}") / str(step)
+    dest = self.directory.parent / f"{self.directory.name}-{why}" / str(step)
     if jax.process_index() == 0:
-      dest.parent.mkdir(parents=True, exist_ok=True)
       n = 1
       while dest.exists():
-        dest, n = dest.with_name(f"{step}.{n}"), n + 1
-      shutil.move(self.directory / str(step), dest)
+        dest, n = dest.parent / f"{step}.{n}", n + 1
+      storage.move_tree(self.directory / str(step), dest)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     self._manager.reload()

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import pathlib
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from mtp_jax import config as config_lib
-from mtp_jax import data, sharding
+from mtp_jax import data, sharding, storage
 from mtp_jax.config import Config, ConfigError, spec_prompt_len
 from mtp_jax.distributed import Watchdog
 from mtp_jax.model import attention, dispatch
@@ -75,6 +74,29 @@ def _resolve_attention(cfg: Config, mesh) -> tuple[Config, str]:
   return cfg.model_copy(update={"model": model}), f"{impl} ({why})"
 
 
+# mesh.vocab_split=auto splits the head's vocabulary over fsdp where the head holds at least this
+# share of the blocks' parameters (MTP modules included). Measured (benchmarks/RESULTS.md): the
+# split lowered the peak at shares 0.62 and 0.33 (small.yaml's widths with a 152K vocabulary and
+# 2 or 4 layers, v5p-8) and raised it at 0.115, 0.025 and 0.0014 (the same with 12 layers;
+# small.yaml as is, v5p-8; DeepSeek-V3 671B, v5p-1024 and 2xv6e-256).
+HEAD_SHARE_TO_SPLIT = 0.25
+
+
+def _resolve_vocab_split(cfg: Config, mesh) -> tuple[Config, str | None]:
+  """`mesh.vocab_split`: the rules with fsdp added to act_vocab, or as they are; and a note."""
+  rules, m, fsdp = cfg.mesh.rules, cfg.model, mesh.shape["fsdp"]
+  ways = math.prod(mesh.shape[a] for a in rules["act_vocab"] if a != "fsdp")
+  if cfg.mesh.vocab_split is False or fsdp == 1 or "fsdp" in rules["act_vocab"] or m.vocab_size % (ways * fsdp):
+    return cfg, None
+  head = m.vocab_size * m.d_model
+  share = head / max(cost(m, cfg.data.seq_len).total_params - head * (1 if m.tie_embeddings else 2), 1)
+  if cfg.mesh.vocab_split == "auto" and share < HEAD_SHARE_TO_SPLIT:
+    return cfg, None
+  why = "true" if cfg.mesh.vocab_split is True else f"auto: the head holds {share:.2f}x the blocks' parameters"
+  mesh_cfg = cfg.mesh.model_copy(update={"rules": {**rules, "act_vocab": [*rules["act_vocab"], "fsdp"]}})
+  return cfg.model_copy(update={"mesh": mesh_cfg}), f"the output head's vocabulary splits over fsdp (vocab_split {why})"
+
+
 def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
   """Checks that need the device count: what -1 filled in must still divide the work, and
   every parameter must split the way the rules say."""
@@ -91,10 +113,6 @@ def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
       f"{cfg.train.grad_accum_steps} = {micro} sequences per microbatch do not split over the {ways} "
       f"batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']})"
     )
-  if cfg.train.batch_size % jax.process_count():
-    raise ConfigError(
-      f"config error: train.batch_size: {cfg.train.batch_size} does not split over {jax.process_count()} processes"
-    )
   why = sharding.misfit(("act_batch", "act_length"), (micro, cfg.data.seq_len), mesh, cfg.mesh.rules)
   if why:
     raise ConfigError(f"config error: mesh: the input batch ({micro} x data.seq_len): {why}")
@@ -109,7 +127,7 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _record_config(workdir: pathlib.Path, cfg: Config, resuming: bool, log) -> None:
+def _record_config(workdir, cfg: Config, resuming: bool, log) -> None:
   """Writes the run's config to `workdir/config.yaml`; on a resume, first says which model
   settings differ from the saved one (shapes are checked against the checkpoint itself)."""
   saved = workdir / "config.yaml"
@@ -157,9 +175,12 @@ def _evaluate(program: Program, eval_data, num_batches: int, state, spec: Callab
   """Eval metrics per MTP depth over the first `num_batches` batches of the held-out split, and
   `spec(state)`'s speculative acceptance."""
   it, sums = iter(eval_data), None
-  for _ in range(num_batches):
-    out = program.eval_step(state, _global_batch(next(it), program.batch_sharding))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  try:
+    for _ in range(num_batches):
+      out = program.eval_step(state, program.global_batch(next(it)))
+      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  finally:
+    it.close()
   values = step.eval_metrics(jax.device_get(sums))
   if spec is not None:
     values.update(spec(state))
@@ -173,7 +194,12 @@ def _spec_eval(cfg: Config, eval_data) -> Callable | None:
   if not (t.eval_spec_prompts and cfg.model.mtp.depth):
     return None
   eos = cfg.model.eos_id
-  prompts = evaluate.held_out_prompts(next(iter(eval_data)), t.eval_spec_prompts, spec_prompt_len(t, cfg.data), eos)
+  it = iter(eval_data)
+  try:
+    first = next(it)
+  finally:
+    it.close()
+  prompts = evaluate.held_out_prompts(first, t.eval_spec_prompts, spec_prompt_len(t, cfg.data), eos)
   graphdef = step.graphdef_of(cfg)
 
   def spec(state) -> dict[str, float]:
@@ -181,10 +207,6 @@ def _spec_eval(cfg: Config, eval_data) -> Callable | None:
     return evaluate.speculative_acceptance(model, prompts, t.eval_spec_tokens, eos)
 
   return spec
-
-
-def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
 @dataclasses.dataclass
@@ -206,6 +228,15 @@ class Program:
 
   def init_state(self) -> step.TrainState:
     return self.init(jax.random.key(self.cfg.train.seed))
+
+  def host_rows(self) -> list[int]:
+    """The rows of each global batch this process's devices hold: the ones its pipeline reads."""
+    return sharding.host_rows(self.batch_sharding, (self.cfg.train.batch_size, self.cfg.data.seq_len))
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The global batch from this process's rows of it (`host_rows`, in that order)."""
+    shape, rows = (self.cfg.train.batch_size, self.cfg.data.seq_len), self.host_rows()
+    return {k: sharding.from_host_rows(v, rows, self.batch_sharding, shape) for k, v in local.items()}
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     shape = (self.cfg.train.batch_size, self.cfg.data.seq_len)
@@ -240,6 +271,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   mesh = sharding.make_mesh(cfg.mesh, devices)
   cfg = _resolve_accum(cfg, mesh)
   cfg, attention_kernel = _resolve_attention(cfg, mesh)
+  cfg, vocab_note = _resolve_vocab_split(cfg, mesh)
   rules = cfg.mesh.rules
   tx = optimizer.make(cfg.optimizer, cfg.train.steps)
   init = step.make_init(cfg, tx)
@@ -269,7 +301,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
     ),
     expert_dispatch=dispatch_kind,
     attention=attention_kernel,
-    notes=[note] if note else [],
+    notes=[n for n in (note, vocab_note) if n],
     eval_step=jax.jit(
       step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),
       in_shardings=(state_shardings, batch_sharding),
@@ -286,23 +318,27 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   if not lead:
     log = _quiet
     t = t.model_copy(update={"progress_bar": False})
-  workdir = pathlib.Path(t.workdir)
+  workdir = storage.path(t.workdir)
   sources = data.open_sources(cfg.data, "train")  # bad data fails here, before any compile
-  eval_sources = data.open_sources(cfg.data, "eval") if t.eval_every else []
+  # With train.steps below train.eval_every the run evaluates once, at its end, where there is an eval split.
+  eval_sources = data.open_sources(cfg.data, "eval", required=t.steps >= t.eval_every) if t.eval_every else []
+  if t.eval_every and not eval_sources:
+    log("note: no data source has a held-out eval split, and train.steps < train.eval_every: no evaluation")
   data.check_model(sources + eval_sources, cfg.model)
   program = build(cfg, devices)
   mesh = program.mesh
-  shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  shard = {"rows": program.host_rows()}  # global batches, of which this host reads its rows
   dataset = data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed, sources=sources, **shard)
   batches = iter(dataset)
   run_eval = None
-  if t.eval_every:
+  if eval_sources:
     eval_data = data.make_dataset(
       cfg.data, batch_size=t.batch_size, seed=t.seed, split="eval", sources=eval_sources, **shard
     )
     spec = _spec_eval(program.cfg, eval_data)
     run_eval = functools.partial(_evaluate, program, eval_data, t.eval_batches, spec=spec)
   with contextlib.ExitStack() as stack:
+    stack.callback(batches.close)
     preemption = Preemption()  # from here on, SIGTERM means: save at the next step boundary
     stack.callback(preemption.close)
     d = cfg.distributed
@@ -397,7 +433,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     # The first step is read: a resumed state may be mid-streak.
     pending, guard, next_check, preempted = None, None, start + 1, False
     for i in range(start, t.steps):
-      batch = _global_batch(next(batches), program.batch_sharding)
+      batch = program.global_batch(next(batches))
       with jax.transfer_guard("disallow"):
         state, metrics = compiled(state, batch)
       if pending is not None:  # fetch step t-1's metrics only after dispatching step t
@@ -413,7 +449,11 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
         pending = (done, metrics)
       preempted = preemption.reached(done)
       if ckpt and (done % cfg.checkpoint.every == 0 or done == t.steps or preempted):
+        if pending is not None:  # the save waits for this step anyway
+          report(*pending)
+          pending = None
         ckpt.save(done, state, batches, origin)
+        writer.flush()  # the metrics of every step the checkpoint holds are kept (a bucket's file is rewritten)
       if run_eval and (done % t.eval_every == 0 or done == t.steps):
         values = run_eval(state)
         writer.write(done, values)

