@@ -20,12 +20,12 @@ import jax
 from mtp_jax import config
 from mtp_jax.cli import command_parser, load_config
 from mtp_jax.model.flops import cost
-from mtp_jax.train import loop
 from mtp_jax.train.metrics import mfu
+from mtp_jax.train.program import build
 
 
 def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
-  program = loop.build(cfg)
+  program = build(cfg)
   compiled = program.compile()
   batch = program.synthetic_batch()
   state = program.init_state()

@@ -20,12 +20,12 @@ import time
 import jax
 
 from mtp_jax.cli import command_parser, load_config
-from mtp_jax.train import loop
 from mtp_jax.train.checkpoint import Checkpointer
+from mtp_jax.train.program import build
 
 
 def measure(cfg, steps: int, every: int, mode: str, directory: str) -> dict:
-  program = loop.build(cfg)
+  program = build(cfg)
   compiled = program.compile()
   batch = program.synthetic_batch()
   state = program.init_state()

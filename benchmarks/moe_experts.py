@@ -25,7 +25,7 @@ import numpy as np
 
 from mtp_jax.cli import load_config
 from mtp_jax.model import experts
-from mtp_jax.train import loop
+from mtp_jax.train.program import build
 
 
 def fastest(fn, *args, repeats: int) -> float:
@@ -44,7 +44,7 @@ def compiled_step(cfg, blocked: bool):
   saved = experts.BLOCKED_BACKENDS
   experts.BLOCKED_BACKENDS = frozenset({jax.default_backend()} if blocked else ())
   try:
-    program = loop.build(cfg, jax.devices()[:1])
+    program = build(cfg, jax.devices()[:1])
     return program.compile(), program.init_state(), program.synthetic_batch()
   finally:
     experts.BLOCKED_BACKENDS = saved

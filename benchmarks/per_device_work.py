@@ -27,7 +27,7 @@ import jax  # noqa: E402
 
 from mtp_jax.cli import command_parser, load_config  # noqa: E402
 from mtp_jax.model.flops import compiled_matmul_flops, traced_matmul_flops  # noqa: E402
-from mtp_jax.train import loop  # noqa: E402
+from mtp_jax.train.program import build  # noqa: E402
 
 MESHES = {
   "data8": ["mesh.data=8"],
@@ -42,7 +42,7 @@ MODES = {"dropless": ["model.moe.mode=dropless"], "capacity": ["model.moe.mode=c
 
 def step_flops(cfg, devices) -> tuple[float, float, str]:
   """(partitioned matmul FLOPs per device, traced per device, the expert dispatch)."""
-  program = loop.build(cfg, devices)
+  program = build(cfg, devices)
   traced = program.step.trace(program.abstract_state, program.abstract_batch())
   compiled = compiled_matmul_flops(traced.lower().compile().as_text())
   assert not compiled.unknown_loops, "a loop without a known trip count"

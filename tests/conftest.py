@@ -137,9 +137,9 @@ def fixed_batch(cfg: config.Config) -> dict:
 
 def run_steps(cfg: config.Config, steps: int = 3, devices=None):
   """Metrics of each of `steps` train steps on one fixed batch, and the final state."""
-  from mtp_jax.train import loop
+  from mtp_jax.train.program import build
 
-  program = loop.build(cfg, devices)
+  program = build(cfg, devices)
   state = program.init_state()
   batch = {k: jax.device_put(v, program.batch_sharding) for k, v in fixed_batch(cfg).items()}
   history = []

@@ -130,10 +130,10 @@ def test_asking_for_a_kernel_that_cannot_serve_the_step_is_a_one_line_config_err
 
 
 def test_mtp_train_refuses_cudnn_on_cpu_in_one_line(tiny):
-  from mtp_jax.train import loop
+  from mtp_jax.train.program import build
 
   with pytest.raises(ConfigError, match="needs a GPU"):
-    loop.build(tiny("model.attention.impl=cudnn"), jax.devices()[:1])
+    build(tiny("model.attention.impl=cudnn"), jax.devices()[:1])
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mla"])

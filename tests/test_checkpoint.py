@@ -17,6 +17,7 @@ from conftest import TINY, child_env
 
 from mtp_jax.train import checkpoint, loop
 from mtp_jax.train.checkpoint import Checkpointer
+from mtp_jax.train.program import build
 
 _NOT_DETERMINISTIC = {"tokens_per_sec", "mfu"}
 
@@ -123,13 +124,13 @@ def test_kill_anywhere_then_resume_reproduces_the_uninterrupted_losses(tiny, tmp
 
 
 def test_restore_onto_another_mesh_and_device_count_keeps_every_value(tiny, tmp_path):
-  saved_on = loop.build(tiny("mesh.data=1", "mesh.fsdp=8"))
+  saved_on = build(tiny("mesh.data=1", "mesh.fsdp=8"))
   state = saved_on.init_state()
   state = state.replace(opt_state=jax.tree.map(lambda x: x + jnp.ones_like(x), state.opt_state))  # not all zeros
   ckpt = Checkpointer(tmp_path / "checkpoints")
   ckpt.save(1, state, None)
   ckpt.wait()
-  restored_on = loop.build(tiny("mesh.data=1", "mesh.fsdp=2", "mesh.expert=2"), jax.devices()[:4])
+  restored_on = build(tiny("mesh.data=1", "mesh.fsdp=2", "mesh.expert=2"), jax.devices()[:4])
   restored, run = ckpt.restore(1, restored_on.abstract_state)
   ckpt.close()
   assert run["origin"] is None
@@ -142,7 +143,7 @@ def test_restore_onto_another_mesh_and_device_count_keeps_every_value(tiny, tmp_
 
 
 def test_checksums_see_one_changed_element_and_not_the_layout(tiny):
-  program = loop.build(tiny("mesh.data=1", "mesh.fsdp=8"))
+  program = build(tiny("mesh.data=1", "mesh.fsdp=8"))
   state = program.init_state()
   sums = checkpoint.checksums(state.params)
   moved = jax.device_put(state.params, jax.tree.map(lambda _: jax.devices()[0], state.params))
@@ -163,7 +164,7 @@ def test_checksum_terms_of_a_stacks_blocks_add_up_to_the_arrays(dtype):
 
 
 def test_a_checkpoint_of_the_block_by_block_layout_is_refused_in_one_line(tiny, tmp_path):
-  program = loop.build(tiny("mesh.data=1"), jax.devices()[:1])
+  program = build(tiny("mesh.data=1"), jax.devices()[:1])
   ckpt = Checkpointer(tmp_path / "checkpoints")
   ckpt.save(1, {"params": {"blocks": {"0": {"attn_norm": {"scale": {"value": jnp.ones(32)}}}}}}, None)
   ckpt.wait()
@@ -362,7 +363,7 @@ def test_a_checkpoint_of_other_shapes_is_refused_naming_the_array(tiny, tmp_path
 
 
 def test_a_nan_step_is_skipped_leaving_the_state_as_it_was(tiny):
-  program = loop.build(tiny("train.inject_nan_at_steps=[2]", "mesh.data=1"), jax.devices()[:1])
+  program = build(tiny("train.inject_nan_at_steps=[2]", "mesh.data=1"), jax.devices()[:1])
   from mtp_jax import data
 
   cfg = program.cfg

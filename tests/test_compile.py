@@ -12,7 +12,7 @@ from conftest import TINY
 
 from mtp_jax import compile as mtp_compile
 from mtp_jax.model.flops import compiled_matmul_flops, traced_matmul_flops
-from mtp_jax.train import loop
+from mtp_jax.train.program import build
 
 needs_libtpu = pytest.mark.skipif(
   importlib.util.find_spec("libtpu") is None,
@@ -44,12 +44,12 @@ def test_traced_flops_count_every_loop_iteration(tiny):
   # of the 40 of its whole batch (dropless on CPU pads each expert's rows into blocks instead).
   base = ("model.num_layers=4", "data.seq_len=32", "model.moe.mode=capacity")
 
-  def build(*overrides):
-    program = loop.build(tiny(*base, *overrides), jax.devices()[:2])
+  def trace(*overrides):
+    program = build(tiny(*base, *overrides), jax.devices()[:2])
     return program.step.trace(program.abstract_state, program.abstract_batch())
 
   def flops(*overrides):
-    return traced_matmul_flops(build(*overrides).jaxpr, 2)
+    return traced_matmul_flops(trace(*overrides).jaxpr, 2)
 
   plain = flops("train.scan_layers=false")
   loops = ("train.grad_accum_steps=4", "train.loss_chunk_len=8")
@@ -58,7 +58,7 @@ def test_traced_flops_count_every_loop_iteration(tiny):
   # run. (It runs fewer matmuls than traced: XLA merges the head's rematerialised forward with
   # the forward when no loop separates them, and turns the gate-weighted sum into a reduction.)
   compiled = [
-    compiled_matmul_flops(build(*overrides).lower().compile().as_text())
+    compiled_matmul_flops(trace(*overrides).lower().compile().as_text())
     for overrides in [("train.scan_layers=false",), ("train.grad_accum_steps=4",)]
   ]
   assert compiled[0].unknown_loops == compiled[1].unknown_loops == 0
@@ -82,7 +82,7 @@ def test_named_remat_policies_recompute_less_than_full_remat(tiny):
   scores, the experts' first projections); save_attn and save_moe each keep part of that."""
 
   def flops(remat):
-    program = loop.build(tiny("model.moe.mode=capacity", f"train.remat={remat}"), jax.devices()[:2])
+    program = build(tiny("model.moe.mode=capacity", f"train.remat={remat}"), jax.devices()[:2])
     return traced_matmul_flops(program.step.trace(program.abstract_state, program.abstract_batch()).jaxpr, 2)
 
   none, full = flops("none"), flops("full")
@@ -213,7 +213,7 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
     over = ["model.dtype=bfloat16", "train.grad_accum_steps=2", "train.remat=full", "mesh.data=1", "mesh.fsdp=-1"]
     cfg = config.load("configs/tiny.yaml", over)
     assert cfg.model.num_layers - cfg.model.first_k_dense == 3
-    program = loop.build(cfg, C.devices(topo))
+    program = build(cfg, C.devices(topo))
     compiled, work = program.compile_and_count()
     text = compiled.as_text()
     assert program.attention == "splash (auto on TPU)" and "splash_mha_dkv" in text, program.attention

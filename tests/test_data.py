@@ -181,7 +181,7 @@ def test_mixture_honours_the_weights(corpus, packing):
 @pytest.mark.parametrize(
   "overrides",
   [{}, {"prefetch": 2}, {"packing": "concat"}, {"workers": 1}],
-  ids=["plain", "thread-prefetch", "concat", "worker-process"],
+  ids=["plain", "thread-prefetch", "concat", "reader-threads"],
 )
 def test_mid_epoch_resume_yields_the_same_next_batches(corpus, overrides):
   cfg = _cfg(sources=[{"path": corpus["a"], "weight": 2}, {"path": corpus["b"], "weight": 1}], **overrides)

@@ -22,6 +22,7 @@ from mtp_jax import config, data, distributed
 from mtp_jax.export import source
 from mtp_jax.train import checkpoint, loop
 from mtp_jax.train.checkpoint import Checkpointer
+from mtp_jax.train.program import build
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ["train.steps=3", "train.log_every=1", "checkpoint.every=3", "train.eval_every=0"]
@@ -63,7 +64,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_an
 
   # The global batches do not depend on the process count: the reference reads them whole.
   cfg = tiny(*RUN, *axes, "mesh.data=2")
-  program = loop.build(cfg)
+  program = build(cfg)
   step = program.compile()
   stream = iter(data.make_dataset(cfg.data, batch_size=8, seed=0))
   state, want = program.init_state(), []
@@ -77,7 +78,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_an
   np.testing.assert_allclose([got[s] for s in (1, 2, 3)], want, rtol=2e-6)
 
   other = tiny(*RUN, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"train.workdir={multi}")
-  target = loop.build(other).abstract_state
+  target = build(other).abstract_state
   restored, _ = Checkpointer(multi / "checkpoints", read_only=True).restore(3, target)
   w = restored.params["layers"][1]["ffn"]["experts"]["w_gate"][...]
   assert len(w.sharding.device_set) == 8 and "tensor" in w.sharding.spec  # really on the new mesh

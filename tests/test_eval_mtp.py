@@ -16,6 +16,7 @@ from mtp_jax.config import ConfigError
 from mtp_jax.generate.speculative import speculative_generate
 from mtp_jax.train import evaluate, loop, step
 from mtp_jax.train.checkpoint import Checkpointer
+from mtp_jax.train.program import build
 
 # Shared by the tests below, so that they share compiled programs (init, eval step): dense, as
 # routing is not what they test; the head chunked and the sequence split over devices, so the
@@ -42,7 +43,7 @@ def test_agreement_is_depth_k_argmax_against_the_main_argmax_k_later(tiny):
   over positions whose target t_{i+1+k} is in the same document."""
   depth = 2
   cfg = tiny(*MODEL, f"model.mtp.depth={depth}")
-  program = loop.build(cfg)
+  program = build(cfg)
   state = program.init_state()
   head = state.params["head"]  # 4 live output columns: argmaxes among 5 tokens (the 4, or the first zero logit)
   head[...] = jax.device_put(head[...].at[:, 4:].set(0.0), head[...].sharding)
@@ -127,7 +128,7 @@ def test_training_reports_the_speculative_acceptance_of_its_parameters(tiny, tmp
   line = next(s for s in said if s.startswith("eval at step 4: "))
   assert "agree " in line and "spec accept " in line, line
 
-  program = loop.build(cfg)
+  program = build(cfg)
   state, _ = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).restore(4, program.abstract_state)
   model = nnx.merge(step.graphdef_of(cfg), state.params, state.router_bias)
   eval_data = data.make_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0, split="eval")

@@ -13,7 +13,7 @@ from mtp_jax.config import ConfigError
 from mtp_jax.model import dispatch as moe_lib
 from mtp_jax.model.experts import swiglu_ragged
 from mtp_jax.model.moe import MoE, RouterBias
-from mtp_jax.train import loop
+from mtp_jax.train.program import build
 
 ROOMY = "model.moe.capacity_factor=4"  # = E / K: C_local >= local tokens, so nothing drops
 MESHES = {
@@ -69,7 +69,7 @@ def test_all_to_all_equals_one_device(mesh):
 def test_capacity_drops_by_each_devices_own_buffers(mesh):
   """Overflow is decided per device (per source device under all_to_all): the layer equals
   one-device capacity mode run on each device's own tokens, and `dropped` totals every
-  device's drops (README, "Where the experts run")."""
+  device's drops (docs/scaling.md, "Where the experts run")."""
   cfg = tiny_config(
     "model.moe.mode=capacity", "model.moe.capacity_factor=1.0", *{**MESHES, "data8": ["mesh.data=8"]}[mesh]
   )
@@ -197,7 +197,7 @@ def train_runs():
     ("one", ["mesh.data=1"], jax.devices()[:1]),
     ("eight", ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"], None),
   ]:
-    program = loop.build(tiny_config(*overrides, *mesh), devices)
+    program = build(tiny_config(*overrides, *mesh), devices)
     lowered = program.step.lower(program.abstract_state, program.abstract_batch())
     compiled = lowered.compile()
     if initial is None:

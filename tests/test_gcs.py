@@ -92,14 +92,25 @@ def test_a_run_in_a_bucket_survives_kill_9_and_a_damaged_checkpoint(bucket, tmp_
   os.killpg(first.pid, signal.SIGKILL)  # mid-run, perhaps mid-save
   assert first.wait() == -signal.SIGKILL, "the run ended before it was killed"
   fs.invalidate_cache()
+  done = max(int(p.split("/")[-2]) for p in fs.glob("runs/tiny/checkpoints/*/commit_success.txt"))
+  # What a kill mid-save leaves in a bucket, for certain: the next step, written but never marked complete.
+  for name in ("_CHECKPOINT_METADATA", "state/_METADATA"):
+    fs.pipe(f"runs/tiny/checkpoints/{done + 2}/{name}", b"{}")
   again = _train(env, f"train.workdir={run}", "train.steps=16")
   assert again.returncode == 0, again.stderr[-2000:]
-  assert "resumed from step" in again.stdout, again.stdout[-2000:]
+  assert f"resumed from step {done}" in again.stdout, again.stdout[-2000:]
   got = _losses(fs.cat("runs/tiny/metrics.jsonl").decode())
   assert sorted(got) == list(range(1, 17))
   for step in range(1, 17):
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
   assert fs.exists("runs/tiny/config.yaml") and fs.ls("runs/tiny/tensorboard")
+
+  # Another run starts from a step in the bucket (checkpoint.restore_from), its data position included.
+  other = _train(
+    env, f"train.workdir={tmp_path / 'other'}", "train.steps=15", f"checkpoint.restore_from={run}/checkpoints/14"
+  )
+  assert other.returncode == 0 and f"restored step 14 from {run}/checkpoints/14" in other.stdout, other.stdout[-2000:]
+  assert _losses((tmp_path / "other" / "metrics.jsonl").read_text())[15] == pytest.approx(want[15], rel=1e-6)
 
   # A damaged newest checkpoint: set aside in the bucket, the one before resumed, with a warning.
   data = [f for f in fs.find("runs/tiny/checkpoints/16/state") if "/d/" in f]

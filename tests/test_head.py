@@ -95,10 +95,10 @@ def test_the_split_skips_axes_that_do_not_divide_the_vocabulary():
 def test_vocab_split_auto_splits_where_the_head_is_a_large_share_of_the_model(tiny):
   """mesh.vocab_split: auto adds fsdp to act_vocab where the head holds at least a quarter of the
   blocks' parameters (where it measurably lowers the peak), and says so; true and false decide alone."""
-  from mtp_jax.train import loop
+  from mtp_jax.train.program import build
 
   def act_vocab(*overrides):
-    program = loop.build(tiny("mesh.data=2", "mesh.fsdp=4", *overrides))
+    program = build(tiny("mesh.data=2", "mesh.fsdp=4", *overrides))
     return program.cfg.mesh.rules["act_vocab"], program.notes
 
   heavy = ["model.vocab_size=2048", "model.mtp.depth=0"]  # head 64K parameters against blocks of 26K

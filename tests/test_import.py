@@ -39,6 +39,7 @@ from mtp_jax.export.exporter import export
 from mtp_jax.export.importer import import_
 from mtp_jax.train import loop
 from mtp_jax.train.checkpoint import Checkpointer, named_leaves
+from mtp_jax.train.program import build
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +305,7 @@ def test_a_model_transformers_saved_imports_and_computes_its_logits(saved_by_tra
   assert cfg.model.tie_embeddings and cfg.model.attention.rope_theta == 500 and cfg.model.mtp.depth == 0
   assert cfg.model.moe.num_shared_experts == 2 and cfg.model.first_k_dense == 1 and cfg.model.eos_id == 256
 
-  program = loop.build(cfg)
+  program = build(cfg)
   ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
   state, _ = ckpt.restore(0, program.abstract_state)
   ckpt.close()
@@ -334,7 +335,7 @@ def test_a_drafter_is_added_to_a_model_without_one(saved_by_transformers, tmp_pa
   result = import_(str(hf_dir), str(tmp_path / "run"), overrides=over)
   assert any("MTP module(s) 1 are not in" in n and "initialised afresh" in n for n in result.notes), result.notes
   cfg = result.config
-  program = loop.build(cfg)
+  program = build(cfg)
   fresh = program.init_state()  # what a new run of this config starts from (train.seed)
   ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
   state, _ = ckpt.restore(0, program.abstract_state)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import STEP_KEYS, run_steps
 
-from mtp_jax.train import loop
+from mtp_jax.train.program import build
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ from mtp_jax.train import loop
 def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
   overrides = ["model.mtp.depth=2", "model.moe.num_experts=4", *overrides]
   one, _ = run_steps(tiny(*overrides, "mesh.data=1"), devices=jax.devices()[:1])
-  program = loop.build(tiny(*overrides, *mesh))
+  program = build(tiny(*overrides, *mesh))
   path, name, axis = sharded
   leaf = program.abstract_state.params
   for key in path:

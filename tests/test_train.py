@@ -14,6 +14,7 @@ from conftest import STEP_KEYS, TINY, run_steps, write_dataset
 
 from mtp_jax import data
 from mtp_jax.train import checkpoint, loop, losses
+from mtp_jax.train.program import build
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 
@@ -114,7 +115,7 @@ def test_mtp_depths_never_hold_their_logits_at_once(tiny):
       f"train.loss_chunk_len={chunk}",
       "model.moe.num_experts=0",
     )
-    return loop.build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
+    return build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
 
   assert temp(3, 16) - temp(0, 16) < logits_bytes
   assert temp(3, 0) - temp(3, 16) > logits_bytes / 2
@@ -239,6 +240,7 @@ def test_tiny_config_loss_falls(tmp_path):
       f"train.workdir={tmp_path}",
       "train.steps=40",
       "train.log_every=10",
+      "train.eval_every=0",  # the loss is the point here; evaluation has its own tests
       "checkpoint.enabled=false",
       "train.progress_bar=false",
     ],
@@ -256,19 +258,17 @@ def test_mesh_checks_that_need_the_device_count(tiny):
   with pytest.raises(
     ConfigError, match=r"model\.moe\.num_experts: 4 is not divisible by the expert axis \(8 devices\)"
   ):
-    loop.build(tiny("mesh.data=1", "mesh.expert=-1", "model.moe.num_experts=4"))
+    build(tiny("mesh.data=1", "mesh.expert=-1", "model.moe.num_experts=4"))
   with pytest.raises(ConfigError, match=r"train\.batch_size: 4 / grad_accum_steps 1 = 4 sequences per microbatch"):
-    loop.build(tiny("train.batch_size=4"))
+    build(tiny("train.batch_size=4"))
   with pytest.raises(ConfigError, match="multiply to 4, not the 8 devices"):
-    loop.build(tiny("mesh.data=4"))
+    build(tiny("mesh.data=4"))
   # grad_accum_steps=-1: one sequence per batch-sharded device per microbatch, counted on this mesh.
-  assert loop.build(tiny("train.batch_size=32", "train.grad_accum_steps=-1")).cfg.train.grad_accum_steps == 4
-  two = loop.build(
-    tiny("train.batch_size=32", "train.grad_accum_steps=-1", "mesh.data=2", "mesh.tensor=2", "mesh.expert=2")
-  )
+  assert build(tiny("train.batch_size=32", "train.grad_accum_steps=-1")).cfg.train.grad_accum_steps == 4
+  two = build(tiny("train.batch_size=32", "train.grad_accum_steps=-1", "mesh.data=2", "mesh.tensor=2", "mesh.expert=2"))
   assert two.cfg.train.grad_accum_steps == 8  # batch over data x expert: 4 ways
   with pytest.raises(ConfigError, match=r"grad_accum_steps: -1 needs train\.batch_size \(12\) to split over the 8"):
-    loop.build(tiny("train.batch_size=12", "train.grad_accum_steps=-1"))
+    build(tiny("train.batch_size=12", "train.grad_accum_steps=-1"))
 
 
 def test_an_overflowing_update_is_skipped_like_a_nan(tiny, tmp_path):
@@ -319,6 +319,6 @@ def test_attention_blocks_bound_the_score_memory(tiny):
       "model.moe.num_experts=0",
       "model.mtp.depth=0",
     )
-    return loop.build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
+    return build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
 
   assert temp(0) - temp(16) > scores_bytes

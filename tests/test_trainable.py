@@ -8,6 +8,7 @@ from conftest import fixed_batch
 from mtp_jax.model.flops import cost, traced_matmul_flops
 from mtp_jax.train import loop
 from mtp_jax.train.checkpoint import Checkpointer, CheckpointError, named_leaves
+from mtp_jax.train.program import build
 
 # Adam moves each parameter by its own gradient alone when nothing clips the global norm. One
 # MTP module serves both depths (model.mtp.share_weights), its router bias moved by their summed load.
@@ -26,7 +27,7 @@ def _leaves(tree) -> dict[str, np.ndarray]:
 def _run(cfg, steps: int):
   """(parameters, router biases and optimizer state at the start), (parameters and router biases
   after each step), metrics of each step."""
-  program = loop.build(cfg, jax.devices()[:1])
+  program = build(cfg, jax.devices()[:1])
   state = program.init_state()
   start = _leaves(state.params), _leaves(state.router_bias), _leaves(state.opt_state)
   batch = fixed_batch(cfg)
@@ -74,7 +75,7 @@ def test_a_frozen_trunk_costs_its_forward_only(tiny, kind):
   sequence of 2L - 1; each depth with a backward pass recomputes its head chunk once.)"""
   for trainable in ("all", "mtp"):
     cfg = tiny("model.moe.num_experts=0", "model.mtp.depth=2", f"model.mtp.kind={kind}", f"train.trainable={trainable}")
-    program = loop.build(cfg, jax.devices()[:1])
+    program = build(cfg, jax.devices()[:1])
     traced = traced_matmul_flops(program.step.trace(program.abstract_state, program.abstract_batch()).jaxpr, 1)
     tokens = cfg.train.batch_size * cfg.data.seq_len
     m = cfg.model
@@ -101,11 +102,11 @@ def test_a_run_without_mtp_modules_gets_a_drafter_trained_on_its_frozen_trunk(ti
   records = loop.train(drafter, log=logs.append)
   assert any("MTP module(s) 1 are not in" in line and "initialised afresh" in line for line in logs), logs
   assert [r for r in records if "mtp_loss_1" in r]
-  program = loop.build(drafter)
+  program = build(drafter)
   saved = {}
   for name, path in [("base", tmp_path / "base" / "checkpoints"), ("drafter", tmp_path / "drafter" / "checkpoints")]:
     ckpt = Checkpointer(path, read_only=True)
-    target = program.abstract_state.params if name == "drafter" else loop.build(base).abstract_state.params
+    target = program.abstract_state.params if name == "drafter" else build(base).abstract_state.params
     saved[name] = named_leaves(ckpt.restore(2, {"params": target}, partial=True)[0]["params"])
     ckpt.close()
   assert set(saved["drafter"]) - set(saved["base"]) == {k for k in saved["drafter"] if k.startswith("mtp.")}

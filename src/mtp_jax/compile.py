@@ -221,11 +221,12 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad input."""
   from mtp_jax.model import dispatch as moe_dispatch
   from mtp_jax.model.flops import chip_work, cost, traced_matmul_flops
-  from mtp_jax.train import loop
   from mtp_jax.train.metrics import peak_flops
+  from mtp_jax.train.program import build
+  from mtp_jax.train.program import memory as program_memory
 
   devs = devices(topo)
-  program = loop.build(cfg, devs)
+  program = build(cfg, devs)
   chip = topo.chip or CHIPS.get(_DEVICE_KINDS.get(devs[0].device_kind, ""))
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
   state = state_bytes(program.abstract_state)
@@ -256,7 +257,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     buffer = (rows / sent, worst / sent)
   c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
   tokens = cfg.train.batch_size * cfg.data.seq_len
-  memory = _memory(compiled) if compiled else None
+  memory = program_memory(compiled) if compiled else None
   needs, available = _refusal(error)
   if memory:  # XLA:TPU's peak is what it holds under HBM; elsewhere (CPU) it leaves temporaries out
     needs = memory["peak"] if chip and memory["peak"] else memory["total"]
@@ -327,24 +328,6 @@ def _hbm(chip: Chip | None, device) -> float | None:
   except Exception:
     stats = None
   return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
-
-
-def _memory(compiled) -> dict[str, int] | None:
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  out = {
-    "arguments": m.argument_size_in_bytes,
-    "outputs": m.output_size_in_bytes,
-    "aliased": m.alias_size_in_bytes,  # outputs written over donated arguments: counted once
-    "temporaries": m.temp_size_in_bytes,
-    "code": m.generated_code_size_in_bytes,
-  }
-  out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
-  # XLA's peak of live buffers, arguments included. XLA:TPU holds this, not the sum above, under
-  # HBM: it compiled a step whose sum was 98.7 GiB and peak 90.1 GiB for a 95.74 GiB v5p chip.
-  out["peak"] = getattr(m, "peak_memory_in_bytes", 0)
-  return out
 
 
 def _cost(compiled) -> dict[str, float]:

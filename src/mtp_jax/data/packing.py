@@ -28,6 +28,7 @@ import numpy as np
 
 PACKING_BINS = 64  # Rows first-fit fills at once; more bins: less padding, more memory.
 MODES = ("first_fit", "concat")
+BATCH_KEYS = ("tokens", "segment_ids", "positions")  # what a packed row (and a batch) holds, each int32
 
 Piece = tuple[int, int, int]  # (document k of the stream, first token, one past the last)
 Position = tuple[int, int]

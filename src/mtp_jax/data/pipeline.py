@@ -36,6 +36,7 @@ from mtp_jax.config import STDLIB, DataConfig, ModelConfig
 from mtp_jax.data import manifest as manifest_lib
 from mtp_jax.data import packing, stdlib
 from mtp_jax.data.manifest import DataError
+from mtp_jax.data.packing import BATCH_KEYS
 from mtp_jax.data.tokenizer import BYTE_TOKENIZER
 
 
@@ -237,9 +238,6 @@ def rows(
     out = {k: np.zeros(cfg.seq_len, np.int32) for k in BATCH_KEYS}
     stream.read(row, out)
     yield out
-
-
-BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
 
 class Batches:

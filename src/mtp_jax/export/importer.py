@@ -37,8 +37,9 @@ from mtp_jax.config import Config, ConfigError, MeshConfig
 from mtp_jax.export import ExportError, writer
 from mtp_jax.export.exporter import FORMATS
 from mtp_jax.export.layout import Tensor
-from mtp_jax.train import loop, optimizer, step
+from mtp_jax.train import optimizer, step
 from mtp_jax.train.checkpoint import Checkpointer, leaf_name
+from mtp_jax.train.program import Program, build
 
 # Model keys config.json sets that an override may still change: which token ends a document is the
 # data's, init_std only matters for weights drawn afresh. model.mtp.depth may be lowered (see below).
@@ -192,7 +193,7 @@ def _dotted(tree: dict, prefix: str) -> dict:
   return out
 
 
-def _program(cfg: Config) -> loop.Program:
+def _program(cfg: Config) -> Program:
   """The run's mesh and shardings where this process's devices form that mesh; else (one CPU
   importing for a pod, say) every device on the data axis: Orbax restores onto any mesh, so the
   checkpoint is the same either way."""
@@ -201,7 +202,7 @@ def _program(cfg: Config) -> loop.Program:
   except ConfigError:
     cfg = cfg.model_copy(update={"mesh": MeshConfig(rules=cfg.mesh.rules)})
   try:
-    return loop.build(cfg)
+    return build(cfg)
   except ConfigError as err:
     raise ExportError(str(err)) from None
 
@@ -389,7 +390,7 @@ class _Converter:
     return out
 
 
-def _fresh_leaves(program: loop.Program, cfg: Config, modules: list[str]) -> dict[str, jax.Array]:
+def _fresh_leaves(program: Program, cfg: Config, modules: list[str]) -> dict[str, jax.Array]:
   """The leaves of the MTP `modules` ("mtp.1.", ...) as a fresh run initialises them (train.seed),
   on the mesh; the compiler computes only these of the initialiser's outputs."""
   wanted = tuple(f"{part}.{m}" for part in ("params", "router_bias") for m in modules)
@@ -405,7 +406,7 @@ def _fresh_leaves(program: loop.Program, cfg: Config, modules: list[str]) -> dic
   return fresh(jax.random.key(cfg.train.seed))
 
 
-def _state(program: loop.Program, cfg: Config, leaves: dict, converter: _Converter) -> step.TrainState:
+def _state(program: Program, cfg: Config, leaves: dict, converter: _Converter) -> step.TrainState:
   """Step 0: the parameters and router biases from the files, built on the mesh slice by slice,
   and the optimizer state initialised from them with the state's shardings."""
 

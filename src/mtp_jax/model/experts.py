@@ -51,7 +51,7 @@ def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax
   """Each expert's SwiGLU over its rows: rows sorted by expert, group_sizes_E of them to each in
   turn, rows past their sum giving zeros. TPUs get megablox's grouped matmuls (`swiglu_gmm`):
   XLA:TPU runs `lax.ragged_dot`'s forward as one, but its weight gradient as a product of every
-  row with every expert. GPUs get `lax.ragged_dot`, left to their compiler (README, "Where the
+  row with every expert. GPUs get `lax.ragged_dot`, left to their compiler (docs/scaling.md, "Where the
   experts run"). JAX lowers that for CPU as every row times every expert, masked (E times the
   FLOPs), so there the rows go in blocks of one expert (`swiglu_blocked`)."""
   platform, x_NxD = _platform(), checkpoint_name(x_NxD, "moe_in")
