@@ -209,7 +209,7 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
     from mtp_jax import compile as C, config
     topo = C.parse_topology("v5p-8")
     C.prepare_environment(topo)
-    from mtp_jax.train import loop
+    from mtp_jax.train.program import build
     over = ["model.dtype=bfloat16", "train.grad_accum_steps=2", "train.remat=full", "mesh.data=1", "mesh.fsdp=-1"]
     cfg = config.load("configs/tiny.yaml", over)
     assert cfg.model.num_layers - cfg.model.first_k_dense == 3
