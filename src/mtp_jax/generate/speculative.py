@@ -55,7 +55,8 @@ class SpecStats:
 
 @struct.dataclass
 class SpecState:
-  """What a speculative run ends with, for `speculative_generate` and for inspection in tests."""
+  """Where a speculative run stands after `rounds` rounds: the decoding loop's carry, and what it
+  ends with, for `speculative_generate` and for inspection in tests."""
 
   seq_BxS: jax.Array  # prompt, then committed tokens (and stale drafts beyond each row's end)
   count_B: jax.Array  # new tokens each row returns
@@ -63,6 +64,10 @@ class SpecState:
   rounds: jax.Array
   row_rounds: jax.Array  # forward passes counted per row
   accepted_K: jax.Array  # per draft position, row-rounds whose draft there was accepted
+  done_B: jax.Array  # rows that emitted eos or max_new_tokens
+  # What drafts the next round. Sequential modules: (the trunk's hidden states h0 at every
+  # position so far, the modules' caches); parallel heads: (the next drafts' logits, the heads' caches).
+  drafter: tuple
   trace: Trace | None = None  # with run(..., trace=True)
 
 
@@ -295,24 +300,26 @@ def _speculative(
   count_B = jnp.ones((b,), jnp.int32)
   done_B = (first_B == stop) | (max_new_tokens <= 1)
   zero = jnp.zeros((), jnp.int32)
-  carry = (zero, seq_BxS, trunk, extra, count_B, done_B, zero, jnp.zeros((k,), jnp.int32))
+  rounds_trace = None
   if trace:
     r_ = max_new_tokens  # every round but the last emits at least one token of each active row
     v = logits_BxPxV.shape[-1]
-    carry += (
-      Trace(
-        jnp.zeros((r_, b), jnp.int32),
-        jnp.zeros((r_, b), bool),
-        jnp.zeros((r_, b, k), jnp.int32),
-        jnp.zeros((r_, b, k, v), jnp.float32),
-      ),
+    rounds_trace = Trace(
+      jnp.zeros((r_, b), jnp.int32),
+      jnp.zeros((r_, b), bool),
+      jnp.zeros((r_, b, k), jnp.int32),
+      jnp.zeros((r_, b, k, v), jnp.float32),
     )
+  start = SpecState(
+    seq_BxS, count_B, trunk, zero, zero, jnp.zeros((k,), jnp.int32), done_B, drafter=extra, trace=rounds_trace
+  )
 
-  def more(carry):
-    return ~jnp.all(carry[5])
+  def more(state: SpecState):
+    return ~jnp.all(state.done_B)
 
-  def one(carry):
-    r, seq_BxS, trunk, extra, count_B, done_B, row_rounds, accepted_K = carry[:8]
+  def one(state: SpecState) -> SpecState:
+    seq_BxS, trunk, extra = state.seq_BxS, state.trunk, state.drafter
+    r, count_B, done_B = state.rounds, state.count_B, state.done_B
     round_key = jax.random.fold_in(key, r + 1)
     last_B = trunk.length_B  # L = n - 1: t_{n-1} sits at position L, the drafts at L + 1 .. L + K
     if sequential:
@@ -368,20 +375,25 @@ def _speculative(
       # The next drafts read position n' - 2 = L + a, index a of this pass: its query saw only accepted slots.
       next_logits_BxKxV = model.logits(jnp.stack([_rows(o, accepted_B) for o in outs], 1))
       extra = (next_logits_BxKxV, Cache(layers=layers, length_B=trunk.length_B))  # rolled back with the trunk
-    row_rounds = row_rounds + active_B.sum()
-    accepted_K = accepted_K + jnp.sum(active_B[:, None] & (steps_T[None, :k] < accepted_B[:, None]), 0)
-    out = (r + 1, seq_BxS, trunk, extra, count_B, done_B, row_rounds, accepted_K)
+    accepted_K = state.accepted_K + jnp.sum(active_B[:, None] & (steps_T[None, :k] < accepted_B[:, None]), 0)
+    t = state.trace
     if trace:
-      t = carry[8]
-      out += (
-        Trace(
-          t.last_RxB.at[r].set(last_B),
-          t.active_RxB.at[r].set(active_B),
-          t.drafts_RxBxK.at[r].set(drafts_BxK),
-          t.logits_RxBxKxV.at[r].set(draft_logits_BxKxV.astype(jnp.float32)),
-        ),
+      t = Trace(
+        t.last_RxB.at[r].set(last_B),
+        t.active_RxB.at[r].set(active_B),
+        t.drafts_RxBxK.at[r].set(drafts_BxK),
+        t.logits_RxBxKxV.at[r].set(draft_logits_BxKxV.astype(jnp.float32)),
       )
-    return out
+    return SpecState(
+      seq_BxS,
+      count_B,
+      trunk,
+      r + 1,
+      state.row_rounds + active_B.sum(),
+      accepted_K,
+      done_B,
+      drafter=extra,
+      trace=t,
+    )
 
-  r, seq_BxS, trunk, _, count_B, _, row_rounds, accepted_K, *rest = jax.lax.while_loop(more, one, carry)
-  return SpecState(seq_BxS, count_B, trunk, r, row_rounds, accepted_K, rest[0] if trace else None)
+  return jax.lax.while_loop(more, one, start).replace(drafter=())  # the drafter's caches stay inside
