@@ -45,6 +45,20 @@ def common_config(cfg, dtype: str, tok) -> dict:
   }
 
 
+def common_model(get) -> dict:
+  """The inverse of `common_config` for our trunk: the model settings every layout here reads
+  alike from config.json (`get(key)` gives a key's value, the layout's default applied)."""
+  return {
+    "vocab_size": get("vocab_size"),
+    "d_model": get("hidden_size"),
+    "num_layers": get("num_hidden_layers"),
+    "d_ff": get("intermediate_size"),
+    "norm_eps": get("rms_norm_eps"),
+    "init_std": get("initializer_range"),
+    "tie_embeddings": get("tie_word_embeddings"),
+  }
+
+
 YARN_KEYS = (
   "factor",
   "original_max_position_embeddings",

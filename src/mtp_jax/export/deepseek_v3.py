@@ -26,7 +26,7 @@ import json
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
-from mtp_jax.export import ExportError, common_config, rope_from_json
+from mtp_jax.export import ExportError, common_config, common_model, rope_from_json
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
 from mtp_jax.model.transformer import stack_of
 
@@ -171,14 +171,8 @@ def model_config(hf: dict) -> dict:
   theta, scaling = rope_from_json(hf, DEFAULTS["rope_theta"])
   eos = get("eos_token_id")
   model = {
-    "vocab_size": get("vocab_size"),
-    "d_model": get("hidden_size"),
-    "num_layers": layers,
+    **common_model(get),
     "first_k_dense": min(dense, layers),
-    "d_ff": get("intermediate_size"),
-    "norm_eps": get("rms_norm_eps"),
-    "init_std": get("initializer_range"),
-    "tie_embeddings": get("tie_word_embeddings"),
     "attention": {
       "kind": "mla",
       "num_heads": get("num_attention_heads"),
@@ -190,23 +184,29 @@ def model_config(hf: dict) -> dict:
       "rope_theta": theta,
       "rope_scaling": scaling,
     },
-    "moe": {
-      # config_json's "no MoE layer anywhere", MTP layers included (then no expert tensor may be there)
-      "num_experts": get("n_routed_experts") if dense < layers + depth else 0,
-      "top_k": get("num_experts_per_tok"),
-      "expert_d_ff": get("moe_intermediate_size"),
-      "num_shared_experts": get("n_shared_experts"),
-      "score_func": "sigmoid",
-      "norm_topk_prob": get("norm_topk_prob"),
-      "routed_scaling_factor": get("routed_scaling_factor"),
-      "n_group": get("n_group") or 1,  # null: no group-limited routing
-      "topk_group": get("topk_group") or 1,
-    },
+    "moe": moe_from_json(get),
     "mtp": {"kind": "sequential", "depth": depth, "use_moe": True},
   }
   if eos is not None:
     model["eos_id"] = eos[0] if isinstance(eos, list) else eos  # we end documents with one token
   return model
+
+
+def moe_from_json(get) -> dict:
+  """Our MoE settings from DeepSeek-V3's config.json keys (GLM-4.5's too): the inverse of `moe_json`."""
+  layers, depth, dense = get("num_hidden_layers"), get("num_nextn_predict_layers"), get("first_k_dense_replace")
+  return {
+    # moe_json's "no MoE layer anywhere", MTP layers included (then no expert tensor may be there)
+    "num_experts": get("n_routed_experts") if dense < layers + depth else 0,
+    "top_k": get("num_experts_per_tok"),
+    "expert_d_ff": get("moe_intermediate_size"),
+    "num_shared_experts": get("n_shared_experts"),
+    "score_func": "sigmoid",
+    "norm_topk_prob": get("norm_topk_prob"),
+    "routed_scaling_factor": get("routed_scaling_factor"),
+    "n_group": get("n_group") or 1,  # null: no group-limited routing
+    "topk_group": get("topk_group") or 1,
+  }
 
 
 def _inexpressible(hf: dict, get):

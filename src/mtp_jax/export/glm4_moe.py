@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
-from mtp_jax.export import ExportError, common_config, deepseek_v3, rope_from_json
+from mtp_jax.export import ExportError, common_config, common_model, deepseek_v3, rope_from_json
 from mtp_jax.export.layout import FLAT, SAME, Layout, Linear, Tensor
 
 ARCHITECTURE = "Glm4MoeForCausalLM"
@@ -98,14 +98,8 @@ def model_config(hf: dict) -> dict:
   layers, depth, dense = c["num_hidden_layers"], c["num_nextn_predict_layers"], c["first_k_dense_replace"]
   heads = c["num_attention_heads"]
   model = {
-    "vocab_size": c["vocab_size"],
-    "d_model": c["hidden_size"],
-    "num_layers": layers,
+    **common_model(c.__getitem__),
     "first_k_dense": min(dense, layers),
-    "d_ff": c["intermediate_size"],
-    "norm_eps": c["rms_norm_eps"],
-    "init_std": c["initializer_range"],
-    "tie_embeddings": c["tie_word_embeddings"],
     "attention": {
       "kind": "gqa",
       "num_heads": heads,
@@ -117,17 +111,7 @@ def model_config(hf: dict) -> dict:
       "rope_theta": theta,
       "rope_scaling": scaling,
     },
-    "moe": {
-      "num_experts": c["n_routed_experts"] if dense < layers + depth else 0,
-      "top_k": c["num_experts_per_tok"],
-      "expert_d_ff": c["moe_intermediate_size"],
-      "num_shared_experts": c["n_shared_experts"],
-      "score_func": "sigmoid",
-      "norm_topk_prob": c["norm_topk_prob"],
-      "routed_scaling_factor": c["routed_scaling_factor"],
-      "n_group": c["n_group"] or 1,
-      "topk_group": c["topk_group"] or 1,
-    },
+    "moe": deepseek_v3.moe_from_json(c.__getitem__),
     "mtp": {"kind": "sequential", "depth": depth, "use_moe": True},
   }
   if eos is not None:

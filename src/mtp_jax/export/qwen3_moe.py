@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from mtp_jax.config import Config, ModelConfig
 from mtp_jax.data.manifest import TokenizerInfo
-from mtp_jax.export import ExportError, common_config, rope_from_json
+from mtp_jax.export import ExportError, common_config, common_model, rope_from_json
 from mtp_jax.export.layout import SAME, Layout, Linear, Tensor
 from mtp_jax.model.transformer import stack_of
 
@@ -163,15 +163,9 @@ def model_config(hf: dict) -> dict:
   if len(set(dense[layers:])) > 1:
     raise refuse("mlp_only_layers", "our MTP modules are all dense or all MoE")
   return {
-    "vocab_size": c["vocab_size"],
+    **common_model(c.__getitem__),
     "eos_id": eos,
-    "d_model": c["hidden_size"],
-    "num_layers": layers,
     "first_k_dense": first_k_dense,
-    "d_ff": c["intermediate_size"],
-    "norm_eps": c["rms_norm_eps"],
-    "init_std": c["initializer_range"],
-    "tie_embeddings": c["tie_word_embeddings"],
     "attention": {
       "kind": "gqa",
       "num_heads": c["num_attention_heads"],
