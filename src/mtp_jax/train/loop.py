@@ -112,7 +112,7 @@ def _open_sources(cfg: Config, log) -> tuple[list, list]:
 def _open_data(program: Program, sources: list, eval_sources: list):
   """(this host's iterator over the global train batches, the evaluation to run, or None)."""
   cfg, t = program.cfg, program.cfg.train
-  rows = program.host_rows()  # global batches, of which this host reads its rows
+  rows = program.host_rows  # global batches, of which this host reads its rows
   batches = iter(data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed, sources=sources, rows=rows))
   if not eval_sources:
     return batches, None

@@ -9,6 +9,7 @@ which needs the loop's progress bar, watchdog or preemption handling to get a pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -167,13 +168,15 @@ class Program:
   def init_state(self) -> step.TrainState:
     return self.init(jax.random.key(self.cfg.train.seed))
 
+  @functools.cached_property
   def host_rows(self) -> list[int]:
-    """The rows of each global batch this process's devices hold: the ones its pipeline reads."""
+    """The rows of each global batch this process's devices hold: the ones its pipeline reads
+    (worked out once, not at every step)."""
     return sharding.host_rows(self.batch_sharding, (self.cfg.train.batch_size, self.cfg.data.seq_len))
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """The global batch from this process's rows of it (`host_rows`, in that order)."""
-    shape, rows = (self.cfg.train.batch_size, self.cfg.data.seq_len), self.host_rows()
+    shape, rows = (self.cfg.train.batch_size, self.cfg.data.seq_len), self.host_rows
     return {k: sharding.from_host_rows(v, rows, self.batch_sharding, shape) for k, v in local.items()}
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
