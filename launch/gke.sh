@@ -20,11 +20,11 @@ fi
 name=$1 image=$2 tpu_type=$3
 shift 3
 here=$(cd "$(dirname "$0")" && pwd)
-# The slice shape comes from the same table mtp-compile uses (src/mtp_jax/compile.py).
+# The slice shape comes from the same table mtp-compile uses (src/mtp_jax/topology.py).
 PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}" exec python3 - "$here/gke/jobset.yaml" "$name" "$image" "$tpu_type" "$@" <<'PY'
 import json, os, string, subprocess, sys
 
-from mtp_jax.compile import TopologyError, parse_topology
+from mtp_jax.topology import TopologyError, parse_topology
 
 template, name, image, tpu_type, *args = sys.argv[1:]
 ACCELERATORS = {"v4": "tpu-v4-podslice", "v5p": "tpu-v5p-slice", "v5e": "tpu-v5-lite-podslice", "v6e": "tpu-v6e-slice"}

@@ -462,11 +462,11 @@ def test_sigterm_to_one_host_stops_both_at_one_step_and_one_host_resumes(tiny, t
 def test_mtp_train_names_a_bad_restore_from_in_one_line(tmp_path, first_run):
   cmd = [sys.executable, "-m", "mtp_jax.cli", *TINY, f"train.workdir={tmp_path}"]
   out = subprocess.run([*cmd, f"checkpoint.restore_from={tmp_path / 'nope'}"], capture_output=True, text=True)
-  assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr
+  assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
   assert out.stderr.startswith(f"mtp-train: checkpoint.restore_from: {tmp_path / 'nope'}: no such file"), out.stderr
   other_shapes = [f"checkpoint.restore_from={first_run[0]}", "model.d_model=48"]  # read through Orbax, quietly
   out = subprocess.run([*cmd, *other_shapes], capture_output=True, text=True)
-  assert out.returncode == 1 and out.stderr.strip().count("\n") == 0, out.stderr
+  assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
   assert "does not fit this config: params.embed.table has shape (320, 32) there" in out.stderr, out.stderr
   out = subprocess.run([*cmd, "checkpoint.load_params_only=true"], capture_output=True, text=True)
   assert out.returncode == 2 and "checkpoint.load_params_only: needs checkpoint.restore_from" in out.stderr

@@ -11,6 +11,8 @@ import pytest
 from conftest import TINY
 
 from mtp_jax import compile as mtp_compile
+from mtp_jax import topology
+from mtp_jax.cli import compile as compile_cli
 from mtp_jax.model.flops import compiled_matmul_flops, traced_matmul_flops
 from mtp_jax.train.program import build
 
@@ -26,7 +28,7 @@ def run(capsys):
   saved = dict(os.environ)
 
   def go(*argv):
-    rc = mtp_compile.main(list(argv))
+    rc = compile_cli.main(list(argv))
     out, err = capsys.readouterr()
     return rc, out.strip().splitlines(), err
 
@@ -103,7 +105,7 @@ def test_named_remat_policies_recompute_less_than_full_remat(tiny):
   ],
 )
 def test_cloud_tpu_names_map_to_slice_shapes(name, chip, shape, slices):
-  topo = mtp_compile.parse_topology(name)
+  topo = topology.parse_topology(name)
   assert (topo.chip.name, topo.shape, topo.slices) == (chip, shape, slices)
   assert topo.chips == slices * (shape[0] * shape[1] * (shape[2] if len(shape) > 2 else 1))
 
@@ -133,7 +135,7 @@ def test_an_impossible_mesh_is_one_line_and_status_2(run):
 
 def _command(*argv: str) -> subprocess.CompletedProcess:
   """mtp-compile in its own process: the TPU plugin it loads stays out of this one."""
-  cmd = [sys.executable, "-m", "mtp_jax.compile", *argv]
+  cmd = [sys.executable, "-m", "mtp_jax.cli.compile", *argv]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -206,7 +208,7 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
   estimate: the partitioned count still finds their matmuls, as the traced count does."""
   code = """if True:
     import re
-    from mtp_jax import compile as C, config
+    from mtp_jax import topology as C, config
     topo = C.parse_topology("v5p-8")
     C.prepare_environment(topo)
     from mtp_jax.train.program import build

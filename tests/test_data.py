@@ -322,7 +322,8 @@ _PROCESS = textwrap.dedent(
   import jax
   import numpy as np
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+  processes = int(sys.argv[6])
+  jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=processes, process_id=int(sys.argv[2]))
   from jax.sharding import NamedSharding, PartitionSpec
   from mtp_jax import data, sharding
   from mtp_jax.config import DataConfig, MeshConfig
@@ -333,7 +334,7 @@ _PROCESS = textwrap.dedent(
   shape = (4, 32)
   batch_sharding = sharding.batch_sharding(mesh, MeshConfig().rules, shape)
   rows = sharding.host_rows(batch_sharding, shape)
-  assert len(rows) == 2, rows  # the data axis spans the two processes: half the rows each
+  assert len(rows) == 4 // processes, rows  # the data axis spans the processes: an even share of rows each
   def stream():
     return iter(data.make_dataset(cfg, batch_size=4, seed=0, rows=rows, sources=sources))
   it = stream()
@@ -365,37 +366,38 @@ _PROCESS = textwrap.dedent(
 )
 
 
-def test_two_processes_assemble_the_one_process_batches_and_resume_in_one(corpus, tmp_path):
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_assemble_the_one_process_batches_and_resume_in_one(corpus, tmp_path, processes):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   script = tmp_path / "proc.py"
   script.write_text(_PROCESS)
   env = child_env(PYTHONPATH=os.pathsep.join(sys.path))  # one CPU device per process
-  outs = [tmp_path / f"out{i}.json" for i in range(2)]
+  outs = [tmp_path / f"out{i}.json" for i in range(processes)]
   checkpoints = tmp_path / "checkpoints"
   procs = [
     subprocess.Popen(
-      [sys.executable, str(script), str(port), str(i), corpus["a"], str(outs[i]), str(checkpoints)],
+      [sys.executable, str(script), str(port), str(i), corpus["a"], str(outs[i]), str(checkpoints), str(processes)],
       env=env,
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
     )
-    for i in range(2)
+    for i in range(processes)
   ]
   for p in procs:
     output, _ = p.communicate(timeout=240)
     assert p.returncode == 0, output[-3000:]
   got = [json.loads(o.read_text()) for o in outs]
-  assert sorted(got[0]["rows"] + got[1]["rows"]) == [0, 1, 2, 3]
-  # The global batches two hosts assembled are those one process reads alone.
+  assert sorted(r for mine in got for r in mine["rows"]) == [0, 1, 2, 3]
+  # The global batches the hosts assembled are those one process reads alone.
   cfg = _cfg(path=corpus["a"], seq_len=32, prefetch=0)
   one = iter(data.make_dataset(cfg, batch_size=4, seed=0))
   for want in got[0]["whole"]:
     assert next(one)["tokens"].tolist() == want
-  assert got[1]["whole"] == got[0]["whole"]
-  # The position the two saved resumes one process where they stood.
+  assert all(mine["whole"] == got[0]["whole"] for mine in got)
+  # The position they saved resumes one process where they stood.
   assert not (checkpoints / "3" / "data").exists() and (checkpoints / "3" / "position").is_dir()
   alone = iter(data.make_dataset(cfg, batch_size=4, seed=0))
   from mtp_jax.train.checkpoint import Checkpointer
@@ -414,12 +416,12 @@ def test_mtp_train_refuses_bad_data_in_one_line(corpus, tmp_path):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
 
   out = run(f"data.path={corpus['a']}", "model.vocab_size=320", "model.eos_id=256")  # a 1000-token vocabulary
-  assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
   assert out.stderr.startswith(
     f"mtp-train: data error: data.sources[0] ({corpus['a']}): tokenizer vocab size 1000 exceeds model.vocab_size 320"
   )
   out = run(f"data.path={tmp_path / 'missing'}", "train.eval_every=5")
-  assert out.returncode == 1 and out.stderr == f"mtp-train: data error: {tmp_path / 'missing'}: no such directory\n"
+  assert out.returncode == 2 and out.stderr == f"mtp-train: data error: {tmp_path / 'missing'}: no such directory\n"
   assert not (tmp_path / "run").exists()  # nothing written before the data was checked
 
 
@@ -436,13 +438,16 @@ def test_the_model_takes_vocabulary_and_end_of_document_from_the_data_unless_tol
 
 
 def test_a_run_that_would_never_evaluate_needs_no_eval_split(corpus, tmp_path):
-  def run(steps):
-    cmd = [sys.executable, "-m", "mtp_jax.cli", f"train.workdir={tmp_path / str(steps)}", f"data.path={corpus['b']}"]
-    cmd += [f"train.steps={steps}", "train.eval_every=5", "checkpoint.enabled=false", "train.progress_bar=false"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=child_env())
+  import jax
 
-  out = run(4)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert "note: no data source has a held-out eval split, and train.steps < train.eval_every" in out.stdout
-  out = run(5)
-  assert out.returncode == 1 and "no data source has a held-out 'eval' split" in out.stderr
+  from mtp_jax.train import loop
+
+  def cfg(steps):
+    run = [f"train.workdir={tmp_path / str(steps)}", f"data.path={corpus['b']}", f"train.steps={steps}"]
+    return load(None, [*run, "train.eval_every=5", "checkpoint.enabled=false", "train.progress_bar=false"])
+
+  said = []
+  loop.train(cfg(4), devices=jax.devices()[:1], log=said.append)
+  assert "note: no data source has a held-out eval split, and train.steps < train.eval_every" in "\n".join(said)
+  with pytest.raises(data.DataError, match="no data source has a held-out 'eval' split"):
+    loop.train(cfg(5), devices=jax.devices()[:1], log=said.append)

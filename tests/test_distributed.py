@@ -12,7 +12,6 @@ import sys
 import time
 from collections import Counter
 
-import jax
 import numpy as np
 import pytest
 import yaml
@@ -47,45 +46,55 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_another_mesh(tiny, tmp_path):
-  """2 processes x 4 CPU devices (gloo), data over the two processes (DCN) and fsdp x expert
-  inside each, give the losses of one process with the same axes on 8 devices; the checkpoint
-  they write together restores in one process on a different mesh, equal to the reference."""
-  multi = tmp_path / "multi"
+def _launch(processes: int, devices: int, workdir, *overrides) -> str:
+  """Runs launch/local.sh and returns what process 0 printed."""
+  cmd = [str(ROOT / "launch" / "local.sh"), str(processes), str(devices), *TINY, *overrides]
+  out = subprocess.run([*cmd, f"train.workdir={workdir}"], capture_output=True, text=True, env=_env(), timeout=600)
+  logs = "".join(p.read_text()[-1500:] for p in sorted((pathlib.Path(workdir) / "logs").glob("*.log")))
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
+  return out.stdout
+
+
+def _pieces(stream, batches: int) -> Counter:
+  """The document pieces (source, document, first token, end) of the stream's next batches."""
+  rows = [stream.next_row() for _ in range(8 * batches)]
+  return Counter((s, int(stream.sources[s].order[k]), a, b) for s, pieces in rows for k, a, b in pieces)
+
+
+def test_two_processes_train_like_one_and_resume_in_one_on_another_mesh(tiny, tmp_path):
+  """Global batch n is a pure function of (seed, n). 2 processes x 4 CPU devices (gloo), data over
+  the two processes (DCN) and fsdp x expert inside each, give the losses of one process with the
+  same axes on 8 devices. The checkpoint they write together restores in one process on another
+  mesh equal to the one-process run's, mtp-export's reader reads it, and training resumed from it
+  goes on with the uninterrupted run's losses and documents. (Four processes assembling and
+  resuming the global batches: tests/test_data.py.)"""
+  run = ["train.log_every=1", "checkpoint.every=3", "train.eval_every=0"]
   # Experts through the shard_map all-to-all, with room for every token (factor E / K).
   axes = ["mesh.fsdp=2", "mesh.expert=2", "model.moe.mode=capacity", "model.moe.capacity_factor=4"]
-  cmd = [str(ROOT / "launch" / "local.sh"), "2", "4", *TINY, *RUN, *axes, "mesh.data=1", "mesh.dcn.data=2"]
-  out = subprocess.run([*cmd, f"train.workdir={multi}"], capture_output=True, text=True, env=_env(), timeout=600)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (multi / "logs" / "process_1.log").read_text()
-  assert "mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'expert': 2, 'tensor': 1}" in out.stdout
-  assert "experts via all_to_all" in out.stdout
-  assert out.stdout.count("step 3: loss") == 1, "only process 0 logs"
-  assert "step 3: loss" not in (multi / "logs" / "process_1.log").read_text()
+  ref = tmp_path / "ref"
+  records = loop.train(tiny(*run, *axes, "mesh.data=2", "train.steps=6", f"train.workdir={ref}"), log=_quiet)
+  want = {r["step"]: r["loss"] for r in records if "loss" in r}
+  assert sorted(want) == [1, 2, 3, 4, 5, 6]
 
-  # The global batches do not depend on the process count: the reference reads them whole.
-  cfg = tiny(*RUN, *axes, "mesh.data=2")
-  program = build(cfg)
-  step = program.compile()
-  stream = iter(data.make_dataset(cfg.data, batch_size=8, seed=0))
-  state, want = program.init_state(), []
-  for _ in range(3):
-    batch = {k: jax.device_put(v, program.batch_sharding) for k, v in next(stream).items()}
-    state, metrics = step(state, batch)
-    want.append(float(metrics["loss"]))
-  stream.close()
+  multi = tmp_path / "multi"
+  stdout = _launch(2, 4, multi, *run, *axes, "mesh.data=1", "mesh.dcn.data=2", "train.steps=3")
+  assert "mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'expert': 2, 'tensor': 1}" in stdout
+  assert "experts via all_to_all" in stdout
+  assert stdout.count("step 3: loss") == 1, "only process 0 logs"
+  assert "step 3: loss" not in (multi / "logs" / "process_1.log").read_text()
   got = _losses(multi)
   assert sorted(got) == [1, 2, 3]
-  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], want, rtol=2e-6)
+  np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)], rtol=2e-6)
 
-  other = tiny(*RUN, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", f"train.workdir={multi}")
+  other = tiny(*run, "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "train.steps=6", f"train.workdir={multi}")
   target = build(other).abstract_state
-  restored, _ = Checkpointer(multi / "checkpoints", read_only=True).restore(3, target)
+  restored, alone = (Checkpointer(r / "checkpoints", read_only=True).restore(3, target)[0] for r in (multi, ref))
   w = restored.params["layers"][1]["ffn"]["experts"]["w_gate"][...]
   assert len(w.sharding.device_set) == 8 and "tensor" in w.sharding.spec  # really on the new mesh
-  got, want = checkpoint.named_leaves(restored), checkpoint.named_leaves(state)
-  assert got.keys() == want.keys()
-  for k in want:
-    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+  got, want_state = checkpoint.named_leaves(restored), checkpoint.named_leaves(alone)
+  assert got.keys() == want_state.keys()
+  for k in want_state:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want_state[k]), rtol=1e-5, atol=1e-7, err_msg=k)
   # mtp-export's reader takes the checkpoint both processes wrote one array, or one block of a
   # stack, at a time, each checked against its checksum: the parameters and router biases are
   # those restored above.
@@ -99,52 +108,16 @@ def test_two_processes_of_four_devices_train_like_one_of_eight_and_restore_on_an
         np.testing.assert_array_equal(np.stack(list(blocks.values())), np.asarray(got[name]), err_msg=name)
   finally:
     reader.close()
-  said = []
-  records = loop.train(other.model_copy(update={"train": other.train.model_copy(update={"steps": 4})}), log=said.append)
-  assert "resumed from step 3" in "\n".join(said)
-  assert [r["step"] for r in records if "loss" in r] == [4]
 
-
-def _launch(processes: int, devices: int, workdir, *overrides) -> None:
-  cmd = [str(ROOT / "launch" / "local.sh"), str(processes), str(devices), *TINY, *overrides]
-  out = subprocess.run([*cmd, f"train.workdir={workdir}"], capture_output=True, text=True, env=_env(), timeout=600)
-  logs = "".join(p.read_text()[-1500:] for p in sorted((pathlib.Path(workdir) / "logs").glob("*.log")))
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
-
-
-def _pieces(stream, batches: int) -> Counter:
-  """The document pieces (source, document, first token, end) of the stream's next batches."""
-  rows = [stream.next_row() for _ in range(8 * batches)]
-  return Counter((s, int(stream.sources[s].order[k]), a, b) for s, pieces in rows for k, a, b in pieces)
-
-
-def test_the_data_order_and_losses_do_not_depend_on_the_process_count_across_resumes(tiny, tmp_path):
-  """Global batch n is a pure function of (seed, n): 2 processes of 2 devices and 4 of 1 train
-  like 1 of 4 with the same mesh axes (data and fsdp span the processes). A run saved on 2
-  processes resumes on 1, one saved on 1 resumes on 4, each going on with the uninterrupted
-  run's losses and documents."""
-  axes = ["mesh.data=2", "mesh.fsdp=2", "train.log_every=1", "checkpoint.every=3", "train.eval_every=0"]
-  ref = tmp_path / "ref"
-  records = loop.train(tiny(*axes, "train.steps=6", f"train.workdir={ref}"), devices=jax.devices()[:4], log=_quiet)
-  want = {r["step"]: r["loss"] for r in records if "loss" in r}
-  assert sorted(want) == [1, 2, 3, 4, 5, 6]
-
-  two = tmp_path / "two"
-  _launch(2, 2, two, *axes, "train.steps=3")
-  np.testing.assert_allclose([_losses(two)[s] for s in (1, 2, 3)], [want[s] for s in (1, 2, 3)], rtol=1e-5)
-  said = []  # saved on 2 processes, resumed on 1
-  records = loop.train(tiny(*axes, "train.steps=6", f"train.workdir={two}"), devices=jax.devices()[:4], log=said.append)
+  said = []  # saved on 2 processes, resumed on 1 with another mesh
+  records = loop.train(other, log=said.append)
   assert "resumed from step 3" in "\n".join(said) and "data order" not in "\n".join(said), said
   np.testing.assert_allclose([r["loss"] for r in records if "loss" in r], [want[s] for s in (4, 5, 6)], rtol=1e-5)
 
-  four = tmp_path / "four"  # saved on 1 process, resumed on 4
-  _launch(4, 1, four, *axes, "train.steps=6", f"checkpoint.restore_from={ref / 'checkpoints' / '3'}")
-  np.testing.assert_allclose([_losses(four)[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rtol=1e-5)
-
   # The saved positions are global and equal; from them the documents go on, none twice, none skipped.
-  position = {run: Checkpointer(run / "checkpoints", read_only=True).data_position for run in (ref, two, four)}
-  assert position[two](3) == position[ref](3) and position[two](6) == position[four](6) == position[ref](6)
-  cfg = tiny(*axes).data
+  position = {r: Checkpointer(r / "checkpoints", read_only=True).data_position for r in (ref, multi)}
+  assert position[multi](3) == position[ref](3) and position[multi](6) == position[ref](6)
+  cfg = other.data
   sources = data.open_sources(cfg)
 
   def fresh():
@@ -152,7 +125,7 @@ def test_the_data_order_and_losses_do_not_depend_on_the_process_count_across_res
 
   whole, resumed = _pieces(fresh(), 6), fresh()
   first = _pieces(resumed, 3)
-  resumed.set_state(position[two](3))
+  resumed.set_state(position[multi](3))
   assert first + _pieces(resumed, 3) == whole and set(whole.values()) == {1}
 
 
@@ -207,27 +180,29 @@ def test_a_single_process_starts_no_distributed_runtime(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "args, message",
+  "args, status, message",
   [
-    (
+    (  # nothing listens there: the run cannot start (1), though nothing in the config is wrong
       [
         "distributed.coordinator_address=127.0.0.1:1",
         "distributed.num_processes=2",
         "distributed.process_id=1",
         "distributed.initialization_timeout_s=1",
       ],
+      1,
       "mtp-train: distributed: could not join the job: ",
     ),
     (
       ["distributed.num_processes=2", "distributed.process_id=2"],
+      2,
       "mtp-train: config error: distributed.process_id: 2 is not below distributed.num_processes (2)",
     ),
   ],
 )
-def test_joining_problems_are_one_line(args, message):
+def test_joining_problems_are_one_line(args, status, message):
   env = {**_env(), "JAX_PLATFORMS": "cpu"}
   out = subprocess.run([sys.executable, "-m", "mtp_jax.cli", *TINY, *args], capture_output=True, text=True, env=env)
-  assert out.returncode == 2 and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+  assert out.returncode == status and out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
 
 
 # ----------------------------------------------------------------------------- launchers

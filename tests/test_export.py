@@ -24,9 +24,9 @@ from safetensors import safe_open
 
 import mtp_jax
 from mtp_jax import config
+from mtp_jax.cli.export import main
 from mtp_jax.data import prepare
 from mtp_jax.export import ExportError, deepseek_v3, source, writer
-from mtp_jax.export.cli import main
 from mtp_jax.export.exporter import export
 from mtp_jax.export.layout import SAME, Linear
 from mtp_jax.train import checkpoint as checkpoint_lib
@@ -531,7 +531,7 @@ def _script_env():
 def test_console_script_exports_and_names_a_damaged_checkpoint_in_one_line(trained, tmp_path):
   workdir = trained
   script = shutil.which("mtp-export", path=os.path.dirname(sys.executable))
-  command = [script] if script else [sys.executable, "-m", "mtp_jax.export.cli"]
+  command = [script] if script else [sys.executable, "-m", "mtp_jax.cli.export"]
   ok = subprocess.run(
     [*command, "--checkpoint", str(workdir), "--output", str(tmp_path / "hf")],
     capture_output=True,

@@ -31,9 +31,9 @@ from test_export import (
 )
 
 from mtp_jax import config
+from mtp_jax.cli.export import main
 from mtp_jax.config import ConfigError
 from mtp_jax.export import ExportError, qwen3_moe, source, writer
-from mtp_jax.export.cli import main
 from mtp_jax.export.exporter import export
 from mtp_jax.model import Transformer
 from mtp_jax.model.flops import cost

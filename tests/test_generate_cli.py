@@ -16,10 +16,10 @@ from conftest import TINY
 
 import mtp_jax
 from mtp_jax import config
+from mtp_jax.cli.generate import main
 from mtp_jax.data import prepare
 from mtp_jax.data.tokenizer import HuggingFaceTokenizer, encode
 from mtp_jax.generate import load
-from mtp_jax.generate.cli import main
 from mtp_jax.train import loop
 
 STEPS = 300  # enough that the MTP modules' drafts are sometimes right, sometimes wrong
@@ -184,7 +184,7 @@ def test_the_console_script_prints_one_line_and_no_traceback(run, tmp_path):
   shutil.copytree(run / "checkpoints", other / "checkpoints")
   (other / "config.yaml").write_text(config.to_yaml(config.load(run / "config.yaml", ["model.d_model=48"])))
   script = shutil.which("mtp-generate", path=os.path.dirname(sys.executable))
-  command = [script] if script else [sys.executable, "-m", "mtp_jax.generate.cli"]
+  command = [script] if script else [sys.executable, "-m", "mtp_jax.cli.generate"]
   env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(mtp_jax.__file__))}
   bad = subprocess.run([*command, "--checkpoint", str(other), "--prompt", "x"], capture_output=True, text=True, env=env)
   assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr

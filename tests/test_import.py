@@ -33,8 +33,8 @@ from test_export import (
 )
 
 from mtp_jax import config
+from mtp_jax.cli.export import import_main
 from mtp_jax.export import ExportError, deepseek_v3, importer, source, writer
-from mtp_jax.export.cli import import_main
 from mtp_jax.export.exporter import export
 from mtp_jax.export.importer import import_
 from mtp_jax.train import loop
@@ -480,7 +480,7 @@ def test_an_import_cut_short_leaves_nothing_that_looks_complete(case, tmp_path, 
 def test_console_script_imports_and_names_a_corrupt_shard_in_one_line(case, tmp_path):
   _, _, run, hf_dir, _, _ = case("full_q")
   script = shutil.which("mtp-import", path=os.path.dirname(sys.executable))
-  command = [script] if script else [sys.executable, "-c", "from mtp_jax.export.cli import import_main; import_main()"]
+  command = [script] if script else [sys.executable, "-c", "from mtp_jax.cli.export import import_main; import_main()"]
   ok = subprocess.run(
     [*command, str(hf_dir), "--output", str(tmp_path / "run"), "--config", str(run / "config.yaml")],
     capture_output=True,

@@ -22,8 +22,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import mtp_jax
-from mtp_jax import cli
-from mtp_jax.data import manifest, prepare
+from mtp_jax.cli.prepare import main as prepare_main
+from mtp_jax.data import manifest, prepare, units
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.manifest import DataError
 
@@ -185,7 +185,7 @@ def test_output_is_the_same_for_any_workers_and_chunking(corpus, tokenizer_files
   root = corpus[0]
   kw = dict(tokenizer=tokenizer_files["hf"], eval_fraction=0.3, shard_tokens=64)
   prepare.prepare([str(root)], str(tmp_path / "one"), workers=1, **kw)
-  assert len(prepare._plan([str(root / "a.jsonl")], "text", 100)) > 3  # the chunked run cuts a.jsonl
+  assert len(units.plan([str(root / "a.jsonl")], "text", 100)) > 3  # the chunked run cuts a.jsonl
   prepare.prepare([str(root)], str(tmp_path / "two"), workers=2, chunk_bytes=100, **kw)
   assert _files(tmp_path / "one") == _files(tmp_path / "two")
   assert _manifest_without_time(tmp_path / "one") == _manifest_without_time(tmp_path / "two")
@@ -208,19 +208,19 @@ def test_line_numbers_and_worker_errors_survive_chunking(tmp_path):
 # Run as a script: spawned workers import it as their main module, so the patch reaches them.
 _DYING_WORKER = """
 import multiprocessing, os, signal, sys
-from mtp_jax import cli
-from mtp_jax.data import prepare
+from mtp_jax.cli.prepare import main
+from mtp_jax.data import units
 
-_tokenize = prepare._Tokenize.__call__
+_tokenize = units.Tokenize.__call__
 
 def _die_on_poison(self, unit):  # what the kernel's OOM killer does to a worker
   if multiprocessing.parent_process() and "poison" in unit.paths[0]:
     os.kill(os.getpid(), signal.SIGKILL)
   return _tokenize(self, unit)
 
-prepare._Tokenize.__call__ = _die_on_poison
+units.Tokenize.__call__ = _die_on_poison
 if __name__ == "__main__":
-  sys.exit(cli.prepare_main(sys.argv[1:]))
+  sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -258,7 +258,7 @@ def test_eval_fraction_is_deterministic_and_eval_input_is_held_out_whole(tmp_pat
   assert sorted(map(tuple, train + held)) == sorted(tuple([*t.encode(), 256]) for t in [*texts, "held out"])
   out = tmp_path / "e"
   argv = [str(tmp_path / "data"), "-o", str(out), "--eval-input", str(tmp_path / "data" / "valid.jsonl"), "--workers=0"]
-  assert cli.prepare_main(argv) == 0
+  assert prepare_main(argv) == 0
   man, held = _read(out, "eval")
   assert held == [[*b"held out", 256]] and man.splits["train"].documents == 400
   assert [(os.path.basename(s.path), s.split) for s in man.sources] == [
@@ -304,12 +304,12 @@ def _bad_inputs(tmp: pathlib.Path, tokenizer_files) -> dict[str, tuple[list[str]
   }
 
 
-def test_every_bad_input_is_one_line_and_exit_1(tmp_path, tokenizer_files, capsys):
+def test_every_bad_input_is_one_line_and_exit_2(tmp_path, tokenizer_files, capsys):
   for name, (argv, pieces) in _bad_inputs(tmp_path, tokenizer_files).items():
-    status = cli.prepare_main([*argv, "--output", str(tmp_path / "out"), "--workers=0"])
+    status = prepare_main([*argv, "--output", str(tmp_path / "out"), "--workers=0"])
     err = capsys.readouterr().err
-    assert status == 1, name
-    assert err.startswith("mtp-prepare: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+    assert status == 2, name
+    assert err.startswith("mtp-prepare: data error: ") and err.count("\n") == 1 and "Traceback" not in err, (name, err)
     for piece in pieces:
       assert piece in err, (name, piece, err)
     assert not list(tmp_path.glob("out*")), name  # nothing left behind, not even a temporary directory
@@ -317,7 +317,7 @@ def test_every_bad_input_is_one_line_and_exit_1(tmp_path, tokenizer_files, capsy
 
 def test_usage_errors_exit_2(capsys):
   with pytest.raises(SystemExit) as exit_info:
-    cli.prepare_main(["in.jsonl"])
+    prepare_main(["in.jsonl"])
   assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
@@ -333,29 +333,27 @@ def test_existing_output_survives_unless_overwritten(tmp_path, capsys):
   (tmp_path / "a.txt").write_text("first")
   (tmp_path / "b.txt").write_text("second")
   out = tmp_path / "out"
-  assert cli.prepare_main([str(tmp_path / "a.txt"), "-o", str(out), "--workers=0"]) == 0
+  assert prepare_main([str(tmp_path / "a.txt"), "-o", str(out), "--workers=0"]) == 0
   assert "train: 1 document, 6 tokens, 1 shard" in capsys.readouterr().out
   before = {**_files(out), "manifest": (out / "manifest.json").read_bytes()}
   state = lambda: {**_files(out), "manifest": (out / "manifest.json").read_bytes()}
 
-  assert cli.prepare_main([str(tmp_path / "b.txt"), "-o", str(out), "--workers=0"]) == 1
+  assert prepare_main([str(tmp_path / "b.txt"), "-o", str(out), "--workers=0"]) == 2
   assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
   assert state() == before
   # A run that fails part-way, even with --overwrite, leaves the old dataset as it was.
   (tmp_path / "bad.jsonl").write_text("{}\n")
   assert (
-    cli.prepare_main(
-      [str(tmp_path / "b.txt"), str(tmp_path / "bad.jsonl"), "-o", str(out), "--overwrite", "--workers=0"]
-    )
-    == 1
+    prepare_main([str(tmp_path / "b.txt"), str(tmp_path / "bad.jsonl"), "-o", str(out), "--overwrite", "--workers=0"])
+    == 2
   )
   assert "no field 'text'" in capsys.readouterr().err
   assert state() == before
-  assert cli.prepare_main([str(tmp_path / "b.txt"), "-o", str(out), "--overwrite", "--workers=0"]) == 0
+  assert prepare_main([str(tmp_path / "b.txt"), "-o", str(out), "--overwrite", "--workers=0"]) == 0
   assert _read(out)[1] == [[*b"second", 256]]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "bad.jsonl", "out"]
   # The output must not swallow its own inputs.
-  assert cli.prepare_main([str(out), "-o", str(out), "--overwrite", "--workers=0"]) == 1
+  assert prepare_main([str(out), "-o", str(out), "--overwrite", "--workers=0"]) == 2
   assert "holds the input" in capsys.readouterr().err
 
 
@@ -363,7 +361,7 @@ def test_console_script_end_to_end(tmp_path):
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "x.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
   script = shutil.which("mtp-prepare", path=os.path.dirname(sys.executable))
-  command = [script] if script else [sys.executable, "-m", "mtp_jax.data.prepare"]
+  command = [script] if script else [sys.executable, "-m", "mtp_jax.cli.prepare"]
   env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(mtp_jax.__file__))}
   ok = subprocess.run(
     [*command, str(tmp_path / "in"), "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env
@@ -374,4 +372,4 @@ def test_console_script_end_to_end(tmp_path):
   bad = subprocess.run(
     [*command, str(tmp_path / "missing"), "-o", str(tmp_path / "p")], capture_output=True, text=True, env=env
   )
-  assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "missing: no such file" in bad.stderr
+  assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "missing: no such file" in bad.stderr

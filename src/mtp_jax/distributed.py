@@ -17,6 +17,7 @@ import time
 import jax
 
 from mtp_jax.config import ConfigError, DistributedConfig
+from mtp_jax.errors import RunError, first_line
 
 
 def _detected_cluster():
@@ -36,6 +37,9 @@ def _detected_cluster():
       count = None
     return None if count == 1 else kind.__name__
   return None
+
+
+_joined = False  # whether `initialize` started jax.distributed in this process
 
 
 def initialize(cfg: DistributedConfig) -> bool:
@@ -63,7 +67,9 @@ def initialize(cfg: DistributedConfig) -> bool:
       heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
     )
   except (ValueError, TypeError, RuntimeError) as err:  # jaxlib's XlaRuntimeError is a RuntimeError
-    raise ConfigError(f"distributed: could not join the job: {_first_line(err)}") from None
+    raise RunError(f"distributed: could not join the job: {first_line(err)}") from None
+  global _joined
+  _joined = True
   return True
 
 
@@ -71,7 +77,7 @@ def _wait_for(address: str, timeout_s: float) -> None:
   """Returns once something listens at host:port, or raises ConfigError after timeout_s."""
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
-    raise ConfigError(f"config error: distributed.coordinator_address: {address!r} is not host:port")
+    raise ConfigError("distributed.coordinator_address", f"{address!r} is not host:port")
   deadline = time.monotonic() + timeout_s
   while True:
     try:
@@ -79,7 +85,7 @@ def _wait_for(address: str, timeout_s: float) -> None:
         return
     except OSError as err:
       if time.monotonic() >= deadline:
-        raise ConfigError(
+        raise RunError(
           f"distributed: could not join the job: nothing answered at the coordinator {address} within "
           f"{timeout_s:g}s ({err.strerror or err}); is process 0 running, and is the address right?"
         ) from None
@@ -87,7 +93,10 @@ def _wait_for(address: str, timeout_s: float) -> None:
 
 
 def process_tag() -> str:
-  """`process 1/4: ` in a multi-process job (so a failure says whose it is), else empty."""
+  """`process 1/4: ` in a multi-process job (so a failure says whose it is), else empty. Before
+  `initialize` has joined a job it is empty without asking JAX, which would start its backends."""
+  if not _joined:
+    return ""
   n = jax.process_count()
   return f"process {jax.process_index()}/{n}: " if n > 1 else ""
 
@@ -153,7 +162,7 @@ class Watchdog:
           self._seen[p] = (value, time.monotonic()) if value != count else (count, since)
         self._contact = time.monotonic()
       except Exception as err:
-        self._fail(f"lost contact with the coordinator (process 0): {_first_line(err)}")
+        self._fail(f"lost contact with the coordinator (process 0): {first_line(err)}")
 
   def _watch(self) -> None:
     while not self._stop.wait(self._period):
@@ -180,8 +189,3 @@ class Watchdog:
     print(f"{self.prog}: {process_tag()}{why}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)
-
-
-def _first_line(err: BaseException) -> str:
-  text = str(err).strip()
-  return text.splitlines()[0] if text else type(err).__name__

@@ -4,7 +4,8 @@ of each batch (numpy + grain, no JAX).
 `make_dataset(cfg.data, batch_size=..., seed=..., rows=...)` is the entry point; `iter()` of
 its result is an iterator whose `get_state()` / `set_state()` (a global position) resume
 exactly, on any number of hosts.
-`mtp-prepare` (`prepare.py`) writes the datasets it reads (format: `manifest.py`).
+`mtp-prepare` (`prepare.py`, its work units `units.py`) writes the datasets it reads (format:
+`manifest.py`).
 
 The pipeline's names are imported on first use: Grain imports JAX, which `mtp-prepare`
 and its worker processes never need.

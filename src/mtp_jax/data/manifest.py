@@ -20,14 +20,18 @@ from typing import Literal
 import numpy as np
 import pydantic
 
+from mtp_jax.errors import InputError
+
 MANIFEST = "manifest.json"
 FORMAT = "mtp-jax-prepared"
 VERSION = 1
 SPLITS = ("train", "eval")
 
 
-class DataError(ValueError):
+class DataError(InputError):
   """Data that cannot be used, as one line naming the file and what is wrong."""
+
+  label = "data error: "
 
 
 class _Strict(pydantic.BaseModel):

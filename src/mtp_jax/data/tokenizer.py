@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from mtp_jax.data.manifest import DataError, TokenizerInfo
+from mtp_jax.errors import first_line
 
 EOS_ID = 256  # Appended after every document; one past the largest byte.
 VOCAB_SIZE_MIN = 257  # Smallest model.vocab_size that covers bytes + EOS.
@@ -101,7 +102,7 @@ class HuggingFaceTokenizer:
     try:
       self._tok = HFTokenizer.from_file(self.path)
     except Exception as err:  # tokenizers raises a bare Exception
-      raise DataError(f"{path}: not a Hugging Face tokenizer.json ({_first_line(err)})") from None
+      raise DataError(f"{path}: not a Hugging Face tokenizer.json ({first_line(err)})") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     names = HF_EOS_TOKENS if eos_token is None else (eos_token,)
     self.eos_id = _first_id(self._tok.token_to_id, names)
@@ -139,7 +140,7 @@ class SentencePieceTokenizer:
     try:
       self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
     except (OSError, RuntimeError) as err:
-      raise DataError(f"{path}: not a SentencePiece model ({_first_line(err)})") from None
+      raise DataError(f"{path}: not a SentencePiece model ({first_line(err)})") from None
     self.vocab_size = self._sp.get_piece_size()
     if eos_token is None:
       self.eos_id = self._sp.eos_id()
@@ -201,7 +202,3 @@ def info(tokenizer: Tokenizer) -> TokenizerInfo:
 
 def _first_id(token_to_id, names: Iterable[str]) -> int | None:
   return next((i for i in map(token_to_id, names) if i is not None), None)
-
-
-def _first_line(err: BaseException) -> str:
-  return (str(err).strip().splitlines() or [type(err).__name__])[0]

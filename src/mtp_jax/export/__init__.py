@@ -8,12 +8,15 @@ qwen3_moe.py    the Qwen3-MoE layout, the same parts; MTP modules in an extra mt
 writer.py       the output directory: sharded safetensors + index, extra files, JSON files, tokenizer
 exporter.py     `export()`: the above in order, with progress
 importer.py     `import_()`: a directory's config.json and tensors -> config.yaml and checkpoints/0, by the same tables
-cli.py          `mtp-export`, `mtp-import`: parse the command line, one-line errors
+
+The commands `mtp-export` and `mtp-import` are in cli/export.py.
 """
 
+from mtp_jax.errors import InputError
 
-class ExportError(ValueError):
-  """An export that cannot be done, reported to the user as one line."""
+
+class ExportError(InputError):
+  """A checkpoint or model directory that cannot be exported or imported, as one line."""
 
 
 def common_config(cfg, dtype: str, tok) -> dict:

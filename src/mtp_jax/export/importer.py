@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from mtp_jax import config as config_lib
 from mtp_jax.config import Config, ConfigError, MeshConfig
+from mtp_jax.errors import first_line
 from mtp_jax.export import ExportError, writer
 from mtp_jax.export.exporter import FORMATS
 from mtp_jax.export.layout import Tensor
@@ -229,15 +230,10 @@ def _read_json(path: pathlib.Path) -> dict:
   try:
     value = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, ValueError) as err:
-    raise ExportError(f"{path}: not readable JSON ({_first_line(err)})") from None
+    raise ExportError(f"{path}: not readable JSON ({first_line(err)})") from None
   if not isinstance(value, dict):
     raise ExportError(f"{path}: not a JSON object")
   return value
-
-
-def _first_line(err: BaseException) -> str:
-  text = str(err).strip()
-  return text.splitlines()[0] if text else type(err).__name__
 
 
 class _Files:
@@ -271,7 +267,7 @@ class _Files:
           slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
           header = {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
       except Exception as err:  # safetensors raises its own error, or OSError; the user needs one line
-        raise ExportError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise ExportError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
       for name, (shape, dtype) in header.items():
         if name in self.file_of:
           raise ExportError(f"{path}: holds {name}, which {self.file_of[name]} holds too")
@@ -291,7 +287,7 @@ class _Files:
     try:
       return self._open[1].get_tensor(name)
     except Exception as err:
-      raise ExportError(f"{self.where(name)}: {name} unreadable ({_first_line(err)})") from None
+      raise ExportError(f"{self.where(name)}: {name} unreadable ({first_line(err)})") from None
 
 
 def _check(table: list[Tensor], in_files: list[Tensor], leaves: dict, files: _Files) -> list[str]:

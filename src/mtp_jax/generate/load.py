@@ -19,6 +19,7 @@ from flax import nnx
 from mtp_jax.config import STDLIB, Config
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.manifest import DataError
+from mtp_jax.errors import InputError
 from mtp_jax.export import source
 from mtp_jax.model import Transformer
 from mtp_jax.model.moe import RouterBias
@@ -27,7 +28,7 @@ from mtp_jax.train.checkpoint import leaf_name
 MAX_READ_BYTES = 2**30  # arrays are read together up to this, so host memory holds about this much at a time
 
 
-class LoadError(ValueError):
+class LoadError(InputError):
   """A run that cannot be generated from, reported as one line."""
 
 

@@ -23,11 +23,12 @@ import numpy as np
 from flax import nnx, struct
 
 from mtp_jax.generate import cache as cache_lib
-from mtp_jax.generate import decode
+from mtp_jax.generate import decode, drafters
+from mtp_jax.generate.accept import accept, rows
 from mtp_jax.generate.cache import Cache
-from mtp_jax.generate.sample import filtered_probs, sample
+from mtp_jax.generate.sample import sample
 from mtp_jax.model import Transformer
-from mtp_jax.model.attention import cached_mask
+from mtp_jax.model.attention import write_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +66,7 @@ class SpecState:
   row_rounds: jax.Array  # forward passes counted per row
   accepted_K: jax.Array  # per draft position, row-rounds whose draft there was accepted
   done_B: jax.Array  # rows that emitted eos or max_new_tokens
-  # What drafts the next round. Sequential modules: (the trunk's hidden states h0 at every
-  # position so far, the modules' caches); parallel heads: (the next drafts' logits, the heads' caches).
-  drafter: tuple
+  drafter: tuple  # what the drafter (drafters.py) carries to its next round; () once returned
   trace: Trace | None = None  # with run(..., trace=True)
 
 
@@ -167,103 +166,19 @@ def plain_generate_with_stats(model: Transformer, prompts: list[list[int]], max_
   return tokens, stats
 
 
-def _trunk(model: Transformer, tokens_BxT: jax.Array, cache: Cache):
-  """(logits, final-normed hidden, branch, cache): `decode.step` plus the state entering the
-  last block, which the parallel heads read."""
-  hidden_BxTxD, layers, branch_BxTxD = model.decode(
-    tokens_BxT, cache_lib.positions(cache, tokens_BxT.shape[1]), cache.layers
-  )
-  cache = Cache(layers=layers, length_B=cache.length_B + tokens_BxT.shape[1])
-  return model.logits(hidden_BxTxD), hidden_BxTxD, branch_BxTxD, cache
-
-
-def _rows(x_BxTx_, index_B):
-  """x[b, index[b]] for every row."""
-  return jnp.take_along_axis(x_BxTx_, index_B.reshape(-1, *([1] * (x_BxTx_.ndim - 1))), axis=1)[:, 0]
-
-
-def _put(buf_BxSx_, new_BxTx_, positions_BxT):
-  rows_Bx1 = jnp.arange(buf_BxSx_.shape[0])[:, None]
-  return buf_BxSx_.at[rows_Bx1, positions_BxT].set(new_BxTx_.astype(buf_BxSx_.dtype), mode="drop")
-
-
-def _chain(model, modules, seq_BxS, h0_BxSxD, layers, pos_BxW, query_B, pick):
-  """Sequential drafting over a window of positions: draft j runs module `modules[j-1]` at every
-  window position i on [RMSNorm(Emb(t_{i+j})); RMSNorm(h^{j-1}_i)] exactly as training does
-  (h^0 the trunk's final-normed state), writing its cache there, and drafts t_{n-1+j} from the
-  query position n-2. The draft is written into the sequence before module j+1 reads it as its
-  Emb(t_{i+j+1}) at the query. Returns (drafts BxK, draft logits BxKxV, sequence, layers)."""
-  s = seq_BxS.shape[1]
-  mask_BxWxS = cached_mask(pos_BxW, s)
-  h_BxWxD = jnp.take_along_axis(h0_BxSxD, pos_BxW[..., None], axis=1)
-  query_pos_B = jnp.take_along_axis(pos_BxW, query_B[:, None], axis=1)[:, 0]
-  drafts, logits, new_layers = [], [], []
-  for j, (module, layer) in enumerate(zip(modules, layers, strict=True), start=1):
-    tokens_BxW = jnp.take_along_axis(seq_BxS, jnp.minimum(pos_BxW + j, s - 1), axis=1)
-    h_BxWxD, layer = module.block.decode(module.mix(model.embed(tokens_BxW), h_BxWxD), mask_BxWxS, pos_BxW, layer)
-    logits_BxV = model.logits(module.norm(_rows(h_BxWxD, query_B)[:, None]))[:, 0]
-    token_B = pick(j, logits_BxV)
-    seq_BxS = _put(seq_BxS, token_B[:, None], (query_pos_B + 1 + j)[:, None])
-    drafts.append(token_B)
-    logits.append(logits_BxV)
-    new_layers.append(layer)
-  return jnp.stack(drafts, 1), jnp.stack(logits, 1), seq_BxS, new_layers
-
-
-def _heads(model, heads, branch_BxTxD, positions_BxT, layers):
-  """The parallel heads over new trunk positions: (final-normed outputs per head, layers)."""
-  mask_BxTxS = cached_mask(positions_BxT, jax.tree.leaves(layers[0])[0].shape[1])
-  outs, new_layers = [], []
-  for head, layer in zip(heads, layers, strict=True):
-    out_BxTxD, layer = head.decode(branch_BxTxD, mask_BxTxS, positions_BxT, layer)
-    outs.append(model.final_norm(out_BxTxD))
-    new_layers.append(layer)
-  return outs, new_layers
-
-
-def _accept(logits_BxTxV, drafts_BxK, draft_logits_BxKxV, key, temperature, top_p):
-  """(accepted drafts per row, the token after them). Greedy: drafts are accepted while they
-  equal the verifier's argmax, which is then the next token. Sampled (Leviathan et al. 2023,
-  Chen et al. 2023): draft x_j ~ q_j is accepted with probability min(1, p_j(x_j) / q_j(x_j));
-  at the first rejection the token is drawn from norm(max(0, p_j - q_j)), and after K accepted
-  from p_{K+1}, so every token is distributed as p, the verifier's filtered distribution."""
-  b, t, v = logits_BxTxV.shape
-  k = t - 1
-  if temperature == 0.0:
-    target_BxT = jnp.argmax(logits_BxTxV, -1).astype(jnp.int32)
-    ok_BxK = drafts_BxK == target_BxT[:, :k]
-    accepted_B = jnp.sum(jnp.cumprod(ok_BxK, axis=1), axis=1)
-    return accepted_B, _rows(target_BxT, accepted_B)
-  p_BxTxV = filtered_probs(logits_BxTxV.reshape(b * t, v), temperature, top_p).reshape(b, t, v)
-  q_BxKxV = filtered_probs(draft_logits_BxKxV.reshape(b * k, v), temperature, top_p).reshape(b, k, v)
-  p_x_BxK = jnp.take_along_axis(p_BxTxV[:, :k], drafts_BxK[..., None], -1)[..., 0]
-  q_x_BxK = jnp.take_along_axis(q_BxKxV, drafts_BxK[..., None], -1)[..., 0]
-  key_u, key_next = jax.random.split(key)
-  ok_BxK = jax.random.uniform(key_u, (b, k)) * q_x_BxK < p_x_BxK  # u < p / q, q(x) > 0 as x ~ q
-  accepted_B = jnp.sum(jnp.cumprod(ok_BxK, axis=1), axis=1)
-  # q is zero past the drafts, so after K accepted the residual is p_{K+1} itself: the bonus token.
-  q_BxTxV = jnp.concatenate([q_BxKxV, jnp.zeros((b, 1, v), q_BxKxV.dtype)], axis=1)
-  p_BxV, q_BxV = _rows(p_BxTxV, accepted_B), _rows(q_BxTxV, accepted_B)
-  residual_BxV = jnp.maximum(p_BxV - q_BxV, 0.0)
-  total_Bx1 = residual_BxV.sum(-1, keepdims=True)
-  # All-zero residual means p <= q everywhere, i.e. p == q, where nothing is ever rejected.
-  next_BxV = jnp.where(total_Bx1 > 0, residual_BxV / jnp.where(total_Bx1 > 0, total_Bx1, 1.0), p_BxV)
-  return accepted_B, jax.random.categorical(key_next, jnp.log(next_BxV), axis=-1).astype(jnp.int32)
-
-
 @functools.partial(
   jax.jit, static_argnames=("graphdef", "max_new_tokens", "draft_tokens", "temperature", "top_p", "trace")
 )
 def _speculative(
   graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_tokens, draft_tokens, temperature, top_p, trace
-):
+) -> SpecState:
+  """Prefill, then rounds of draft -> verify -> accept -> emit -> roll back until every row is done."""
   model = nnx.merge(graphdef, state)
   b, p = tokens_BxP.shape
-  k, sequential = draft_tokens, model.mtp_kind == "sequential"
-  window = 2 * k  # see MTP.md: enough for every draft-dependent slot to be rewritten once settled
-  s = p + max_new_tokens + window  # verification reaches position n - 1 + K, n <= P + max_new_tokens - 1
+  k = draft_tokens
+  drafter = drafters.make(model, k)
+  s = p + max_new_tokens + 2 * k  # verification reaches n - 1 + K <= P + max_new_tokens + K; MTP.md: the window
   steps_T = jnp.arange(k + 1, dtype=jnp.int32)
-  seq_BxS = jnp.zeros((b, s), jnp.int32).at[:, :p].set(tokens_BxP)
 
   def pick(round_key, j, logits_BxV):
     return sample(logits_BxV, jax.random.fold_in(round_key, j), temperature, top_p)
@@ -275,83 +190,35 @@ def _speculative(
   trunk = cache_lib.allocate(model.empty_cache(b, s), b)
   logits_BxPxV, hidden_BxPxD, branch_BxPxD, trunk = _trunk(full, tokens_BxP, trunk)
   trunk = cache_lib.rollback(trunk, lengths_B)
-  first_B = pick(jax.random.fold_in(key, 0), 0, _rows(logits_BxPxV, lengths_B - 1))
-  seq_BxS = _put(seq_BxS, first_B[:, None], lengths_B[:, None])
-  if sequential:
-    modules = [model.mtp_module(j) for j in range(1, k + 1)]  # reuse: module ((j-1) mod modules)+1
-    full_modules = [full.mtp_module(j) for j in range(1, k + 1)]  # the same, for the prefill
-    drafts = cache_lib.allocate([m.block.empty_cache(b, s) for m in modules], b)
-    h0_BxSxD = jnp.zeros((b, s, hidden_BxPxD.shape[-1]), hidden_BxPxD.dtype).at[:, :p].set(hidden_BxPxD)
-    # Every prompt slot, so that slots the first round's window does not reach are settled.
-    prompt_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    argmax = lambda j, logits_BxV: jnp.argmax(logits_BxV, -1).astype(jnp.int32)  # these drafts are discarded
-    *_, layers = _chain(full, full_modules, seq_BxS, h0_BxSxD, drafts.layers, prompt_BxP, lengths_B - 1, argmax)
-    extra = (h0_BxSxD, drafts.replace(layers=layers, length_B=trunk.length_B))
-  else:
-    heads = list(model.mtp)[:k]
-    drafts = cache_lib.allocate([h.empty_cache(b, s) for h in heads], b)
-    outs, layers = _heads(full, list(full.mtp)[:k], branch_BxPxD, cache_lib.positions(drafts, p), drafts.layers)
-    draft_logits_BxKxV = model.logits(jnp.stack([_rows(o, lengths_B - 1) for o in outs], 1))
-    extra = (
-      draft_logits_BxKxV,
-      cache_lib.rollback(drafts.replace(layers=layers, length_B=drafts.length_B + p), lengths_B),
-    )
-
-  count_B = jnp.ones((b,), jnp.int32)
-  done_B = (first_B == stop) | (max_new_tokens <= 1)
+  first_B = pick(jax.random.fold_in(key, 0), 0, rows(logits_BxPxV, lengths_B - 1))
+  seq_BxS = write_rows(jnp.zeros((b, s), jnp.int32).at[:, :p].set(tokens_BxP), first_B[:, None], lengths_B[:, None])
   zero = jnp.zeros((), jnp.int32)
-  rounds_trace = None
-  if trace:
-    r_ = max_new_tokens  # every round but the last emits at least one token of each active row
-    v = logits_BxPxV.shape[-1]
-    rounds_trace = Trace(
-      jnp.zeros((r_, b), jnp.int32),
-      jnp.zeros((r_, b), bool),
-      jnp.zeros((r_, b, k), jnp.int32),
-      jnp.zeros((r_, b, k, v), jnp.float32),
-    )
   start = SpecState(
-    seq_BxS, count_B, trunk, zero, zero, jnp.zeros((k,), jnp.int32), done_B, drafter=extra, trace=rounds_trace
+    seq_BxS,
+    count_B=jnp.ones((b,), jnp.int32),
+    trunk=trunk,
+    rounds=zero,
+    row_rounds=zero,
+    accepted_K=jnp.zeros((k,), jnp.int32),
+    done_B=(first_B == stop) | (max_new_tokens <= 1),
+    drafter=drafter.prefill(full, seq_BxS, hidden_BxPxD, branch_BxPxD, lengths_B),
+    trace=_empty_trace(max_new_tokens, b, k, logits_BxPxV.shape[-1]) if trace else None,
   )
 
-  def more(state: SpecState):
-    return ~jnp.all(state.done_B)
-
   def one(state: SpecState) -> SpecState:
-    seq_BxS, trunk, extra = state.seq_BxS, state.trunk, state.drafter
-    r, count_B, done_B = state.rounds, state.count_B, state.done_B
+    r, count_B, done_B, active_B = state.rounds, state.count_B, state.done_B, ~state.done_B
     round_key = jax.random.fold_in(key, r + 1)
-    last_B = trunk.length_B  # L = n - 1: t_{n-1} sits at position L, the drafts at L + 1 .. L + K
-    if sequential:
-      h0_BxSxD, drafts = extra
-      start_B = jnp.maximum(last_B - window, 0)
-      pos_BxW = start_B[:, None] + jnp.arange(window, dtype=jnp.int32)[None]
-      drafts_BxK, draft_logits_BxKxV, seq_BxS, layers = _chain(
-        model,
-        modules,
-        seq_BxS,
-        h0_BxSxD,
-        drafts.layers,
-        pos_BxW,
-        last_B - 1 - start_B,
-        functools.partial(pick, round_key),
-      )
-      drafts = drafts.replace(layers=layers)
-    else:
-      draft_logits_BxKxV, drafts = extra
-      drafts_BxK = jnp.stack([pick(round_key, j, draft_logits_BxKxV[:, j - 1]) for j in range(1, k + 1)], 1)
-      seq_BxS = _put(seq_BxS, drafts_BxK, last_B[:, None] + 1 + steps_T[None, :k])
+    last_B = state.trunk.length_B  # L = n - 1: t_{n-1} sits at position L, the drafts at L + 1 .. L + K
+    pick_now = functools.partial(pick, round_key)
+    drafts_BxK, draft_logits_BxKxV, seq_BxS, carried = drafter.draft(state.drafter, state.seq_BxS, last_B, pick_now)
 
     # Verify: one trunk pass over t_{n-1} and the K drafts, at positions L .. L + K.
     positions_BxT = last_B[:, None] + steps_T[None]
-    logits_BxTxV, hidden_BxTxD, branch_BxTxD, trunk = _trunk(
-      model, jnp.take_along_axis(seq_BxS, positions_BxT, 1), trunk
-    )
-    accepted_B, next_B = _accept(
-      logits_BxTxV, drafts_BxK, draft_logits_BxKxV, jax.random.fold_in(round_key, k + 1), temperature, top_p
-    )
-    active_B = ~done_B
-    seq_BxS = _put(seq_BxS, jnp.where(active_B, next_B, stop)[:, None], (last_B + 1 + accepted_B)[:, None])
+    tokens_BxT = jnp.take_along_axis(seq_BxS, positions_BxT, 1)
+    logits_BxTxV, hidden_BxTxD, branch_BxTxD, trunk = _trunk(model, tokens_BxT, state.trunk)
+    key_accept = jax.random.fold_in(round_key, k + 1)
+    accepted_B, next_B = accept(logits_BxTxV, drafts_BxK, draft_logits_BxKxV, key_accept, temperature, top_p)
+    seq_BxS = write_rows(seq_BxS, jnp.where(active_B, next_B, stop)[:, None], (last_B + 1 + accepted_B)[:, None])
 
     # Emit t_n .. t_{n+a}, cut at max_new_tokens and after the first eos.
     emitted_BxT = jnp.take_along_axis(seq_BxS, jnp.minimum(positions_BxT + 1, s - 1), 1)
@@ -359,22 +226,12 @@ def _speculative(
       (steps_T[None] <= accepted_B[:, None]) & (count_B[:, None] + steps_T[None] < max_new_tokens) & active_B[:, None]
     )
     stops_BxT = allowed_BxT & (emitted_BxT == stop)
-    first_stop_B = jnp.argmax(stops_BxT, axis=1)
-    emitted_B = jnp.where(stops_BxT.any(1), first_stop_B + 1, allowed_BxT.sum(1))
-    count_B = count_B + emitted_B
+    count_B = count_B + jnp.where(stops_BxT.any(1), jnp.argmax(stops_BxT, axis=1) + 1, allowed_BxT.sum(1))
     done_B = done_B | stops_BxT.any(1) | (count_B >= max_new_tokens)
 
     # Roll back past the rejected drafts: the trunk has now read t_{n-1} and the accepted ones.
-    length_B = jnp.where(active_B, last_B + 1 + accepted_B, last_B)
-    trunk = cache_lib.rollback(trunk, length_B)
-    if sequential:
-      h0_BxSxD = _put(h0_BxSxD, hidden_BxTxD, positions_BxT)
-      extra = (h0_BxSxD, drafts.replace(length_B=length_B))  # the window rewrites its slots; see MTP.md
-    else:
-      outs, layers = _heads(model, heads, branch_BxTxD, positions_BxT, drafts.layers)
-      # The next drafts read position n' - 2 = L + a, index a of this pass: its query saw only accepted slots.
-      next_logits_BxKxV = model.logits(jnp.stack([_rows(o, accepted_B) for o in outs], 1))
-      extra = (next_logits_BxKxV, Cache(layers=layers, length_B=trunk.length_B))  # rolled back with the trunk
+    trunk = cache_lib.rollback(trunk, jnp.where(active_B, last_B + 1 + accepted_B, last_B))
+    carried = drafter.after_verify(carried, hidden_BxTxD, branch_BxTxD, positions_BxT, accepted_B, trunk.length_B)
     accepted_K = state.accepted_K + jnp.sum(active_B[:, None] & (steps_T[None, :k] < accepted_B[:, None]), 0)
     t = state.trace
     if trace:
@@ -386,14 +243,35 @@ def _speculative(
       )
     return SpecState(
       seq_BxS,
-      count_B,
-      trunk,
-      r + 1,
-      state.row_rounds + active_B.sum(),
-      accepted_K,
-      done_B,
-      drafter=extra,
+      count_B=count_B,
+      trunk=trunk,
+      rounds=r + 1,
+      row_rounds=state.row_rounds + active_B.sum(),
+      accepted_K=accepted_K,
+      done_B=done_B,
+      drafter=carried,
       trace=t,
     )
 
-  return jax.lax.while_loop(more, one, start).replace(drafter=())  # the drafter's caches stay inside
+  final = jax.lax.while_loop(lambda state: ~jnp.all(state.done_B), one, start)
+  return final.replace(drafter=())  # the drafter's caches stay inside
+
+
+def _trunk(model: Transformer, tokens_BxT: jax.Array, cache: Cache):
+  """(logits, final-normed hidden, branch, cache): `decode.step` plus the state entering the
+  last block, which the parallel heads read."""
+  hidden_BxTxD, layers, branch_BxTxD = model.decode(
+    tokens_BxT, cache_lib.positions(cache, tokens_BxT.shape[1]), cache.layers
+  )
+  cache = Cache(layers=layers, length_B=cache.length_B + tokens_BxT.shape[1])
+  return model.logits(hidden_BxTxD), hidden_BxTxD, branch_BxTxD, cache
+
+
+def _empty_trace(rounds: int, b: int, k: int, v: int) -> Trace:
+  """Room for every round: each but the last emits at least one token of each active row."""
+  return Trace(
+    jnp.zeros((rounds, b), jnp.int32),
+    jnp.zeros((rounds, b), bool),
+    jnp.zeros((rounds, b, k), jnp.int32),
+    jnp.zeros((rounds, b, k, v), jnp.float32),
+  )

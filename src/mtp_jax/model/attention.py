@@ -70,7 +70,7 @@ def choose(
       return native, f"auto on {platform.upper()}"
     return "xla", f"auto on {platform}" + (f"; {native} {no}" if native else "")
   if impl != "xla" and (no := cannot(impl)):
-    raise ConfigError(f"config error: model.attention.impl={impl} {no}")
+    raise ConfigError(f"model.attention.impl={impl}", no)
   interpreted = impl == "splash" and platform != "tpu"
   return impl, "asked for" + ("; off TPU in Pallas interpret mode, slow" if interpreted else "")
 
@@ -246,7 +246,7 @@ def cached_mask(positions_BxL: jax.Array, max_len: int) -> jax.Array:
   return jnp.arange(max_len)[None, None, :] <= positions_BxL[:, :, None]
 
 
-def _write(buf_BxSx_, new_BxLx_, positions_BxL):
+def write_rows(buf_BxSx_, new_BxLx_, positions_BxL):
   """buf with new[b, l] at slot positions[b, l] (each row at its own positions); positions past
   the buffer are dropped."""
   rows_Bx1 = jnp.arange(buf_BxSx_.shape[0])[:, None]
@@ -320,7 +320,7 @@ class GQA(nnx.Module):
     chunk_len = self.chunk_len
     if cache is not None:  # a few new queries over the whole cache: no chunking
       cache = GQACache(
-        k_BxSxGxK=_write(cache.k_BxSxGxK, k, positions_BxL), v_BxSxGxK=_write(cache.v_BxSxGxK, v, positions_BxL)
+        k_BxSxGxK=write_rows(cache.k_BxSxGxK, k, positions_BxL), v_BxSxGxK=write_rows(cache.v_BxSxGxK, v, positions_BxL)
       )
       k, v, chunk_len = cache.k_BxSxGxK, cache.v_BxSxGxK, 0
     out_BxLxHxK = attend(q, k, v, visible, q.shape[-1] ** -0.5, chunk_len, self.impl)
@@ -389,8 +389,8 @@ class MLA(nnx.Module):
     chunk_len = self.chunk_len
     if cache is not None:  # a few new queries over the whole cache: no chunking
       cache = MLACache(
-        ckv_BxSxR=_write(cache.ckv_BxSxR, ckv_BxLxR, positions_BxL),
-        k_rope_BxSxK=_write(cache.k_rope_BxSxK, k_rope_BxLx1xK[:, :, 0], positions_BxL),
+        ckv_BxSxR=write_rows(cache.ckv_BxSxR, ckv_BxLxR, positions_BxL),
+        k_rope_BxSxK=write_rows(cache.k_rope_BxSxK, k_rope_BxLx1xK[:, :, 0], positions_BxL),
       )
       if self.absorb:
         q = sharding.constrain(q, _ACT_HEADS)

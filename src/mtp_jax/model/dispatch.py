@@ -67,8 +67,9 @@ def plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=No
   has_ragged = platform != "cpu" or ragged_all_to_all is not jax.lax.ragged_all_to_all
   if want == "ragged_all_to_all" and not has_ragged:
     raise ConfigError(
-      f"config error: model.moe.dispatch: ragged_all_to_all is not implemented on the {platform} backend; "
-      "use auto or gspmd (or all_to_all with model.moe.mode=capacity)"
+      "model.moe.dispatch",
+      f"ragged_all_to_all is not implemented on the {platform} backend; "
+      "use auto or gspmd (or all_to_all with model.moe.mode=capacity)",
     )
   w_spec = _expert_weight_spec(cfg, mesh, rules)
   ep = sharding.axes_of(w_spec[0])

@@ -28,9 +28,10 @@ from jax.experimental import multihost_utils
 
 from mtp_jax import storage
 from mtp_jax.config import CheckpointConfig
+from mtp_jax.errors import InputError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError):
   """A checkpoint that cannot be used, reported as one line."""
 
 

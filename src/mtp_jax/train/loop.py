@@ -19,6 +19,7 @@ from mtp_jax import config as config_lib
 from mtp_jax import data, storage
 from mtp_jax.config import Config, spec_prompt_len
 from mtp_jax.distributed import Watchdog
+from mtp_jax.errors import RunError
 from mtp_jax.model.flops import cost
 from mtp_jax.train import evaluate, resume, step
 from mtp_jax.train.checkpoint import Checkpointer
@@ -27,7 +28,7 @@ from mtp_jax.train.preemption import Preemption
 from mtp_jax.train.program import Program, build, describe_memory, memory
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
   """A run that cannot go on (e.g. a non-finite loss), reported as one line."""
 
 

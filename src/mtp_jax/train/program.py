@@ -43,8 +43,9 @@ def _resolve_accum(cfg: Config, mesh) -> Config:
   ways = _batch_ways(cfg, mesh)
   if cfg.train.batch_size % ways:
     raise ConfigError(
-      f"config error: train.grad_accum_steps: -1 needs train.batch_size ({cfg.train.batch_size}) to split over "
-      f"the {ways} batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']}); set train.grad_accum_steps"
+      "train.grad_accum_steps",
+      f"-1 needs train.batch_size ({cfg.train.batch_size}) to split over "
+      f"the {ways} batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']}); set train.grad_accum_steps",
     )
   train = cfg.train.model_copy(update={"grad_accum_steps": cfg.train.batch_size // ways})
   return cfg.model_copy(update={"train": train})
@@ -96,25 +97,24 @@ def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
   every parameter must split the way the rules say."""
   experts, expert_axis = cfg.model.moe.num_experts, mesh.shape["expert"]
   if experts and experts % expert_axis:
-    raise ConfigError(
-      f"config error: model.moe.num_experts: {experts} is not divisible by the expert axis ({expert_axis} devices)"
-    )
+    raise ConfigError("model.moe.num_experts", f"{experts} is not divisible by the expert axis ({expert_axis} devices)")
   micro = cfg.train.batch_size // cfg.train.grad_accum_steps
   ways = _batch_ways(cfg, mesh)
   if micro % ways:
     raise ConfigError(
-      f"config error: train.batch_size: {cfg.train.batch_size} / grad_accum_steps "
+      "train.batch_size",
+      f"{cfg.train.batch_size} / grad_accum_steps "
       f"{cfg.train.grad_accum_steps} = {micro} sequences per microbatch do not split over the {ways} "
-      f"batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']})"
+      f"batch-sharded devices (mesh axes {cfg.mesh.rules['act_batch']})",
     )
   why = sharding.misfit(("act_batch", "act_length"), (micro, cfg.data.seq_len), mesh, cfg.mesh.rules)
   if why:
-    raise ConfigError(f"config error: mesh: the input batch ({micro} x data.seq_len): {why}")
+    raise ConfigError("mesh", f"the input batch ({micro} x data.seq_len): {why}")
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state.params, is_leaf=_is_variable):
     names = leaf.get_metadata().get("axes") or (None,) * leaf.get_value().ndim
     why = sharding.misfit(names, leaf.get_value().shape, mesh, cfg.mesh.rules)
     if why:
-      raise ConfigError(f"config error: mesh: params.{leaf_name(path)}: {why}")
+      raise ConfigError("mesh", f"params.{leaf_name(path)}: {why}")
 
 
 def _is_variable(x) -> bool:

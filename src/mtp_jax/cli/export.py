@@ -1,8 +1,7 @@
 """`mtp-export --checkpoint runs/tiny --output hf/tiny [--format deepseek_v3] [--dtype bf16] [--overwrite]`
 `mtp-import hf/model --output runs/model [--config FILE] [--overwrite] [section.key=value ...]`
 
-Parse the command line and call `export()` / `import_()`; every expected failure is one line on
-stderr and exit status 2, never a traceback.
+Parse the command line and call `export()` / `import_()`, printing their notes and a summary.
 """
 
 from __future__ import annotations
@@ -10,11 +9,11 @@ from __future__ import annotations
 import os
 import sys
 
-from mtp_jax.cli import _Parser
+from mtp_jax.cli import Parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = _Parser(prog="mtp-export", description="Write a checkpoint in a layout other runtimes load.")
+  parser = Parser(prog="mtp-export", description="Write a checkpoint in a layout other runtimes load.")
   parser.add_argument(
     "--checkpoint",
     required=True,
@@ -34,33 +33,32 @@ def main(argv: list[str] | None = None) -> int:
 
   # Export reads arrays on the host; it never needs (or should hold) an accelerator a run may be using.
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from mtp_jax.export.exporter import export
+  return run(parser.prog, lambda: _export(parser.prog, args), interrupted="interrupted; nothing was written")
 
-  result = _attempt(
-    parser.prog,
-    lambda: export(
-      args.checkpoint,
-      args.output,
-      format=args.format,
-      dtype=args.dtype,
-      overwrite=args.overwrite,
-      progress=sys.stderr.isatty(),
-    ),
-  )
-  if isinstance(result, int):
-    return result
+
+def _export(prog: str, args) -> None:
   from tqdm import tqdm
 
+  from mtp_jax.export.exporter import export
+
+  result = export(
+    args.checkpoint,
+    args.output,
+    format=args.format,
+    dtype=args.dtype,
+    overwrite=args.overwrite,
+    progress=sys.stderr.isatty(),
+  )
+  _notes(prog, result.notes)
   mtp = f"; MTP at {', '.join(result.mtp_layers)}" if result.mtp_layers else ""
   print(
     f"wrote {result.output} ({args.format}, {args.dtype}) from {result.step_dir}: {result.tensors} tensors in "
     f"{result.shards} shard(s), {tqdm.format_sizeof(result.bytes, 'B')}{mtp}"
   )
-  return 0
 
 
 def import_main(argv: list[str] | None = None) -> int:
-  parser = _Parser(
+  parser = Parser(
     prog="mtp-import",
     description="Turn a Hugging Face DeepSeek-V3, GLM-4.5 or Qwen3-MoE directory into a run to continue training.",
   )
@@ -74,46 +72,33 @@ def import_main(argv: list[str] | None = None) -> int:
   # On one host the state passes through host memory on its way to the files, so CPU is right and
   # leaves the accelerators to a run; set JAX_PLATFORMS to build the arrays on those devices instead.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from mtp_jax.export.importer import import_
+  return run(parser.prog, lambda: _import(parser.prog, args), interrupted="interrupted; nothing was written")
 
-  result = _attempt(
-    parser.prog,
-    lambda: import_(
-      args.hf_dir,
-      args.output,
-      base_config=args.config,
-      overrides=args.overrides,
-      overwrite=args.overwrite,
-      progress=sys.stderr.isatty(),
-    ),
-  )
-  if isinstance(result, int):
-    return result
+
+def _import(prog: str, args) -> None:
   from tqdm import tqdm
 
+  from mtp_jax.export.importer import import_
+
+  result = import_(
+    args.hf_dir,
+    args.output,
+    base_config=args.config,
+    overrides=args.overrides,
+    overwrite=args.overwrite,
+    progress=sys.stderr.isatty(),
+  )
+  _notes(prog, result.notes)
   print(
     f"wrote {result.output} from {args.hf_dir} ({result.format}): {result.tensors} tensors, "
     f"{tqdm.format_sizeof(result.bytes, 'B')}, as config.yaml and checkpoints/0 (step 0, fresh optimizer state); "
     f"continue training with: mtp-train --config {result.output / 'config.yaml'}"
   )
-  return 0
 
 
-def _attempt(prog: str, work):
-  """work()'s result after its notes are printed, or the exit status of an expected failure."""
-  from mtp_jax.export import ExportError
-
-  try:
-    result = work()
-  except ExportError as err:
-    print(f"{prog}: {err}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
-    return 130
-  for note in result.notes:
+def _notes(prog: str, notes: list[str]) -> None:
+  for note in notes:
     print(f"{prog}: {note}" if note.startswith("warning: ") else f"{prog}: note: {note}", file=sys.stderr)
-  return result
 
 
 if __name__ == "__main__":

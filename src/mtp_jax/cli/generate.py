@@ -1,8 +1,8 @@
 """`mtp-generate --checkpoint runs/tiny --prompt "def main(" [--max-new-tokens 64] [--json]`
 
 Parses the command line, loads the run (`load.py`) and calls the decoding library; the text
-goes to stdout, the statistics to stderr (or everything as one JSON object with --json). Every
-expected failure is one line on stderr and exit status 2, never a traceback.
+goes to stdout, the statistics to stderr (or everything as one JSON object with --json).
+Settings and prompts are checked before anything is compiled.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ import os
 import pathlib
 import sys
 
-from mtp_jax.cli import _Parser
+from mtp_jax.cli import EXIT_RUN, Parser
+from mtp_jax.cli import run as run_command
+from mtp_jax.errors import InputError
 
 DEFAULT_NEW_TOKENS = 64  # when --max-new-tokens is not given; fewer where the context leaves less room
 
 
-class _Refused(Exception):
-  """Settings or prompts that cannot be run: one line for the user."""
-
-
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(
+  parser = Parser(
     prog="mtp-generate",
     description="Generate text from a trained checkpoint, drafting with its MTP modules (self-speculative decoding).",
   )
@@ -67,14 +65,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ warnings; set before JAX is imported
-  try:
-    report = _run(args)
-  except _Refused as err:
-    print(f"mtp-generate: {err}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("mtp-generate: interrupted", file=sys.stderr)
-    return 130
+  return run_command("mtp-generate", lambda: _generate(args))
+
+
+def _generate(args) -> int:
+  report = _run(args)
   try:
     if args.json:
       print(json.dumps(report, ensure_ascii=False))
@@ -84,23 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
   except BrokenPipeError:  # a reader such as `head` stopped early; Python's own report would be a traceback
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 1
+    return EXIT_RUN
   return 0
 
 
 def _run(args) -> dict:
   """The --json report; every setting and prompt is checked before anything is compiled."""
-  from mtp_jax.export import ExportError
-
   _check_numbers(args)
   texts = _prompts(args)
   from mtp_jax.generate import speculative
-  from mtp_jax.generate.load import LoadError, load
+  from mtp_jax.generate.load import load
 
-  try:
-    run = load(args.checkpoint)
-  except (ExportError, LoadError) as err:
-    raise _Refused(str(err)) from None
+  run = load(args.checkpoint)
   prompts, max_new_tokens = _encode(run, texts, args.max_new_tokens)
   draft_tokens = _drafts(run, args)
 
@@ -123,16 +113,16 @@ def _run(args) -> dict:
 
 def _check_numbers(args) -> None:
   if not (math.isfinite(args.temperature) and args.temperature >= 0):
-    raise _Refused(f"--temperature {args.temperature}: must be a finite number, 0 (greedy) or more")
+    raise InputError(f"--temperature {args.temperature}: must be a finite number, 0 (greedy) or more")
   if not 0 < args.top_p <= 1:
-    raise _Refused(f"--top-p {args.top_p}: must be in (0, 1]")
+    raise InputError(f"--top-p {args.top_p}: must be in (0, 1]")
   if args.max_new_tokens is not None and args.max_new_tokens < 1:
-    raise _Refused(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    raise InputError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
   if args.draft_tokens is not None and args.draft_tokens < 1:
-    raise _Refused(f"--draft-tokens {args.draft_tokens}: must be at least 1")
+    raise InputError(f"--draft-tokens {args.draft_tokens}: must be at least 1")
   if args.speculative is False and (args.draft_tokens is not None or args.reuse):
     flag = "--reuse" if args.draft_tokens is None else f"--draft-tokens {args.draft_tokens}"
-    raise _Refused(f"{flag}: applies to speculative decoding, and --no-speculative turns it off")
+    raise InputError(f"{flag}: applies to speculative decoding, and --no-speculative turns it off")
 
 
 def _prompts(args) -> list[tuple[str, str]]:
@@ -141,20 +131,20 @@ def _prompts(args) -> list[tuple[str, str]]:
     labels = ["--prompt"] if len(args.prompt) == 1 else [f"--prompt {i}" for i in range(1, len(args.prompt) + 1)]
     for label, text in zip(labels, args.prompt, strict=True):
       if not text:
-        raise _Refused(f"{label}: empty; give the text to continue")
+        raise InputError(f"{label}: empty; give the text to continue")
     return list(zip(labels, args.prompt, strict=True))
   name = args.prompt_file
   try:
     text = sys.stdin.read() if name == "-" else pathlib.Path(name).read_text(encoding="utf-8")
   except FileNotFoundError:
-    raise _Refused(f"--prompt-file {name}: no such file") from None
+    raise InputError(f"--prompt-file {name}: no such file") from None
   except UnicodeDecodeError:
-    raise _Refused(f"--prompt-file {name}: not UTF-8 text") from None
+    raise InputError(f"--prompt-file {name}: not UTF-8 text") from None
   except OSError as err:
-    raise _Refused(f"--prompt-file {name}: {err.strerror or err}") from None
+    raise InputError(f"--prompt-file {name}: {err.strerror or err}") from None
   prompts = [(f"--prompt-file {name} line {i}", line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
   if not prompts:
-    raise _Refused(f"--prompt-file {name}: holds no prompt (one prompt per line)")
+    raise InputError(f"--prompt-file {name}: holds no prompt (one prompt per line)")
   return prompts
 
 
@@ -163,9 +153,9 @@ def _encode(run, texts: list[tuple[str, str]], max_new_tokens: int | None) -> tu
   prompts = [[int(i) for i in run.tokenizer.encode(text)] for _, text in texts]
   for (label, _), ids in zip(texts, prompts, strict=True):
     if not ids:
-      raise _Refused(f"{label}: encodes to no tokens")
+      raise InputError(f"{label}: encodes to no tokens")
     if len(ids) >= run.context:
-      raise _Refused(
+      raise InputError(
         f"{label}: {_tokens(len(ids))}, and the model's context is {run.context} (data.seq_len of its run), "
         "which leaves no room for a new token"
       )
@@ -174,7 +164,7 @@ def _encode(run, texts: list[tuple[str, str]], max_new_tokens: int | None) -> tu
     return prompts, min(DEFAULT_NEW_TOKENS, room)
   if max_new_tokens > room:
     (label, _), ids = max(zip(texts, prompts, strict=True), key=lambda pair: len(pair[1]))
-    raise _Refused(
+    raise InputError(
       f"--max-new-tokens {max_new_tokens}: {label} ({_tokens(len(ids))}) plus {max_new_tokens} new tokens exceeds "
       f"the model's context of {run.context} (data.seq_len of its run); at most {room} here"
     )
@@ -195,19 +185,19 @@ def _drafts(run, args) -> int:
     return 0
   if depth == 0:
     flag = "--speculative" if args.speculative else "--draft-tokens" if args.draft_tokens is not None else "--reuse"
-    raise _Refused(
+    raise InputError(
       f"{flag}: {run.step_dir} was trained with model.mtp.depth=0, so it has no MTP modules to draft with "
       "(it decodes plainly without this flag)"
     )
   k = depth if args.draft_tokens is None else args.draft_tokens
   if k > depth and not args.reuse:
-    raise _Refused(
+    raise InputError(
       f"--draft-tokens {k}: more than the checkpoint's MTP depth {depth}; add --reuse to draft with its modules in turn"
     )
   try:
     return speculative.check(run.model, k, args.reuse)
   except ValueError as err:
-    raise _Refused(f"--draft-tokens {k}: {err}") from None
+    raise InputError(f"--draft-tokens {k}: {err}") from None
 
 
 def _stats(stats) -> dict:

@@ -1,0 +1,47 @@
+"""`mtp-compile --config configs/deepseek-v3-671b.yaml --topology v5p-1024`: does a config fit a pod?
+
+Prints what compile.py measures: per-chip memory against HBM, FLOPs per step, a roofline step
+time and the MFU it implies. Exit status 0: fits; 1: does not fit; 2: bad input.
+
+TPU names need libtpu (`pip install 'mtp-jax[tpu-aot]'`); `--topology cpu:8` (8 fake CPU devices)
+and `--topology local` (this machine's devices) need nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from mtp_jax.cli import EXIT_RUN, command_parser, run
+from mtp_jax.topology import FORMS, parse_topology, prepare_environment
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = command_parser("mtp-compile", "Compile the train step for a TPU topology: memory, FLOPs, step time.")
+  parser.add_argument("--topology", required=True, metavar="NAME", help=f"one of: {FORMS}")
+  parser.add_argument("--hbm-gib", type=float, metavar="GIB", help="judge the fit against this HBM per chip instead")
+  parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+  args = parser.parse_args(argv)
+  return run(parser.prog, lambda: _compile(parser.prog, args))
+
+
+def _compile(prog: str, args) -> int:
+  topo = parse_topology(args.topology)
+  prepare_environment(topo)  # before JAX starts
+  from mtp_jax import config
+  from mtp_jax.compile import check, describe
+
+  cfg = config.load(args.config, args.overrides)
+  report = check(cfg, topo, hbm_gib=args.hbm_gib)
+  given = f"--config {args.config} " if args.config else ""
+  print(f"{prog} {given}--topology {args.topology} {' '.join(args.overrides)}".rstrip())
+  print("\n".join(describe(report)))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"config": args.config, "overrides": args.overrides, **dataclasses.asdict(report)}, f, indent=2)
+  return EXIT_RUN if report.fits is False else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
