@@ -23,8 +23,10 @@ _NOT_DETERMINISTIC = {"tokens_per_sec", "mfu"}
 
 
 def _records(workdir) -> list[dict]:
+  """The complete lines of metrics.jsonl (a running child may be halfway through writing one)."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  text = path.read_text() if path.exists() else ""
+  return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def _complete_steps(workdir) -> list[int]:

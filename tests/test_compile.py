@@ -1,5 +1,6 @@
 """`mtp-compile`: topology names, the fit verdict and its exit status, one-line errors."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -46,6 +47,7 @@ def test_traced_flops_count_every_loop_iteration(tiny):
   # of the 40 of its whole batch (dropless on CPU pads each expert's rows into blocks instead).
   base = ("model.num_layers=4", "data.seq_len=32", "model.moe.mode=capacity")
 
+  @functools.cache
   def trace(*overrides):
     program = build(tiny(*base, *overrides), jax.devices()[:2])
     return program.step.trace(program.abstract_state, program.abstract_batch())

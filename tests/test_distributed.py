@@ -28,7 +28,9 @@ RUN = ["train.steps=3", "train.log_every=1", "checkpoint.every=3", "train.eval_e
 
 
 def _losses(workdir) -> dict[int, float]:
-  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  """From the complete lines of metrics.jsonl (a running process may be halfway through one)."""
+  text = (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+  lines = text[: text.rfind("\n") + 1].splitlines()
   return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import STEP_KEYS, TINY, run_steps, write_dataset
+from conftest import STEP_KEYS, TINY, fixed_batch, write_dataset
 
 from mtp_jax import data
 from mtp_jax.train import checkpoint, loop, losses
@@ -117,21 +117,23 @@ def test_mtp_depths_never_hold_their_logits_at_once(tiny):
     )
     return build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
 
-  assert temp(3, 16) - temp(0, 16) < logits_bytes
-  assert temp(3, 0) - temp(3, 16) > logits_bytes / 2
+  chunked = temp(3, 16)
+  assert chunked - temp(0, 16) < logits_bytes
+  assert temp(3, 0) - chunked > logits_bytes / 2
 
 
-def test_router_bias_moves_without_the_optimizer(tiny):
-  cfg = tiny("model.moe.bias_update_rate=0.01")
-  _, state = run_steps(cfg, steps=1)
+def test_router_bias_moves_without_the_optimizer_and_the_mtp_weight_follows_its_schedule(tiny):
+  program = build(tiny("model.moe.bias_update_rate=0.01", "model.mtp.loss_weight_schedule=[[1, 0.1]]"))
+  batch = {k: jax.device_put(v, program.batch_sharding) for k, v in fixed_batch(program.cfg).items()}
+  state, first = program.step(program.init_state(), batch)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert paths and not any("bias" in p for p in paths)
-  bias = state.router_bias["layers"][1]["ffn"]["router"]["bias"][...][0]  # layer 1: block 0 of the MoE stack
+  bias = np.asarray(state.router_bias["layers"][1]["ffn"]["router"]["bias"][...][0])  # layer 1: the MoE stack's block 0
   # One sign step from zero: gamma * sign(mean load - load), 0 for an expert at exactly the mean.
-  steps = np.round(np.asarray(bias) / 0.01, 4)
+  steps = np.round(bias / 0.01, 4)
   assert set(steps.tolist()) <= {-1.0, 0.0, 1.0} and np.count_nonzero(steps) >= 6, bias
-  history, _ = run_steps(tiny("model.mtp.loss_weight_schedule=[[1, 0.1]]"), steps=2)
-  assert [float(h["mtp_lambda"]) for h in history] == pytest.approx([0.3, 0.1])
+  _, second = program.step(state, batch)
+  assert [float(m["mtp_lambda"]) for m in (first, second)] == pytest.approx([0.3, 0.1])
 
 
 def test_resumed_run_equals_uninterruptedrun_steps(tiny, tmp_path):

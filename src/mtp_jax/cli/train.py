@@ -12,21 +12,27 @@ def main(argv: list[str] | None = None) -> int:
   parser = command_parser("mtp-train", "Train an MoE + multi-token-prediction transformer.")
   parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
   args = parser.parse_args(argv)
-  from mtp_jax import distributed
-
   # A failure exits at once: after a failed restore, Orbax's still-pending reads would print their
   # own copies of the error at interpreter teardown, burying our line, and in a multi-process job
   # jax.distributed's shutdown barrier would wait for a dead peer. The loop closes what it wrote.
-  return run(parser.prog, lambda: _train(args), tag=distributed.process_tag, exit_at_once=True)
+  return run(parser.prog, lambda: _train(args), tag=_process_tag, exit_at_once=True)
+
+
+def _process_tag() -> str:
+  """Which process failed, in a multi-process job; JAX is not imported for a config error."""
+  distributed = sys.modules.get("mtp_jax.distributed")
+  return distributed.process_tag() if distributed else ""
 
 
 def _train(args) -> None:
-  from mtp_jax import config, distributed
+  from mtp_jax import config
 
   cfg = config.load(args.config, args.overrides)
   if args.print_config:
     print(config.to_yaml(cfg), end="")
     return
+  from mtp_jax import distributed  # JAX from here on
+
   distributed.initialize(cfg.distributed)
   import jax
 

@@ -1,6 +1,10 @@
 """Which drafts the verifier accepts, and the token that follows them: greedy, or the rejection
 sampling of Leviathan et al. (2023) and Chen et al. (2023) that keeps every token distributed as
-plain sampling from the verifier would."""
+plain sampling from the verifier would.
+
+Shape letters beyond the package legend (model/__init__.py): K drafts per round · T = K + 1
+positions the verifier read.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ as trained: it steers which experts are chosen, exactly as in the forward pass.
 MLA layers run `step` absorbed (`model.attention.absorb`, the default): attending over the
 cached latent instead of up-projecting all of it for every new token. `prefill` up-projects, as
 training does (`absorbing`).
+
+Shape letters beyond the package legend (model/__init__.py): P prompt slots · T tokens a call
+reads per row · N new tokens per row.
 """
 
 from __future__ import annotations

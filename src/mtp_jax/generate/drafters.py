@@ -6,8 +6,8 @@ carry (`SpecState.drafter`). MTP.md ("Speculative decoding") explains which posi
 cache holds.
 
 Notation as in speculative.py: a row has committed tokens t_0 .. t_{n-1}; the trunk's cache
-length is L = n - 1. Shapes: B rows, S sequence slots, K drafts per round, W = 2K window
-positions, P prompt slots, T = K + 1 verified positions, D model width, V vocabulary.
+length is L = n - 1. Shape letters beyond the package legend (model/__init__.py): K drafts per
+round · W = 2K window positions · P prompt slots · T = K + 1 verified positions.
 """
 
 from __future__ import annotations

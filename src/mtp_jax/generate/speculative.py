@@ -8,7 +8,9 @@ Greedy output is the greedy plain output; sampled output follows Leviathan et al
 which positions each draft cache holds.
 
 Notation: a row has committed tokens t_0 .. t_{n-1}; the trunk has processed t_0 .. t_{n-2}
-(its cache length L = n - 1), and t_{n-1} is the token it must read next.
+(its cache length L = n - 1), and t_{n-1} is the token it must read next. Shape letters beyond
+the package legend (model/__init__.py): P prompt slots · K drafts per round · T = K + 1 positions
+one verification reads · R rounds (`Trace`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Both take an optional per-layer cache for decoding (`GQACache`, `MLACache`): the
 written at their positions, the query attends over the whole cache through the caller's mask,
 and the updated cache is returned beside the output. Which cached positions are valid is the
 caller's business (`mtp_jax.generate.cache`), so rolling back a draft costs nothing here.
+
+Shape letters beyond the package legend (model/__init__.py): K per-head dimension · Q query heads
+per key/value head (GQA) · R latent rank (MLA) · N query blocks · W queries per block.
 """
 
 from __future__ import annotations
@@ -117,23 +120,23 @@ def attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, visible, scale: float, chunk_len: in
     return checkpoint_name(_attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask_BxLxS, scale), "attn_context")
   n = length // chunk_len
 
-  def blocks(x):  # BxLx... -> NxBxCx..., block j = positions j, j + n, ...
+  def blocks(x):  # BxLx... -> NxBxWx..., block j = positions j, j + n, ...
     return jnp.moveaxis(x.reshape(b, chunk_len, n, *x.shape[2:]), 2, 0)
 
   one = jax.checkpoint(lambda qm: _attend(qm[0], k_BxSxGxK, v_BxSxGxV, qm[1], scale))
-  out_NxBxCxHxV = jax.lax.map(one, (blocks(q_BxLxHxK), blocks(mask_BxLxS)))
-  out = jnp.moveaxis(out_NxBxCxHxV, 0, 2).reshape(b, length, *out_NxBxCxHxV.shape[3:])
+  out_NxBxWxHxV = jax.lax.map(one, (blocks(q_BxLxHxK), blocks(mask_BxLxS)))
+  out = jnp.moveaxis(out_NxBxWxHxV, 0, 2).reshape(b, length, *out_NxBxWxHxV.shape[3:])
   return checkpoint_name(out, "attn_context")
 
 
 def _attend(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, mask_BxLxS, scale: float) -> jax.Array:
   b, l, h, kdim = q_BxLxHxK.shape
   g = k_BxSxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(b, l, g, h // g, kdim)
-  s = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+  q_BxLxGxQxK = q_BxLxHxK.reshape(b, l, g, h // g, kdim)
+  s = jnp.einsum("blgqk,bsgk->bgqls", q_BxLxGxQxK, k_BxSxGxK, preferred_element_type=jnp.float32)
   s = jnp.where(mask_BxLxS[:, None, None], s * scale, jnp.finfo(jnp.float32).min)
   p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxV.dtype)
-  out = jnp.einsum("bgrls,bsgv->blgrv", p, v_BxSxGxV)
+  out = jnp.einsum("bgqls,bsgv->blgqv", p, v_BxSxGxV)
   return out.reshape(b, l, h, v_BxSxGxV.shape[-1])
 
 
@@ -166,7 +169,8 @@ def _cudnn_local(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, segment_ids_BxL, *, scale: flo
   by a mask (which cuDNN applies as an additive bias, B x 1 x L x S). MLA's values are narrower
   than its keys, which that function does not take: they are zero-padded to the key width and
   the padding's outputs (zeros) cut off, which changes no number. (`implementation` is for the
-  tests, which run the same call through XLA.)"""
+  tests, which run the same call through XLA.) In `fused`'s shard_map, B, H and G are this
+  device's share of the rows and heads, L, S and K whole."""
   v_dim, k_dim = v_BxSxGxV.shape[-1], k_BxSxGxK.shape[-1]
   if v_dim < k_dim:
     v_BxSxGxV = jnp.pad(v_BxSxGxV, ((0, 0), (0, 0), (0, 0), (0, k_dim - v_dim)))
@@ -178,6 +182,8 @@ def _cudnn_local(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, segment_ids_BxL, *, scale: flo
 
 
 def _splash_local(q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, segment_ids_BxL, *, scale: float, interpret: bool):
+  """Splash attention over the rows and heads at hand: in `fused`'s shard_map, B, H and G are
+  this device's share of the rows and heads, L, S and K whole."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_lib
 
   kernel = _splash_kernel(q_BxLxHxK.shape[2], q_BxLxHxK.shape[1], interpret)

@@ -8,6 +8,16 @@ over the axes that split the tokens, so each device sorts and computes its own t
 - all_to_all (capacity mode): buffers go to the devices holding their experts and back.
 - ragged_all_to_all (dropless; GPU and TPU): sorted rows go there and back.
 gspmd runs the same code on the whole microbatch and leaves the placement to the compiler.
+
+Shape letters beyond the package legend (model/__init__.py); inside the shard_map body
+(`_per_device` and what it calls) B, L and T are this device's tokens, E every expert:
+  T tokens (B·L) · K experts chosen per token · C buffer slots per expert (capacity)
+  R routed rows, T·K (row r: token r // K, choice r % K), in token order · O the same rows in
+    expert order
+  P devices along the expert axes · U experts held by one device · A slots one device receives
+    for one of its experts, P·C
+  N rows a device sends, in expert order · Q rows it receives (ragged_all_to_all)
+  I rows into `_take_rows` · J rows out of it
 """
 
 from __future__ import annotations
@@ -205,30 +215,30 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: R
   e = m.num_experts
   if m.mode == "dropless":
     keys_R = experts_TxK.reshape(-1)
-    row_P = jnp.argsort(keys_R, stable=True)  # sorted position -> row
-    pos_R = jnp.argsort(row_P)  # its inverse
-    _, size_E = _groups(keys_R[row_P], e)
-    y_P, lost_P = run_experts(_take_rows(x_TxD, row_P, pos_R, k), size_E)
-    y_R = _take_rows(y_P, pos_R, row_P, 1)
-    dropped = jnp.zeros((), jnp.int32) if lost_P is None else jnp.sum(lost_P * valid_T[row_P // k])
+    row_O = jnp.argsort(keys_R, stable=True)  # the row at each place in expert order
+    pos_R = jnp.argsort(row_O)  # its inverse
+    _, size_E = _groups(keys_R[row_O], e)
+    y_O, lost_O = run_experts(_take_rows(x_TxD, row_O, pos_R, k), size_E)
+    y_R = _take_rows(y_O, pos_R, row_O, 1)
+    dropped = jnp.zeros((), jnp.int32) if lost_O is None else jnp.sum(lost_O * valid_T[row_O // k])
   else:
     cap = capacity(m, t)
     keys_KxT = jnp.where(valid_T[None] > 0, experts_TxK.T, e)  # choice-major; padding sorts last, unbuffered
-    order_P = jnp.argsort(keys_KxT.reshape(-1), stable=True)
-    row_P = (order_P % t) * k + order_P // t
-    pos_R = jnp.argsort(row_P)
-    sorted_P = keys_KxT.reshape(-1)[order_P]
-    start_E, size_E = _groups(sorted_P, e)
+    order_O = jnp.argsort(keys_KxT.reshape(-1), stable=True)
+    row_O = (order_O % t) * k + order_O // t
+    pos_R = jnp.argsort(row_O)
+    sorted_O = keys_KxT.reshape(-1)[order_O]
+    start_E, size_E = _groups(sorted_O, e)
     # Buffer slot (expert i, c) holds sorted position start_i + c while c < size_i; else nothing (t k).
     c_C = jnp.arange(cap)
     at_ExC = jnp.minimum(start_E[:, None] + c_C[None], t * k - 1)
-    src_N = jnp.where(c_C[None] < size_E[:, None], row_P[at_ExC], t * k).reshape(-1)
-    expert_R = sorted_P[pos_R]
+    src_ExC = jnp.where(c_C[None] < size_E[:, None], row_O[at_ExC], t * k)
+    expert_R = sorted_O[pos_R]
     c_R = pos_R - start_E[jnp.minimum(expert_R, e - 1)]
     dst_R = jnp.where((expert_R < e) & (c_R < cap), expert_R * cap + c_R, e * cap)
-    buf_ExCxD = _take_rows(x_TxD, src_N, dst_R, k).reshape(e, cap, d)
+    buf_ExCxD = _take_rows(x_TxD, src_ExC.reshape(-1), dst_R, k).reshape(e, cap, d)
     y_ExCxD = run_experts(buf_ExCxD, None)[0]
-    y_R = _take_rows(y_ExCxD.reshape(e * cap, d), dst_R, src_N, 1)
+    y_R = _take_rows(y_ExCxD.reshape(e * cap, d), dst_R, src_ExC.reshape(-1), 1)
     dropped = jnp.sum(jnp.maximum(size_E - cap, 0))
   y_TxKxD = y_R.reshape(t, k, d)
   return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype)), dropped
@@ -242,22 +252,22 @@ def _groups(sorted_keys: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _take_rows(x_NxD: jax.Array, idx_M: jax.Array, inv: jax.Array, group: int) -> jax.Array:
-  """Row i of the result is row idx_M[i] // group of x (zeros where idx_M[i] >= N group): a
+def _take_rows(x_IxD: jax.Array, idx_J: jax.Array, inv: jax.Array, group: int) -> jax.Array:
+  """Row j of the result is row idx_J[j] // group of x (zeros where idx_J[j] >= I group): a
   token's row repeated `group` times, then permuted. inv is the inverse map (a repeated row's
-  index -> i, or an index past the result where nothing took it), so the backward pass is a
+  index -> j, or an index past the result where nothing took it), so the backward pass is a
   gather too, and the repeats' cotangents add up by a sum over them instead of a scatter-add."""
   del inv
-  return x_NxD.at[idx_M // group].get(mode="fill", fill_value=0)
+  return x_IxD.at[idx_J // group].get(mode="fill", fill_value=0)
 
 
-def _take_rows_fwd(x_NxD, idx_M, inv, group):
-  return _take_rows(x_NxD, idx_M, inv, group), (inv, x_NxD.shape[0])
+def _take_rows_fwd(x_IxD, idx_J, inv, group):
+  return _take_rows(x_IxD, idx_J, inv, group), (inv, x_IxD.shape[0])
 
 
-def _take_rows_bwd(group, res, g_MxD):
+def _take_rows_bwd(group, res, g_JxD):
   inv, n = res
-  g = g_MxD.at[inv].get(mode="fill", fill_value=0)
+  g = g_JxD.at[inv].get(mode="fill", fill_value=0)
   return g.reshape(n, group, -1).sum(1), None, None
 
 
@@ -288,13 +298,13 @@ def _all_to_all_experts(buf_ExCxD, group_sizes_E, *, w: Weights, ep, tp):
   del group_sizes_E
   e, c, d = buf_ExCxD.shape
   e_loc = w[0].shape[0]
-  n = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
-  recv_NxExCxD = jax.lax.all_to_all(buf_ExCxD.reshape(n, e_loc, c, d), ep, 0, 0)  # leading axis: source
-  y_ExRxD = swiglu_batched(recv_NxExCxD.swapaxes(0, 1).reshape(e_loc, n * c, d), w)
+  p = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
+  recv_PxUxCxD = jax.lax.all_to_all(buf_ExCxD.reshape(p, e_loc, c, d), ep, 0, 0)  # P: source
+  y_UxAxD = swiglu_batched(recv_PxUxCxD.swapaxes(0, 1).reshape(e_loc, p * c, d), w)
   if tp:
-    y_ExRxD = jax.lax.psum(y_ExRxD, tp)  # partial sums over the split hidden dim
-  y_NxExCxD = y_ExRxD.reshape(e_loc, n, c, d).swapaxes(0, 1)
-  return jax.lax.all_to_all(y_NxExCxD, ep, 0, 0).reshape(e, c, d), None
+    y_UxAxD = jax.lax.psum(y_UxAxD, tp)  # partial sums over the split hidden dim
+  y_PxUxCxD = y_UxAxD.reshape(e_loc, p, c, d).swapaxes(0, 1)
+  return jax.lax.all_to_all(y_PxUxCxD, ep, 0, 0).reshape(e, c, d), None
 
 
 def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: MoEConfig):
@@ -305,32 +315,32 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: M
   e = group_sizes_E.shape[0]
   e_loc = w[0].shape[0]
   p = e // e_loc  # devices in the group; device j holds experts [j e_loc, (j + 1) e_loc)
-  send_PxE = group_sizes_E.reshape(p, e_loc)
-  send_sizes_P = send_PxE.sum(1)
+  send_PxU = group_sizes_E.reshape(p, e_loc)
+  send_sizes_P = send_PxU.sum(1)
   send_offsets_P = jnp.cumsum(send_sizes_P) - send_sizes_P
-  recv_PxE = jax.lax.all_to_all(send_PxE, ep, 0, 0)  # [source, local expert]: rows coming here
+  recv_PxU = jax.lax.all_to_all(send_PxU, ep, 0, 0)  # [source, local expert]: rows coming here
   rows, worst = receive_rows(m, p, n_rows)
   lost_N = None
   if rows < worst:
     # On overflow every source keeps the same share of what it sends here (floors of a cumulative
     # split, so the shares sum to at most `rows`), the head of its rows, which are in expert
     # order; it learns how many arrived.
-    sizes_P = recv_PxE.sum(1)
+    sizes_P = recv_PxU.sum(1)
     end_P, total = jnp.cumsum(sizes_P), sizes_P.sum()
     kept_end_P = jnp.minimum(jnp.floor(end_P * (rows / jnp.maximum(total, 1))), rows).astype(end_P.dtype)
     kept_end_P = jnp.where(total > rows, kept_end_P, end_P)
     quota_P = jnp.minimum(jnp.diff(kept_end_P, prepend=0), sizes_P)
-    end_PxE = jnp.cumsum(recv_PxE, axis=1)
-    recv_PxE = jnp.clip(quota_P[:, None] - (end_PxE - recv_PxE), 0, recv_PxE)
-    send_sizes_P = jax.lax.all_to_all(recv_PxE.sum(1), ep, 0, 0, tiled=True)
+    end_PxU = jnp.cumsum(recv_PxU, axis=1)
+    recv_PxU = jnp.clip(quota_P[:, None] - (end_PxU - recv_PxU), 0, recv_PxU)
+    send_sizes_P = jax.lax.all_to_all(recv_PxU.sum(1), ep, 0, 0, tiled=True)
     row_N = jnp.arange(n_rows, dtype=send_offsets_P.dtype)
     dest_N = jnp.searchsorted(send_offsets_P, row_N, side="right") - 1  # destination of each row
     lost_N = row_N - send_offsets_P[dest_N] >= send_sizes_P[dest_N]
-  recv_sizes_P = recv_PxE.sum(1)
+  recv_sizes_P = recv_PxU.sum(1)
   recv_offsets_P = jnp.cumsum(recv_sizes_P) - recv_sizes_P  # source s's rows land here
   # ragged_all_to_all wants, per destination, where the rows land there: its recv_offsets[me].
   dest_offsets_P = jax.lax.all_to_all(recv_offsets_P, ep, 0, 0, tiled=True)
-  recv_RxD = ragged_all_to_all(
+  recv_QxD = ragged_all_to_all(
     x_NxD,
     jnp.zeros_like(x_NxD, shape=(rows, d)),
     send_offsets_P,
@@ -340,19 +350,19 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: M
     axis_name=ep,
   )
   # Arrived source-major, then by local expert; the experts want them expert-major.
-  bounds = jnp.cumsum(recv_PxE.reshape(-1))
-  segment_R = jnp.searchsorted(bounds, jnp.arange(rows, dtype=bounds.dtype), side="right")
-  expert_R = jnp.where(segment_R < p * e_loc, segment_R % e_loc, e_loc)  # padding rows last
-  order = jnp.argsort(expert_R, stable=True)
+  bounds = jnp.cumsum(recv_PxU.reshape(-1))
+  segment_Q = jnp.searchsorted(bounds, jnp.arange(rows, dtype=bounds.dtype), side="right")
+  expert_Q = jnp.where(segment_Q < p * e_loc, segment_Q % e_loc, e_loc)  # padding rows last
+  order = jnp.argsort(expert_Q, stable=True)
   inverse = jnp.argsort(order)
-  y_sorted = swiglu_ragged(_take_rows(recv_RxD, order, inverse, 1), w, recv_PxE.sum(0))
+  y_sorted = swiglu_ragged(_take_rows(recv_QxD, order, inverse, 1), w, recv_PxU.sum(0))
   if tp:
     y_sorted = jax.lax.psum(y_sorted, tp)  # partial sums over the split hidden dim
-  y_RxD = _take_rows(y_sorted, inverse, order, 1)
+  y_QxD = _take_rows(y_sorted, inverse, order, 1)
   # Back the same way: each source's rows return to where it sent them from (dropped ones stay 0).
   y_NxD = ragged_all_to_all(
-    y_RxD,
-    jnp.zeros_like(y_RxD, shape=(n_rows, d)),
+    y_QxD,
+    jnp.zeros_like(y_QxD, shape=(n_rows, d)),
     recv_offsets_P,
     recv_sizes_P,
     jax.lax.all_to_all(send_offsets_P, ep, 0, 0, tiled=True),

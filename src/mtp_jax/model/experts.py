@@ -3,6 +3,9 @@
 Two layouts of the rows reach them (`dispatch.py` makes both):
 - fixed buffers, E x C x D (capacity mode): one batched matmul per projection;
 - rows sorted by expert with a size per expert (dropless): `swiglu_ragged`.
+
+Shape letters beyond the package legend (model/__init__.py): C buffer slots per expert
+(capacity) · N rows · R rows per block · Z blocks (`swiglu_blocked`).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> ja
   """`swiglu_ragged` as dense blocks: each expert's rows are padded to whole blocks of R rows,
   and a loop multiplies each block by its own expert's weights, read in place (gathering every
   block's weights would copy them: slower than the masked product at decoding sizes). Blocks of
-  R = N / 2E rows keep the padding under about half the rows, and the block count M static:
+  R = N / 2E rows keep the padding under about half the rows, and the block count Z static:
   sum over experts of ceil(g_e / R) <= (N + min(E, N)(R - 1)) / R."""
   n, d = x_NxD.shape
   e = group_sizes_E.shape[0]
@@ -120,16 +123,16 @@ def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> ja
   # A row's slot: its expert's first block, then its place in its group; past the groups, out of range.
   slot_N = (end_block_E - blocks_E)[ex_N] * r + row_N - (end_row_E - group_sizes_E)[ex_N]
   slot_N = jnp.where(expert_N < e, slot_N, m * r)
-  x_MxRxD = jnp.zeros((m * r, d), x_NxD.dtype).at[slot_N].set(x_NxD, mode="drop").reshape(m, r, d)
+  x_ZxRxD = jnp.zeros((m * r, d), x_NxD.dtype).at[slot_N].set(x_NxD, mode="drop").reshape(m, r, d)
   # Unused blocks (zero rows) take the last expert.
-  expert_M = jnp.minimum(jnp.searchsorted(end_block_E, jnp.arange(m), side="right", method="compare_all"), e - 1)
+  expert_Z = jnp.minimum(jnp.searchsorted(end_block_E, jnp.arange(m), side="right", method="compare_all"), e - 1)
 
   def block(_, rows):  # one block per iteration: swiglu_batched with one expert
     x_RxD, i = rows
     return None, swiglu_batched(x_RxD[None], tuple(jax.lax.dynamic_slice_in_dim(wi, i, 1) for wi in w))[0]
 
-  y_MxRxD = jax.lax.scan(block, None, (x_MxRxD, expert_M))[1]
-  return y_MxRxD.reshape(m * r, d).at[slot_N].get(mode="fill", fill_value=0)
+  y_ZxRxD = jax.lax.scan(block, None, (x_ZxRxD, expert_Z))[1]
+  return y_ZxRxD.reshape(m * r, d).at[slot_N].get(mode="fill", fill_value=0)
 
 
 def _platform() -> str:

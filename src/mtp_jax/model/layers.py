@@ -1,4 +1,7 @@
-"""Building blocks: parameters with logical axes, RMSNorm, RoPE, embedding, SwiGLU."""
+"""Building blocks: parameters with logical axes, RMSNorm, RoPE, embedding, SwiGLU.
+
+Shape letters beyond the package legend (model/__init__.py): K per-head dimension.
+"""
 
 from __future__ import annotations
 

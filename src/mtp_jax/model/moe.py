@@ -7,6 +7,10 @@ optimizer and weight decay never see it; the train step moves it with `update_bi
 
 Where the routing and the experts run, and how tokens reach them, is `dispatch.py`'s business;
 the expert kernels are in `experts.py`; `MOE.md` has the table of modes and dispatches.
+
+Shape letters beyond the package legend (model/__init__.py): T tokens (B·L) · K experts chosen
+per token (top-k) · X expert groups (group-limited routing) · N experts in a group · J groups
+kept per token.
 """
 
 from __future__ import annotations
@@ -47,11 +51,11 @@ def route(m: MoEConfig, params: tuple[jax.Array, jax.Array], x_TxD: jax.Array):
   choice_TxE = scores_TxE + bias_E[None]
   if m.n_group > 1:
     t = choice_TxE.shape[0]
-    grouped_TxGxN = choice_TxE.reshape(t, m.n_group, -1)
-    group_score_TxG = jax.lax.top_k(grouped_TxGxN, 2)[0].sum(-1)
-    _, keep_TxK = jax.lax.top_k(group_score_TxG, m.topk_group)  # K here: the kept groups
-    keep_TxG = (keep_TxK[:, :, None] == jnp.arange(m.n_group)[None, None]).any(1)
-    choice_TxE = jnp.where(keep_TxG[:, :, None], grouped_TxGxN, -jnp.inf).reshape(t, -1)
+    grouped_TxXxN = choice_TxE.reshape(t, m.n_group, -1)
+    group_score_TxX = jax.lax.top_k(grouped_TxXxN, 2)[0].sum(-1)
+    _, kept_TxJ = jax.lax.top_k(group_score_TxX, m.topk_group)  # J: the groups kept
+    keep_TxX = (kept_TxJ[:, :, None] == jnp.arange(m.n_group)[None, None]).any(1)
+    choice_TxE = jnp.where(keep_TxX[:, :, None], grouped_TxXxN, -jnp.inf).reshape(t, -1)
   _, experts_TxK = jax.lax.top_k(choice_TxE, m.top_k)
   gates_TxK = jnp.take_along_axis(scores_TxE, experts_TxK, axis=-1)
   if m.norm_topk_prob:

@@ -3,7 +3,8 @@ a few fixed held-out prompts with the current parameters.
 
 Every process runs the same jitted program on the same prompts (gathered from all processes'
 rows) with the global, sharded parameters, so this works unchanged in a multi-process job.
-Greedy decoding makes the numbers a deterministic function of the parameters.
+Greedy decoding makes the numbers a deterministic function of the parameters. (K: drafts per
+round, as in generate/speculative.py.)
 """
 
 from __future__ import annotations

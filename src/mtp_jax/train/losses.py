@@ -5,6 +5,8 @@ Each depth's logits are projected and reduced one sequence chunk at a time under
 logits, never all depths at once (Gloeckle et al. §2). On a mesh the logits split by vocabulary
 over the axes of `mesh.rules.act_vocab`; where one of them also splits the tokens, the head runs
 in one `shard_map` (`vocab_split`, `_head`), elsewhere the compiler places it.
+
+Shape letters beyond the package legend (model/__init__.py): C positions per chunk · N chunks.
 """
 
 from __future__ import annotations
@@ -101,9 +103,11 @@ def _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bo
 
 def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, vocab, gather, rows, token_axes):
   """On one device, or inside `_head`'s shard_map on each: (NLL sum, hits sum, argmax or None).
-  Over `vocab` the logits are split and the log-sum-exp, target logit and argmax combine across
-  devices; over `gather` the tokens of the group are gathered and each device keeps its own rows'
-  results; over `rows` the head matrix's rows are gathered (the gradient reduce-scattered)."""
+  In the shard_map, B is this device's rows of the batch (the group's after the gather), V its
+  share of the vocabulary (`part`), D and L whole. Over `vocab` the logits are split and the
+  log-sum-exp, target logit and argmax combine across devices; over `gather` the tokens of the
+  group are gathered and each device keeps its own rows' results; over `rows` the head matrix's
+  rows are gathered (the gradient reduce-scattered)."""
   b, length, _ = h_BxLxD.shape
   chunk_len = chunk_len or length
   n = length // chunk_len
