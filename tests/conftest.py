@@ -9,8 +9,11 @@ import tempfile
 # in 2.3 s instead of 5.6 s, and each step runs in 20 ms instead of 12 ms (measured on the 2-core
 # VM). The level changes float results in their last bits, so a test that compares against a
 # subprocess must hand it the same level: build the subprocess's environment with `child_env`.
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
+# Each process computes on one thread (no Eigen thread pool): the tiny programs gain nothing from
+# one, and with two xdist workers and the runs they start on 2 cores its threads only contend
+# (tests/test_step_equivalence.py alone: 126 s with the pool, 119 s without).
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
+  " --xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=8"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the session, shared with the subprocesses the tests start: the
