@@ -11,6 +11,7 @@ import math
 import re
 import time
 
+from mtp_jax.errors import first_line
 from mtp_jax.topology import CHIPS, DEVICE_KINDS, Chip, GiB, Topology, devices
 
 
@@ -78,7 +79,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     except Exception as err:  # XLA:TPU refuses a program that does not fit HBM
       if "RESOURCE_EXHAUSTED" not in str(err):
         raise
-      error = str(err).splitlines()[0]
+      error = first_line(err)
     compile_s = time.perf_counter() - start - lower_s
     if compiled:
       work = chip_work(traced.jaxpr, compiled.as_text(), len(devs))

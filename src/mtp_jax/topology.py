@@ -8,7 +8,7 @@ import math
 import os
 import re
 
-from mtp_jax.errors import InputError
+from mtp_jax.errors import InputError, first_line
 
 GiB = 2**30
 
@@ -164,4 +164,4 @@ def devices(topo: Topology) -> list:
   except RuntimeError as err:
     if "TPU support not installed" in str(err):
       raise TopologyError(f"--topology {topo.name}: needs libtpu: pip install 'mtp-jax[tpu-aot]'") from None
-    raise TopologyError(f"--topology {topo.name}: libtpu: {str(err).splitlines()[0]}") from None
+    raise TopologyError(f"--topology {topo.name}: libtpu: {first_line(err)}") from None

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from mtp_jax import storage
 from mtp_jax.config import CheckpointConfig
-from mtp_jax.errors import InputError
+from mtp_jax.errors import InputError, first_line
 
 
 class CheckpointError(InputError):
@@ -309,5 +309,5 @@ _QUIET = _Quiet()
 def _root_cause(err: BaseException, limit: int = 300) -> str:
   while err.__cause__ is not None:
     err = err.__cause__
-  text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+  text = first_line(err)
   return text if len(text) <= limit else text[: limit - 3] + "..."
