@@ -2,15 +2,21 @@
 
   python benchmarks/bench.py --config configs/tiny.yaml --depths 0,1,2 --steps 20 [key=value ...]
   python benchmarks/bench.py --depths 1 --trainable all,mtp      # a drafter on a frozen trunk
+  python benchmarks/bench.py --depths 1 --vary xla:model.attention.impl=xla \
+      --vary triton:model.moe.mode=dropless,jax_ragged_dot_use_gpu_pallas_triton_lowering=true
 
-For each depth (and each `--trainable`, train.trainable) it compiles the real train step, runs
-warm-up steps, then times `--steps` steps on a fixed synthetic batch (data loading excluded) and
-prints tokens/s, MFU (where the device's peak is known) and step time and FLOPs relative to the
-first row.
+For each depth and each `--trainable` (train.trainable), then for each variant at the first
+depth and trainable (`--vary NAME:KEY=VALUE,...`: config overrides, or `jax_*` options of JAX,
+on top of the command line's), it compiles the real train step, runs warm-up steps, then times
+`--steps` steps on a fixed synthetic batch (data loading excluded) and prints tokens/s, MFU
+(where the device's peak is known), XLA's peak memory a device, and step time and FLOPs relative
+to the first row. `--json FILE` also writes the rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import platform
 import sys
 import time
@@ -21,12 +27,26 @@ from mtp_jax import config
 from mtp_jax.cli import command_parser, load_config
 from mtp_jax.model.flops import cost
 from mtp_jax.train.metrics import mfu
-from mtp_jax.train.program import build
+from mtp_jax.train.program import build, memory
+
+
+@contextlib.contextmanager
+def jax_options(options: dict[str, str]):
+  """JAX's own options (`jax_*`) set for one row, then put back."""
+  before = {k: getattr(jax.config, k) for k in options}
+  try:
+    for k, v in options.items():
+      jax.config.update(k, {"true": True, "false": False}.get(v.lower(), v))
+    yield
+  finally:
+    for k, v in before.items():
+      jax.config.update(k, v)
 
 
 def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
   program = build(cfg)
   compiled = program.compile()
+  mem = memory(compiled)
   batch = program.synthetic_batch()
   state = program.init_state()
   for _ in range(warmup):
@@ -44,7 +64,21 @@ def measure(cfg: config.Config, steps: int, warmup: int) -> dict:
     "tokens_per_sec": tps,
     "flops_per_token": flops,
     "mfu": mfu(tps, flops, jax.devices()),
+    "peak_bytes": mem and (mem["peak"] or mem["total"]),  # XLA's peak where it gives one, else the sum
   }
+
+
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
+  """NAME:KEY=VALUE,... -> (name, config overrides, JAX options). Values hold no commas."""
+  name, _, rest = text.partition(":")
+  pairs = [p for p in rest.split(",") if p]
+  if not name or any("=" not in p for p in pairs):
+    raise ValueError(f"--vary {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+  options = dict(p.split("=", 1) for p in pairs if p.startswith("jax_"))
+  unknown = [k for k in options if not hasattr(jax.config, k)]
+  if unknown:
+    raise ValueError(f"--vary {text!r}: this JAX has no option {unknown[0]}")
+  return name, [p for p in pairs if not p.startswith("jax_")], options
 
 
 def main(argv=None) -> int:
@@ -53,19 +87,24 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--trainable", default="all", help="comma-separated train.trainable values (all, mtp)")
+  parser.add_argument("--vary", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="a variant (repeat)")
+  parser.add_argument("--json", metavar="FILE", help="also write every row here")
   args = parser.parse_args(argv)
   try:
     depths = [int(d) for d in args.depths.split(",")]
-  except ValueError:
-    parser.error(f"--depths {args.depths!r}: expected comma-separated integers")
-  rows = [(d, t) for d in depths for t in args.trainable.split(",")]
+    variants = [("as given", [], {}), *map(parse_variant, args.vary)]
+  except ValueError as err:
+    parser.error(str(err) if "--vary" in str(err) else f"--depths {args.depths!r}: expected comma-separated integers")
+  trainables = args.trainable.split(",")
+  rows = [(variants[0], d, t) for d in depths for t in trainables]  # then each variant at the first of each
+  rows += [(v, depths[0], trainables[0]) for v in variants[1:]]
   cfgs = [
     load_config(
       "bench",
       args.config,
-      [*args.overrides, f"model.mtp.depth={d}", f"train.trainable={t}", "checkpoint.enabled=false"],
+      [*args.overrides, *v[1], f"model.mtp.depth={d}", f"train.trainable={t}", "checkpoint.enabled=false"],
     )
-    for d, t in rows
+    for v, d, t in rows
   ]
 
   dev = jax.devices()[0]
@@ -73,18 +112,28 @@ def main(argv=None) -> int:
     f"# {args.config} {' '.join(args.overrides)} on {len(jax.devices())} x {dev.device_kind} "
     f"({platform.processor() or platform.machine()}), jax {jax.__version__}, {args.steps} timed steps"
   )
-  print("| MTP depth | trained | step time (s) | tokens/s | MFU | step time / first row | FLOPs / first row |")
-  print("|---|---|---|---|---|---|---|")
-  base = None
-  for (d, t), cfg in zip(rows, cfgs, strict=True):
-    r = measure(cfg, args.steps, args.warmup)
+  print(
+    "| variant | MTP depth | trained | step time (s) | tokens/s | MFU | peak GiB | step time / first row "
+    "| FLOPs / first row |"
+  )
+  print("|---|---|---|---|---|---|---|---|---|")
+  base, out = None, []
+  for ((name, overrides, options), d, t), cfg in zip(rows, cfgs, strict=True):
+    with jax_options(options):
+      r = measure(cfg, args.steps, args.warmup)
     base = base or r
     m = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
     print(
-      f"| {d} | {t} | {r['step_time']:.4f} | {r['tokens_per_sec']:,.0f} | {m} | "
+      f"| {name} | {d} | {t} | {r['step_time']:.4f} | {r['tokens_per_sec']:,.0f} | {m} | {peak} | "
       f"{r['step_time'] / base['step_time']:.3f} | {r['flops_per_token'] / base['flops_per_token']:.3f} |",
       flush=True,
     )
+    out.append({"variant": name, "overrides": overrides, "jax": options, "depth": d, "trainable": t, **r})
+  if args.json:
+    with open(args.json, "w") as f:
+      head = {"config": args.config, "overrides": args.overrides, "device": dev.device_kind, "jax": jax.__version__}
+      json.dump({**head, "rows": out}, f, indent=1)
   return 0
 
 
