@@ -2,15 +2,15 @@
 
   python benchmarks/bench.py --config configs/tiny.yaml --depths 0,1,2 --steps 20 [key=value ...]
   python benchmarks/bench.py --depths 1 --trainable all,mtp      # a drafter on a frozen trunk
-  python benchmarks/bench.py --depths 1 --vary xla:model.attention.impl=xla \
+  python benchmarks/bench.py --depths 0,1 --vary-depth 1 --vary xla:model.attention.impl=xla \
       --vary triton:model.moe.mode=dropless,jax_ragged_dot_use_gpu_pallas_triton_lowering=true
 
 For each depth and each `--trainable` (train.trainable), then for each variant at the first
-depth and trainable (`--vary NAME:KEY=VALUE,...`: config overrides, or `jax_*` options of JAX,
-on top of the command line's), it compiles the real train step, runs warm-up steps, then times
-`--steps` steps on a fixed synthetic batch (data loading excluded) and prints tokens/s, MFU
-(where the device's peak is known), XLA's peak memory a device, and step time and FLOPs relative
-to the first row. `--json FILE` also writes the rows.
+trainable and the first depth or `--vary-depth` (`--vary NAME:KEY=VALUE,...`: config overrides,
+or `jax_*` options of JAX, on top of the command line's), it compiles the real train step, runs
+warm-up steps, then times `--steps` steps on a fixed synthetic batch (data loading excluded) and
+prints tokens/s, MFU (where the device's peak is known), XLA's peak memory a device, and step
+time and FLOPs relative to the first row. `--json FILE` also writes the rows.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
   """NAME:KEY=VALUE,... -> (name, config overrides, JAX options). Values hold no commas."""
   name, _, rest = text.partition(":")
   pairs = [p for p in rest.split(",") if p]
-  if not name or any("=" not in p for p in pairs):
+  if not name or not pairs or any("=" not in p for p in pairs):
     raise ValueError(f"--vary {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
   options = dict(p.split("=", 1) for p in pairs if p.startswith("jax_"))
   unknown = [k for k in options if not hasattr(jax.config, k)]
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--trainable", default="all", help="comma-separated train.trainable values (all, mtp)")
   parser.add_argument("--vary", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="a variant (repeat)")
+  parser.add_argument("--vary-depth", type=int, help="the MTP depth of the variants' rows (default: the first depth)")
   parser.add_argument("--json", metavar="FILE", help="also write every row here")
   args = parser.parse_args(argv)
   try:
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     parser.error(str(err) if "--vary" in str(err) else f"--depths {args.depths!r}: expected comma-separated integers")
   trainables = args.trainable.split(",")
   rows = [(variants[0], d, t) for d in depths for t in trainables]  # then each variant at the first of each
-  rows += [(v, depths[0], trainables[0]) for v in variants[1:]]
+  rows += [(v, args.vary_depth if args.vary_depth is not None else depths[0], trainables[0]) for v in variants[1:]]
   cfgs = [
     load_config(
       "bench",

@@ -13,10 +13,11 @@ plain ones (checked). Prints one table row per run and batch size; `--json` writ
 
 The speedup is (accepted length) x (plain step time / speculative round time). The second
 factor depends on the hardware and the model's size, not on training, so it is also measured
-apart, at batch 1, per round and per step: on the run's model, and with `--scale` (e.g.
-`--scale default`: ~0.4B parameters) on a model of the run's architecture and MTP settings at
-a larger width (random weights), where a pass is bound by reading the weights rather than by
-per-operation overhead. Both are differences of short timings: trust them on a quiet machine.
+apart, at each batch size, per round and per step: on the run's model at batch 1, and with
+`--scale` on a model of the run's architecture and MTP settings at a larger width (random
+weights), where a pass is bound by reading the weights rather than by per-operation overhead
+(`--scale default`: ~0.4B parameters in float32, for CPUs; `--scale gpu`: ~2.5B in bfloat16).
+Both are differences of short timings: trust them on a quiet machine.
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ from mtp_jax.generate import decode, speculative
 from mtp_jax.generate.load import load
 from mtp_jax.model import Transformer
 
-SCALE = (  # about 0.4B parameters in float32: a pass reads ~1.6 GB, far beyond any CPU cache
-  "model.d_model=1024 model.d_ff=2816 model.attention.head_dim=128 model.attention.num_heads=8 "
-  "model.attention.num_kv_heads=4 model.moe.expert_d_ff=1024"
-)
+SCALES = {
+  # about 0.4B parameters in float32: a pass reads ~1.6 GB, far beyond any CPU cache
+  "default": "model.d_model=1024 model.d_ff=2816 model.attention.head_dim=128 model.attention.num_heads=8 "
+  "model.attention.num_kv_heads=4 model.moe.expert_d_ff=1024",
+  # about 2.5B parameters in bfloat16 (5 GB a pass): on an H200 (4.8 TB/s) a step reads weights
+  # for ~1 ms, against some hundreds of kernel launches of a few microseconds each
+  "gpu": "model.d_model=4096 model.d_ff=14336 model.attention.head_dim=128 model.attention.num_heads=32 "
+  "model.attention.num_kv_heads=8 model.moe.expert_d_ff=4096 model.dtype=bfloat16 model.param_dtype=bfloat16",
+}
 
 
 def held_out_prompts(cfg, count: int, length: int, need: int) -> list[list[int]]:
@@ -105,19 +111,19 @@ def measure(model, prompts, batch, max_new, temperature, repeats, eos_id) -> dic
   }
 
 
-def step_costs(model, prompt: list[int], repeats: int, short: int = 5, long: int = 21) -> dict:
-  """Seconds per plain decoding step and per speculative round at batch 1, from the difference
-  between a short and a long generation (the prefill and the call cancel out). No eos, so
-  every round of a model that rejects drafts emits one token; the round count is read back."""
+def step_costs(model, prompts: list[list[int]], repeats: int, short: int = 5, long: int = 21) -> dict:
+  """Seconds per plain decoding step and per speculative round at batch len(prompts), from the
+  difference between a short and a long generation (the prefill and the call cancel out). No
+  eos, so every round of a model that rejects drafts emits one token; the round count is read back."""
 
   def fastest(fn):
     return min(fn() for _ in range(repeats))
 
   def plain(n):
-    return speculative.plain_generate_with_stats(model, [prompt], n)[1].wall_s
+    return speculative.plain_generate_with_stats(model, prompts, n)[1].wall_s
 
   def spec(n):
-    out, wall_s = speculative.run(model, [prompt], n)
+    out, wall_s = speculative.run(model, prompts, n)
     return wall_s, int(out.rounds)
 
   for n in (short, long):  # compile
@@ -144,12 +150,12 @@ def main(argv=None) -> int:
   parser.add_argument("--temperature", type=float, default=0.0)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument(
-    "--scale", default="", help="config overrides of a larger model whose step costs are measured ('default': SCALE)"
+    "--scale", default="", help=f"overrides of a larger model whose step costs are measured, or one of {sorted(SCALES)}"
   )
   parser.add_argument("--json", metavar="FILE", help="also write every row here")
   args = parser.parse_args(argv)
   batches = [int(b) for b in args.batches.split(",")]
-  args.scale = SCALE if args.scale == "default" else args.scale
+  args.scale = SCALES.get(args.scale, args.scale)
   print(f"# {platform.node()} {jax.devices()[0].device_kind} jax {jax.__version__}; greedy={args.temperature == 0}")
   print(
     "| run | kind | depth | batch | plain tok/s | spec tok/s | speedup | accepted len | acceptance per position "
@@ -161,9 +167,10 @@ def main(argv=None) -> int:
     loaded = load(run)
     mtp = loaded.config.model.mtp
     prompts = held_out_prompts(loaded.config, args.prompts, args.prompt_len, args.prompt_len + args.max_new_tokens)
-    costs = step_costs(loaded.model, prompts[0], args.repeats)
+    costs = step_costs(loaded.model, prompts[:1], args.repeats)
     if args.scale:
-      scaled = step_costs(scaled_model(loaded.step_dir.parent.parent / "config.yaml", args.scale), prompts[0], 3)
+      big = scaled_model(loaded.step_dir.parent.parent / "config.yaml", args.scale)
+      scaled = {batch: step_costs(big, prompts[:batch], 3) for batch in batches}
     for batch in batches:
       row = measure(
         loaded.model, prompts, batch, args.max_new_tokens, args.temperature, args.repeats, loaded.config.model.eos_id
@@ -171,8 +178,9 @@ def main(argv=None) -> int:
       row.update(run=run, kind=mtp.kind, depth=mtp.depth, step=loaded.step, costs=costs)
       projected = " | "  # both columns empty without --scale
       if args.scale:
-        row.update(scaled_costs=scaled, scale=args.scale)
-        projected = f"{scaled['round_over_step']:.2f} | {row['accepted_len'] / scaled['round_over_step']:.2f}x"
+        row.update(scaled_costs=scaled[batch], scale=args.scale)
+        ratio = scaled[batch]["round_over_step"]
+        projected = f"{ratio:.2f} | {row['accepted_len'] / ratio:.2f}x"
       rows.append(row)
       acceptance = " ".join(f"{a:.2f}" for a in row["acceptance"])
       print(
