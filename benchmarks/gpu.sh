@@ -11,7 +11,7 @@
 #                                       #   Pallas/Triton lowering; the bf16 matmul ceiling
 #   bash benchmarks/gpu.sh maxtext      # ~4 min: ours and MaxText 0.2.5 on small.yaml's shapes, A B A B
 #   bash benchmarks/gpu.sh speculative  # ~2.5 min: a tiny drafter trained there; plain against
-#                                       #   speculative at batch 1 and 8, and at --scale gpu (~2.5B)
+#                                       #   speculative at batch 1 and 8, and at --scale gpu (~2.8B)
 #
 # With the device tool: run(command="bash benchmarks/gpu.sh train", carry=[".whl"], timeout_s=540).
 # DRY=1 runs a stage here on the CPU at tiny shapes (the same code paths, the GPU-only options

@@ -16,7 +16,7 @@ factor depends on the hardware and the model's size, not on training, so it is a
 apart, at each batch size, per round and per step: on the run's model at batch 1, and with
 `--scale` on a model of the run's architecture and MTP settings at a larger width (random
 weights), where a pass is bound by reading the weights rather than by per-operation overhead
-(`--scale default`: ~0.4B parameters in float32, for CPUs; `--scale gpu`: ~2.5B in bfloat16).
+(`--scale default`: ~0.4B parameters in float32, for CPUs; `--scale gpu`: ~2.8B in bfloat16).
 Both are differences of short timings: trust them on a quiet machine.
 """
 
@@ -42,7 +42,7 @@ SCALES = {
   # about 0.4B parameters in float32: a pass reads ~1.6 GB, far beyond any CPU cache
   "default": "model.d_model=1024 model.d_ff=2816 model.attention.head_dim=128 model.attention.num_heads=8 "
   "model.attention.num_kv_heads=4 model.moe.expert_d_ff=1024",
-  # about 2.5B parameters in bfloat16 (5 GB a pass): on an H200 (4.8 TB/s) a step reads weights
+  # about 2.8B parameters in bfloat16 (5.5 GB a pass): on an H200 (4.8 TB/s) a step reads weights
   # for ~1 ms, against some hundreds of kernel launches of a few microseconds each
   "gpu": "model.d_model=4096 model.d_ff=14336 model.attention.head_dim=128 model.attention.num_heads=32 "
   "model.attention.num_kv_heads=8 model.moe.expert_d_ff=4096 model.dtype=bfloat16 model.param_dtype=bfloat16",
