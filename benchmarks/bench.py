@@ -10,7 +10,8 @@ trainable and the first depth or `--vary-depth` (`--vary NAME:KEY=VALUE,...`: co
 or `jax_*` options of JAX, on top of the command line's), it compiles the real train step, runs
 warm-up steps, then times `--steps` steps on a fixed synthetic batch (data loading excluded) and
 prints tokens/s, MFU (where the device's peak is known), XLA's peak memory a device, and step
-time and FLOPs relative to the first row. `--json FILE` also writes the rows.
+time and FLOPs relative to the first row. `--json FILE` also writes the rows (after each one);
+`--stop-after SECONDS` starts no row once that much time has passed (for a command's time limit).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
   parser.add_argument("--vary", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="a variant (repeat)")
   parser.add_argument("--vary-depth", type=int, help="the MTP depth of the variants' rows (default: the first depth)")
   parser.add_argument("--json", metavar="FILE", help="also write every row here")
+  parser.add_argument("--stop-after", type=float, metavar="SECONDS", help="start no row after this many seconds")
   args = parser.parse_args(argv)
   try:
     depths = [int(d) for d in args.depths.split(",")]
@@ -118,8 +120,11 @@ def main(argv=None) -> int:
     "| FLOPs / first row |"
   )
   print("|---|---|---|---|---|---|---|---|---|")
-  base, out = None, []
+  base, out, start = None, [], time.monotonic()
   for ((name, overrides, options), d, t), cfg in zip(rows, cfgs, strict=True):
+    if args.stop_after is not None and time.monotonic() - start > args.stop_after:
+      print(f"| {name} | {d} | {t} | skipped: --stop-after {args.stop_after:g} s passed |", flush=True)
+      continue
     with jax_options(options):
       r = measure(cfg, args.steps, args.warmup)
     base = base or r
@@ -131,10 +136,10 @@ def main(argv=None) -> int:
       flush=True,
     )
     out.append({"variant": name, "overrides": overrides, "jax": options, "depth": d, "trainable": t, **r})
-  if args.json:
-    with open(args.json, "w") as f:
-      head = {"config": args.config, "overrides": args.overrides, "device": dev.device_kind, "jax": jax.__version__}
-      json.dump({**head, "rows": out}, f, indent=1)
+    if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+      with open(args.json, "w") as f:
+        head = {"config": args.config, "overrides": args.overrides, "device": dev.device_kind, "jax": jax.__version__}
+        json.dump({**head, "rows": out}, f, indent=1)
   return 0
 
 

@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu.sh wheels       # here, once: .whl/, what the GPU image lacks (ours and MaxText's)
 #   bash benchmarks/gpu.sh train        # ~5 min: configs/small.yaml: MTP depths 0, 1, 2; attention xla
 #                                       #   against cuDNN; capacity against dropless ragged_dot and its
-#                                       #   Pallas/Triton lowering; the bf16 matmul ceiling
+#                                       #   Pallas/Triton lowering; the bf16 matmul ceiling. Rows in that
+#                                       #   order; none starts after 400 s (six compiles of unknown length)
 #   bash benchmarks/gpu.sh maxtext      # ~4 min: ours and MaxText 0.2.5 on small.yaml's shapes, A B A B
 #   bash benchmarks/gpu.sh speculative  # ~2.5 min: a tiny drafter trained there; plain against
 #                                       #   speculative at batch 1 and 8, and at --scale gpu (~2.8B)
@@ -139,7 +140,7 @@ case ${1:-} in
     setup
     "$py" benchmarks/gpu_ceiling.py 2>&1 | tee "$out/ceiling.txt"
     "$py" benchmarks/bench.py "${shape[@]}" --depths 0,1,2 --vary-depth 1 --steps "$steps" --warmup 2 \
-      --json "$out/train.json" \
+      --json "$out/train.json" --stop-after 400 \
       --vary attention-xla:model.attention.impl=xla \
       --vary dropless:model.moe.mode=dropless \
       --vary dropless-triton:model.moe.mode=dropless,jax_ragged_dot_use_gpu_pallas_triton_lowering=true \
