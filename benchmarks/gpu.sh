@@ -57,8 +57,10 @@ MT_SHAPE="model_name=deepseek3-test override_model_config=true per_device_batch_
   routed_score_func=sigmoid routed_bias=true routed_scaling_factor=2.5 n_routing_groups=8 topk_routing_group=4
   dtype=bfloat16 weight_dtype=float32"
 OUR_SIDE=(--config configs/small.yaml train.remat=full model.moe.mode=dropless)
+# Synthetic data unpacked in both (one document a row: ours is, MaxText packs unless told not to).
 MT_COMMON="remat_policy=full mtp_num_layers=1 mtp_loss_scaling_factor=0.3 routed_bias_update_rate=0.001
-  load_balance_loss_weight=0.0001 dataset_type=synthetic enable_checkpointing=false skip_jax_distributed_system=true"
+  load_balance_loss_weight=0.0001 dataset_type=synthetic packing=false enable_checkpointing=false
+  skip_jax_distributed_system=true"
 # MaxText's GPU settings, best first: cuDNN attention through JAX, tokamax's grouped matmuls for
 # the dropless experts; where a setting fails (a kernel that does not take these shapes), the
 # next (dot_product attention; jax.lax.ragged_dot), on the first turn; the second turn repeats
