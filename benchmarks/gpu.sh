@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 22's GPU figures in three stages, each one device command well inside 10 minutes, the
-# three about 11 minutes together (a session is lent 15, the machine's start included). Each
+# Issue 22's GPU figures in three stages, each one device command inside 10 minutes, the three
+# about 11 minutes together by estimate (none has run on a GPU yet; a session is lent 15 minutes,
+# the machine's start included). Each
 # stage prints a table last and writes its logs and JSON to $OUT (what the device tool brings
 # back), or to runs/gpu/ without it. The machine starts bare and is given back 30 s after a
 # call, so each stage compiles and trains what it measures.
@@ -8,13 +9,16 @@
 #   bash benchmarks/gpu.sh wheels       # here, once: .whl/, what the GPU image lacks (ours and MaxText's)
 #   bash benchmarks/gpu.sh train        # ~5 min: configs/small.yaml: MTP depths 0, 1, 2; attention xla
 #                                       #   against cuDNN; capacity against dropless ragged_dot and its
-#                                       #   Pallas/Triton lowering; the bf16 matmul ceiling. Rows in that
+#                                       #   Pallas/Triton lowering; matmul and copy ceilings. Rows in that
 #                                       #   order; none starts after 400 s (six compiles of unknown length)
 #   bash benchmarks/gpu.sh maxtext      # ~4 min: ours and MaxText 0.2.5 on small.yaml's shapes, A B A B
 #   bash benchmarks/gpu.sh speculative  # ~2.5 min: a tiny drafter trained there; plain against
 #                                       #   speculative at batch 1 and 8, and at --scale gpu (~2.8B)
 #
-# With the device tool: run(command="bash benchmarks/gpu.sh train", carry=[".whl"], timeout_s=540).
+# A GPU session: `status`; `bash benchmarks/gpu.sh wheels` here; then with the device tool, back to
+# back so the machine stays warm: run(command="bash benchmarks/gpu.sh train", carry=[".whl"],
+# timeout_s=540), the same for `maxtext` (timeout_s=420) and `speculative` (timeout_s=300);
+# give_back. What a stage wrote under $OUT comes back even when its time limit stops it.
 # DRY=1 runs a stage here on the CPU at tiny shapes (the same code paths, the GPU-only options
 # falling back), so a GPU session only measures. PYTHON (default python3) runs everything, as the
 # image's python3 does there: for a faithful dry run, a Python 3.12 venv with jax 0.11.2 and the
