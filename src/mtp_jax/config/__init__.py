@@ -206,7 +206,9 @@ def load(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
   """Reads a YAML file (or the defaults when path is None) and applies dotted overrides."""
   tree: dict = {}
   if path is not None:
-    p = pathlib.Path(path)
+    from mtp_jax import storage  # a run's config.yaml may be in a bucket (mtp-export gs://...)
+
+    p = storage.path(path) if storage.is_remote(path) else pathlib.Path(path)
     if not p.is_file():
       raise ConfigError(str(path), "no such file")
     try:

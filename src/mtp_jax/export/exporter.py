@@ -9,6 +9,7 @@ import sys
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from mtp_jax.export import ExportError, deepseek_v3, glm4_moe, qwen3_moe, source, writer
@@ -24,7 +25,7 @@ DTYPES = {"bf16": ("bfloat16", np.dtype(ml_dtypes.bfloat16)), "fp32": ("float32"
 @dataclasses.dataclass(frozen=True)
 class Result:
   output: pathlib.Path
-  step_dir: pathlib.Path
+  step_dir: epath.Path  # local or in a bucket
   tensors: int
   shards: int
   bytes: int  # tensor bytes written, extra files included

@@ -1,11 +1,12 @@
 """What is exported: a checkpoint step, the config its run recorded, its tokenizer, its arrays.
 
 `--checkpoint` names a run's workdir (its latest complete step), its `checkpoints/` directory,
-or one step's directory. The model settings come from `config.yaml`, which `mtp-train` writes
-into the workdir, two levels above a step. Arrays are read by name with Orbax partial restores
-of the train state item (a few small ones together, a large one alone, each checked against the
-checksum `Checkpointer` saved with it), straight into host memory: a sharded checkpoint written by
-many hosts is read by one process that never holds more than about the largest parameter.
+or one step's directory, on local disk or in a bucket (`gs://...`). The model settings come from
+`config.yaml`, which `mtp-train` writes into the workdir, two levels above a step. Arrays are
+read by name with Orbax partial restores of the train state item (a few small ones together, a
+large one alone, each checked against the checksum `Checkpointer` saved with it), straight into
+host memory: a sharded checkpoint written by many hosts is read by one process that never holds
+more than about the largest parameter.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from etils import epath
 from flax import nnx
 
 from mtp_jax import config as config_lib
+from mtp_jax import storage
 from mtp_jax.config import STDLIB, Config
 from mtp_jax.data import manifest as manifest_lib
 from mtp_jax.data.manifest import DataError, TokenizerInfo
@@ -39,19 +41,19 @@ CONFIG_FILE = "config.yaml"  # written by mtp-train into its workdir
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  directory: pathlib.Path  # the run's checkpoints/ directory
+  directory: epath.Path  # the run's checkpoints/ directory, local or in a bucket
   step: int
   config: Config  # as the run recorded it
 
   @property
-  def step_dir(self) -> pathlib.Path:
+  def step_dir(self) -> epath.Path:
     return self.directory / str(self.step)
 
 
 def locate(spec: str) -> Source:
   """`--checkpoint` -> the step to export and the config of its run."""
   key = f"--checkpoint {spec}"
-  path = pathlib.Path(spec).expanduser().absolute()
+  path = storage.path(spec)
   run_dir = (path / "checkpoints").is_dir()
   if run_dir:
     path = path / "checkpoints"
@@ -74,11 +76,11 @@ def locate(spec: str) -> Source:
   return Source(directory, step, _run_config(directory.parent, key))
 
 
-def _holds_steps(directory: pathlib.Path) -> bool:
+def _holds_steps(directory: epath.Path) -> bool:
   return any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
 
 
-def _complete_steps(directory: pathlib.Path) -> list[int]:
+def _complete_steps(directory: epath.Path) -> list[int]:
   ckpt = Checkpointer(directory, read_only=True)
   try:
     return ckpt.steps()
@@ -86,7 +88,7 @@ def _complete_steps(directory: pathlib.Path) -> list[int]:
     ckpt.close()
 
 
-def _run_config(workdir: pathlib.Path, key: str) -> Config:
+def _run_config(workdir: epath.Path, key: str) -> Config:
   path = workdir / CONFIG_FILE
   if not path.is_file():
     raise ExportError(f"{key}: no {path}: the model settings are read from the config.yaml mtp-train writes there")
@@ -115,7 +117,7 @@ class Reader:
 
   def __init__(self, source: Source, leaves: dict[str, jax.ShapeDtypeStruct]):
     self.source, self.leaves = source, leaves
-    self._state_dir = epath.Path(source.step_dir / "state")  # the train state item of the step
+    self._state_dir = source.step_dir / "state"  # the train state item of the step
     self._orbax = ocp.PyTreeCheckpointHandler()
     self._stores: dict[str, ts.TensorStore] = {}  # stacks being read block by block
     self._blocks: dict[str, tuple[set[int], int]] = {}  # ... their blocks read so far and checksum terms
@@ -254,7 +256,7 @@ class Tokenizer:
     return self.file.read_bytes() if self.file is not None else None if self.text is None else self.text.encode()
 
 
-def tokenizer(cfg: Config, workdir: pathlib.Path) -> Tokenizer:
+def tokenizer(cfg: Config, workdir: epath.Path) -> Tokenizer:
   """The tokenizer recorded in the manifest of the run's first data source (training checked
   that every source shares it)."""
   path = cfg.data.sources[0].path

@@ -14,6 +14,7 @@ import hashlib
 import pathlib
 
 import jax
+from etils import epath
 from flax import nnx
 
 from mtp_jax.config import STDLIB, Config
@@ -37,7 +38,7 @@ class Loaded:
   model: Transformer
   tokenizer: tokenizer_lib.Tokenizer
   config: Config  # as the run recorded it
-  step_dir: pathlib.Path
+  step_dir: epath.Path  # local or in a bucket
   step: int
 
   @property
@@ -75,7 +76,7 @@ def weights(src: source.Source) -> Transformer:
   return nnx.merge(graphdef, params, bias)
 
 
-def run_tokenizer(cfg: Config, workdir: pathlib.Path) -> tokenizer_lib.Tokenizer:
+def run_tokenizer(cfg: Config, workdir: epath.Path) -> tokenizer_lib.Tokenizer:
   """The tokenizer the run's data was prepared with, refused when its file is gone or changed:
   another file would turn text into ids the model never learned."""
   found = source.tokenizer(cfg, workdir)
