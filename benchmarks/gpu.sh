@@ -6,7 +6,7 @@
 # back), or to runs/gpu/ without it. The machine starts bare and is given back 30 s after a
 # call, so each stage compiles and trains what it measures.
 #
-#   bash benchmarks/gpu.sh wheels       # here, once: .whl/, what the GPU image lacks (ours and MaxText's)
+#   bash benchmarks/gpu.sh wheels       # here, once: what the GPU image lacks, .whl/ours and .whl/maxtext
 #   bash benchmarks/gpu.sh train        # ~5 min: configs/small.yaml: MTP depths 0, 1, 2; attention xla
 #                                       #   against cuDNN; capacity against dropless ragged_dot and its
 #                                       #   Pallas/Triton lowering; matmul and copy ceilings. Rows in that
@@ -16,9 +16,10 @@
 #                                       #   speculative at batch 1 and 8, and at --scale gpu (~2.8B)
 #
 # A GPU session: `status`; `bash benchmarks/gpu.sh wheels` here; then with the device tool, back to
-# back so the machine stays warm: run(command="bash benchmarks/gpu.sh train", carry=[".whl"],
-# timeout_s=540), the same for `maxtext` (timeout_s=420) and `speculative` (timeout_s=300);
-# give_back. What a stage wrote under $OUT comes back even when its time limit stops it.
+# back so the machine stays warm: run(command="bash benchmarks/gpu.sh train", carry=[".whl/ours"],
+# timeout_s=540); `maxtext` with carry=[".whl"] (ours and MaxText's, 40 MB), timeout_s=420;
+# `speculative` with carry=[".whl/ours"], timeout_s=300; give_back. What a stage wrote under $OUT
+# comes back even when its time limit stops it.
 # DRY=1 runs a stage here on the CPU at tiny shapes (the same code paths, the GPU-only options
 # falling back), so a GPU session only measures. PYTHON (default python3) runs everything, as the
 # image's python3 does there: for a faithful dry run, a Python 3.12 venv with jax 0.11.2 and the
@@ -95,9 +96,12 @@ setup() {  # the carried wheels and this checkout on the path, no install step (
   out=${OUT:-runs/gpu}
   mkdir -p "$out"
   export PYTHONPATH=$PWD/src:$PWD/benchmarks/maxtext_stubs${PYTHONPATH:+:$PYTHONPATH}
-  if [[ -d .whl ]]; then
+  local wheels
+  wheels=$(compgen -G ".whl/*/*.whl" || true)  # .whl/ours, and .whl/maxtext where carried
+  if [[ -n $wheels ]]; then
     rm -rf /tmp/site
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    # shellcheck disable=SC2086  # one wheel a word
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels
     export PYTHONPATH=/tmp/site:$PYTHONPATH
   fi
   export PYTHONUNBUFFERED=1
@@ -136,10 +140,13 @@ case ${1:-} in
   wheels)
     [[ $# -eq 1 ]] || usage
     rm -rf .whl
-    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${OURS[@]}" "${MAXTEXT[@]}"
-    du -sh .whl
+    for part in ours maxtext; do
+      declare -n names=${part^^}
+      "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d ".whl/$part" "${names[@]}"
+    done
+    du -sh .whl/*
     ;;
   train)
     [[ $# -eq 1 ]] || usage
