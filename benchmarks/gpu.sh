@@ -7,6 +7,7 @@
 # call, so each stage compiles and trains what it measures.
 #
 #   bash benchmarks/gpu.sh wheels       # here, once: what the GPU image lacks, .whl/ours and .whl/maxtext
+#   bash benchmarks/gpu.sh dry-venv DIR # here: a venv like the GPU image for the dry runs (below)
 #   bash benchmarks/gpu.sh train        # ~5 min: configs/small.yaml: MTP depths 0, 1, 2; attention xla
 #                                       #   against cuDNN; capacity against dropless ragged_dot and its
 #                                       #   Pallas/Triton lowering; matmul and copy ceilings. Rows in that
@@ -22,8 +23,8 @@
 # comes back even when its time limit stops it.
 # DRY=1 runs a stage here on the CPU at tiny shapes (the same code paths, the GPU-only options
 # falling back), so a GPU session only measures. PYTHON (default python3) runs everything, as the
-# image's python3 does there: for a faithful dry run, a Python 3.12 venv with jax 0.11.2 and the
-# image's other packages, the carried wheels installed over it as there. No XLA flags are set:
+# image's python3 does there: for a faithful dry run, `dry-venv`'s Python 3.12 venv with jax 0.11.2
+# and the image's other packages, the carried wheels installed over it as there. No XLA flags are set:
 # one GPU has no collectives for the latency-hiding scheduler to overlap; XLA_FLAGS passes through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,8 +86,19 @@ TINY_MLA=(
   train.grad_accum_steps=2 train.loss_chunk_len=32 model.vocab_size=320
 )
 
+# The GPU image's packages (../.library/device/KINDS.md) that either program imports, at jax 0.11.2
+# as there; the other versions are pip's choice, not the image's.
+IMAGE=(
+  jax==0.11.2 jaxlib==0.11.2 absl-py aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi
+  charset-normalizer chex click cloudpickle colorama etils filelock flatbuffers flax frozenlist fsspec grpcio h11
+  httpcore httpx huggingface-hub humanize idna jaxtyping jinja2 markupsafe ml-dtypes mpmath msgpack multidict
+  numpy optax opt-einsum orbax-checkpoint packaging prometheus-client propcache protobuf psutil pygments pyyaml
+  regex requests rich safetensors scipy sentencepiece simplejson six sympy tensorboard tensorstore tiktoken
+  tokenizers tqdm transformers treescope typing-extensions urllib3 uvloop wadler-lindig yarl zipp pyarrow pandas
+)
+
 usage() {
-  echo "usage: [DRY=1] benchmarks/gpu.sh wheels | train | maxtext | speculative" >&2
+  echo "usage: [DRY=1] benchmarks/gpu.sh wheels | dry-venv DIR | train | maxtext | speculative" >&2
   exit 2
 }
 
@@ -147,6 +159,21 @@ case ${1:-} in
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d ".whl/$part" "${names[@]}"
     done
     du -sh .whl/*
+    ;;
+  dry-venv)
+    [[ $# -eq 2 ]] || usage
+    "$(pyenv prefix 3.12 2>/dev/null || pyenv prefix 3.12.1)/bin/python3.12" -m venv "$2"
+    "$2/bin/python" -m pip install -q "${IMAGE[@]}"
+    # What pip pulls in beyond the image's package list (KINDS.md's): gone, so that a missing wheel
+    # shows in the dry run.
+    kinds=${KINDS_MD:-../.library/device/KINDS.md}
+    keep=$(sed -n 's/.*Packages: //p' "$kinds" | tr ',' '\n' | tr -d ' .' | tr 'A-Z_' 'a-z-')
+    [[ -n $keep ]] || { echo "dry-venv: no package list in $kinds (set KINDS_MD)" >&2; exit 2; }
+    extra=$("$2/bin/python" -m pip list --format=freeze | cut -d= -f1 | tr 'A-Z_.' 'a-z--' | grep -vxF "$keep" || true)
+    echo "beyond the image's list, removed: $(echo $extra)"
+    # shellcheck disable=SC2086  # one name a word
+    [[ -z $extra ]] || "$2/bin/python" -m pip uninstall -q -y $extra
+    echo "dry runs: PYTHON=$2/bin/python DRY=1 bash benchmarks/gpu.sh STAGE"
     ;;
   train)
     [[ $# -eq 1 ]] || usage
