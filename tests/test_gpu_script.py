@@ -81,4 +81,4 @@ def test_the_side_by_side_table_is_ours_over_maxtext_per_turn(tmp_path, capsys):
 def test_the_script_parses_and_names_its_stages():
   subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "nope"], capture_output=True, text=True)
-  assert out.returncode == 2 and "wheels | train | maxtext | speculative" in out.stderr
+  assert out.returncode == 2 and "wheels | dry-venv DIR | train | maxtext | speculative" in out.stderr
