@@ -33,14 +33,13 @@ def _xla_has_flag(flag: str) -> bool:
   return False
 
 
-os.environ["XLA_FLAGS"] = " ".join(
-  [
-    os.environ.get("XLA_FLAGS", ""),
-    "--xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false",
-    "--xla_cpu_use_fusion_emitters=false" if _xla_has_flag("xla_cpu_use_fusion_emitters") else "",
-    "--xla_force_host_platform_device_count=8",
-  ]
-).strip()
+_FLAGS = ["--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"]
+_FLAGS += ["--xla_cpu_use_fusion_emitters=false", "--xla_force_host_platform_device_count=8"]
+# Each flag once: xdist's workers inherit the flags the controller set (and skip the jaxlib scan).
+_missing = [f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "").split()]
+if "--xla_cpu_use_fusion_emitters=false" in _missing and not _xla_has_flag("xla_cpu_use_fusion_emitters"):
+  _missing.remove("--xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_missing]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the session, shared with the subprocesses the tests start: the
 # same tiny programs are compiled by many tests, and each compile costs seconds on 2 cores.
