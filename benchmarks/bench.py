@@ -10,8 +10,10 @@ trainable and the first depth or `--vary-depth` (`--vary NAME:KEY=VALUE,...`: co
 or `jax_*` options of JAX, on top of the command line's), it compiles the real train step, runs
 warm-up steps, then times `--steps` steps on a fixed synthetic batch (data loading excluded) and
 prints tokens/s, MFU (where the device's peak is known), XLA's peak memory a device, and step
-time and FLOPs relative to the first row. `--json FILE` also writes the rows (after each one);
-`--stop-after SECONDS` starts no row once that much time has passed (for a command's time limit).
+time and FLOPs relative to the first row measured. `--json FILE` also writes the rows (after each
+one); `--stop-after SECONDS` starts no row once that much time has passed (for a command's time
+limit). A row that fails (a kernel that refuses the shapes, memory) prints its error's first line
+and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 
 from mtp_jax import config
 from mtp_jax.cli import command_parser, load_config
+from mtp_jax.errors import first_line
 from mtp_jax.model.flops import cost
 from mtp_jax.train.metrics import mfu
 from mtp_jax.train.program import build, memory
@@ -116,17 +119,32 @@ def main(argv=None) -> int:
     f"({platform.processor() or platform.machine()}), jax {jax.__version__}, {args.steps} timed steps"
   )
   print(
-    "| variant | MTP depth | trained | step time (s) | tokens/s | MFU | peak GiB | step time / first row "
-    "| FLOPs / first row |"
+    "| variant | MTP depth | trained | step time (s) | tokens/s | MFU | peak GiB | step time / first measured "
+    "| FLOPs / first measured |"
   )
   print("|---|---|---|---|---|---|---|---|---|")
-  base, out, start = None, [], time.monotonic()
+  base, out, start, failed = None, [], time.monotonic(), False
+
+  def dump(rows):  # after every row: a run stopped at its time limit keeps what it measured
+    if args.json:
+      with open(args.json, "w") as f:
+        head = {"config": args.config, "overrides": args.overrides, "device": dev.device_kind, "jax": jax.__version__}
+        json.dump({**head, "rows": rows}, f, indent=1)
+
   for ((name, overrides, options), d, t), cfg in zip(rows, cfgs, strict=True):
     if args.stop_after is not None and time.monotonic() - start > args.stop_after:
       print(f"| {name} | {d} | {t} | skipped: --stop-after {args.stop_after:g} s passed |", flush=True)
       continue
-    with jax_options(options):
-      r = measure(cfg, args.steps, args.warmup)
+    try:
+      with jax_options(options):
+        r = measure(cfg, args.steps, args.warmup)
+    except Exception as err:  # a kernel that refuses the shapes, or memory: the other rows still run
+      why = f"{type(err).__name__}: {first_line(err)}"[:300]
+      print(f"| {name} | {d} | {t} | failed: {why} |", flush=True)
+      out.append({"variant": name, "overrides": overrides, "jax": options, "depth": d, "trainable": t, "error": why})
+      failed = True
+      dump(out)
+      continue
     base = base or r
     m = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
@@ -136,11 +154,8 @@ def main(argv=None) -> int:
       flush=True,
     )
     out.append({"variant": name, "overrides": overrides, "jax": options, "depth": d, "trainable": t, **r})
-    if args.json:  # after every row: a run stopped at its time limit keeps what it measured
-      with open(args.json, "w") as f:
-        head = {"config": args.config, "overrides": args.overrides, "device": dev.device_kind, "jax": jax.__version__}
-        json.dump({**head, "rows": out}, f, indent=1)
-  return 0
+    dump(out)
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ times, on the default backend, one SwiGLU over rows sorted by expert with random
 forward only (what decoding runs) and forward plus gradients (what training runs). With
 `--config`, it times the whole train step of that config (dropless) compiled each way instead,
 alternating between the two three times and keeping each one's fastest. Prints one row per
-case with both times and their ratio. The backends that use the blocked loop are listed in
-`experts.BLOCKED_BACKENDS` (CPU); this measures whether that choice is right on the machine at hand.
+case with both times and their ratio. `model.moe.kernel=auto` takes the blocked loop on CPU
+(`experts.NATIVE`); this measures whether that choice is right on the machine at hand.
 """
 
 from __future__ import annotations
@@ -39,19 +39,16 @@ def fastest(fn, *args, repeats: int) -> float:
   return min(times)
 
 
-def compiled_step(cfg, blocked: bool):
-  """(compiled step, state, batch) with the experts run one way; the choice is read at trace time."""
-  saved = experts.BLOCKED_BACKENDS
-  experts.BLOCKED_BACKENDS = frozenset({jax.default_backend()} if blocked else ())
-  try:
-    program = build(cfg, jax.devices()[:1])
-    return program.compile(), program.init_state(), program.synthetic_batch()
-  finally:
-    experts.BLOCKED_BACKENDS = saved
+def compiled_step(cfg, kernel: str):
+  """(compiled step, state, batch) with the dropless experts run by `kernel` (model.moe.kernel)."""
+  moe = cfg.model.moe.model_copy(update={"kernel": kernel})
+  cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"moe": moe})})
+  program = build(cfg, jax.devices()[:1])
+  return program.compile(), program.init_state(), program.synthetic_batch()
 
 
 def time_steps(cfg, steps: int) -> None:
-  runs = {name: compiled_step(cfg, name == "blocked") for name in ("ragged_dot", "blocked")}
+  runs = {name: compiled_step(cfg, name) for name in ("ragged_dot", "blocked")}
   best = dict.fromkeys(runs, float("inf"))
   for _ in range(3):
     for name, (step, state, batch) in runs.items():

@@ -1,7 +1,7 @@
 """The table of benchmarks/gpu.sh's `maxtext` stage: our tokens/s (bench.py's JSON) against
 MaxText's (its log's per-step lines) for each turn of A B A B, and their ratio.
 
-  python benchmarks/side_by_side.py OUT_DIR [--settings "MaxText's settings"]
+  python benchmarks/side_by_side.py OUT_DIR [--settings "MaxText's settings"] [--ours "our settings"]
 
 MaxText's figure per run is the median of its logged steps after the first two (the compile and
 a warm-up), as bench.py times its steps after two warm-ups; both train on synthetic batches.
@@ -37,6 +37,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="side_by_side", description=__doc__.splitlines()[0])
   parser.add_argument("out", type=pathlib.Path)
   parser.add_argument("--settings", default="?", help="the attention and MoE settings MaxText ran with")
+  parser.add_argument("--ours", default="", help="the settings ours ran with, beyond the shared shapes")
   args = parser.parse_args(argv)
   rows = []
   try:
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
   except (OSError, ValueError, KeyError, IndexError) as err:
     print(f"side_by_side: {err}", file=sys.stderr)
     return 1
-  print(f"# MaxText with {args.settings}; tokens/s of one device")
+  print(f"# MaxText with {args.settings}; ours with {args.ours or 'the shared shapes alone'}; tokens/s of one device")
   print("| turn | ours tok/s | ours step (s) | MaxText tok/s | MaxText step (s) | MaxText's TFLOP/s | ours / MaxText |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:

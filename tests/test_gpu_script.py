@@ -82,3 +82,23 @@ def test_the_script_parses_and_names_its_stages():
   subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
   out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "nope"], capture_output=True, text=True)
   assert out.returncode == 2 and "wheels | dry-venv DIR | train | maxtext | speculative" in out.stderr
+
+
+def test_a_row_that_fails_is_reported_and_the_others_still_run(tmp_path, capsys):
+  """On a GPU a kernel may refuse the shapes or run out of memory; here mosaic_gpu on the CPU."""
+  from conftest import TINY
+
+  out = tmp_path / "rows.json"
+  argv = ["--config", "configs/tiny.yaml", *TINY, "--depths", "0", "--steps", "1", "--warmup", "1"]
+  argv += [
+    "--vary",
+    "mosaic:model.moe.mode=dropless,model.moe.kernel=mosaic_gpu",
+    "--vary",
+    "dropless:model.moe.mode=dropless",
+  ]
+  assert bench.main([*argv, "--json", str(out)]) == 1
+  printed = capsys.readouterr().out
+  assert "| mosaic | 0 | all | failed: ConfigError: config error: model.moe.kernel=mosaic_gpu: runs JAX's Hopper kernels" in printed
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["as given", "mosaic", "dropless"]
+  assert "error" in rows[1] and rows[0]["tokens_per_sec"] > 0 and rows[2]["tokens_per_sec"] > 0

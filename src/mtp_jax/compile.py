@@ -26,6 +26,7 @@ class Report:
   mesh: dict[str, int]
   expert_dispatch: str | None  # gspmd, all_to_all or ragged_all_to_all; None: no experts split over devices
   attention: str  # the attention kernel and why: "splash (auto on TPU)"
+  expert_kernel: str | None  # the dropless experts' kernel and why; None: no dropless layer
   receive_buffer: tuple[float, float] | None  # ragged_all_to_all: (rows received into, worst case) / rows sent
   notes: list[str]  # how the config maps onto the devices, where it is not what was asked
   lower_s: float
@@ -115,6 +116,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     mesh={k: int(v) for k, v in program.mesh.shape.items()},
     expert_dispatch=dispatch,
     attention=program.attention,
+    expert_kernel=program.experts,
     receive_buffer=buffer,
     notes=program.notes,
     lower_s=lower_s,
@@ -256,7 +258,7 @@ def describe(r: Report) -> list[str]:
     f"{r.tokens_per_step:,} tokens per step{micro}",
     f"state      {_size(r.state_bytes)} per chip: parameters, optimizer state, step",
   ]
-  lines.append(f"attention  {r.attention}")
+  lines.append(f"attention  {r.attention}" + (f"; dropless experts {r.expert_kernel}" if r.expert_kernel else ""))
   if r.expert_dispatch:
     lines.append("experts    " + _experts(r))
   lines += [f"note       {note}" for note in r.notes]

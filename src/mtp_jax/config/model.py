@@ -87,6 +87,13 @@ class MoEConfig(Section):
   mode: Literal["dropless", "capacity"] = field(
     "dropless", "dropless: sort + ragged_dot; capacity: fixed buffers, overflow dropped (not causal)."
   )
+  kernel: Literal["auto", "ragged_dot", "blocked", "megablox", "mosaic_gpu"] = field(
+    "auto",
+    "dropless: what runs each expert over its rows. ragged_dot: jax.lax.ragged_dot, left to the compiler; "
+    "blocked: rows padded into blocks of one expert, a loop; megablox: Pallas grouped matmuls (TPU); mosaic_gpu: "
+    "JAX's Pallas Mosaic GPU grouped matmuls (Hopper, bfloat16); auto: blocked on CPU, megablox on TPU, else "
+    "ragged_dot.",
+  )
   capacity_factor: float = field(
     1.25,
     "capacity mode: buffer slots per expert = factor * tokens * top_k / experts, counted per device (its own "

@@ -157,7 +157,9 @@ def routed_experts(
   devices. `route(router_params, x_TxD)` chooses the experts, on each device for its tokens."""
   active = sharding.active()
   if p.tokens is None:  # one device, or gspmd: the whole microbatch at once
-    return _per_device(m, route, router_params, _local(w, (), constrain=active is not None), x_BxLxD, valid_BxL, ())
+    return _per_device(
+      m, route, router_params, _local(w, (), m.kernel, constrain=active is not None), x_BxLxD, valid_BxL, ()
+    )
   tok = p.tokens
   tok_BxL = PartitionSpec(*tok[:2])
   ep, tp = p.ep or None, p.tp or None
@@ -170,7 +172,7 @@ def routed_experts(
     elif p.kind == "ragged_all_to_all":
       run = functools.partial(_ragged_all_to_all_experts, w=w, ep=p.ep, tp=p.tp, m=m)
     else:
-      run = _local(w, p.tp)
+      run = _local(w, p.tp, m.kernel)
     return _per_device(m, route, router_params, run, x_BxLxD, valid_BxL, token_axes)
 
   router_specs = jax.tree.map(lambda _: PartitionSpec(), router_params)
@@ -277,7 +279,7 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 # ---- The exchanges ------------------------------------------------------------------------
 
 
-def _local(w: Weights, tp: tuple[str, ...], constrain: bool = False) -> RunExperts:
+def _local(w: Weights, tp: tuple[str, ...], kernel: str, constrain: bool = False) -> RunExperts:
   """Every expert here: nothing to send. Under gspmd (constrain) the buffers carry the experts'
   layout, so the compiler splits them as the weights are split."""
 
@@ -287,7 +289,7 @@ def _local(w: Weights, tp: tuple[str, ...], constrain: bool = False) -> RunExper
         rows = sharding.constrain(rows, ("experts", None, "act_embed"))
       y = swiglu_batched(rows, w)
     else:
-      y = swiglu_ragged(rows, w, group_sizes_E)
+      y = swiglu_ragged(rows, w, group_sizes_E, kernel)
     return (jax.lax.psum(y, tp) if tp else y), None  # tp: partial sums over the split hidden dim
 
   return run
@@ -355,7 +357,7 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: M
   expert_Q = jnp.where(segment_Q < p * e_loc, segment_Q % e_loc, e_loc)  # padding rows last
   order = jnp.argsort(expert_Q, stable=True)
   inverse = jnp.argsort(order)
-  y_sorted = swiglu_ragged(_take_rows(recv_QxD, order, inverse, 1), w, recv_PxU.sum(0))
+  y_sorted = swiglu_ragged(_take_rows(recv_QxD, order, inverse, 1), w, recv_PxU.sum(0), m.kernel)
   if tp:
     y_sorted = jax.lax.psum(y_sorted, tp)  # partial sums over the split hidden dim
   y_QxD = _take_rows(y_sorted, inverse, order, 1)

@@ -2,10 +2,12 @@
 
 Two layouts of the rows reach them (`dispatch.py` makes both):
 - fixed buffers, E x C x D (capacity mode): one batched matmul per projection;
-- rows sorted by expert with a size per expert (dropless): `swiglu_ragged`.
+- rows sorted by expert with a size per expert (dropless): `swiglu_ragged`, through the kernel
+  `model.moe.kernel` names (`choose` resolves `auto` for the backend).
 
 Shape letters beyond the package legend (model/__init__.py): C buffer slots per expert
-(capacity) · N rows · R rows per block · Z blocks (`swiglu_blocked`).
+(capacity) · N rows · R rows per block · Z blocks (`swiglu_blocked`) · M, K, N2 a grouped
+product's rows, contraction and output widths (`_mosaic_gmm`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,31 @@ from mtp_jax.model.layers import weight
 
 Weights = tuple[jax.Array, jax.Array, jax.Array]  # w_gate ExDxF, w_up ExDxF, w_down ExFxD
 
-# Where `swiglu_ragged` runs the blocked loop, and where megablox's grouped matmuls, instead of
-# lax.ragged_dot; read at trace time (benchmarks/moe_experts.py changes them to compare).
-BLOCKED_BACKENDS = frozenset({"cpu"})
-GMM_BACKENDS = frozenset({"tpu"})
+# `model.moe.kernel=auto` per backend; ragged_dot elsewhere. JAX lowers lax.ragged_dot for CPU as
+# every row times every expert, masked (E times the FLOPs), hence the blocked loop there
+# (benchmarks/moe_experts.py measures the choice). GPUs keep ragged_dot until a GPU has measured
+# mosaic_gpu against it (issue 22's benchmarks/gpu.sh).
+NATIVE = {"cpu": "blocked", "tpu": "megablox"}
+ONLY_ON = {"megablox": "tpu", "mosaic_gpu": "gpu"}  # kernels that run on one backend alone
+
+
+def choose(kernel: str, platform: str, *, dims: tuple[int, int], dtype: str, capability: float | None = None):
+  """(kernel, why): what runs the dropless experts on devices of `platform` (`capability`: a
+  GPU's compute capability; `dims`: d_model and one device's share of expert_d_ff). A kernel
+  asked for by name that cannot run there is a ValueError naming why."""
+  if kernel == "auto":
+    return NATIVE.get(platform, "ragged_dot"), f"auto on {platform.upper()}"
+  if kernel == "megablox" and platform != "tpu":
+    raise ValueError(f"is a TPU kernel (these devices are {platform}); use auto, ragged_dot or blocked")
+  if kernel == "mosaic_gpu":
+    if platform != "gpu" or int(capability or 0) != 9:
+      where = f"compute capability {capability:g}" if platform == "gpu" and capability else platform
+      raise ValueError(f"runs JAX's Hopper kernels: it needs a compute capability 9.x GPU (these devices: {where})")
+    if dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"needs model.dtype bfloat16 or float16 (it is {dtype})")
+    if any(d % 64 for d in dims):
+      raise ValueError(f"needs d_model and a device's expert_d_ff multiples of 64 (they are {dims[0]} and {dims[1]})")
+  return kernel, "asked for"
 
 
 class Experts(nnx.Module):
@@ -50,21 +73,25 @@ def swiglu_batched(x_ExCxD: jax.Array, w: Weights) -> jax.Array:
   return checkpoint_name(jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w[2]), "moe_out")
 
 
-def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, kernel: str = "auto") -> jax.Array:
   """Each expert's SwiGLU over its rows: rows sorted by expert, group_sizes_E of them to each in
-  turn, rows past their sum giving zeros. TPUs get megablox's grouped matmuls (`swiglu_gmm`):
-  XLA:TPU runs `lax.ragged_dot`'s forward as one, but its weight gradient as a product of every
-  row with every expert. GPUs get `lax.ragged_dot`, left to their compiler (docs/scaling.md, "Where the
-  experts run"). JAX lowers that for CPU as every row times every expert, masked (E times the
-  FLOPs), so there the rows go in blocks of one expert (`swiglu_blocked`)."""
+  turn, rows past their sum giving zeros. `kernel` (`model.moe.kernel`, resolved by `choose`;
+  `auto` here takes the backend's own, as decoding does): `blocked` (`swiglu_blocked`),
+  `megablox` (`swiglu_gmm`: XLA:TPU runs `lax.ragged_dot`'s forward as a grouped matmul but its
+  weight gradient as a product of every row with every expert), `mosaic_gpu` (`swiglu_mosaic`)
+  or `ragged_dot` (`swiglu_ragged_dot`, left to the compiler; docs/scaling.md, "Where the
+  experts run"). A named kernel that cannot run on the backend being traced for (a run trained
+  on one backend, decoded on another) gives way to the backend's own."""
   platform, x_NxD = _platform(), checkpoint_name(x_NxD, "moe_in")
-  if platform in BLOCKED_BACKENDS:
-    y_NxD = swiglu_blocked(x_NxD, w, group_sizes_E)
-  elif platform in GMM_BACKENDS:
-    y_NxD = swiglu_gmm(x_NxD, w, group_sizes_E)
-  else:
-    y_NxD = swiglu_ragged_dot(x_NxD, w, group_sizes_E)
-  return checkpoint_name(y_NxD, "moe_out")
+  if kernel == "auto" or ONLY_ON.get(kernel, platform) != platform:
+    kernel = NATIVE.get(platform, "ragged_dot")
+  run = {
+    "blocked": swiglu_blocked,
+    "megablox": swiglu_gmm,
+    "mosaic_gpu": swiglu_mosaic,
+    "ragged_dot": swiglu_ragged_dot,
+  }
+  return checkpoint_name(run[kernel](x_NxD, w, group_sizes_E), "moe_out")
 
 
 def swiglu_ragged_dot(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
@@ -103,6 +130,65 @@ def _gmm_tiles(m: int, k: int, n: int) -> tuple[int, int, int]:
     return next((t for t in (512, 256, 128) if x % t == 0), x)
 
   return min(512, m), tile(k), tile(n)
+
+
+def swiglu_mosaic(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+  """`swiglu_ragged` through JAX's Pallas Mosaic GPU grouped matmuls for Hopper
+  (jax.experimental.pallas.ops.gpu): `ragged_dot` forward and, with the weights transposed, for
+  the input gradient; `transposed_ragged_dot` for the weight gradient, each touching only its
+  own group's rows (`_mosaic_gmm`). Rows past the groups are zeroed on the way in and out (the
+  kernels leave them unwritten)."""
+  valid_N = (jnp.arange(x_NxD.shape[0]) < group_sizes_E.sum())[:, None]
+  sizes = group_sizes_E.astype(jnp.int32)
+  x_NxD = jnp.where(valid_N, x_NxD, 0)
+  h_NxF = jax.nn.silu(_mosaic_gmm(x_NxD, w[0], sizes)) * _mosaic_gmm(x_NxD, w[1], sizes)
+  return jnp.where(valid_N, _mosaic_gmm(h_NxF, w[2], sizes), 0)
+
+
+@jax.custom_vjp
+def _mosaic_gmm(x_MxK: jax.Array, w_ExKxN2: jax.Array, sizes_E: jax.Array) -> jax.Array:
+  """Rows times their group's matrix, M x N2 (rows past the groups: whatever the kernel left)."""
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+  width = w_ExKxN2.shape[2]
+  return ragged_dot_mgpu.ragged_dot(x_MxK, w_ExKxN2, group_sizes=sizes_E, block_n=_tile(width), **_MOSAIC)
+
+
+def _mosaic_gmm_fwd(x_MxK, w_ExKxN2, sizes_E):
+  return _mosaic_gmm(x_MxK, w_ExKxN2, sizes_E), (x_MxK, w_ExKxN2, sizes_E)
+
+
+def _mosaic_gmm_bwd(res, g_MxN2):
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+  x_MxK, w_ExKxN2, sizes_E = res
+  k, n = w_ExKxN2.shape[1:]
+  valid_M = (jnp.arange(x_MxK.shape[0]) < sizes_E.sum())[:, None]
+  # Rows past the groups are zeroed: the weight gradient's kernel masks a group's edge rows by
+  # multiplying by 0, which would keep a NaN left there (as the products before leave them).
+  x_MxK, g_MxN2 = jnp.where(valid_M, x_MxK, 0), jnp.where(valid_M, g_MxN2, 0).astype(x_MxK.dtype)
+  # Input gradient: each row's cotangent times its group's matrix transposed (N2 contracted).
+  dx_MxK = ragged_dot_mgpu.ragged_dot(
+    g_MxN2, w_ExKxN2, group_sizes=sizes_E, transpose_rhs=True, block_n=_tile(k), **_MOSAIC
+  )
+  # Weight gradient: per group, its rows of x transposed times their cotangents (the rows contracted).
+  dw_ExKxN2 = transposed_ragged_dot_mgpu.transposed_ragged_dot(
+    x_MxK, g_MxN2, group_sizes=sizes_E, **{**_MOSAIC, "block_m": _tile(k), "block_n": _tile(n)}
+  )
+  return jnp.where(valid_M, dx_MxK, 0), dw_ExKxN2, None
+
+
+_mosaic_gmm.defvjp(_mosaic_gmm_fwd, _mosaic_gmm_bwd)
+
+# The Mosaic GPU kernels' tiles: 128-row output tiles (by `_tile` columns), 64-wide steps along
+# the contraction, four steps in flight: about 160 KiB of the 227 KiB of shared memory an H100 or
+# H200 SM has. Not tuned on a GPU yet (the kernels' own main() searches these).
+_MOSAIC = {"block_m": 128, "block_k": 64, "max_concurrent_steps": 4, "grid_block_n": 1}
+
+
+def _tile(width: int) -> int:
+  """An output tile's width along a dim of `width` (`choose` admits multiples of 64 only)."""
+  return 128 if width % 128 == 0 else 64
 
 
 def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from mtp_jax import sharding
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data.packing import BATCH_KEYS
-from mtp_jax.model import attention, dispatch
+from mtp_jax.model import attention, dispatch, experts
 from mtp_jax.model.flops import ChipWork, chip_work, cost
 from mtp_jax.train import optimizer, step
 from mtp_jax.train.checkpoint import leaf_name
@@ -67,6 +67,28 @@ def _resolve_attention(cfg: Config, mesh) -> tuple[Config, str]:
   )
   model = cfg.model.model_copy(update={"attention": a.model_copy(update={"impl": impl})})
   return cfg.model_copy(update={"model": model}), f"{impl} ({why})"
+
+
+def _resolve_experts(cfg: Config, mesh) -> tuple[Config, str | None]:
+  """`model.moe.kernel` for this mesh's devices, and why (`experts.choose`); no note where no
+  layer runs dropless experts."""
+  m, device = cfg.model, mesh.devices.flat[0]
+  if not m.moe.num_experts or m.moe.mode != "dropless":
+    return cfg, None
+  capability = getattr(device, "compute_capability", None)
+  ways = math.prod(mesh.shape[a] for a in cfg.mesh.rules.get("expert_mlp", []))  # a device's share of the width
+  try:
+    kernel, why = experts.choose(
+      m.moe.kernel,
+      device.platform,
+      dims=(m.d_model, m.moe.expert_d_ff // ways),
+      dtype=m.dtype,
+      capability=float(capability) if capability else None,
+    )
+  except ValueError as err:
+    raise ConfigError(f"model.moe.kernel={m.moe.kernel}", str(err)) from None
+  model = m.model_copy(update={"moe": m.moe.model_copy(update={"kernel": kernel})})
+  return cfg.model_copy(update={"model": model}), f"{kernel} ({why})"
 
 
 # mesh.vocab_split=auto splits the head's vocabulary over fsdp where the head holds at least this
@@ -163,6 +185,7 @@ class Program:
   eval_step: Any  # jitted: (state, batch) -> per-depth sums
   expert_dispatch: str  # how tokens reach experts: local, all_to_all, ragged_all_to_all or gspmd
   attention: str  # the attention kernel and why: "splash (auto on TPU)"
+  experts: str | None  # the dropless experts' kernel and why: "megablox (auto on TPU)"; None: no dropless layer
   notes: list[str]  # things the user should know about how the config maps onto the devices
 
   def init_state(self) -> step.TrainState:
@@ -209,6 +232,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   mesh = sharding.make_mesh(cfg.mesh, devices)
   cfg = _resolve_accum(cfg, mesh)
   cfg, attention_kernel = _resolve_attention(cfg, mesh)
+  cfg, experts_kernel = _resolve_experts(cfg, mesh)
   cfg, vocab_note = _resolve_vocab_split(cfg, mesh)
   rules = cfg.mesh.rules
   tx = optimizer.make(cfg.optimizer, cfg.train.steps)
@@ -239,6 +263,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
     ),
     expert_dispatch=dispatch_kind,
     attention=attention_kernel,
+    experts=experts_kernel,
     notes=[n for n in (note, vocab_note) if n],
     eval_step=jax.jit(
       step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),

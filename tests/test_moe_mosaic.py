@@ -1,0 +1,156 @@
+"""`model.moe.kernel=mosaic_gpu`: the dropless experts through JAX's Pallas Mosaic GPU grouped
+matmuls (`experts.swiglu_mosaic`), against `lax.ragged_dot` and its gradients.
+
+Three ways, as far as each machine allows:
+- our wiring (which kernel gets which operands, transposed how, what is zeroed) with the two JAX
+  kernels replaced by exact stand-ins that keep their contracts: the same tile checks, rows past
+  the groups left as NaN, a group's edge rows masked by multiplying by 0. Any JAX.
+- the real kernels in JAX's GPU interpret mode on the CPU (JAX 0.11 has it; CI's JAX 0.10 does
+  not, and the test says it skipped: run it in `benchmarks/gpu.sh dry-venv`'s venv).
+- the real kernels on a Hopper GPU (benchmarks/gpu.sh's `train` stage runs this file there first).
+"""
+
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+
+from mtp_jax.model import experts
+
+# (rows, rows per expert): empty experts, rows past the groups, one expert taking all.
+CASES = [(200, [40, 0, 90, 50]), (64, [0, 64, 0, 0]), (130, [1, 2, 3, 4])]
+
+
+def _inputs(n, groups, d, f, dtype):
+  keys = jax.random.split(jax.random.key(0), 5)
+  e = len(groups)
+  x = jax.random.normal(keys[0], (n, d)).astype(dtype)
+  w = tuple(
+    (0.1 * jax.random.normal(k, s)).astype(dtype)
+    for k, s in zip(keys[1:4], [(e, d, f), (e, d, f), (e, f, d)], strict=True)
+  )
+  cot = jax.random.normal(keys[4], (n, d)).astype(jnp.float32)
+  return x, w, cot, jnp.asarray(groups, jnp.int32)
+
+
+def _against_ragged_dot(x, w, cot, sizes, rtol, atol):
+  def loss(fn):
+    return lambda x, w: jnp.sum(cot * fn(x, w, sizes).astype(jnp.float32))
+
+  v_want, g_want = jax.value_and_grad(loss(experts.swiglu_ragged_dot), (0, 1))(x, w)
+  v_got, g_got = jax.value_and_grad(loss(experts.swiglu_mosaic), (0, 1))(x, w)
+  y = np.asarray(experts.swiglu_mosaic(x, w, sizes), np.float32)
+  np.testing.assert_allclose(y, np.asarray(experts.swiglu_ragged_dot(x, w, sizes), np.float32), rtol=rtol, atol=atol)
+  np.testing.assert_allclose(v_got, v_want, rtol=rtol)
+  for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol)
+  assert not np.any(y[int(sizes.sum()) :])
+
+
+def _rows_in_groups(sizes, n):
+  return (jnp.arange(n) < sizes.sum())[:, None]
+
+
+def _fake_ragged_dot(lhs, rhs, *, group_sizes, block_m, block_n, block_k, max_concurrent_steps, grid_block_n, **flags):
+  """ragged_dot_mgpu.ragged_dot's contract: (M, K) x (G, K, N), or (G, N, K) transposed; K a
+  multiple of block_k; rows past the groups unwritten (NaN here)."""
+  assert lhs.dtype == rhs.dtype and block_m and max_concurrent_steps and grid_block_n
+  assert set(flags) <= {"transpose_rhs", "load_group_sizes_to_register"}
+  if flags.get("transpose_rhs"):
+    rhs = rhs.swapaxes(1, 2)
+  assert lhs.shape[1] % block_k == 0 and rhs.shape[2] % (block_n * grid_block_n) == 0
+  out = jax.lax.ragged_dot(lhs, rhs, group_sizes)
+  return jnp.where(_rows_in_groups(group_sizes, lhs.shape[0]), out, jnp.nan).astype(lhs.dtype)
+
+
+def _fake_transposed_ragged_dot(
+  lhs, rhs, *, group_sizes, block_m, block_n, block_k, max_concurrent_steps, grid_block_n
+):
+  """transposed_ragged_dot_mgpu's contract: (K, M) x (K, N) -> (G, M, N), K ragged; M and N
+  multiples of their blocks; the rows of a group's edge blocks that belong to its neighbours
+  multiplied by 0 (so a NaN there spreads)."""
+  assert lhs.dtype == rhs.dtype and block_k and max_concurrent_steps and grid_block_n
+  assert lhs.shape[1] % block_m == 0 and rhs.shape[1] % block_n == 0
+  ends = jnp.cumsum(group_sizes)
+  group_K = jnp.searchsorted(ends, jnp.arange(lhs.shape[0]), side="right")
+  one_hot_GxK = (group_K[None] == jnp.arange(len(group_sizes))[:, None]).astype(lhs.dtype)
+  return jnp.einsum("gk,km,kn->gmn", one_hot_GxK, lhs, rhs).astype(lhs.dtype)
+
+
+@pytest.mark.parametrize("n, groups", CASES)
+def test_the_wiring_with_stand_ins_for_the_kernels(monkeypatch, n, groups):
+  monkeypatch.setattr(ragged_dot_mgpu, "ragged_dot", _fake_ragged_dot)
+  monkeypatch.setattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot", _fake_transposed_ragged_dot)
+  x, w, cot, sizes = _inputs(n, groups, 64, 128, jnp.float32)
+  _against_ragged_dot(x, w, cot, sizes, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernels_keep_the_arguments_we_pass():
+  """A JAX that renames them fails here, not on a GPU."""
+  import inspect
+
+  tiles = {"block_m", "block_n", "block_k", "max_concurrent_steps", "grid_block_n"}
+  assert tiles | {"group_sizes", "transpose_rhs"} <= set(inspect.signature(ragged_dot_mgpu.ragged_dot).parameters)
+  assert tiles | {"group_sizes"} <= set(inspect.signature(transposed_ragged_dot_mgpu.transposed_ragged_dot).parameters)
+
+
+@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"), reason="this JAX has no Mosaic GPU interpret mode")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="on a GPU the real kernels run (below)")
+@pytest.mark.parametrize("n, groups", CASES[:1])
+def test_the_real_kernels_in_gpu_interpret_mode(monkeypatch, n, groups):
+  kernel = plgpu.kernel
+  monkeypatch.setattr(plgpu, "kernel", lambda *a, **k: kernel(*a, **k, interpret=plgpu.InterpretGPUParams()))
+  # The weight gradient's kernel sizes its grid by the device's SM count, which a CPU lacks.
+  shim = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("__")})
+  shim.devices = lambda *a: [types.SimpleNamespace(core_count=4)]
+  monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", shim)
+  x, w, cot, sizes = _inputs(n, groups, 64, 128, jnp.bfloat16)
+  _against_ragged_dot(x, w, cot, sizes, rtol=2e-2, atol=2e-2)
+
+
+def _hopper() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (JAX_PLATFORMS=cuda)")
+def test_the_real_kernels_on_a_hopper_gpu():
+  """At configs/small.yaml's widths (1536 x 512), 64 experts, ~2 microbatch rows per expert."""
+  rng = np.random.default_rng(0)
+  groups = np.bincount(rng.integers(0, 64, 6000), minlength=64).tolist()
+  x, w, cot, sizes = _inputs(6144, groups, 1536, 512, jnp.bfloat16)
+  _against_ragged_dot(x, w, cot, sizes, rtol=2e-2, atol=2e-2)
+
+
+def test_the_kernel_auto_takes_per_backend_and_what_a_named_one_needs():
+  hopper = {"dims": (1536, 512), "dtype": "bfloat16", "capability": 9.0}
+  assert experts.choose("auto", "cpu", **hopper) == ("blocked", "auto on CPU")
+  assert experts.choose("auto", "tpu", **hopper) == ("megablox", "auto on TPU")
+  assert experts.choose("auto", "gpu", **hopper) == ("ragged_dot", "auto on GPU")
+  assert experts.choose("mosaic_gpu", "gpu", **hopper) == ("mosaic_gpu", "asked for")
+  assert experts.choose("ragged_dot", "tpu", **hopper) == ("ragged_dot", "asked for")
+  for kernel, platform, change, message in [
+    ("megablox", "gpu", {}, "is a TPU kernel (these devices are gpu)"),
+    ("mosaic_gpu", "cpu", {}, "needs a compute capability 9.x GPU (these devices: cpu)"),
+    ("mosaic_gpu", "gpu", {"capability": 10.0}, "(these devices: compute capability 10)"),
+    ("mosaic_gpu", "gpu", {"dtype": "float32"}, "needs model.dtype bfloat16 or float16 (it is float32)"),
+    ("mosaic_gpu", "gpu", {"dims": (1536, 96)}, "multiples of 64 (they are 1536 and 96)"),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      experts.choose(kernel, platform, **{**hopper, **change})
+
+
+def test_a_kernel_these_devices_cannot_run_is_a_config_error_before_anything_compiles(tiny):
+  from mtp_jax.config import ConfigError
+  from mtp_jax.train.program import build
+
+  with pytest.raises(ConfigError, match=r"model\.moe\.kernel=mosaic_gpu: runs JAX's Hopper kernels"):
+    build(tiny("model.moe.mode=dropless", "model.moe.kernel=mosaic_gpu"), jax.devices()[:1])
+  program = build(tiny("model.moe.mode=dropless"), jax.devices()[:1])
+  assert program.experts == "blocked (auto on CPU)" and program.cfg.model.moe.kernel == "blocked"
+  assert build(tiny("model.moe.mode=capacity"), jax.devices()[:1]).experts is None
