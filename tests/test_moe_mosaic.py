@@ -136,8 +136,8 @@ def test_the_kernel_auto_takes_per_backend_and_what_a_named_one_needs():
   assert experts.choose("ragged_dot", "tpu", **hopper) == ("ragged_dot", "asked for")
   for kernel, platform, change, message in [
     ("megablox", "gpu", {}, "is a TPU kernel (these devices are gpu)"),
-    ("mosaic_gpu", "cpu", {}, "needs a compute capability 9.x GPU (these devices: cpu)"),
-    ("mosaic_gpu", "gpu", {"capability": 10.0}, "(these devices: compute capability 10)"),
+    ("mosaic_gpu", "cpu", {}, "is a GPU kernel (these devices are cpu)"),
+    ("mosaic_gpu", "gpu", {"capability": 10.0}, "needs compute capability 9.x (this GPU's is 10.0)"),
     ("mosaic_gpu", "gpu", {"dtype": "float32"}, "needs model.dtype bfloat16 or float16 (it is float32)"),
     ("mosaic_gpu", "gpu", {"dims": (1536, 96)}, "multiples of 64 (they are 1536 and 96)"),
   ]:
@@ -149,7 +149,7 @@ def test_a_kernel_these_devices_cannot_run_is_a_config_error_before_anything_com
   from mtp_jax.config import ConfigError
   from mtp_jax.train.program import build
 
-  with pytest.raises(ConfigError, match=r"model\.moe\.kernel=mosaic_gpu: runs JAX's Hopper kernels"):
+  with pytest.raises(ConfigError, match=r"model\.moe\.kernel=mosaic_gpu: is a GPU kernel \(these devices are cpu\)"):
     build(tiny("model.moe.mode=dropless", "model.moe.kernel=mosaic_gpu"), jax.devices()[:1])
   program = build(tiny("model.moe.mode=dropless"), jax.devices()[:1])
   assert program.experts == "blocked (auto on CPU)" and program.cfg.model.moe.kernel == "blocked"

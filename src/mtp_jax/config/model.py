@@ -85,7 +85,8 @@ class MoEConfig(Section):
   n_group: int = field(1, "Expert groups for group-limited routing (1: off).", ge=1)
   topk_group: int = field(1, "Groups kept per token, ranked by the sum of their top-2 scores.", ge=1)
   mode: Literal["dropless", "capacity"] = field(
-    "dropless", "dropless: sort + ragged_dot; capacity: fixed buffers, overflow dropped (not causal)."
+    "dropless",
+    "dropless: sort + grouped matmuls (model.moe.kernel); capacity: fixed buffers, overflow dropped (not causal).",
   )
   kernel: Literal["auto", "ragged_dot", "blocked", "megablox", "mosaic_gpu"] = field(
     "auto",

@@ -37,12 +37,13 @@ def choose(kernel: str, platform: str, *, dims: tuple[int, int], dtype: str, cap
   asked for by name that cannot run there is a ValueError naming why."""
   if kernel == "auto":
     return NATIVE.get(platform, "ragged_dot"), f"auto on {platform.upper()}"
-  if kernel == "megablox" and platform != "tpu":
-    raise ValueError(f"is a TPU kernel (these devices are {platform}); use auto, ragged_dot or blocked")
+  if ONLY_ON.get(kernel, platform) != platform:
+    raise ValueError(
+      f"is a {ONLY_ON[kernel].upper()} kernel (these devices are {platform}); use auto, ragged_dot or blocked"
+    )
   if kernel == "mosaic_gpu":
-    if platform != "gpu" or int(capability or 0) != 9:
-      where = f"compute capability {capability:g}" if platform == "gpu" and capability else platform
-      raise ValueError(f"runs JAX's Hopper kernels: it needs a compute capability 9.x GPU (these devices: {where})")
+    if int(capability or 0) != 9:
+      raise ValueError(f"runs JAX's Hopper kernels: it needs compute capability 9.x (this GPU's is {capability})")
     if dtype not in ("bfloat16", "float16"):
       raise ValueError(f"needs model.dtype bfloat16 or float16 (it is {dtype})")
     if any(d % 64 for d in dims):

@@ -146,7 +146,7 @@ def _log_header(program: Program, sources: list, compiled, work, log) -> None:
     f"model: {c.total_params:,} parameters ({c.active_params:,} active per token), "
     f"{c.train_flops_per_token / 1e6:,.1f} MFLOPs/token to train; mesh {dict(mesh.shape)}; "
     f"attention {program.attention}"
-    + (f", experts {program.experts}" if program.experts else "")
+    + (f", dropless experts {program.experts}" if program.experts else "")
     + (f", experts via {program.expert_dispatch}" if cfg.model.moe.num_experts and mesh.shape["expert"] > 1 else "")
     + (f", {accum} microbatches per step" if (accum := cfg.train.grad_accum_steps) > 1 else "")
   )
