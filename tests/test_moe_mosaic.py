@@ -99,18 +99,52 @@ def test_the_kernels_keep_the_arguments_we_pass():
   assert tiles | {"group_sizes"} <= set(inspect.signature(transposed_ragged_dot_mgpu.transposed_ragged_dot).parameters)
 
 
-@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"), reason="this JAX has no Mosaic GPU interpret mode")
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="on a GPU the real kernels run (below)")
-@pytest.mark.parametrize("n, groups", CASES[:1])
-def test_the_real_kernels_in_gpu_interpret_mode(monkeypatch, n, groups):
+def _interpret_kernels(monkeypatch):
+  """The Mosaic GPU kernels in JAX's GPU interpret mode on these CPU devices."""
   kernel = plgpu.kernel
   monkeypatch.setattr(plgpu, "kernel", lambda *a, **k: kernel(*a, **k, interpret=plgpu.InterpretGPUParams()))
   # The weight gradient's kernel sizes its grid by the device's SM count, which a CPU lacks.
   shim = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("__")})
   shim.devices = lambda *a: [types.SimpleNamespace(core_count=4)]
   monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", shim)
+
+
+@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"), reason="this JAX has no Mosaic GPU interpret mode")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="on a GPU the real kernels run (below)")
+@pytest.mark.parametrize("n, groups", CASES[:1])
+def test_the_real_kernels_in_gpu_interpret_mode(monkeypatch, n, groups):
+  _interpret_kernels(monkeypatch)
   x, w, cot, sizes = _inputs(n, groups, 64, 128, jnp.bfloat16)
   _against_ragged_dot(x, w, cot, sizes, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"), reason="this JAX has no Mosaic GPU interpret mode")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="on a GPU the real kernels run (below)")
+def test_a_train_step_with_the_real_kernels_in_gpu_interpret_mode_equals_ragged_dots(monkeypatch, tiny):
+  """The whole step: MoE in a layer and in the MTP module, 2 microbatches, bfloat16, 2 steps.
+  Without remat: the interpreter's callbacks are effects, which jax.checkpoint refuses."""
+  from mtp_jax.train.program import build
+
+  _interpret_kernels(monkeypatch)
+  monkeypatch.setattr(experts, "ONLY_ON", {**experts.ONLY_ON, "mosaic_gpu": "cpu"})
+  choose = experts.choose
+  monkeypatch.setattr(experts, "choose", lambda k, p, **kw: choose(k, p, **{**kw, "capability": 9.0}))
+  common = ["model.moe.mode=dropless", "model.dtype=bfloat16", "model.d_model=64", "model.moe.expert_d_ff=64"]
+  common += ["model.moe.num_experts=4", "model.moe.top_k=2", "model.mtp.depth=1", "train.remat=none"]
+  common += ["train.batch_size=4", "train.grad_accum_steps=2", "data.seq_len=32"]
+  runs = []
+  for kernel in ("ragged_dot", "mosaic_gpu"):
+    program = build(tiny(*common, f"model.moe.kernel={kernel}"), jax.devices()[:1])
+    assert program.experts == f"{kernel} (asked for)"
+    state, batch = program.init_state(), program.synthetic_batch()
+    for _ in range(2):
+      state, metrics = program.step(state, batch)
+    runs.append((metrics, jax.tree.leaves(state.params)))
+  (m0, p0), (m1, p1) = runs
+  np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m0["grad_norm"], rtol=1e-4)
+  for a, b in zip(p1, p0, strict=True):
+    np.testing.assert_allclose(a, b, atol=5e-4)
 
 
 def _hopper() -> bool:
