@@ -449,8 +449,12 @@ def test_a_trained_run_exports_its_latest_step_or_the_one_named(trained, tmp_pat
   latest, first = _exported(tmp_path / "latest"), _exported(tmp_path / "one")
   assert latest.keys() == first.keys()
   assert not np.array_equal(latest["model.layers.1.mlp.gate.weight"], first["model.layers.1.mlp.gate.weight"])
-  bias = latest["model.layers.1.mlp.gate.e_score_correction_bias"]  # one step of eq. 16 with gamma 1e-3
-  assert bias.dtype == np.float32 and np.allclose(np.abs(bias)[bias != 0], 2e-3) and np.any(bias != 0)
+  # The router bias after steps 1 and 2: each step of eq. 16 moves each expert's by -gamma, 0 (its
+  # load exactly the mean) or +gamma, gamma 1e-3.
+  b1, b2 = (run["model.layers.1.mlp.gate.e_score_correction_bias"] for run in (first, latest))
+  moves = np.stack([b1, b2 - b1]) / 1e-3
+  assert b2.dtype == np.float32 and np.any(b2 != 0)
+  assert np.allclose(moves, np.round(moves), atol=1e-3) and np.abs(np.round(moves)).max() == 1
   assert main(["--checkpoint", str(workdir / "checkpoints"), "--output", str(tmp_path / "c")]) == 0
   assert f"from {workdir / 'checkpoints' / '2'}:" in capsys.readouterr().out
   _, info = _load_hf(tmp_path / "latest")
