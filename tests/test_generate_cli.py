@@ -23,7 +23,8 @@ from mtp_jax.generate import load
 from mtp_jax.train import loop
 
 STEPS = 300  # enough that the MTP modules' drafts are sometimes right, sometimes wrong
-PROMPT = "def "  # 4 byte tokens; with NEW, well inside the context of 16
+PROMPTS = ("def ", "for ", "x = ", "retu")  # 4 byte tokens each (one compile); with NEW, well inside the context of 16
+PROMPT = PROMPTS[0]
 NEW = "10"
 
 
@@ -55,33 +56,38 @@ def _err_line(capsys) -> str:
 
 
 def test_greedy_speculative_output_is_the_plain_output_with_consistent_statistics(run, capsys):
-  args = ["--checkpoint", str(run), "--prompt", PROMPT, "--max-new-tokens", NEW, "--json"]
-  spec = _json(capsys, *args)
-  plain = _json(capsys, *args, "--no-speculative")
-  (out,) = spec["outputs"]
-  assert out["ids"] == plain["outputs"][0]["ids"]
-  assert out["prompt_ids"] == list(encode(PROMPT)) and out["prompt"] == PROMPT
-  assert out["text"] == plain["outputs"][0]["text"] and out["eos"] == (out["ids"][-1] == 256)
-  assert spec["step"] == STEPS and spec["checkpoint"] == str(run / "checkpoints" / str(STEPS))
-  assert spec["settings"] == dict(
-    temperature=0.0, top_p=1.0, seed=0, eos_id=256, max_new_tokens=10, speculative=True, draft_tokens=2, reuse=False,
-    context=16,
-  )  # fmt: skip
-  s, p = spec["stats"], plain["stats"]
-  assert s["new_tokens"] == len(out["ids"]) == p["new_tokens"] and s["decoded_tokens"] == s["new_tokens"] - 1
-  assert len(s["acceptance"]) == 2 and s["forward_passes"] == s["rounds"]  # one row: one pass per round
-  assert s["mean_accepted"] == pytest.approx(sum(s["acceptance"]))
-  assert s["accepted_length"] == pytest.approx(1 + s["mean_accepted"])
-  assert s["passes_per_token"] == pytest.approx(s["forward_passes"] / s["decoded_tokens"])
-  # Some drafts accepted and some rejected, or the equality above proves little: if training
-  # changes, pick a PROMPT for which this holds again.
-  assert 0 < s["mean_accepted"] < 2 and s["passes_per_token"] < 1
-  assert p["acceptance"] == [] and p["passes_per_token"] == 1 and p["accepted_length"] == 1
-  assert s["tokens_per_s"] > 0 and p["tokens_per_s"] > 0
+  mixed = []  # per prompt: were some drafts accepted and some rejected?
+  for prompt in PROMPTS:
+    args = ["--checkpoint", str(run), "--prompt", prompt, "--max-new-tokens", NEW, "--json"]
+    spec = _json(capsys, *args)
+    plain = _json(capsys, *args, "--no-speculative")
+    (out,) = spec["outputs"]
+    assert out["ids"] == plain["outputs"][0]["ids"]
+    assert out["prompt_ids"] == list(encode(prompt)) and out["prompt"] == prompt
+    assert out["text"] == plain["outputs"][0]["text"] and out["eos"] == (out["ids"][-1] == 256)
+    assert spec["step"] == STEPS and spec["checkpoint"] == str(run / "checkpoints" / str(STEPS))
+    assert spec["settings"] == dict(
+      temperature=0.0, top_p=1.0, seed=0, eos_id=256, max_new_tokens=10, speculative=True, draft_tokens=2,
+      reuse=False, context=16,
+    )  # fmt: skip
+    s, p = spec["stats"], plain["stats"]
+    assert s["new_tokens"] == len(out["ids"]) == p["new_tokens"] and s["decoded_tokens"] == s["new_tokens"] - 1
+    assert len(s["acceptance"]) == 2 and s["forward_passes"] == s["rounds"]  # one row: one pass per round
+    assert s["mean_accepted"] == pytest.approx(sum(s["acceptance"]))
+    assert s["accepted_length"] == pytest.approx(1 + s["mean_accepted"])
+    assert s["passes_per_token"] == pytest.approx(s["forward_passes"] / s["decoded_tokens"])
+    assert p["acceptance"] == [] and p["passes_per_token"] == 1 and p["accepted_length"] == 1
+    assert s["tokens_per_s"] > 0 and p["tokens_per_s"] > 0
+    mixed.append(0 < s["mean_accepted"] < 2 and s["passes_per_token"] < 1)
+  # Some drafts accepted and some rejected for some prompt, or the equalities above prove little
+  # (which prompt does depends on the trained weights, so on JAX's numerics: jax 0.11's run accepts
+  # every draft for "def "). If training changes, add a prompt for which this holds again.
+  assert any(mixed), mixed
 
-  assert main(args[:-1]) == 0  # without --json: the text on stdout, the statistics on stderr
+  args = ["--checkpoint", str(run), "--prompt", PROMPT, "--max-new-tokens", NEW]
+  assert main(args) == 0  # without --json: the text on stdout, the statistics on stderr
   text = capsys.readouterr()
-  assert text.out == _line(out["text"])
+  assert text.out == _line(_json(capsys, *args, "--json")["outputs"][0]["text"])
   for line in ["decoding        speculative, 2 drafts per round; greedy", "tokens/s", "draft 2: ", "accepted length"]:
     assert line in text.err
 
