@@ -135,13 +135,14 @@ def main(argv=None) -> int:
     if args.stop_after is not None and time.monotonic() - start > args.stop_after:
       print(f"| {name} | {d} | {t} | skipped: --stop-after {args.stop_after:g} s passed |", flush=True)
       continue
+    row = {"variant": name, "overrides": overrides, "jax": options, "depth": d, "trainable": t}
     try:
       with jax_options(options):
         r = measure(cfg, args.steps, args.warmup)
     except Exception as err:  # a kernel that refuses the shapes, or memory: the other rows still run
       why = f"{type(err).__name__}: {first_line(err)}"[:300]
       print(f"| {name} | {d} | {t} | failed: {why} |", flush=True)
-      out.append({"variant": name, "overrides": overrides, "jax": options, "depth": d, "trainable": t, "error": why})
+      out.append({**row, "error": why})
       failed = True
       dump(out)
       continue
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
       f"{r['step_time'] / base['step_time']:.3f} | {r['flops_per_token'] / base['flops_per_token']:.3f} |",
       flush=True,
     )
-    out.append({"variant": name, "overrides": overrides, "jax": options, "depth": d, "trainable": t, **r})
+    out.append({**row, **r})
     dump(out)
   return 1 if failed else 0
 

@@ -21,8 +21,9 @@ import tempfile
 def _xla_accepts(flag: str) -> bool:
   """Whether this jaxlib's XLA takes `flag` (an unknown flag in XLA_FLAGS aborts the process, and
   XLA drops flags like this one when the older path goes: jaxlib 0.11 did). Asked of XLA itself,
-  in a child process (2 s, once: xdist's workers inherit the answer); the flag's name among
-  jaxlib's bytes is no answer, as 0.11 keeps it as a reserved name in a proto descriptor."""
+  in a child process (2 s; xdist's workers inherit a yes with the flag and ask again after a no);
+  the flag's name among jaxlib's bytes is no answer, as 0.11 keeps it as a reserved name in a
+  proto descriptor."""
   import subprocess
   import sys
 
@@ -34,7 +35,7 @@ def _xla_accepts(flag: str) -> bool:
 
 _FLAGS = ["--xla_backend_optimization_level=0", "--xla_cpu_multi_thread_eigen=false"]
 _FLAGS += ["--xla_cpu_use_fusion_emitters=false", "--xla_force_host_platform_device_count=8"]
-# Each flag once: xdist's workers inherit the flags the controller set (and skip the jaxlib scan).
+# Each flag once: xdist's workers inherit the flags the controller set (and then ask XLA nothing).
 _missing = [f for f in _FLAGS if f not in os.environ.get("XLA_FLAGS", "").split()]
 if "--xla_cpu_use_fusion_emitters=false" in _missing and not _xla_accepts("--xla_cpu_use_fusion_emitters=false"):
   _missing.remove("--xla_cpu_use_fusion_emitters=false")

@@ -99,6 +99,13 @@ def test_the_kernels_keep_the_arguments_we_pass():
   assert tiles | {"group_sizes"} <= set(inspect.signature(transposed_ragged_dot_mgpu.transposed_ragged_dot).parameters)
 
 
+# Where the tests below run the real kernels in JAX's GPU interpret mode.
+INTERPRETED = pytest.mark.skipif(
+  not hasattr(plgpu, "InterpretGPUParams") or jax.default_backend() != "cpu",
+  reason="needs JAX's Mosaic GPU interpret mode (JAX 0.11) on CPU devices; on a GPU the real kernels run (below)",
+)
+
+
 def _interpret_kernels(monkeypatch):
   """The Mosaic GPU kernels in JAX's GPU interpret mode on these CPU devices."""
   kernel = plgpu.kernel
@@ -109,8 +116,7 @@ def _interpret_kernels(monkeypatch):
   monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", shim)
 
 
-@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"), reason="this JAX has no Mosaic GPU interpret mode")
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="on a GPU the real kernels run (below)")
+@INTERPRETED
 @pytest.mark.parametrize("n, groups", CASES[:1])
 def test_the_real_kernels_in_gpu_interpret_mode(monkeypatch, n, groups):
   _interpret_kernels(monkeypatch)
@@ -118,8 +124,7 @@ def test_the_real_kernels_in_gpu_interpret_mode(monkeypatch, n, groups):
   _against_ragged_dot(x, w, cot, sizes, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.skipif(not hasattr(plgpu, "InterpretGPUParams"), reason="this JAX has no Mosaic GPU interpret mode")
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="on a GPU the real kernels run (below)")
+@INTERPRETED
 def test_a_train_step_with_the_real_kernels_in_gpu_interpret_mode_equals_ragged_dots(monkeypatch, tiny):
   """The whole step: MoE in a layer and in the MTP module, 2 microbatches, bfloat16, 2 steps.
   Without remat: the interpreter's callbacks are effects, which jax.checkpoint refuses."""
