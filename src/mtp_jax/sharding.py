@@ -114,6 +114,24 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, named(names, x.shape, *active))
 
 
+def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, NamedSharding] | None:
+  """(tokens, rows) layouts for looking up rows of a (vocab, embed) table: the batch over the
+  activation batch axes that do not split the table's embed dimension, and the rows split along
+  embed as the table is. A device then reads only its own slice of the table, and the lookup's
+  gradient is a local scatter-add into that slice; the move to the activation layout (one
+  all-to-all) is pinned on both passes. Left to itself, XLA gathered every device's gradient rows
+  to every device where both data and fsdp split the batch. None outside `activate`."""
+  active = _ACTIVE.get()
+  if active is None:
+    return None
+  mesh, rules = active
+  embed = axes_of(spec(("vocab", "embed"), table_shape, mesh, rules)[1])
+  batch, length = spec(("act_batch", "act_length"), tokens_shape, mesh, rules)
+  batch = tuple(a for a in axes_of(batch) if a not in embed) or None
+  embed = None if not embed else embed[0] if len(embed) == 1 else embed
+  return NamedSharding(mesh, PartitionSpec(batch, length)), NamedSharding(mesh, PartitionSpec(batch, length, embed))
+
+
 def tree_shardings(tree, mesh: Mesh, rules: Rules):
   """Shardings for a pytree of (abstract) arrays: nnx Variables by their `axes` metadata,
   everything else replicated."""

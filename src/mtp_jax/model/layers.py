@@ -119,7 +119,13 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-    x_BxLxD = jnp.take(self.table[...], tokens_BxL, axis=0).astype(self.dtype)
+    table_VxD = self.table[...]
+    placed = sharding.lookup_layout(table_VxD.shape, tokens_BxL.shape)
+    if placed:  # each device looks up its slice of D for its group's tokens, where the table lies
+      tokens_BxL = jax.lax.with_sharding_constraint(tokens_BxL, placed[0])
+    x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
+    if placed:
+      x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, placed[1])
     return sharding.constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
 
 

@@ -1,0 +1,65 @@
+"""The token embedding on 8 fake devices: the same rows and table gradient as one device, and no
+device handed the whole batch's rows (or their gradient) to look up or scatter-add."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtp_jax import sharding
+from mtp_jax.config import MeshConfig
+from mtp_jax.model.layers import Embed
+
+B, L, D, V = 8, 16, 32, 64
+
+
+def _embed_and_grad(table_VxD, tokens_BxL, cot_BxLxD):
+  """(the looked-up rows, the table's gradient under the cotangent `cot_BxLxD`)."""
+
+  def lookup(table):
+    embed = Embed(V, D, rngs=nnx.Rngs(0), std=0.02, dtype=jnp.float32, param_dtype=jnp.float32)
+    embed.table[...] = table
+    return embed(tokens_BxL)
+
+  x, pullback = jax.vjp(lookup, table_VxD)
+  return x, pullback(cot_BxLxD)[0]
+
+
+@pytest.mark.parametrize(
+  "axes",
+  [
+    {"data": 2, "fsdp": 4},  # the case XLA left to itself gathered: batch over data and fsdp, the table's D over fsdp
+    {"data": 1, "fsdp": 8},
+    {"data": 2, "fsdp": 2, "tensor": 2},  # the vocabulary over tensor as well
+    {"data": 2, "fsdp": 2, "sequence": 2},
+    {"data": 8},
+  ],
+)
+def test_the_lookup_equals_one_device_and_moves_no_whole_batch(axes):
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+  tokens = tokens.at[0, :4].set(7)  # one row repeated: the gradient sums over repeats
+  cot = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  want_x, want_grad = jax.jit(_embed_and_grad)(table, tokens, cot)
+
+  cfg = MeshConfig(**axes)
+  mesh = sharding.make_mesh(cfg)
+  with sharding.activate(mesh, cfg.rules):
+    act = sharding.named(("act_batch", "act_length", "act_embed"), cot.shape, mesh, cfg.rules)
+    args = (
+      jax.device_put(table, sharding.named(("vocab", "embed"), table.shape, mesh, cfg.rules)),
+      jax.device_put(tokens, sharding.named(("act_batch", "act_length"), tokens.shape, mesh, cfg.rules)),
+      jax.device_put(cot, act),
+    )
+    fn = jax.jit(_embed_and_grad).lower(*args).compile()
+  x, grad = fn(*args)
+  np.testing.assert_array_equal(x, want_x)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)
+  assert x.sharding.is_equivalent_to(act, 3)
+  # Each device holds B / (the batch's ways) rows; none gathers the batch's rows of D, or a slice of D for all of them.
+  gathered = re.findall(rf"= f32\[{B},{L},\d+\]\S* all-gather", fn.as_text())
+  assert not gathered, gathered
