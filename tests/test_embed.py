@@ -29,24 +29,25 @@ def _embed_and_grad(table_VxD, tokens_BxL, cot_BxLxD):
 
 
 @pytest.mark.parametrize(
-  "axes",
+  "axes, rules",
   [
-    {"data": 2, "fsdp": 4},  # the case XLA left to itself gathered: batch over data and fsdp, the table's D over fsdp
-    {"data": 1, "fsdp": 8},
-    {"data": 2, "fsdp": 2, "tensor": 2},  # the vocabulary over tensor as well
-    {"data": 2, "fsdp": 2, "sequence": 2},
-    {"data": 8},
+    ({"data": 2, "fsdp": 4}, {}),  # what XLA left to itself gathered: the batch over data and fsdp, D over fsdp
+    ({"data": 1, "fsdp": 8}, {}),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, {}),  # the vocabulary over tensor as well
+    ({"data": 2, "fsdp": 2, "sequence": 2}, {}),
+    ({"data": 2, "fsdp": 2, "sequence": 2}, {"embed": ["fsdp", "sequence"]}),  # D split by the sequence's axis too
+    ({"data": 8}, {}),
   ],
 )
-def test_the_lookup_equals_one_device_and_moves_no_whole_batch(axes):
+def test_the_lookup_equals_one_device_and_moves_no_whole_batch(axes, rules):
   rng = np.random.default_rng(0)
   table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
   tokens = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
   tokens = tokens.at[0, :4].set(7)  # one row repeated: the gradient sums over repeats
   cot = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
-  want_x, want_grad = jax.jit(_embed_and_grad)(table, tokens, cot)
+  want_x, want_grad = jax.jit(_embed_and_grad)(table, tokens, cot)  # outside `activate`: no layouts pinned
 
-  cfg = MeshConfig(**axes)
+  cfg = MeshConfig(**axes, rules=rules)
   mesh = sharding.make_mesh(cfg)
   with sharding.activate(mesh, cfg.rules):
     act = sharding.named(("act_batch", "act_length", "act_embed"), cot.shape, mesh, cfg.rules)
@@ -55,7 +56,8 @@ def test_the_lookup_equals_one_device_and_moves_no_whole_batch(axes):
       jax.device_put(tokens, sharding.named(("act_batch", "act_length"), tokens.shape, mesh, cfg.rules)),
       jax.device_put(cot, act),
     )
-    fn = jax.jit(_embed_and_grad).lower(*args).compile()
+    # A new function: JAX's trace cache knows nothing of the active mesh and rules.
+    fn = jax.jit(lambda *a: _embed_and_grad(*a)).lower(*args).compile()
   x, grad = fn(*args)
   np.testing.assert_array_equal(x, want_x)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)

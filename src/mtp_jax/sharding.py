@@ -60,7 +60,7 @@ def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: R
         continue
       axes.append(ax)
       used.add(ax)
-    out.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    out.append(_entry(axes))
   return PartitionSpec(*out)
 
 
@@ -126,10 +126,17 @@ def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, NamedShardi
     return None
   mesh, rules = active
   embed = axes_of(spec(("vocab", "embed"), table_shape, mesh, rules)[1])
-  batch, length = spec(("act_batch", "act_length"), tokens_shape, mesh, rules)
-  batch = tuple(a for a in axes_of(batch) if a not in embed) or None
-  embed = None if not embed else embed[0] if len(embed) == 1 else embed
-  return NamedSharding(mesh, PartitionSpec(batch, length)), NamedSharding(mesh, PartitionSpec(batch, length, embed))
+  batch, length = (
+    _entry([a for a in axes_of(e) if a not in embed])
+    for e in spec(("act_batch", "act_length"), tokens_shape, mesh, rules)
+  )
+  rows = PartitionSpec(batch, length, _entry(embed))
+  return NamedSharding(mesh, PartitionSpec(batch, length)), NamedSharding(mesh, rows)
+
+
+def _entry(axes: Sequence[str]):
+  """One PartitionSpec entry for mesh axes (the inverse of `axes_of`)."""
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def tree_shardings(tree, mesh: Mesh, rules: Rules):
