@@ -301,4 +301,11 @@ def test_the_report_counts_what_each_chip_runs(run, tmp_path):
       assert any(line.startswith("note ") and "whole microbatch" in line for line in out), out
     else:
       assert r["partitioned_flops"] / r["traced_flops"] <= 1.15 and r["repeated"] is None and not warnings
+    comms = [line for line in out if line.startswith("comms ")]
+    assert len(comms) == 1 and "all-reduce" in comms[0], out
   assert figures["gspmd"]["traced_flops"] == pytest.approx(figures["auto"]["traced_flops"], rel=0.02)
+  # What each chip sends: with its own tokens' experts, only the sums of gradients and metrics
+  # (all-reduces); gspmd moves every token's activations besides.
+  sent = {k: sum(c["sent"] for c in r["collectives"]["each"]) for k, r in figures.items()}
+  assert {c["kind"] for c in figures["auto"]["collectives"]["each"]} == {"all-reduce"}
+  assert sent["gspmd"] > 1.5 * sent["auto"] > 0, sent

@@ -11,6 +11,7 @@ import math
 import re
 import time
 
+from mtp_jax import hlo
 from mtp_jax.errors import first_line
 from mtp_jax.topology import CHIPS, DEVICE_KINDS, Chip, GiB, Topology, devices
 
@@ -46,6 +47,7 @@ class Report:
   traced_flops: float | None  # matmul FLOPs of the traced program, global shapes split evenly over the chips
   partitioned_flops: float | None  # matmul FLOPs of the compiled program one chip runs: the roofline's
   repeated: str | None  # when a chip runs over 1.15x its share of the traced matmuls: how much, and where
+  collectives: hlo.Collectives | None  # what a chip sends to others per step, by collective
   xla_bytes: float | None  # XLA's HBM bytes accessed, the accumulation loop's body x its count: a floor
   xla_optimal_seconds: float | None  # raw; see _estimate
   peak_flops: float | None
@@ -68,7 +70,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   chip = topo.chip or CHIPS.get(DEVICE_KINDS.get(devs[0].device_kind, ""))
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
   state = state_bytes(program.abstract_state)
-  compiled, error, lower_s, compile_s, traced_flops, work = None, None, 0.0, 0.0, None, None
+  compiled, error, lower_s, compile_s, traced_flops, work, comms = None, None, 0.0, 0.0, None, None, None
   if not (hbm and state > hbm):  # else no compile can fit: say so now, not after many minutes
     start = time.perf_counter()
     traced = program.step.trace(program.abstract_state, program.abstract_batch())
@@ -83,7 +85,8 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
       error = first_line(err)
     compile_s = time.perf_counter() - start - lower_s
     if compiled:
-      work = chip_work(traced.jaxpr, compiled.as_text(), len(devs))
+      text = compiled.as_text()
+      work, comms = chip_work(traced.jaxpr, text, len(devs)), hlo.collectives(text)
 
   accum = program.cfg.train.grad_accum_steps  # resolved: -1 becomes a count for this mesh
   m = cfg.model.moe
@@ -136,6 +139,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     traced_flops=traced_flops,
     partitioned_flops=work.partitioned if work else None,
     repeated=work.warning() if work else None,
+    collectives=comms,
     xla_bytes=xla_bytes,
     xla_optimal_seconds=counts.get("optimal_seconds"),
     peak_flops=peak_flops(devs[0]),
@@ -247,6 +251,19 @@ def _experts(r: Report) -> str:
   )
 
 
+def _collectives(c: hlo.Collectives, largest: int = 3) -> list[str]:
+  """What a chip sends, by kind, then the largest collectives with the operation they serve:
+  where a whole batch's activations or gradients travel, it shows here."""
+  if not c.each:
+    return ["comms      no collective: each chip runs alone"]
+  kinds = ", ".join(f"{kind} {_size(b)} in {_count(n)} calls" for kind, (b, n) in c.by_kind().items())
+  lines = [f"comms      per chip per step, sent ((n-1)/n of each collective's data, all-reduce twice): {kinds}"]
+  for x in c.each[:largest]:
+    where = f"from {x.op}" if x.op else "no op named"
+    lines.append(f"           {_size(x.sent)}: {x.kind} of {x.shape}, {_count(x.calls)} a step, {where}")
+  return lines
+
+
 def describe(r: Report) -> list[str]:
   """The report as a few readable lines, the verdict last."""
   slices = f" in {r.slices} slices" if r.slices > 1 else ""
@@ -288,6 +305,8 @@ def describe(r: Report) -> list[str]:
   lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{traffic}")
   if r.repeated:
     lines.append(f"warning    {r.repeated}")
+  if r.collectives:
+    lines += _collectives(r.collectives)
   if r.step_s:
     lines.append(
       f"step time  >= {_seconds(r.step_s)}, a roofline: max(FLOPs / "

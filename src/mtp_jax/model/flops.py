@@ -12,6 +12,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax import hlo
 from mtp_jax.config import ModelConfig
 
 
@@ -148,7 +149,7 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
       elif name == "shard_map":
         total.update(walk(eqn.params["jaxpr"], 1.0))
       elif name == "scan":
-        total.update(_times(walk(eqn.params["jaxpr"].jaxpr, share), eqn.params["length"]))
+        total.update(hlo.times(walk(eqn.params["jaxpr"].jaxpr, share), eqn.params["length"]))
       elif name == "cond":
         total.update(max((walk(b.jaxpr, share) for b in eqn.params["branches"]), key=lambda c: sum(c.values())))
       else:  # pjit, remat, custom_vjp, ...: their bodies once (a while_loop's too: no trip count)
@@ -193,18 +194,8 @@ def einsum_of(name: str) -> str:
   return found[-1] if found else next((k for k in ("ragged_dot", "pallas_call") if k in name), "")
 
 
-def _times(counter: collections.Counter, n: float) -> collections.Counter:
-  return collections.Counter({k: v * n for k, v in counter.items()})
-
-
 # ---- Matmul FLOPs of a compiled, partitioned program ------------------------------------
 
-_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
-_ARRAY = re.compile(r"^[a-z0-9]+\[([0-9,]*)\]")
-_CALLEE = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([^\s,(){}]+)")
-_CALLEES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _GEMMS = ("__cublas$gemm", "__cublas$lt$matmul")  # XLA:GPU's matmul custom-calls
 
 
@@ -220,47 +211,20 @@ def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
   after partitioning, so each shape is what one device holds. Counts `dot`, `convolution`,
   `ragged-dot`, XLA:GPU's cuBLAS calls and Mosaic kernels by their cost estimate (XLA:TPU's
   ragged dot), inside fusions and calls, a while loop's body times the trip count XLA annotated,
-  a conditional's costliest branch. cuDNN's fused attention is not counted."""
-  computations: dict[str, list[tuple[str, str, str]]] = {}
-  shapes: dict[str, str] = {}
-  entry, current = None, None
-  for line in hlo_text.splitlines():
-    if m := _HEADER.match(line):
-      current = computations.setdefault(m[1], [])
-      if line.startswith("ENTRY"):
-        entry = m[1]
-    elif current is not None and (m := _INSTRUCTION.match(line)):
-      shape, rest = _split_shape(m[2])
-      opcode, _, rest = rest.partition("(")
-      current.append((shape, opcode, rest, m[1]))
-      shapes[m[1]] = shape
-  unknown = [0]
+  a conditional's costliest branch (hlo.walk). cuDNN's fused attention is not counted."""
 
-  @functools.cache
-  def total(name: str) -> collections.Counter:
-    flops = collections.Counter()
-    for shape, opcode, rest, instruction in computations.get(name, []):
-      if own := _instruction_flops(shape, opcode, rest, shapes, instruction):
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        # XLA:TPU names no op for splash's kernels: their key is the traced one, "pallas_call".
-        flops[einsum_of(op_name[1] if op_name else "pallas_call" if _SPLASH.match(instruction) else "")] += own
-      called = _CALLEE.findall(rest)
-      called += [c.strip().lstrip("%") for group in _CALLEES.findall(rest) for c in group.split(",") if c.strip()]
-      if opcode == "while":
-        body = total(re.search(r"\bbody=%([^\s,(){}]+)", rest)[1])
-        condition = computations.get(re.search(r"\bcondition=%([^\s,(){}]+)", rest)[1])
-        trip = int(m[1]) if (m := _TRIP.search(rest)) else _counted_to(condition)
-        unknown[0] += trip is None and bool(body)
-        flops.update(_times(body, trip or 1))
-      elif opcode == "conditional":
-        flops.update(max((total(c) for c in called), key=lambda c: sum(c.values()), default={}))
-      else:
-        for c in called:
-          flops.update(total(c))
-    return flops
+  def measure(ins: hlo.Instruction, module: hlo.Module) -> collections.Counter | None:
+    own = _instruction_flops(ins.shape, ins.opcode, ins.rest, module.shapes, ins.name)
+    if not own:
+      return None
+    op_name = re.search(r'op_name="([^"]*)"', ins.rest)
+    # XLA:TPU names no op for splash's kernels: their key is the traced one, "pallas_call".
+    return collections.Counter(
+      {einsum_of(op_name[1] if op_name else "pallas_call" if _SPLASH.match(ins.name) else ""): own}
+    )
 
-  groups = total(entry) if entry else collections.Counter()
-  return CompiledFlops(sum(groups.values()), dict(groups), unknown[0])
+  groups, unknown = hlo.walk(hlo.parse(hlo_text), measure)
+  return CompiledFlops(sum(groups.values()), dict(groups), unknown)
 
 
 def _convolution_flops(shape: str, rest: str, lhs: tuple[int, ...], rhs: tuple[int, ...]) -> float:
@@ -269,7 +233,7 @@ def _convolution_flops(shape: str, rest: str, lhs: tuple[int, ...], rhs: tuple[i
   or base-dilated holes so that one tap per output reads input; counting every tap would count
   those matmuls several times over."""
   labels = re.search(r"dim_labels=([^_]+)_([^-]+)->(\S+?)[,\s]", rest + " ")
-  out = _dims(shape)
+  out = hlo.dims(shape)
   if not labels or (len(labels[1]), len(labels[2]), len(labels[3])) != (len(lhs), len(rhs), len(out)):
     return 0.0
   lhs_labels, rhs_labels, out_labels = labels[1], labels[2], labels[3]
@@ -309,74 +273,32 @@ def _reading_taps(n: int, k: int, stride: int, low: int, high: int, lhs_dilate: 
   return int(np.count_nonzero((p >= 0) & (p < extent) & (p % lhs_dilate == 0)))
 
 
-def _counted_to(condition) -> int | None:
-  """The trip count of a loop whose condition is `counter < N`, N its one constant: JAX's scans
-  count from 0 by 1 (XLA:TPU's compiled loops carry no `known_trip_count`)."""
-  constants = [
-    int(m[1]) for _, op, rest, _ in condition or () if op == "constant" and (m := re.match(r"(-?\d+)\)", rest))
-  ]
-  compare = [rest for _, op, rest, _ in condition or () if op == "compare"]
-  if len(constants) != 1 or len(compare) != 1 or "direction=LT" not in compare[0]:
-    return None
-  return constants[0]
-
-
-def _split_shape(text: str) -> tuple[str, str]:
-  """'f32[2,3]{1,0} dot(...)' -> ('f32[2,3]{1,0}', 'dot(...)'); a tuple shape in parentheses whole."""
-  if not text.startswith("("):
-    shape, _, rest = text.partition(" ")
-    return shape, rest
-  depth = 0
-  for i, ch in enumerate(text):
-    depth += {"(": 1, ")": -1}.get(ch, 0)
-    if depth == 0:
-      return text[: i + 1], text[i + 1 :].lstrip()
-  return text, ""
-
-
-def _dims(shape: str) -> tuple[int, ...]:
-  if shape.startswith("("):  # a tuple: its first array (a custom-call's result before its workspace)
-    shape = shape[1:]
-  m = _ARRAY.match(shape)
-  return tuple(int(d) for d in m[1].split(",") if d) if m else ()
-
-
-def _attr(rest: str, key: str) -> list[int]:
-  m = re.search(rf"\b{key}=\{{([0-9,]*)\}}", rest)
-  return [int(d) for d in m[1].split(",") if d] if m else []
-
-
-def _operands(rest: str) -> list[str]:
-  head = rest[: rest.find(")")] if ")" in rest else rest
-  return [op.strip().split(" ")[-1].lstrip("%") for op in head.split(",") if op.strip()]
-
-
 def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str], name: str = "") -> float:
   """2 FLOPs per multiply-add of one dot-like instruction (`name`: the instruction's)."""
   if opcode not in ("dot", "convolution", "ragged-dot", "custom-call"):
     return 0.0
-  out = math.prod(_dims(shape))
-  ops = _operands(rest)
+  out = math.prod(hlo.dims(shape))
+  ops = hlo.operands(rest)
   if opcode == "dot":
-    lhs = _dims(shapes.get(ops[0], ""))
-    return 2.0 * out * math.prod(lhs[d] for d in _attr(rest, "lhs_contracting_dims"))
+    lhs = hlo.dims(shapes.get(ops[0], ""))
+    return 2.0 * out * math.prod(lhs[d] for d in hlo.attr(rest, "lhs_contracting_dims"))
   if opcode == "ragged-dot":
-    lhs, groups = _dims(shapes.get(ops[0], "")), _dims(shapes.get(ops[2], ""))
-    contracting = _attr(rest, "lhs_contracting_dims")
+    lhs, groups = hlo.dims(shapes.get(ops[0], "")), hlo.dims(shapes.get(ops[2], ""))
+    contracting = hlo.attr(rest, "lhs_contracting_dims")
     # Ragged rows contracted (the weight gradient): each group's outputs sum over its own rows.
-    share = groups[-1] if set(_attr(rest, "lhs_ragged_dims")) & set(contracting) else 1
+    share = groups[-1] if set(hlo.attr(rest, "lhs_ragged_dims")) & set(contracting) else 1
     return 2.0 * out * math.prod(lhs[d] for d in contracting) / share
   if opcode == "convolution":
-    return _convolution_flops(shape, rest, _dims(shapes.get(ops[0], "")), _dims(shapes.get(ops[1], "")))
+    return _convolution_flops(shape, rest, hlo.dims(shapes.get(ops[0], "")), hlo.dims(shapes.get(ops[1], "")))
   if 'custom_call_target="tpu_custom_call"' in rest:  # a Mosaic kernel (ragged_dot on TPU): its own estimate
     estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"', rest)
     if estimate:
       return float(estimate[1])
     operands = rest.partition("operand_layout_constraints={")[2].partition("=")[0]  # its operands' shapes
-    return splash_flops(name, [_dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)])
+    return splash_flops(name, [hlo.dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)])
   if any(f'custom_call_target="{g}"' in rest for g in _GEMMS):
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
-    lhs = _dims(shapes.get(ops[0], ""))
+    lhs = hlo.dims(shapes.get(ops[0], ""))
     dims = [int(d.strip('"')) for d in contracting[1].split(",") if d.strip()] if contracting else []
     return 2.0 * out * math.prod(lhs[d] for d in dims)
   return 0.0

@@ -1,0 +1,302 @@
+"""Reading a compiled program's HLO text (`jit(f).lower(...).compile().as_text()`): what one
+device runs, after partitioning, so each shape is one device's. `parse` splits the text into
+computations; `walk` sums a measure of each instruction over one call of the program, through
+fusions and calls, a while loop's body times its trip count, a conditional's costliest branch.
+model/flops.py measures the matmuls with it; `collectives` below measures what each device
+sends to the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable
+
+_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+_ARRAY = re.compile(r"^[a-z0-9]+\[([0-9,]*)\]")
+_ARRAYS = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_CALLEE = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([^\s,(){}]+)")
+_CALLEES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+class Instruction(collections.namedtuple("Instruction", "name shape opcode rest")):
+  """`%name = shape opcode(rest`: rest is the operands and attributes after the parenthesis."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+  computations: dict[str, list[Instruction]]
+  shapes: dict[str, str]  # every instruction's result shape, by name (names are unique in a module)
+  entry: str | None
+  partitions: int  # devices the program is partitioned over
+
+
+def parse(text: str) -> Module:
+  computations: dict[str, list[Instruction]] = {}
+  shapes: dict[str, str] = {}
+  entry, current = None, None
+  for line in text.splitlines():
+    if m := _HEADER.match(line):
+      current = computations.setdefault(m[1], [])
+      if line.startswith("ENTRY"):
+        entry = m[1]
+    elif current is not None and (m := _INSTRUCTION.match(line)):
+      shape, rest = split_shape(m[2])
+      opcode, _, rest = rest.partition("(")
+      current.append(Instruction(m[1], shape, opcode, rest))
+      shapes[m[1]] = shape
+  partitions = re.search(r"\bnum_partitions=(\d+)", text.partition("\n")[0])
+  return Module(computations, shapes, entry, int(partitions[1]) if partitions else 1)
+
+
+Measure = Callable[[Instruction, Module], "collections.Counter | None"]
+
+
+def walk(module: Module, measure: Measure) -> tuple[collections.Counter, int]:
+  """(the sum of `measure` over one call of the entry computation, the while loops that hold a
+  measured instruction but have no known trip count, each counted as running once)."""
+  unknown = [0]
+
+  @functools.cache
+  def total(name: str) -> collections.Counter:
+    sums = collections.Counter()
+    for ins in module.computations.get(name, []):
+      if own := measure(ins, module):
+        sums.update(own)
+      if ins.opcode.endswith(("-done", "-update")):  # an async computation runs once, under its start
+        continue
+      called = _CALLEE.findall(ins.rest)
+      called += [c.strip().lstrip("%") for group in _CALLEES.findall(ins.rest) for c in group.split(",") if c.strip()]
+      if ins.opcode == "while":
+        body = total(re.search(r"\bbody=%([^\s,(){}]+)", ins.rest)[1])
+        condition = module.computations.get(re.search(r"\bcondition=%([^\s,(){}]+)", ins.rest)[1])
+        trip = int(m[1]) if (m := _TRIP.search(ins.rest)) else counted_to(condition)
+        unknown[0] += trip is None and bool(body)
+        sums.update(times(body, trip or 1))
+      elif ins.opcode == "conditional":
+        sums.update(max((total(c) for c in called), key=lambda c: sum(c.values()), default={}))
+      else:
+        for c in called:
+          sums.update(total(c))
+    return sums
+
+  sums = total(module.entry) if module.entry else collections.Counter()
+  return sums, unknown[0]
+
+
+def times(counter: collections.Counter, n: float) -> collections.Counter:
+  return collections.Counter({k: v * n for k, v in counter.items()})
+
+
+def counted_to(condition: list[Instruction] | None) -> int | None:
+  """The trip count of a loop whose condition is `counter < N`, N its one constant: JAX's scans
+  count from 0 by 1 (XLA:TPU's compiled loops carry no `known_trip_count`)."""
+  constants = [
+    int(m[1]) for ins in condition or () if ins.opcode == "constant" and (m := re.match(r"(-?\d+)\)", ins.rest))
+  ]
+  compare = [ins.rest for ins in condition or () if ins.opcode == "compare"]
+  if len(constants) != 1 or len(compare) != 1 or "direction=LT" not in compare[0]:
+    return None
+  return constants[0]
+
+
+def split_shape(text: str) -> tuple[str, str]:
+  """'f32[2,3]{1,0} dot(...)' -> ('f32[2,3]{1,0}', 'dot(...)'); a tuple shape in parentheses whole."""
+  if not text.startswith("("):
+    shape, _, rest = text.partition(" ")
+    return shape, rest
+  depth = 0
+  for i, ch in enumerate(text):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if depth == 0:
+      return text[: i + 1], text[i + 1 :].lstrip()
+  return text, ""
+
+
+def dims(shape: str) -> tuple[int, ...]:
+  if shape.startswith("("):  # a tuple: its first array (a custom-call's result before its workspace)
+    shape = shape[1:]
+  m = _ARRAY.match(shape)
+  return tuple(int(d) for d in m[1].split(",") if d) if m else ()
+
+
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "bf16": 16, "f16": 16, "s16": 16, "u16": 16, "c64": 64}
+_BITS |= {"f32": 32, "s32": 32, "u32": 32, "f64": 64, "s64": 64, "u64": 64, "c128": 128}
+
+
+def nbytes(shape: str) -> float:
+  """Bytes of every array in a shape, a tuple's summed (layouts and memory spaces ignored)."""
+  total = 0.0
+  for dtype, sizes in _ARRAYS.findall(shape.split("{")[0] if not shape.startswith("(") else shape):
+    bits = _BITS.get(dtype, 8 if dtype.startswith("f8") else None)
+    if bits:
+      total += math.prod(int(d) for d in sizes.split(",") if d) * bits / 8
+  return total
+
+
+def attr(rest: str, key: str) -> list[int]:
+  m = re.search(rf"\b{key}=\{{([0-9,]*)\}}", rest)
+  return [int(d) for d in m[1].split(",") if d] if m else []
+
+
+def operands(rest: str) -> list[str]:
+  head = re.sub(r"/\*.*?\*/", "", rest[: rest.find(")")] if ")" in rest else rest)  # /*index=5*/ marks
+  return [op.strip().split(" ")[-1].lstrip("%") for op in head.split(",") if op.strip()]
+
+
+# ---- What each device sends ------------------------------------------------------------------
+
+# The collectives, by the name they are reported under; XLA:GPU and XLA:TPU split some into an
+# asynchronous start and done (counted at the start) and wrap others in async-start computations
+# (counted inside them).
+_KINDS = {
+  "all-gather": "all-gather",
+  "all-gather-start": "all-gather",
+  "all-reduce": "all-reduce",
+  "all-reduce-start": "all-reduce",
+  "reduce-scatter": "reduce-scatter",
+  "all-to-all": "all-to-all",
+  "ragged-all-to-all": "ragged-all-to-all",
+  "collective-permute": "collective-permute",
+  "collective-permute-start": "collective-permute",
+  "collective-broadcast": "collective-broadcast",
+}
+
+
+def group_size(rest: str, partitions: int) -> int:
+  """Devices in each of a collective's groups, from its `replica_groups` in any of XLA's three
+  spellings: {{0,1},{2,3}}, the iota form [groups,size]<=[...], or mesh[...] {'axis',...}."""
+  m = re.search(r"\breplica_groups=(\{\{[^}]*\}|\[\d+,(\d+)\]<=|mesh\[([^\]]*)\] \{([^}]*)\}|\{\})", rest)
+  if not m or m[1] == "{}":
+    return partitions
+  if m[2]:
+    return int(m[2])
+  if m[3] is not None:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m[3]))
+    return math.prod(int(sizes.get(axis, 1)) for axis in re.findall(r"'([^']+)'", m[4]))
+  return len([d for d in m[1].strip("{}").split(",") if d.strip()])
+
+
+def sent_bytes(ins: Instruction, module: Module) -> tuple[str, float] | None:
+  """(kind, bytes one device sends) for a collective, else None. The bytes are what a
+  bandwidth-optimal algorithm sends from each device of a group of n: (n-1)/n of the gathered
+  result (all-gather), of the input (reduce-scatter, all-to-all), twice that (all-reduce, a
+  reduce-scatter then an all-gather); all of the input where any device sends to another
+  (collective-permute). ragged-all-to-all counts its whole send buffer, a bound: the rows it
+  sends depend on the routing."""
+  kind = _KINDS.get(ins.opcode)
+  if kind is None:
+    return None
+  given = sum(nbytes(module.shapes.get(op, "")) for op in operands(ins.rest))
+  if kind == "ragged-all-to-all":
+    given = nbytes(module.shapes.get(operands(ins.rest)[0], ""))
+  result = nbytes(ins.shape)
+  if ins.opcode.endswith("-start"):  # its result holds its operands, then its outputs (and scalar contexts)
+    result -= given
+  if kind == "collective-permute":
+    pairs = re.findall(r"\{(\d+),(\d+)\}", ins.rest.partition("source_target_pairs=")[2].partition("}}")[0] + "}")
+    return kind, given if any(a != b for a, b in pairs) else 0.0
+  n = group_size(ins.rest, module.partitions)
+  share = (n - 1) / n if n > 1 else 0.0
+  moved = {"all-gather": result, "all-reduce": 2 * given, "reduce-scatter": given}.get(kind, given)
+  return kind, moved * share
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  kind: str
+  shape: str  # one call's result, without its layout
+  op: str  # the JAX operation it comes from (XLA's op_name, shortened)
+  sent: float  # bytes one device sends per step, every call
+  calls: float  # per step
+
+
+@dataclasses.dataclass(frozen=True)
+class Collectives:
+  """What one device sends to others in one call of a program, by collective."""
+
+  each: list[Collective]  # the largest first
+
+  def by_kind(self) -> dict[str, tuple[float, float]]:
+    """kind -> (bytes sent, calls), the most bytes first."""
+    sums: dict[str, list[float]] = {}
+    for c in self.each:
+      s = sums.setdefault(c.kind, [0.0, 0.0])
+      s[0] += c.sent
+      s[1] += c.calls
+    return {k: (v[0], v[1]) for k, v in sorted(sums.items(), key=lambda kv: -kv[1][0])}
+
+  @property
+  def sent(self) -> float:
+    return sum(c.sent for c in self.each)
+
+
+def result_shape(ins: Instruction) -> str:
+  """A collective's result without layouts: of a start's tuple, what follows its operands, less
+  the scalar contexts after it. A combined collective (XLA merges many gradients' all-reduces
+  into one) is summed up by its count and largest array."""
+  arrays = [f"{t}[{d}]" for t, d in _ARRAYS.findall(ins.shape)]
+  if ins.opcode.endswith("-start"):
+    arrays = arrays[len(operands(ins.rest)) :]
+    while len(arrays) > 1 and arrays[-1].endswith("[]"):
+      arrays.pop()
+  if len(arrays) == 1:
+    return arrays[0]
+  if len(arrays) <= 3:
+    return f"({', '.join(arrays)})"
+  return f"{len(arrays)} arrays (the largest {max(arrays, key=nbytes)})"
+
+
+def short_op(op_name: str) -> str:
+  """'jit(train_step)/jvp()/while/body/closed_call/bld,dhk->blhk/dot_general' ->
+  'jvp()/bld,dhk->blhk/dot_general': the jit and the loop plumbing left out; a fused or combined
+  instruction's '(a:b:c)' as its first two distinct names and how many more."""
+  if op_name.startswith("jit(") and "/" in op_name:
+    op_name = op_name.partition("/")[2]
+  parts = re.split(r"/(?![^(]*\))", op_name)  # slashes outside parentheses
+  kept = "/".join(p for p in parts if p not in ("while", "body", "closed_call", "cond", "branch"))
+  group = _group(kept)
+  if group is not None:
+    prefix, names = group
+    names = list(dict.fromkeys(short_op(prefix + n) for n in names))
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    kept = ", ".join(names[:2]) + more
+  return kept
+
+
+def _group(name: str) -> tuple[str, list[str]] | None:
+  """'a/(b:c/d)' -> ('a/', ['b', 'c/d']): the names XLA joined with ':' in a fused or combined
+  instruction's op_name, with the path before them; None for a single name."""
+  if not name.endswith(")") or ":" not in name:
+    return None
+  depth = 0
+  for i in range(len(name) - 1, -1, -1):
+    depth += {")": 1, "(": -1}.get(name[i], 0)
+    if depth == 0:
+      break
+  prefix, inner = name[:i], name[i + 1 : -1]
+  if (prefix and not prefix.endswith("/")) or ":" not in inner:
+    return None
+  return prefix, inner.split(":")
+
+
+def collectives(text: str) -> Collectives:
+  """The collectives one device runs per call of a compiled program, loops counted out."""
+  module = parse(text)
+
+  def measure(ins: Instruction, module: Module) -> collections.Counter | None:
+    sent = sent_bytes(ins, module)
+    if sent is None:
+      return None
+    op = re.search(r'op_name="([^"]*)"', ins.rest)
+    key = (sent[0], result_shape(ins), short_op(op[1]) if op else "")
+    return collections.Counter({("sent", key): sent[1], ("calls", key): 1})
+
+  sums, _ = walk(module, measure)
+  each = [Collective(*key, sent=v, calls=sums[("calls", key)]) for (what, key), v in sums.items() if what == "sent"]
+  return Collectives(sorted(each, key=lambda c: -c.sent))

@@ -1,0 +1,157 @@
+"""hlo.collectives: what each device sends, read from compiled programs on 8 CPU devices and
+from lines as XLA:TPU and XLA:GPU print them."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mtp_jax import hlo
+
+
+@functools.cache
+def _mesh():
+  return jax.make_mesh((2, 4), ("a", "b"), devices=jax.devices()[:8])
+
+
+def _sent(f, *shapes, trips: int = 1):
+  """Compile `f` as a shard_map over a 2 x 4 mesh (each input split over both axes) inside a
+  loop of `trips`, and read its collectives."""
+  mesh = _mesh()
+  body = jax.shard_map(f, mesh=mesh, in_specs=P(("a", "b")), out_specs=P(("a", "b")), check_vma=False)
+
+  def looped(x):  # each turn depends on the last, so nothing leaves the loop
+    return jax.lax.fori_loop(0, trips, lambda i, x: body(x) * 0.5, x)
+
+  x = jax.ShapeDtypeStruct(shapes[0], jnp.float32, sharding=jax.NamedSharding(mesh, P(("a", "b"))))
+  return hlo.collectives(jax.jit(looped).lower(x).compile().as_text())
+
+
+def _one(c: hlo.Collectives, kind: str) -> hlo.Collective:
+  found = [x for x in c.each if x.kind == kind]
+  assert len(found) == 1, c.each
+  return found[0]
+
+
+# Each device holds 32 x 16 float32 (2 KiB) of a 256 x 16 array.
+ROWS, ONE = (256, 16), 32 * 16 * 4
+
+
+def test_an_all_gather_sends_its_share_to_the_rest_of_its_group_every_turn():
+  # Gathered over b (4 devices): the result is 4 shares; a device sends 3/4 of it, 5 turns.
+  c = _sent(lambda x: jax.lax.all_gather(x, "b", tiled=True)[:32], ROWS, trips=5)
+  x = _one(c, "all-gather")
+  assert x.calls == 5 and x.sent == pytest.approx(5 * 4 * ONE * 3 / 4) and x.shape == "f32[128,16]"
+
+
+def test_an_all_reduce_sends_twice_its_data_less_a_share():
+  # A sum over a (2 devices): a reduce-scatter then an all-gather, each (n-1)/n of the data.
+  c = _sent(lambda x: jax.lax.psum(x, "a"), ROWS, trips=3)
+  x = _one(c, "all-reduce")
+  assert x.calls == 3 and x.sent == pytest.approx(3 * 2 * ONE * 1 / 2)
+
+
+def test_an_all_to_all_keeps_one_share_and_sends_the_rest():
+  c = _sent(lambda x: jax.lax.all_to_all(x, ("a", "b"), 0, 0, tiled=True), ROWS)
+  x = _one(c, "all-to-all")
+  assert x.calls == 1 and x.sent == pytest.approx(ONE * 7 / 8)
+
+
+def test_a_permutation_sends_everything_and_names_its_operation():
+  c = _sent(lambda x: jax.lax.ppermute(x, "b", [(i, (i + 1) % 4) for i in range(4)]), ROWS, trips=2)
+  x = _one(c, "collective-permute")
+  assert x.calls == 2 and x.sent == pytest.approx(2 * ONE) and "ppermute" in x.op
+  assert c.by_kind() == {"collective-permute": (x.sent, 2)} and c.sent == x.sent
+
+
+def test_a_program_without_collectives_has_none():
+  c = _sent(lambda x: x + 1, ROWS, trips=2)
+  assert c.each == [] and c.sent == 0
+
+
+# Lines as XLA:TPU and XLA:GPU print them (from compiled programs, shortened): asynchronous
+# starts whose tuple holds the operand before the result, and the three replica group spellings.
+_TEXT = "\n".join(
+  [
+    "HloModule jit_step, num_partitions=8",
+    "",
+    "ENTRY %main (p: f32[4,128]) -> f32[4,128] {",
+    "  %p = f32[4,128]{1,0} parameter(0)",
+    "  %q = bf16[1,96,4,24]{3,2,0,1:T(4,128)(2,1)} parameter(1)",
+    "  %ag = (bf16[1,96,4,24]{3,2,0,1:T(4,128)(2,1)}, bf16[1,192,4,24]{3,2,0,1}) all-gather-start(%q), channel_id=1, "
+    "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4] {'axis_0'}, dimensions={1}, "
+    'metadata={op_name="jit(step)/jvp()/while/body/closed_call/bld,dhk->blhk/dot_general"}',
+    "  %agd = bf16[1,192,4,24]{3,2,0,1} all-gather-done(%ag)",
+    "  %cp = (f32[4,128]{1,0:T(4,128)}, f32[4,128]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%p), "
+    "channel_id=2, source_target_pairs={{0,0},{1,2},{2,1},{3,3}}",
+    "  %cpd = f32[4,128]{1,0} collective-permute-done(%cp)",
+    "  %self = (f32[4,128]{1,0}, f32[4,128]{1,0}, u32[], u32[]) collective-permute-start(%p), channel_id=3, "
+    "source_target_pairs={{0,0},{1,1}}",
+    "  %ar = f32[4,128]{1,0} all-reduce-start(%p), channel_id=4, replica_groups=[2,4]<=[8], to_apply=%add",
+    "  %ard = f32[4,128]{1,0} all-reduce-done(%ar)",
+    "  %rs = f32[1,128]{1,0} reduce-scatter(%p), channel_id=5, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}",
+    "  ROOT %all = f32[4,128]{1,0} all-reduce(%p), channel_id=6, replica_groups={}, to_apply=%add",
+    "}",
+  ]
+)
+
+
+def test_collectives_as_accelerators_print_them():
+  c = {x.shape: x for x in hlo.collectives(_TEXT).each}
+  gathered = 1 * 192 * 4 * 24 * 2
+  # The start's tuple repeats its operand: the result is the second array, gathered over axis_0 (2).
+  assert c["bf16[1,192,4,24]"].sent == gathered / 2 and c["bf16[1,192,4,24]"].op == "jvp()/bld,dhk->blhk/dot_general"
+  data = 4 * 128 * 4
+  by = hlo.collectives(_TEXT).by_kind()
+  assert by["collective-permute"] == (data, 2)  # %self sends nothing: each device keeps its own
+  assert by["all-reduce"] == (pytest.approx(2 * data * 3 / 4 + 2 * data * 7 / 8), 2)  # groups of 4; {}: all 8
+  assert by["reduce-scatter"] == (pytest.approx(data * 3 / 4), 1)
+  assert "all-gather" in by and len(by) == 4
+
+
+@pytest.mark.parametrize(
+  "groups, n",
+  [
+    ("replica_groups={{0,1},{2,3}}", 2),
+    ("replica_groups=[4,2]<=[8]", 2),
+    ("replica_groups=[2,4]<=[4,2]T(1,0)", 4),
+    ("replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp'}", 4),
+    ("replica_groups=mesh['data'=2,'fsdp'=2,'expert'=2] {'data','expert'}", 4),
+    ("replica_groups={}", 8),
+    ("channel_id=1", 8),
+  ],
+)
+def test_group_sizes_in_each_spelling(groups, n):
+  assert hlo.group_size(f"%p), {groups}, dimensions={{0}}", 8) == n
+
+
+def test_bytes_of_shapes():
+  assert hlo.nbytes("bf16[2,3]{1,0:T(2,128)(2,1)}") == 12
+  assert hlo.nbytes("(f32[4]{0}, s8[3], pred[], u32[]{:S(2)})") == 16 + 3 + 1 + 4
+  assert hlo.nbytes("f8e4m3fn[10]") == 10 and hlo.nbytes("s4[4]") == 2
+  assert np.isclose(hlo.nbytes("f32[]"), 4)
+
+
+@pytest.mark.parametrize(
+  "op_name, short",
+  [
+    ("jit(train_step)/jvp()/while/body/closed_call/bld,dhk->blhk/dot_general", "jvp()/bld,dhk->blhk/dot_general"),
+    ("jit(train_step)/jvp()/while/body/closed_call/(gather:reduce_sum:reduce_sum)", "jvp()/gather, jvp()/reduce_sum"),
+    (
+      "jit(s)/transpose(jvp())/(a/dot_general:b/dot_general:reduce_sum:psum)",
+      "transpose(jvp())/a/dot_general, transpose(jvp())/b/dot_general and 2 more",
+    ),
+    ("jit(s)/transpose(jvp(jit(_take)))/scatter-add", "transpose(jvp(jit(_take)))/scatter-add"),
+  ],
+)
+def test_operation_names_are_shortened(op_name, short):
+  assert hlo.short_op(op_name) == short
+
+
+def test_a_combined_all_reduce_is_named_by_its_count_and_largest_array():
+  shape = "(f32[2,24,96]{2,1,0}, f32[96]{0}, f32[8,96,96]{2,1,0}, /*index=3*/f32[96,8]{1,0})"
+  ins = hlo.Instruction("ar", shape, "all-reduce", "%a, %b, %c, %d), replica_groups={}")
+  assert hlo.result_shape(ins) == "4 arrays (the largest f32[8,96,96])"
