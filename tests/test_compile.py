@@ -218,7 +218,7 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
     cfg = config.load("configs/tiny.yaml", over)
     assert cfg.model.num_layers - cfg.model.first_k_dense == 3
     program = build(cfg, C.devices(topo))
-    compiled, work = program.compile_and_count()
+    compiled, work, _ = program.compile_and_count()
     text = compiled.as_text()
     assert program.attention == "splash (auto on TPU)" and "splash_mha_dkv" in text, program.attention
     assert 0.99 < work.ratio < 1.01, work.ratio

@@ -162,6 +162,8 @@ def test_resumed_run_equals_uninterruptedrun_steps(tiny, tmp_path):
   said = []
   straight = loop.train(cfg(tmp_path / "a_run", 6), log=said.append)
   assert any(line.startswith("compiled step memory per device: arguments") for line in said), said
+  header = [line for line in said if line.startswith("compiled step per device: ")]  # 8 devices: gradients summed
+  assert len(header) == 1 and " MiB a step to the others (all-reduce " in header[0], said
   assert any(line.startswith(f"data: {a}: 25 documents") for line in said), said
   first = loop.train(cfg(tmp_path / "b", 4), log=lambda *_: None)
   resumed = loop.train(cfg(tmp_path / "b", 6), log=lambda *_: None)

@@ -137,9 +137,9 @@ def _starting_state(program: Program, begin: resume.Start) -> step.TrainState:
   return state
 
 
-def _log_header(program: Program, sources: list, compiled, work, log) -> None:
-  """What runs where: the model, the mesh and kernels, the data, the compiled step's memory and
-  matmul work per device."""
+def _log_header(program: Program, sources: list, compiled, work, comms, log) -> None:
+  """What runs where: the model, the mesh and kernels, the data, the compiled step's memory,
+  matmul work and collectives per device."""
   cfg, mesh = program.cfg, program.mesh
   c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
   log(
@@ -154,8 +154,10 @@ def _log_header(program: Program, sources: list, compiled, work, log) -> None:
     log(f"note: {note}")
   log(data.describe(cfg.data, sources))
   log(describe_memory(memory(compiled)))
+  sends = ", ".join(f"{kind} {b / 2**20:,.1f} MiB" for kind, (b, _) in comms.by_kind().items())
   log(
     f"compiled step per device: {work.partitioned:.3g} matmul FLOPs, {work.ratio:.2f}x its share of the step's matmuls"
+    + (f"; sends {comms.sent / 2**20:,.1f} MiB a step to the others ({sends})" if comms.each else "")
   )
   if warning := work.warning():
     log(f"warning: {warning}")
@@ -194,8 +196,8 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
       log(f"nothing to do: checkpoint step {start} >= train.steps {t.steps}")
       return []
     state = _starting_state(program, begin)
-    compiled, work = program.compile_and_count()
-    _log_header(program, sources, compiled, work, log)
+    compiled, work, comms = program.compile_and_count()
+    _log_header(program, sources, compiled, work, comms, log)
     c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
 
     writer = MetricsWriter(workdir, enabled=lead)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mtp_jax import sharding
+from mtp_jax import hlo, sharding
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data.packing import BATCH_KEYS
 from mtp_jax.model import attention, dispatch, experts
@@ -221,11 +221,12 @@ class Program:
   def compile(self):
     return self.step.lower(self.abstract_state, self.abstract_batch()).compile()
 
-  def compile_and_count(self) -> tuple[Any, ChipWork]:
-    """(the compiled step, the matmul FLOPs one device runs against its share)."""
+  def compile_and_count(self) -> tuple[Any, ChipWork, hlo.Collectives]:
+    """(the compiled step, the matmul FLOPs one device runs against its share, what it sends)."""
     traced = self.step.trace(self.abstract_state, self.abstract_batch())
     compiled = traced.lower().compile()
-    return compiled, chip_work(traced.jaxpr, compiled.as_text(), self.mesh.size)
+    text = compiled.as_text()
+    return compiled, chip_work(traced.jaxpr, text, self.mesh.size), hlo.collectives(text)
 
 
 def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
