@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from moe_layer import B, L, assert_same, compiled
 
-from mtp_jax import sharding
+from mtp_jax import hlo, sharding
 from mtp_jax.model import dispatch
 from mtp_jax.model.flops import compiled_matmul_flops
 
@@ -59,6 +59,20 @@ def test_each_device_computes_its_own_tokens(mesh, mode):
     f = cfg.model.moe.expert_d_ff // devices.shape["tensor"]
     shapes = set(re.findall(r"= f32\[(\d+,\d+,\d+)\]\S* dot\(", text))
     assert f"8,{tokens},{f}" in shapes and not any(s.split(",")[1] == str(B * L) for s in shapes), shapes
+  # The expert weights come in as stored, D split over fsdp, and their gradient leaves by a
+  # reduce-scatter to those rows: no all-reduce sums a whole weight stack over the devices.
+  if devices.shape["fsdp"] > 1:
+    e, d, f = cfg.model.moe.num_experts, cfg.model.d_model, cfg.model.moe.expert_d_ff // devices.shape["tensor"]
+    stacks = {f"{e},{d},{f}", f"{e},{f},{d}"}
+    summed = {
+      dims
+      for computation in hlo.parse(text).computations.values()
+      for ins in computation
+      if ins.opcode in ("all-reduce", "all-reduce-start")
+      for dims in re.findall(r"f32\[([0-9,]+)\]", ins.shape)
+    }
+    assert not stacks & summed, summed
+    assert "reduce-scatter" in hlo.collectives(text).by_kind()
   # Routing runs on the device's tokens too (top-k over local rows, never the batch's).
   assert "TopK" in text and f"f32[{B * L},8]" not in "".join(line for line in text.splitlines() if "TopK" in line), (
     "top-k over the whole batch"

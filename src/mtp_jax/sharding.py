@@ -60,7 +60,7 @@ def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: R
         continue
       axes.append(ax)
       used.add(ax)
-    out.append(_entry(axes))
+    out.append(entry(axes))
   return PartitionSpec(*out)
 
 
@@ -127,14 +127,14 @@ def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, NamedShardi
   mesh, rules = active
   embed = axes_of(spec(("vocab", "embed"), table_shape, mesh, rules)[1])
   batch, length = (
-    _entry([a for a in axes_of(e) if a not in embed])
+    entry([a for a in axes_of(e) if a not in embed])
     for e in spec(("act_batch", "act_length"), tokens_shape, mesh, rules)
   )
-  rows = PartitionSpec(batch, length, _entry(embed))
+  rows = PartitionSpec(batch, length, entry(embed))
   return NamedSharding(mesh, PartitionSpec(batch, length)), NamedSharding(mesh, rows)
 
 
-def _entry(axes: Sequence[str]):
+def entry(axes: Sequence[str]):
   """One PartitionSpec entry for mesh axes (the inverse of `axes_of`)."""
   return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 

@@ -163,10 +163,21 @@ def routed_experts(
   tok = p.tokens
   tok_BxL = PartitionSpec(*tok[:2])
   ep, tp = p.ep or None, p.tp or None
-  w_specs = (PartitionSpec(ep, None, tp), PartitionSpec(ep, None, tp), PartitionSpec(ep, tp, None))
+  rows = _rows(w, p, *active)
+  w_specs = (
+    PartitionSpec(ep, sharding.entry(rows[0]), tp),
+    PartitionSpec(ep, sharding.entry(rows[1]), tp),
+    PartitionSpec(ep, tp, sharding.entry(rows[2])),
+  )
   token_axes = tuple(a for entry in tok for a in sharding.axes_of(entry))
 
   def body(router_params, w, x_BxLxD, valid_BxL):
+    # The weights' D rows arrive as stored (FSDP) and are gathered here, so that their gradient
+    # leaves as a reduce-scatter to each device's rows: given whole, the shard_map's transpose
+    # summed every expert's whole gradient over every device, then kept a slice.
+    w = tuple(
+      jax.lax.all_gather(x, r, axis=a, tiled=True) if r else x for x, r, a in zip(w, rows, (1, 1, 2), strict=True)
+    )
     if p.kind == "all_to_all":
       run = functools.partial(_all_to_all_experts, w=w, ep=p.ep, tp=p.tp)
     elif p.kind == "ragged_all_to_all":
@@ -186,6 +197,17 @@ def routed_experts(
     check_vma=False,
   )
   return sharded(router_params, w, x_BxLxD, valid_BxL)
+
+
+def _rows(w: Weights, p: Plan, mesh: Mesh, rules: sharding.Rules) -> tuple[tuple[str, ...], ...]:
+  """The mesh axes each expert weight's D dimension is stored split over (`embed`, FSDP's),
+  less the experts' and hidden dim's axes, which the shard_map keeps split."""
+  names = (("experts", "embed", "expert_mlp"),) * 2 + (("experts", "expert_mlp", "embed"),)
+  kept = set(p.ep) | set(p.tp)
+  return tuple(
+    tuple(a for a in sharding.axes_of(sharding.spec(n, x.shape, mesh, rules)[d]) if a not in kept)
+    for n, x, d in zip(names, w, (1, 1, 2), strict=True)
+  )
 
 
 def _per_device(m: MoEConfig, route: Route, router_params, run: RunExperts, x_BxLxD, valid_BxL, token_axes):
