@@ -201,7 +201,7 @@ def _default_rules() -> dict[str, list[str]]:
     "act_embed": [],
     "act_heads": ["tensor"],
     "act_mlp": ["tensor"],
-    # The output head's logits. mesh.vocab_split adds fsdp where it pays (train/losses.py).
+    # The output head's logits. mesh.vocab_split adds fsdp (train/losses.py).
     "act_vocab": ["tensor"],
   }
 
@@ -226,8 +226,9 @@ class MeshConfig(Section):
   vocab_split: Literal["auto", True, False] = field(
     "auto",
     "Split the output head's vocabulary over fsdp too (adds fsdp to rules.act_vocab, where it divides the "
-    "vocabulary). auto: where the head holds at least a quarter of the blocks' parameters, where it measurably "
-    "lowers the peak (benchmarks/RESULTS.md); not elsewhere, where it raised it.",
+    "vocabulary). auto and true: wherever fsdp splits the batch, since left whole the head is gathered and its "
+    "whole gradient summed every loss chunk (benchmarks/RESULTS.md); false keeps the head whole, for a lower "
+    "peak where the MoE layers make it.",
   )
   dcn: DcnConfig = DcnConfig()
   rules: dict[str, list[str]] = field(

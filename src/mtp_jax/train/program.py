@@ -24,7 +24,7 @@ from mtp_jax import hlo, sharding
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data.packing import BATCH_KEYS
 from mtp_jax.model import attention, dispatch, experts
-from mtp_jax.model.flops import ChipWork, chip_work, cost
+from mtp_jax.model.flops import ChipWork, chip_work
 from mtp_jax.train import optimizer, step
 from mtp_jax.train.checkpoint import leaf_name
 
@@ -91,27 +91,15 @@ def _resolve_experts(cfg: Config, mesh) -> tuple[Config, str | None]:
   return cfg.model_copy(update={"model": model}), f"{kernel} ({why})"
 
 
-# mesh.vocab_split=auto splits the head's vocabulary over fsdp where the head holds at least this
-# share of the blocks' parameters (MTP modules included). Measured (benchmarks/RESULTS.md): the
-# split lowered the peak at shares 0.62 and 0.33 (small.yaml's widths with a 152K vocabulary and
-# 2 or 4 layers, v5p-8) and raised it at 0.115, 0.025 and 0.0014 (the same with 12 layers;
-# small.yaml as is, v5p-8; DeepSeek-V3 671B, v5p-1024 and 2xv6e-256).
-HEAD_SHARE_TO_SPLIT = 0.25
-
-
 def _resolve_vocab_split(cfg: Config, mesh) -> tuple[Config, str | None]:
   """`mesh.vocab_split`: the rules with fsdp added to act_vocab, or as they are; and a note."""
   rules, m, fsdp = cfg.mesh.rules, cfg.model, mesh.shape["fsdp"]
   ways = math.prod(mesh.shape[a] for a in rules["act_vocab"] if a != "fsdp")
   if cfg.mesh.vocab_split is False or fsdp == 1 or "fsdp" in rules["act_vocab"] or m.vocab_size % (ways * fsdp):
     return cfg, None
-  head = m.vocab_size * m.d_model
-  share = head / max(cost(m, cfg.data.seq_len).total_params - head * (1 if m.tie_embeddings else 2), 1)
-  if cfg.mesh.vocab_split == "auto" and share < HEAD_SHARE_TO_SPLIT:
-    return cfg, None
-  why = "true" if cfg.mesh.vocab_split is True else f"auto: the head holds {share:.2f}x the blocks' parameters"
   mesh_cfg = cfg.mesh.model_copy(update={"rules": {**rules, "act_vocab": [*rules["act_vocab"], "fsdp"]}})
-  return cfg.model_copy(update={"mesh": mesh_cfg}), f"the output head's vocabulary splits over fsdp (vocab_split {why})"
+  how = "true" if cfg.mesh.vocab_split is True else "auto"
+  return cfg.model_copy(update={"mesh": mesh_cfg}), f"the output head's vocabulary splits over fsdp (vocab_split {how})"
 
 
 def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
