@@ -112,6 +112,20 @@ def test_collectives_as_accelerators_print_them():
   assert "all-gather" in by and len(by) == 4
 
 
+def test_groups_of_one_device_send_nothing_and_are_left_out():
+  one = "\n".join(
+    [
+      "HloModule jit_step, num_partitions=1",
+      "",
+      "ENTRY %main (p: f32[4]) -> f32[4] {",
+      "  %p = f32[4]{0} parameter(0)",
+      "  ROOT %ar = f32[4]{0} all-reduce(%p), channel_id=1, replica_groups={}, to_apply=%add",
+      "}",
+    ]
+  )
+  assert hlo.collectives(one).each == [] and hlo.collectives(one.replace("=1", "=2", 1)).sent == 2 * 16 / 2
+
+
 @pytest.mark.parametrize(
   "groups, n",
   [

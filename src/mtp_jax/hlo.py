@@ -286,7 +286,8 @@ def _group(name: str) -> tuple[str, list[str]] | None:
 
 
 def collectives(text: str) -> Collectives:
-  """The collectives one device runs per call of a compiled program, loops counted out."""
+  """The collectives by which one device sends data to others per call of a compiled program,
+  loops counted out."""
   module = parse(text)
 
   def measure(ins: Instruction, module: Module) -> collections.Counter | None:
@@ -298,5 +299,8 @@ def collectives(text: str) -> Collectives:
     return collections.Counter({("sent", key): sent[1], ("calls", key): 1})
 
   sums, _ = walk(module, measure)
-  each = [Collective(*key, sent=v, calls=sums[("calls", key)]) for (what, key), v in sums.items() if what == "sent"]
+  # Groups of one device (XLA leaves some on a single device) send nothing and are left out.
+  each = [
+    Collective(*key, sent=v, calls=sums[("calls", key)]) for (what, key), v in sums.items() if what == "sent" and v
+  ]
   return Collectives(sorted(each, key=lambda c: -c.sent))
