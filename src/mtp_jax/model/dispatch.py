@@ -33,7 +33,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from mtp_jax import sharding
 from mtp_jax.config import ConfigError, MoEConfig
-from mtp_jax.model.experts import Weights, swiglu_batched, swiglu_ragged
+from mtp_jax.model.experts import WEIGHT_AXES, Weights, swiglu_batched, swiglu_ragged
 
 # The dropless collective, looked up at trace time: CPU has no ragged_all_to_all, so the tests
 # put an exact emulation here. Anything other than the jax primitive counts as available.
@@ -176,7 +176,7 @@ def routed_experts(
     # leaves as a reduce-scatter to each device's rows: given whole, the shard_map's transpose
     # summed every expert's whole gradient over every device, then kept a slice.
     w = tuple(
-      jax.lax.all_gather(x, r, axis=a, tiled=True) if r else x for x, r, a in zip(w, rows, (1, 1, 2), strict=True)
+      jax.lax.all_gather(x, r, axis=a, tiled=True) if r else x for x, r, a in zip(w, rows, _EMBED_DIMS, strict=True)
     )
     if p.kind == "all_to_all":
       run = functools.partial(_all_to_all_experts, w=w, ep=p.ep, tp=p.tp)
@@ -199,14 +199,16 @@ def routed_experts(
   return sharded(router_params, w, x_BxLxD, valid_BxL)
 
 
+_EMBED_DIMS = tuple(names.index("embed") for names in WEIGHT_AXES)  # each expert weight's D
+
+
 def _rows(w: Weights, p: Plan, mesh: Mesh, rules: sharding.Rules) -> tuple[tuple[str, ...], ...]:
   """The mesh axes each expert weight's D dimension is stored split over (`embed`, FSDP's),
   less the experts' and hidden dim's axes, which the shard_map keeps split."""
-  names = (("experts", "embed", "expert_mlp"),) * 2 + (("experts", "expert_mlp", "embed"),)
   kept = set(p.ep) | set(p.tp)
   return tuple(
-    tuple(a for a in sharding.axes_of(sharding.spec(n, x.shape, mesh, rules)[d]) if a not in kept)
-    for n, x, d in zip(names, w, (1, 1, 2), strict=True)
+    tuple(a for a in sharding.axes_of(sharding.spec(names, x.shape, mesh, rules)[d]) if a not in kept)
+    for names, x, d in zip(WEIGHT_AXES, w, _EMBED_DIMS, strict=True)
   )
 
 

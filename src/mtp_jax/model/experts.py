@@ -22,6 +22,8 @@ from mtp_jax.config import ModelConfig
 from mtp_jax.model.layers import weight
 
 Weights = tuple[jax.Array, jax.Array, jax.Array]  # w_gate ExDxF, w_up ExDxF, w_down ExFxD
+# Their logical axes, in that order (the rules table maps them to mesh axes).
+WEIGHT_AXES = (("experts", "embed", "expert_mlp"),) * 2 + (("experts", "expert_mlp", "embed"),)
 
 # `model.moe.kernel=auto` per backend; ragged_dot elsewhere. JAX lowers lax.ragged_dot for CPU as
 # every row times every expert, masked (E times the FLOPs), hence the blocked loop there
@@ -57,9 +59,9 @@ class Experts(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     e, d, f, std = cfg.moe.num_experts, cfg.d_model, cfg.moe.expert_d_ff, cfg.init_std
     pdt = jnp.dtype(cfg.param_dtype)
-    self.w_gate = weight(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
-    self.w_up = weight(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pdt)
-    self.w_down = weight(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pdt)
+    self.w_gate = weight(rngs, (e, d, f), WEIGHT_AXES[0], std, pdt)
+    self.w_up = weight(rngs, (e, d, f), WEIGHT_AXES[1], std, pdt)
+    self.w_down = weight(rngs, (e, f, d), WEIGHT_AXES[2], std, pdt)
     self.dtype = jnp.dtype(cfg.dtype)
 
   def weights(self) -> Weights:
