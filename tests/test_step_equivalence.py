@@ -15,13 +15,14 @@ _ONE_DEVICE = {}  # the one-device reference's metrics by overrides, computed on
 @pytest.mark.parametrize(
   "mesh, overrides, sharded",
   [
-    (
-      ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"],
+    (  # two microbatches, each replica over data summing its own (step._per_replica), around the
+      # layers' own shard_maps: the head's over fsdp (vocab_split) and the experts'
+      ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "train.grad_accum_steps=2"],
       [],
       (("layers", 1, "ffn", "experts", "w_gate"), "experts", "expert"),
     ),
     (
-      ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"],
+      ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2", "train.grad_accum_steps=2"],
       # All-to-all capacity is per device: with factor E/K = 2 nothing drops, on either side.
       ["model.attention.kind=mla", "model.moe.mode=capacity", "model.moe.capacity_factor=2", "model.mtp.kind=parallel"],
       (("layers", 0, "attn", "wkv_b"), "heads", "tensor"),
@@ -35,7 +36,7 @@ _ONE_DEVICE = {}  # the one-device reference's metrics by overrides, computed on
   ],
 )
 def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
-  overrides = ["model.mtp.depth=2", "model.moe.num_experts=4", *overrides]
+  overrides = ["model.mtp.depth=2", "model.moe.num_experts=4", "train.batch_size=16", *overrides]
   key = tuple(overrides)
   if key not in _ONE_DEVICE:
     _ONE_DEVICE[key] = run_steps(tiny(*overrides, "mesh.data=1"), devices=jax.devices()[:1])[0]
@@ -65,6 +66,19 @@ def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
     for a, b in zip(base, other, strict=True):
       for k in STEP_KEYS:
         np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=f"{overrides} {k}")
+
+
+def test_replicas_sum_their_gradients_once_a_step(tiny):
+  """Over data 8 with 4 microbatches each replica keeps its gradient until the step's end: the
+  compiled step all-reduces once (no all-reduce in the microbatch loop), about one gradient's
+  worth. Left to the compiler it summed every microbatch's gradient as it was made (4x)."""
+  program = build(tiny("model.mtp.depth=1", "train.batch_size=32", "train.grad_accum_steps=4", "mesh.data=8"))
+  _, _, comms = program.compile_and_count()
+  reduces = [c for c in comms.each if c.kind == "all-reduce"]
+  assert reduces and all(c.calls == 1 for c in reduces), reduces
+  grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(program.abstract_state.params))
+  one_sum = 2 * 7 / 8 * grad_bytes  # what each of 8 devices sends to all-reduce it once
+  assert one_sum <= comms.by_kind()["all-reduce"][0] < 1.1 * one_sum
 
 
 def test_scanned_layers_equal_unrolled_layers(tiny):

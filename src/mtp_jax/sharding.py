@@ -16,12 +16,13 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mtp_jax.config import MESH_AXES, MeshConfig
 
 Rules = dict[str, list[str]]
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("mesh", default=None)
+AnyMesh = Mesh | AbstractMesh  # abstract inside a shard_map that makes some axes manual (train.step)
+_ACTIVE: contextvars.ContextVar[tuple[AnyMesh, Rules] | None] = contextvars.ContextVar("mesh", default=None)
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -47,10 +48,11 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> PartitionSpec:
+def spec(names: Sequence[str | None], shape: Sequence[int], mesh: AnyMesh, rules: Rules) -> PartitionSpec:
   """Logical names -> PartitionSpec. A mesh axis is used at most once per array, and only
-  while it divides the dimension, so odd sizes fall back to replication instead of failing."""
-  used: set[str] = set()
+  while it divides the dimension, so odd sizes fall back to replication instead of failing.
+  Manual axes (inside a shard_map over them) are left out: there shapes are already per shard."""
+  used: set[str] = set(mesh.manual_axes)
   out = []
   for name, dim in zip(names, shape, strict=True):
     axes = []
@@ -69,7 +71,7 @@ def axes_of(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def named(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+def named(names: Sequence[str | None], shape: Sequence[int], mesh: AnyMesh, rules: Rules) -> NamedSharding:
   return NamedSharding(mesh, spec(names, shape, mesh, rules))
 
 
@@ -91,8 +93,10 @@ def misfit(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules:
 
 
 @contextlib.contextmanager
-def activate(mesh: Mesh, rules: Rules):
-  """Makes `constrain` effective while tracing inside this context."""
+def activate(mesh: AnyMesh, rules: Rules):
+  """Makes `constrain` effective while tracing inside this context. Inside a shard_map that
+  makes some axes manual, activate the abstract mesh it traces against
+  (`jax.sharding.get_abstract_mesh()`): `spec` then leaves those axes out."""
   token = _ACTIVE.set((mesh, rules))
   try:
     yield
@@ -100,10 +104,20 @@ def activate(mesh: Mesh, rules: Rules):
     _ACTIVE.reset(token)
 
 
-def active() -> tuple[Mesh, Rules] | None:
+def active() -> tuple[AnyMesh, Rules] | None:
   """The (mesh, rules) of the enclosing `activate`, or None: for layers that place work on
   devices themselves (expert-parallel dispatch in shard_map)."""
   return _ACTIVE.get()
+
+
+def platform(mesh: AnyMesh | None = None) -> str:
+  """The backend of `mesh`'s devices (by default the active mesh's), else JAX's default."""
+  if mesh is None:
+    active = _ACTIVE.get()
+    if active is None:
+      return jax.default_backend()
+    mesh = active[0]
+  return (mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh).abstract_device.platform
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -146,9 +146,8 @@ def fused(kernel: str, q_BxLxHxK, k_BxSxGxK, v_BxSxGxV, segment_ids_BxL, scale: 
   and heads (key/value heads repeated to the query heads where the mesh splits those and not
   these); the sequence stays whole on each device."""
   active = sharding.active()
-  platform = active[0].devices.flat[0].platform if active else jax.default_backend()
   if kernel == "splash":
-    run = functools.partial(_splash_local, scale=scale, interpret=platform != "tpu")
+    run = functools.partial(_splash_local, scale=scale, interpret=sharding.platform() != "tpu")
   else:
     run = functools.partial(_cudnn_local, scale=scale)
   if active is None:

@@ -73,7 +73,7 @@ def plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=No
   want = cfg.dispatch
   if mesh is None or not cfg.num_experts:
     return ONE_DEVICE
-  platform = mesh.devices.flat[0].platform
+  platform = sharding.platform(mesh)
   has_ragged = platform != "cpu" or ragged_all_to_all is not jax.lax.ragged_all_to_all
   if want == "ragged_all_to_all" and not has_ragged:
     raise ConfigError(
@@ -84,7 +84,8 @@ def plan(cfg: MoEConfig, mesh: Mesh | None, rules: sharding.Rules, tokens_BxL=No
   w_spec = _expert_weight_spec(cfg, mesh, rules)
   ep = sharding.axes_of(w_spec[0])
   if tokens_BxL is None:
-    tokens, token_axes = None, {a for n in ("act_batch", "act_length") for a in rules.get(n, []) if mesh.shape[a] > 1}
+    split = {a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in mesh.manual_axes}
+    tokens, token_axes = None, {a for n in ("act_batch", "act_length") for a in rules.get(n, []) if a in split}
   else:
     tokens = sharding.spec(("act_batch", "act_length", None), (*tokens_BxL, 1), mesh, rules)
     token_axes = {a for entry in tokens for a in sharding.axes_of(entry)}

@@ -85,7 +85,7 @@ def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, kernel
   or `ragged_dot` (`swiglu_ragged_dot`, left to the compiler; docs/scaling.md, "Where the
   experts run"). A named kernel that cannot run on the backend being traced for (a run trained
   on one backend, decoded on another) gives way to the backend's own."""
-  platform, x_NxD = _platform(), checkpoint_name(x_NxD, "moe_in")
+  platform, x_NxD = sharding.platform(), checkpoint_name(x_NxD, "moe_in")
   if kernel == "auto" or ONLY_ON.get(kernel, platform) != platform:
     kernel = NATIVE.get(platform, "ragged_dot")
   run = {
@@ -222,9 +222,3 @@ def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> ja
 
   y_ZxRxD = jax.lax.scan(block, None, (x_ZxRxD, expert_Z))[1]
   return y_ZxRxD.reshape(m * r, d).at[slot_N].get(mode="fill", fill_value=0)
-
-
-def _platform() -> str:
-  """The backend the layer is being traced for: the active mesh's, else JAX's default."""
-  active = sharding.active()
-  return active[0].devices.flat[0].platform if active else jax.default_backend()

@@ -105,7 +105,8 @@ def traced_matmul_flops(jaxpr, devices: int) -> float:
   each loop body as many times as the loop runs. XLA's cost analysis counts a loop body once,
   which in a step with scanned layers, query blocks and microbatches is most of the work.
   Outside `shard_map` shapes are global, so their FLOPs are split evenly over `devices`;
-  inside, shapes are per device and count whole (capacity padding included)."""
+  inside, shapes are per shard of its manual axes and split evenly over the rest (per device,
+  capacity padding included, where all are manual)."""
   return sum(traced_matmul_groups(jaxpr, devices).values())
 
 
@@ -146,8 +147,9 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
         floats = [v.aval.shape for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]  # bf16 too
         flops = estimate.flops if estimate else splash_flops(str(eqn.params.get("name", "")), floats)
         total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += flops * share
-      elif name == "shard_map":
-        total.update(walk(eqn.params["jaxpr"], 1.0))
+      elif name == "shard_map":  # shapes inside are per shard of the axes it makes manual
+        manual = eqn.params["newly_manual_axes"]
+        total.update(walk(eqn.params["jaxpr"], share * math.prod(eqn.params["mesh"].shape[a] for a in manual)))
       elif name == "scan":
         total.update(hlo.times(walk(eqn.params["jaxpr"].jaxpr, share), eqn.params["length"]))
       elif name == "cond":

@@ -4,6 +4,9 @@ The model is rebuilt from its graph definition and the state's arrays inside the
 the step is a plain function of pytrees that `jax.jit` compiles once with explicit
 shardings. Gradient accumulation is a scan over microbatches whose losses are normalised by
 whole-batch target counts, so the summed gradient equals the full-batch gradient exactly.
+Where the `data` mesh axis splits the batch, the scan runs in a shard_map over `data`: each
+replica sums its own microbatches' gradients and the replicas' sums are added once a step,
+where left to the compiler every microbatch's gradient was summed over `data` as it was made.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import PartitionSpec
 
 from mtp_jax import sharding
 from mtp_jax.config import Config
@@ -88,9 +92,11 @@ def graphdef_of(cfg: Config):
   return split(nnx.eval_shape(lambda: build_model(cfg)))[0]
 
 
-def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp_lambda, accum: int):
-  """Scalar loss for one microbatch (normalised by whole-batch counts) and its sums; `params`
-  are the trained parameters, `frozen` the rest (`trained`)."""
+def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp_lambda, parts: int):
+  """Scalar loss for one part of the batch (normalised by whole-batch counts) and its sums;
+  `params` are the trained parameters, `frozen` the rest (`trained`). The batch is computed in
+  `parts` equal parts (microbatches, times data replicas where those sum their own): the
+  balance and z-losses, means over a part, are divided by it, so that their sum is the mean."""
   model: Transformer = nnx.merge(graphdef, nnx.merge_state(params, frozen), bias)
   out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
   w_DxV = model.head_matrix()
@@ -106,8 +112,8 @@ def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Con
   if len(out.hidden) > 1:  # L = L_main + lambda / D * sum_k L_k (DeepSeek-V3 eq. 25)
     loss = loss + mtp_lambda * jnp.mean(per_depth[1:])
   aux = out.aux
-  balance = sum((a.balance_loss for a in aux.values()), jnp.zeros(())) / accum
-  z = sum((a.z_loss for a in aux.values()), jnp.zeros(())) / accum
+  balance = sum((a.balance_loss for a in aux.values()), jnp.zeros(())) / parts
+  z = sum((a.z_loss for a in aux.values()), jnp.zeros(())) / parts
   sums = {
     "nll": nll,
     "hits": hits,
@@ -181,18 +187,27 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
       # runs forward only, keeping no activations for a backward pass and computing no gradients.
       params, frozen = trained(cfg, state.params)
 
-      def grads_of(mb):
-        return grad_fn(params, frozen, state.router_bias, graphdef, mb, denominators, cfg, lam, accum)
-
       if accum == 1:
-        (loss, sums), grads = grads_of(batch)
+        (loss, sums), grads = grad_fn(params, frozen, state.router_bias, graphdef, batch, denominators, cfg, lam, 1)
       else:  # microbatch j takes rows j, j + accum, ...: the batch-sharded axis stays whole
         mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-        shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], mbs))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((loss, sums), grads), _ = jax.lax.scan(
-          lambda acc, mb: (jax.tree.map(jnp.add, acc, grads_of(mb)), None), zeros, mbs
-        )
+        replicas = mesh.shape["data"]
+
+        def summed(params, frozen, bias, mbs, denominators, lam):
+          """Every microbatch's gradients and sums, added up (on one replica's rows in the shard_map)."""
+
+          def grads_of(mb):
+            return grad_fn(params, frozen, bias, graphdef, mb, denominators, cfg, lam, accum * replicas)
+
+          shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], mbs))
+          zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+          return jax.lax.scan(lambda acc, mb: (jax.tree.map(jnp.add, acc, grads_of(mb)), None), zeros, mbs)[0]
+
+        args = (params, frozen, state.router_bias, mbs, denominators, lam)
+        if replicas == 1:
+          (loss, sums), grads = summed(*args)
+        else:
+          (loss, sums), grads = _per_replica(summed, mesh, cfg.mesh.rules)(*args)
 
       if inject_nan:  # a test hook for the guard below: NaN loss and gradients at the chosen steps
         poison = jnp.where(jnp.isin(state.step + 1, jnp.asarray(inject_nan)), jnp.nan, 1.0)
@@ -234,6 +249,29 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
       return new_state, metrics
 
   return train_step
+
+
+def _per_replica(summed, mesh, rules):
+  """`summed` in a shard_map over the `data` mesh axis (the other axes left to the compiler),
+  on each replica's rows of the microbatches (`summed`'s fourth argument), its results summed
+  over the replicas once. The parameters enter unsplit over `data` and are differentiated
+  inside, so each replica's gradient stays its own until that one sum. The device-variance type
+  check is off (`check_vma`), as in the layers' own shard_maps, whose kernels' outputs carry no
+  such type; the step's values are tested against one device (tests/test_sharding.py)."""
+
+  def local(*args):
+    with sharding.activate(jax.sharding.get_abstract_mesh(), rules):  # `data` is manual in here
+      return jax.lax.psum(summed(*args), "data")
+
+  whole, rows = PartitionSpec(), PartitionSpec(None, "data")
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(whole, whole, whole, rows, whole, whole),
+    out_specs=whole,
+    axis_names={"data"},
+    check_vma=False,
+  )
 
 
 def _metrics(loss, sums, denominators, grads, depth: int, bias) -> dict[str, jax.Array]:
