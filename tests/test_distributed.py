@@ -57,20 +57,27 @@ def _launch(processes: int, devices: int, workdir, *overrides) -> str:
   return out.stdout
 
 
-def _pieces(stream, batches: int) -> Counter:
+def _pieces(stream, batches: int, batch_size: int) -> Counter:
   """The document pieces (source, document, first token, end) of the stream's next batches."""
-  rows = [stream.next_row() for _ in range(8 * batches)]
+  rows = [stream.next_row() for _ in range(batch_size * batches)]
   return Counter((s, int(stream.sources[s].order[k]), a, b) for s, pieces in rows for k, a, b in pieces)
 
 
 def test_two_processes_train_like_one_and_resume_in_one_on_another_mesh(tiny, tmp_path):
   """Global batch n is a pure function of (seed, n). 2 processes x 4 CPU devices (gloo), data over
-  the two processes (DCN) and fsdp x expert inside each, give the losses of one process with the
-  same axes on 8 devices. The checkpoint they write together restores in one process on another
+  the two processes (DCN) and fsdp x expert inside each, 2 microbatches summed by each process's
+  replica and added over DCN once a step, give the losses of one process with the same axes on
+  8 devices. The checkpoint they write together restores in one process on another
   mesh equal to the one-process run's, mtp-export's reader reads it, and training resumed from it
   goes on with the uninterrupted run's losses and documents. (Four processes assembling and
   resuming the global batches: tests/test_data.py.)"""
-  run = ["train.log_every=1", "checkpoint.every=3", "train.eval_every=0"]
+  run = [
+    "train.log_every=1",
+    "checkpoint.every=3",
+    "train.eval_every=0",
+    "train.batch_size=16",
+    "train.grad_accum_steps=2",
+  ]
   # Experts through the shard_map all-to-all, with room for every token (factor E / K).
   axes = ["mesh.fsdp=2", "mesh.expert=2", "model.moe.mode=capacity", "model.moe.capacity_factor=4"]
   ref = tmp_path / "ref"
@@ -125,10 +132,11 @@ def test_two_processes_train_like_one_and_resume_in_one_on_another_mesh(tiny, tm
   def fresh():
     return data.Stream(cfg, sources, seed=0, shuffle=cfg.shuffle, repeat=True)
 
-  whole, resumed = _pieces(fresh(), 6), fresh()
-  first = _pieces(resumed, 3)
+  size = other.train.batch_size
+  whole, resumed = _pieces(fresh(), 6, size), fresh()
+  first = _pieces(resumed, 3, size)
   resumed.set_state(position[multi](3))
-  assert first + _pieces(resumed, 3) == whole and set(whole.values()) == {1}
+  assert first + _pieces(resumed, 3, size) == whole and set(whole.values()) == {1}
 
 
 def test_a_stopped_process_makes_the_other_fail_in_bounded_time(tmp_path):
