@@ -68,13 +68,17 @@ def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
         np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=f"{overrides} {k}")
 
 
-def test_replicas_sum_their_gradients_once_a_step(tiny):
+@pytest.mark.parametrize("when", ["step", "microbatch"])
+def test_replicas_sum_their_gradients_once_a_step(tiny, when):
   """Over data 8 with 2 microbatches each replica keeps its gradient until the step's end: the
   compiled step all-reduces once (no all-reduce in the microbatch loop), one float32 gradient's
-  worth. Left to the compiler it summed every microbatch's gradient as it was made."""
-  program = build(tiny("train.batch_size=16", "train.grad_accum_steps=2", "mesh.data=8"))
+  worth. With train.data_grad_sum=microbatch the compiler sums each microbatch's as it is made."""
+  program = build(tiny("train.batch_size=16", "train.grad_accum_steps=2", "mesh.data=8", f"train.data_grad_sum={when}"))
   _, _, comms = program.compile_and_count()
   reduces = [c for c in comms.each if c.kind == "all-reduce"]
+  if when == "microbatch":
+    assert max(c.calls for c in reduces) == 2, reduces
+    return
   assert reduces and all(c.calls == 1 for c in reduces), reduces
   grad_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(program.abstract_state.params))
   one_sum = 2 * 7 / 8 * grad_bytes  # what each of 8 devices sends to all-reduce it once

@@ -77,6 +77,12 @@ class TrainConfig(Section):
     "sequence per microbatch, whatever the device count.",
     ge=-1,
   )
+  data_grad_sum: Literal["step", "microbatch"] = field(
+    "step",
+    "With microbatches over a data axis: step sums each replica's microbatch gradients locally and adds the "
+    "replicas' sums once a step (one all-reduce, after the last backward pass); microbatch lets the compiler sum "
+    "each microbatch's gradient over data as it is made (beside the next microbatch's compute, k times the bytes).",
+  )
   log_every: int = field(10, "Log metrics every this many steps.", ge=1)
   remat: Literal["none", "full", "dots", "dots_no_batch", "save_attn", "save_attn_moe", "save_moe"] = field(
     "none",

@@ -5,8 +5,9 @@ the step is a plain function of pytrees that `jax.jit` compiles once with explic
 shardings. Gradient accumulation is a scan over microbatches whose losses are normalised by
 whole-batch target counts, so the summed gradient equals the full-batch gradient exactly.
 Where the `data` mesh axis splits the batch, the scan runs in a shard_map over `data`: each
-replica sums its own microbatches' gradients and the replicas' sums are added once a step,
-where left to the compiler every microbatch's gradient was summed over `data` as it was made.
+replica sums its own microbatches' gradients and the replicas' sums are added once a step
+(`train.data_grad_sum=step`); left to the compiler (`microbatch`), every microbatch's gradient
+is summed over `data` as it is made.
 """
 
 from __future__ import annotations
@@ -191,7 +192,9 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
         (loss, sums), grads = grad_fn(params, frozen, state.router_bias, graphdef, batch, denominators, cfg, lam, 1)
       else:  # microbatch j takes rows j, j + accum, ...: the batch-sharded axis stays whole
         mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-        replicas = mesh.shape["data"]
+        # Replicas over data sum their own microbatches (train.data_grad_sum=step), or the compiler
+        # sums each microbatch's gradient over data as it is made (microbatch).
+        replicas = mesh.shape["data"] if cfg.train.data_grad_sum == "step" else 1
 
         def summed(params, frozen, bias, mbs, denominators, lam):
           """Every microbatch's gradients and sums, added up (on one replica's rows in the shard_map)."""
