@@ -260,7 +260,7 @@ def _per_replica(summed, mesh, rules):
   over the replicas once. The parameters enter unsplit over `data` and are differentiated
   inside, so each replica's gradient stays its own until that one sum. The device-variance type
   check is off (`check_vma`), as in the layers' own shard_maps, whose kernels' outputs carry no
-  such type; the step's values are tested against one device (tests/test_sharding.py)."""
+  such type; the step's values are tested against one device (tests/test_step_equivalence.py)."""
 
   def local(*args):
     with sharding.activate(jax.sharding.get_abstract_mesh(), rules):  # `data` is manual in here
