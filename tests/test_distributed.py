@@ -39,7 +39,9 @@ def _quiet(*_) -> None:
 
 
 def _env() -> dict[str, str]:
-  return child_env(PYTHONUNBUFFERED="1")  # each process gets its own device count
+  # Each process gets its own device count; launch/local.sh runs this interpreter, not the PATH's
+  # `python` (under another venv's pytest that mixed JAX versions, whose losses differ).
+  return child_env(PYTHONUNBUFFERED="1", PYTHON=sys.executable)
 
 
 def _port() -> int:
