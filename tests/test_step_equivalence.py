@@ -16,8 +16,16 @@ _ONE_DEVICE = {}  # the one-device reference's metrics by overrides, computed on
   "mesh, overrides, sharded",
   [
     (  # two microbatches, each replica over data summing its own (step._per_replica), around the
-      # layers' own shard_maps: the head's over fsdp (vocab_split) and the experts'
-      ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "train.grad_accum_steps=2"],
+      # layers' own shard_maps: the head's over fsdp (vocab_split), the experts', and the output
+      # projection's, stored as 671B stores it (heads over fsdp, D over expert: fsdp_einsum)
+      [
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.expert=2",
+        "train.grad_accum_steps=2",
+        "mesh.rules.heads=[tensor,fsdp]",
+        "mesh.rules.embed=[fsdp,expert]",
+      ],
       [],
       (("layers", 1, "ffn", "experts", "w_gate"), "experts", "expert"),
     ),

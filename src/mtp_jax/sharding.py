@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
@@ -126,6 +127,36 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if active is None:
     return x
   return jax.lax.with_sharding_constraint(x, named(names, x.shape, *active))
+
+
+def fsdp_einsum(
+  equation: str, x: jax.Array, x_names: Sequence[str | None], w: jax.Array, w_names: Sequence[str | None]
+) -> jax.Array:
+  """`jnp.einsum(equation, x, w)`, where `w` is stored split along two or more dimensions, all
+  over axes that split `x`'s batch (FSDP storage): in one shard_map, `w` gathered one dimension
+  at a time on each device and multiplied with its rows of `x`, so that the gradient leaves by
+  reduce-scatters. Left to the compiler, XLA:TPU gathered such a weight by an all-reduce of a
+  zero-padded buffer of every device's piece, twice an all-gather's bytes, and summed its whole
+  gradient (671B's MLA output projection; benchmarks/RESULTS.md). Elsewhere (one split
+  dimension, tensor-parallel splits, `x` split beyond its batch) the compiler places it."""
+  active = _ACTIVE.get()
+  out_letters = equation.split("->")[1]
+  if active is None or out_letters[:1] != equation[:1]:
+    return jnp.einsum(equation, x, w)
+  mesh, rules = active
+  stored, rows = spec(w_names, w.shape, mesh, rules), spec(x_names, x.shape, mesh, rules)
+  split = [(d, axes_of(e)) for d, e in enumerate(stored) if e is not None]
+  batch = set(axes_of(rows[0]))
+  if len(split) < 2 or any(rows[1:]) or not all(set(axes) <= batch for _, axes in split):
+    return jnp.einsum(equation, x, w)
+
+  def local(x, w):
+    for d, axes in split:
+      w = jax.lax.all_gather(w, axes, axis=d, tiled=True)
+    return jnp.einsum(equation, x, w)
+
+  out = PartitionSpec(rows[0], *[None] * (len(out_letters) - 1))
+  return jax.shard_map(local, mesh=mesh, in_specs=(rows, stored), out_specs=out, check_vma=False)(x, w)
 
 
 def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, NamedSharding] | None:

@@ -226,6 +226,7 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
 
 
 _ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
+_WO = ("heads", None, "embed")  # the output projection's axes: H x V (or K) x D
 
 
 @struct.dataclass
@@ -289,7 +290,7 @@ class GQA(nnx.Module):
     self.wq = weight(rngs, (d, a.num_heads, a.head_dim), ("embed", "heads", None), std, pdt)
     self.wk = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
     self.wv = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
-    self.wo = weight(rngs, (a.num_heads, a.head_dim, d), ("heads", None, "embed"), std, pdt)
+    self.wo = weight(rngs, (a.num_heads, a.head_dim, d), _WO, std, pdt)
     if a.qk_norm:
       self.q_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
       self.k_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
@@ -329,7 +330,7 @@ class GQA(nnx.Module):
       )
       k, v, chunk_len = cache.k_BxSxGxK, cache.v_BxSxGxK, 0
     out_BxLxHxK = attend(q, k, v, visible, q.shape[-1] ** -0.5, chunk_len, self.impl)
-    out = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo[...].astype(dt))
+    out = sharding.fsdp_einsum("blhk,hkd->bld", out_BxLxHxK, _ACT_HEADS, self.wo[...].astype(dt), _WO)
     return out if cache is None else (out, cache)
 
   def _rope(self, x_BxLxHxK, positions_BxL):
@@ -359,7 +360,7 @@ class MLA(nnx.Module):
     self.wkv_a = weight(rngs, (d, a.kv_lora_rank + rdim), ("embed", None), std, pdt)
     self.kv_norm = RMSNorm(a.kv_lora_rank, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), ("kv_lora", "heads", None), std, pdt)
-    self.wo = weight(rngs, (h, a.v_head_dim, d), ("heads", None, "embed"), std, pdt)
+    self.wo = weight(rngs, (h, a.v_head_dim, d), _WO, std, pdt)
     self.q_lora_rank, self.kv_lora_rank, self.nope = a.q_lora_rank, a.kv_lora_rank, nope
     self.rope = Rope(rdim, a.rope_theta, a.rope_scaling)
     # (nope + rope)^-1/2, and under YaRN DeepSeek-V3's correction of it
@@ -407,7 +408,7 @@ class MLA(nnx.Module):
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxLx1xK, (*k_nope.shape[:3], k_rope_BxLx1xK.shape[-1]))], -1)
     q = sharding.constrain(q, _ACT_HEADS)
     out_BxLxHxV = attend(q, k, v, visible, self.scale, chunk_len, self.impl)
-    out = jnp.einsum("blhv,hvd->bld", out_BxLxHxV, self.wo[...].astype(dt))
+    out = sharding.fsdp_einsum("blhv,hvd->bld", out_BxLxHxV, _ACT_HEADS, self.wo[...].astype(dt), _WO)
     return out if cache is None else (out, cache)
 
 
