@@ -326,3 +326,25 @@ def test_attention_blocks_bound_the_score_memory(tiny):
     return build(cfg, jax.devices()[:1]).compile().memory_analysis().temp_size_in_bytes
 
   assert temp(0) - temp(16) > scores_bytes
+
+
+def test_metrics_reach_tensorboard_without_importing_torch(tmp_path):
+  """A run's scalars land in a TensorBoard event file, and its start does not import torch
+  (installed here for the export tests; tensorboardX's writer would import it, 1.8 s)."""
+  from conftest import child_env
+  from tensorboardX.proto import event_pb2
+
+  code = (
+    "import sys; from mtp_jax.train.metrics import MetricsWriter; w = MetricsWriter(sys.argv[1]);"
+    "w.write(3, {'loss': 2.5, 'mfu': None}); w.close(); print('torch' in sys.modules)"
+  )
+  run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=child_env())
+  assert run.returncode == 0 and run.stdout.split() == ["False"], run.stderr[-2000:]
+  (events,) = (tmp_path / "tensorboard").iterdir()
+  raw, scalars = events.read_bytes(), []
+  while raw:  # TFRecords: length (8 bytes), its CRC (4), the Event, the Event's CRC (4)
+    n = int.from_bytes(raw[:8], "little")
+    event = event_pb2.Event.FromString(raw[12 : 12 + n])
+    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    raw = raw[16 + n :]
+  assert scalars == [(3, "loss", 2.5)]

@@ -132,13 +132,14 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def fsdp_einsum(
   equation: str, x: jax.Array, x_names: Sequence[str | None], w: jax.Array, w_names: Sequence[str | None]
 ) -> jax.Array:
-  """`jnp.einsum(equation, x, w)`, where `w` is stored split along two or more dimensions, all
-  over axes that split `x`'s batch (FSDP storage): in one shard_map, `w` gathered one dimension
-  at a time on each device and multiplied with its rows of `x`, so that the gradient leaves by
-  reduce-scatters. Left to the compiler, XLA:TPU gathered such a weight by an all-reduce of a
-  zero-padded buffer of every device's piece, twice an all-gather's bytes, and summed its whole
-  gradient (671B's MLA output projection; benchmarks/RESULTS.md). Elsewhere (one split
-  dimension, tensor-parallel splits, `x` split beyond its batch) the compiler places it."""
+  """`jnp.einsum(equation, x, w)`, where `w` is stored split only over mesh axes that split `x`'s
+  batch (FSDP storage): in one shard_map, `w` gathered on each device one dimension and one axis
+  at a time (`gather`) and multiplied with its rows of `x`, so that the gradient leaves by
+  reduce-scatters. Left to the compiler, XLA:TPU summed such weights' whole gradients, and
+  gathered those split over several axes by an all-reduce of a zero-padded buffer of every
+  device's piece, twice an all-gather's bytes (671B's projections: D over fsdp x expert, or
+  heads over fsdp and another dimension over expert; small's over fsdp; benchmarks/RESULTS.md).
+  Elsewhere (tensor-parallel splits, `x` split beyond its batch) the compiler places it."""
   active = _ACTIVE.get()
   out_letters = equation.split("->")[1]
   if active is None or out_letters[:1] != equation[:1]:
@@ -147,16 +148,26 @@ def fsdp_einsum(
   stored, rows = spec(w_names, w.shape, mesh, rules), spec(x_names, x.shape, mesh, rules)
   split = [(d, axes_of(e)) for d, e in enumerate(stored) if e is not None]
   batch = set(axes_of(rows[0]))
-  if len(split) < 2 or any(rows[1:]) or not all(set(axes) <= batch for _, axes in split):
+  if not split or any(rows[1:]) or not all(set(axes) <= batch for _, axes in split):
     return jnp.einsum(equation, x, w)
 
   def local(x, w):
     for d, axes in split:
-      w = jax.lax.all_gather(w, axes, axis=d, tiled=True)
+      w = gather(w, axes, d)
     return jnp.einsum(equation, x, w)
 
   out = PartitionSpec(rows[0], *[None] * (len(out_letters) - 1))
   return jax.shard_map(local, mesh=mesh, in_specs=(rows, stored), out_specs=out, check_vma=False)(x, w)
+
+
+def gather(x: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
+  """Inside a shard_map: `x` all-gathered along `dim` over the mesh `axes` it is split over, one
+  axis at a time, the minor first (its transpose, the gradient's reduce-scatter, goes back the
+  same way). Over several axes at once XLA:TPU gathered by an all-reduce of a zero-padded buffer,
+  twice the bytes (671B's weights stored with D over fsdp x expert; benchmarks/RESULTS.md)."""
+  for a in reversed(axes):
+    x = jax.lax.all_gather(x, a, axis=dim, tiled=True)
+  return x
 
 
 def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, NamedSharding] | None:

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec
 
 from mtp_jax import sharding
 from mtp_jax.config import AttentionConfig, ConfigError, ModelConfig
-from mtp_jax.model.layers import RMSNorm, Rope, bias, softmax_mscale, weight
+from mtp_jax.model.layers import ACT, RMSNorm, Rope, bias, softmax_mscale, weight
 
 SPLASH_BLOCK = 128  # splash's tiles hold whole 128-lane blocks of the sequence
 
@@ -226,7 +226,10 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
 
 
 _ACT_HEADS = ("act_batch", "act_length", "act_heads", None)
-_WO = ("heads", None, "embed")  # the output projection's axes: H x V (or K) x D
+_LATENT = ("act_batch", "act_length", None)  # MLA's compressed query or key/value
+# The projections' axes, all multiplied by `sharding.fsdp_einsum`: D x H x K, D x R, R x H x K, H x V x D.
+_WQ, _WKV, _DOWN = ("embed", "heads", None), ("embed", "kv_heads", None), ("embed", None)
+_WQ_B, _WKV_B, _WO = ("q_lora", "heads", None), ("kv_lora", "heads", None), ("heads", None, "embed")
 
 
 @struct.dataclass
@@ -287,9 +290,9 @@ class GQA(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, chunk_len: int = 0):
     a: AttentionConfig = cfg.attention
     d, std, pdt, dt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-    self.wq = weight(rngs, (d, a.num_heads, a.head_dim), ("embed", "heads", None), std, pdt)
-    self.wk = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
-    self.wv = weight(rngs, (d, a.num_kv_heads, a.head_dim), ("embed", "kv_heads", None), std, pdt)
+    self.wq = weight(rngs, (d, a.num_heads, a.head_dim), _WQ, std, pdt)
+    self.wk = weight(rngs, (d, a.num_kv_heads, a.head_dim), _WKV, std, pdt)
+    self.wv = weight(rngs, (d, a.num_kv_heads, a.head_dim), _WKV, std, pdt)
     self.wo = weight(rngs, (a.num_heads, a.head_dim, d), _WO, std, pdt)
     if a.qk_norm:
       self.q_norm = RMSNorm(a.head_dim, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
@@ -314,9 +317,9 @@ class GQA(nnx.Module):
     """The output, or (output, cache) given a cache: then `visible` is a mask over its S slots
     (`cached_mask`); otherwise `Causal`."""
     dt = self.dtype
-    q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
-    k = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk[...].astype(dt))
-    v = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv[...].astype(dt))
+    q = sharding.fsdp_einsum("bld,dhk->blhk", x_BxLxD, ACT, self.wq[...].astype(dt), _WQ)
+    k = sharding.fsdp_einsum("bld,dgk->blgk", x_BxLxD, ACT, self.wk[...].astype(dt), _WKV)
+    v = sharding.fsdp_einsum("bld,dgk->blgk", x_BxLxD, ACT, self.wv[...].astype(dt), _WKV)
     if self.bias is not None:
       q, k, v = (x + self.bias[n][...].astype(dt)[None, None] for n, x in (("q", q), ("k", k), ("v", v)))
     if self.qk_norm:
@@ -352,14 +355,14 @@ class MLA(nnx.Module):
     d, std, pdt, dt = cfg.d_model, cfg.init_std, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     h, nope, rdim = a.num_heads, a.qk_nope_head_dim, a.qk_rope_head_dim
     if a.q_lora_rank:
-      self.wq_a = weight(rngs, (d, a.q_lora_rank), ("embed", None), std, pdt)
+      self.wq_a = weight(rngs, (d, a.q_lora_rank), _DOWN, std, pdt)
       self.q_norm = RMSNorm(a.q_lora_rank, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-      self.wq_b = weight(rngs, (a.q_lora_rank, h, nope + rdim), ("q_lora", "heads", None), std, pdt)
+      self.wq_b = weight(rngs, (a.q_lora_rank, h, nope + rdim), _WQ_B, std, pdt)
     else:
-      self.wq = weight(rngs, (d, h, nope + rdim), ("embed", "heads", None), std, pdt)
-    self.wkv_a = weight(rngs, (d, a.kv_lora_rank + rdim), ("embed", None), std, pdt)
+      self.wq = weight(rngs, (d, h, nope + rdim), _WQ, std, pdt)
+    self.wkv_a = weight(rngs, (d, a.kv_lora_rank + rdim), _DOWN, std, pdt)
     self.kv_norm = RMSNorm(a.kv_lora_rank, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), ("kv_lora", "heads", None), std, pdt)
+    self.wkv_b = weight(rngs, (a.kv_lora_rank, h, nope + a.v_head_dim), _WKV_B, std, pdt)
     self.wo = weight(rngs, (h, a.v_head_dim, d), _WO, std, pdt)
     self.q_lora_rank, self.kv_lora_rank, self.nope = a.q_lora_rank, a.kv_lora_rank, nope
     self.rope = Rope(rdim, a.rope_theta, a.rope_scaling)
@@ -384,12 +387,12 @@ class MLA(nnx.Module):
     float sums in another order."""
     dt, nope = self.dtype, self.nope
     if self.q_lora_rank:
-      cq_BxLxR = self.q_norm(jnp.einsum("bld,dr->blr", x_BxLxD, self.wq_a[...].astype(dt)))
-      q = jnp.einsum("blr,rhk->blhk", cq_BxLxR, self.wq_b[...].astype(dt))
+      cq_BxLxR = self.q_norm(sharding.fsdp_einsum("bld,dr->blr", x_BxLxD, ACT, self.wq_a[...].astype(dt), _DOWN))
+      q = sharding.fsdp_einsum("blr,rhk->blhk", cq_BxLxR, _LATENT, self.wq_b[...].astype(dt), _WQ_B)
     else:
-      q = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq[...].astype(dt))
+      q = sharding.fsdp_einsum("bld,dhk->blhk", x_BxLxD, ACT, self.wq[...].astype(dt), _WQ)
     q = jnp.concatenate([q[..., :nope], self.rope(q[..., nope:], positions_BxL)], axis=-1)
-    kv_a = jnp.einsum("bld,dr->blr", x_BxLxD, self.wkv_a[...].astype(dt))
+    kv_a = sharding.fsdp_einsum("bld,dr->blr", x_BxLxD, ACT, self.wkv_a[...].astype(dt), _DOWN)
     ckv_BxLxR = self.kv_norm(kv_a[..., : self.kv_lora_rank])
     k_rope_BxLx1xK = self.rope(kv_a[..., None, self.kv_lora_rank :], positions_BxL)
     chunk_len = self.chunk_len
@@ -403,7 +406,7 @@ class MLA(nnx.Module):
         out_BxLxHxV = absorbed_attend(q, cache, self.wkv_b[...].astype(dt), visible, self.scale)
         return jnp.einsum("blhv,hvd->bld", out_BxLxHxV, self.wo[...].astype(dt)), cache
       ckv_BxLxR, k_rope_BxLx1xK, chunk_len = cache.ckv_BxSxR, cache.k_rope_BxSxK[:, :, None], 0
-    kv = jnp.einsum("blr,rhk->blhk", ckv_BxLxR, self.wkv_b[...].astype(dt))
+    kv = sharding.fsdp_einsum("blr,rhk->blhk", ckv_BxLxR, _LATENT, self.wkv_b[...].astype(dt), _WKV_B)
     k_nope, v = kv[..., :nope], kv[..., nope:]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope_BxLx1xK, (*k_nope.shape[:3], k_rope_BxLx1xK.shape[-1]))], -1)
     q = sharding.constrain(q, _ACT_HEADS)

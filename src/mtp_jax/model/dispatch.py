@@ -176,9 +176,7 @@ def routed_experts(
     # The weights' D rows arrive as stored (FSDP) and are gathered here, so that their gradient
     # leaves as a reduce-scatter to each device's rows: given whole, the shard_map's transpose
     # summed every expert's whole gradient over every device, then kept a slice.
-    w = tuple(
-      jax.lax.all_gather(x, r, axis=a, tiled=True) if r else x for x, r, a in zip(w, rows, _EMBED_DIMS, strict=True)
-    )
+    w = tuple(sharding.gather(x, r, d) for x, r, d in zip(w, rows, _EMBED_DIMS, strict=True))
     if p.kind == "all_to_all":
       run = functools.partial(_all_to_all_experts, w=w, ep=p.ep, tp=p.tp)
     elif p.kind == "ragged_all_to_all":

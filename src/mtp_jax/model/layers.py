@@ -17,6 +17,8 @@ from flax import nnx
 from mtp_jax import sharding
 from mtp_jax.config import RopeScaling
 
+ACT = ("act_batch", "act_length", "act_embed")  # a B x L x D activation's axes
+
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float, dtype: jnp.dtype) -> nnx.Param:
   """A normally-initialised weight carrying its logical axis names."""
@@ -126,21 +128,24 @@ class Embed(nnx.Module):
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
     if placed:
       x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, placed[1])
-    return sharding.constrain(x_BxLxD, ("act_batch", "act_length", "act_embed"))
+    return sharding.constrain(x_BxLxD, ACT)
+
+
+_IN, _OUT, _HIDDEN = ("embed", "mlp"), ("mlp", "embed"), ("act_batch", "act_length", "act_mlp")  # MLP's
 
 
 class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(x gate) * (x up))."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, std: float, dtype, param_dtype):
-    self.w_gate = weight(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
-    self.w_up = weight(rngs, (dim, hidden), ("embed", "mlp"), std, param_dtype)
-    self.w_down = weight(rngs, (hidden, dim), ("mlp", "embed"), std, param_dtype)
+    self.w_gate = weight(rngs, (dim, hidden), _IN, std, param_dtype)
+    self.w_up = weight(rngs, (dim, hidden), _IN, std, param_dtype)
+    self.w_down = weight(rngs, (hidden, dim), _OUT, std, param_dtype)
     self.dtype = dtype
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     dt = self.dtype
-    gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dt))
-    up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(dt))
-    h_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("act_batch", "act_length", "act_mlp"))
-    return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_down[...].astype(dt))
+    gate_BxLxF = sharding.fsdp_einsum("bld,df->blf", x_BxLxD, ACT, self.w_gate[...].astype(dt), _IN)
+    up_BxLxF = sharding.fsdp_einsum("bld,df->blf", x_BxLxD, ACT, self.w_up[...].astype(dt), _IN)
+    h_BxLxF = sharding.constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, _HIDDEN)
+    return sharding.fsdp_einsum("blf,fd->bld", h_BxLxF, _HIDDEN, self.w_down[...].astype(dt), _OUT)

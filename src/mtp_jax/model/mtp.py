@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtp_jax import sharding
 from mtp_jax.config import ModelConfig
-from mtp_jax.model.layers import RMSNorm, weight
+from mtp_jax.model.layers import ACT, RMSNorm, weight
 
 
 def shift_left(x_BxL: jax.Array, k: int, fill: int = 0) -> jax.Array:
@@ -23,6 +24,9 @@ def shift_left(x_BxL: jax.Array, k: int, fill: int = 0) -> jax.Array:
     return x_BxL
   pad = jnp.full((x_BxL.shape[0], k), fill, x_BxL.dtype)
   return jnp.concatenate([x_BxL[:, k:], pad], axis=1)
+
+
+_EH = (None, "embed")  # eh_proj's axes: 2D x D
 
 
 class SequentialModule(nnx.Module):
@@ -34,7 +38,7 @@ class SequentialModule(nnx.Module):
     d = cfg.d_model
     self.enorm = RMSNorm(d, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.hnorm = RMSNorm(d, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
-    self.eh_proj = weight(rngs, (2 * d, d), (None, "embed"), cfg.init_std, pdt)
+    self.eh_proj = weight(rngs, (2 * d, d), _EH, cfg.init_std, pdt)
     self.block = block
     self.norm = RMSNorm(d, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt)
     self.dtype = dt
@@ -42,4 +46,4 @@ class SequentialModule(nnx.Module):
   def mix(self, emb_BxLxD: jax.Array, h_BxLxD: jax.Array) -> jax.Array:
     """M_k [RMSNorm(Emb); RMSNorm(h)], embedding half first as the serving runtimes load it."""
     both = jnp.concatenate([self.enorm(emb_BxLxD), self.hnorm(h_BxLxD)], axis=-1)
-    return jnp.einsum("ble,ed->bld", both, self.eh_proj[...].astype(self.dtype))
+    return sharding.fsdp_einsum("ble,ed->bld", both, ACT, self.eh_proj[...].astype(self.dtype), _EH)

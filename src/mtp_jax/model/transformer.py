@@ -10,11 +10,9 @@ from flax import nnx
 from mtp_jax import sharding
 from mtp_jax.config import ModelConfig
 from mtp_jax.model import attention
-from mtp_jax.model.layers import MLP, Embed, RMSNorm, weight
+from mtp_jax.model.layers import ACT, MLP, Embed, RMSNorm, weight
 from mtp_jax.model.moe import MoE, MoEAux
 from mtp_jax.model.mtp import SequentialModule, shift_left
-
-_ACT = ("act_batch", "act_length", "act_embed")
 
 # What a rematerialised block keeps for its backward pass; the rest it recomputes. The names
 # are checkpoint names in attention.py (`attn_qkv`: the kernel's q, k, v; `attn_context`: its
@@ -68,7 +66,7 @@ class Block(nnx.Module):
   def _ffn(self, x_BxLxD, valid_BxL) -> tuple[jax.Array, MoEAux | None]:
     h = self.ffn_norm(x_BxLxD)
     y, aux = self.ffn(h, valid_BxL) if isinstance(self.ffn, MoE) else (self.ffn(h), None)
-    return sharding.constrain(x_BxLxD + y, _ACT), aux
+    return sharding.constrain(x_BxLxD + y, ACT), aux
 
 
 def _remat(policy):

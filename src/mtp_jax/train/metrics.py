@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import jax
 
@@ -60,9 +61,7 @@ class MetricsWriter:
       return
     workdir = storage.path(workdir)
     self._jsonl = storage.AppendedText(workdir / "metrics.jsonl")
-    from tensorboardX import SummaryWriter  # imported lazily: heavy, and only the writer needs it
-
-    self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+    self._tb = _summary_writer(os.fspath(workdir / "tensorboard"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -82,3 +81,18 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, imported here (only the writer needs it) and without torch:
+  where torch is installed, tensorboardX's writer module imports it to accept torch tensors,
+  1.8 s of every run's start for tensors we never pass (our scalars are floats)."""
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX allows for
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir)
