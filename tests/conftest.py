@@ -1,5 +1,6 @@
 """Eight fake CPU devices (set before JAX is imported) so sharded code runs in CI."""
 
+import gc
 import os
 import re
 import tempfile
@@ -114,6 +115,24 @@ _LONGEST_FIRST = (
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+# Python's cyclic garbage collector runs between test files, not during them. A worker ends holding
+# about 2 million objects (JAX's tracing and compilation caches), and every automatic full
+# collection walked them all: 29 s of each worker's 10 minutes. At the end pytest collects five
+# times more (1.3-1.5 s each), past the 5 s after which execnet sends its busy worker a SIGINT:
+# the KeyboardInterrupt "ignored in _xla_gc_callback" printed at the end of every run. Between
+# files: one collection of what the file left, then gc.freeze() moves the survivors where no later
+# collection looks (measured in benchmarks/RESULTS.md, 2026-12-06). Garbage is still freed by
+# reference counting at once; cycles wait for the file's end.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  gc.disable()  # in the processes that run tests (not xdist's controller)
+  result = yield
+  if nextitem is None or nextitem.path != item.path:
+    gc.collect()
+    gc.freeze()
+  return result
 
 
 def child_env(**overrides: str) -> dict[str, str]:
