@@ -120,7 +120,7 @@ def pytest_collection_modifyitems(items):
 # Python's cyclic garbage collector runs between test files, not during them. A worker ends holding
 # about 2 million objects (JAX's tracing and compilation caches), and every automatic full
 # collection walked them all: 29 s of each worker's 10 minutes. At the end pytest collects five
-# times more (1.3-1.5 s each), past the 5 s after which execnet sends its busy worker a SIGINT:
+# times more (1.2-1.5 s each), past the 5 s after which execnet sends its busy worker a SIGINT:
 # the KeyboardInterrupt "ignored in _xla_gc_callback" printed at the end of every run. Between
 # files: one collection of what the file left, then gc.freeze() moves the survivors where no later
 # collection looks (measured in benchmarks/RESULTS.md, 2026-12-06). Garbage is still freed by
