@@ -123,7 +123,7 @@ def pytest_collection_modifyitems(items):
 # times more (1.2-1.5 s each), past the 5 s after which execnet sends its busy worker a SIGINT:
 # the KeyboardInterrupt "ignored in _xla_gc_callback" printed at the end of every run. Between
 # files: one collection of what the file left, then gc.freeze() moves the survivors where no later
-# collection looks (measured in benchmarks/RESULTS.md, 2026-12-06). Garbage is still freed by
+# collection looks (benchmarks/RESULTS.md, 2026-12-06, second). Garbage is still freed by
 # reference counting at once; cycles wait for the file's end.
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
