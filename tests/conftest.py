@@ -1,8 +1,10 @@
 """Eight fake CPU devices (set before JAX is imported) so sharded code runs in CI."""
 
+import atexit
 import gc
 import os
 import re
+import shutil
 import tempfile
 
 # The tests compile many tiny programs and run each for a few steps. At XLA's backend
@@ -44,7 +46,11 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_missing])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the session, shared with the subprocesses the tests start: the
 # same tiny programs are compiled by many tests, and each compile costs seconds on 2 cores.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mtp-jax-test-xla-"))
+# The process that makes it (pytest's controller, which outlives its workers) removes it at exit:
+# it holds ~100 MB after a run, and every run makes a new one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mtp-jax-test-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
