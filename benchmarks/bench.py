@@ -3,7 +3,7 @@
   python benchmarks/bench.py --config configs/tiny.yaml --depths 0,1,2 --steps 20 [key=value ...]
   python benchmarks/bench.py --depths 1 --trainable all,mtp      # a drafter on a frozen trunk
   python benchmarks/bench.py --depths 0,1 --vary-depth 1 --vary xla:model.attention.impl=xla \
-      --vary triton:model.moe.mode=dropless,jax_ragged_dot_use_gpu_pallas_triton_lowering=true
+      --vary bf16:model.moe.mode=dropless,jax_default_matmul_precision=bfloat16
 
 For each depth and each `--trainable` (train.trainable), then for each variant at the first
 trainable and the first depth or `--vary-depth` (`--vary NAME:KEY=VALUE,...`: config overrides,

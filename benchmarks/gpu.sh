@@ -34,8 +34,9 @@
 # one GPU has no collectives for the latency-hiding scheduler to overlap; XLA_FLAGS passes through.
 # Not measured: `jax_ragged_dot_use_gpu_pallas_triton_lowering`, the issue's first choice for a
 # GPU grouped matmul: it imports jax._src.lax.pallas_lowerings, which no released jax wheel holds
-# (0.10.2 and 0.11.2 checked here; jax-ml/jax#40888), so every row with it fails. Its successor
-# here is JAX's Pallas Mosaic GPU grouped matmuls for Hopper (model.moe.kernel=mosaic_gpu).
+# (0.10.2 and 0.11.2 checked here; jax-ml/jax#40888), so every row with it fails, and jax 0.12
+# has no such option. Its successor here is JAX's Pallas Mosaic GPU grouped matmuls for Hopper
+# (model.moe.kernel=mosaic_gpu; the same kernel files in jax 0.11.2 and 0.12.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,5 +1,6 @@
 """The token embedding on 8 fake devices: the same rows and table gradient as one device, and no
-device handed the whole batch's rows (or their gradient) to look up or scatter-add."""
+device handed the whole batch's rows (or their gradient) to look up or scatter-add; inside a
+data replica's shard_map, each device scatter-adds its replica's whole batch."""
 
 import re
 
@@ -65,3 +66,43 @@ def test_the_lookup_equals_one_device_and_moves_no_whole_batch(axes, rules):
   # Each device holds B / (the batch's ways) rows; none gathers the batch's rows of D, or a slice of D for all of them.
   gathered = re.findall(rf"= f32\[{B},{L},\d+\]\S* all-gather", fn.as_text())
   assert not gathered, gathered
+
+
+@pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 2, "expert": 2}, {"data": 2, "sequence": 2, "tensor": 2}])
+def test_the_lookup_in_a_replica_keeps_its_tokens_whole(axes):
+  """Inside a shard_map manual over data (train.step's per-replica microbatches): the rows and
+  table gradient of one device, each device scatter-adding all its replica's gradient rows
+  (sharding.lookup_layout: jaxlib 0.11 and 0.12 abort on the split these axes would get)."""
+  rng = np.random.default_rng(1)
+  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+  cot = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  want_x, want_grad = jax.jit(_embed_and_grad)(table, tokens, cot)
+
+  cfg = MeshConfig(**axes)
+  mesh = sharding.make_mesh(cfg)
+  placed = []
+
+  def replica(table, tokens, cot):
+    with sharding.activate(jax.sharding.get_abstract_mesh(), cfg.rules):
+      placed.append(sharding.lookup_layout(table.shape, tokens.shape))
+      x, grad = _embed_and_grad(table, tokens, cot)
+    return x, jax.lax.psum(grad, "data")
+
+  rows, whole = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
+  fn = jax.shard_map(
+    replica, mesh=mesh, in_specs=(whole, rows, rows), out_specs=(rows, whole), axis_names={"data"}, check_vma=False
+  )
+  with sharding.activate(mesh, cfg.rules):
+    args = (
+      jax.device_put(table, sharding.named(("vocab", "embed"), table.shape, mesh, cfg.rules)),
+      jax.device_put(tokens, jax.NamedSharding(mesh, rows)),
+      jax.device_put(cot, jax.NamedSharding(mesh, rows)),
+    )
+    compiled = jax.jit(fn).lower(*args).compile()
+  x, grad = compiled(*args)
+  np.testing.assert_array_equal(x, want_x)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-6)
+  # The tokens whole in the replica (traced once, for the compile): each device scatter-adds all
+  # of its replica's gradient rows into its slice of the table.
+  assert [layouts[0].spec for layouts in placed] == [whole]

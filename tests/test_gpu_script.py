@@ -24,10 +24,10 @@ _LINE = (
 
 def test_a_variant_splits_into_config_overrides_and_jax_options():
   name, overrides, options = bench.parse_variant(
-    "triton:model.moe.mode=dropless,jax_ragged_dot_use_gpu_pallas_triton_lowering=true,model.x=a=b"
+    "bf16:model.moe.mode=dropless,jax_default_matmul_precision=bfloat16,model.x=a=b"
   )
-  assert name == "triton" and overrides == ["model.moe.mode=dropless", "model.x=a=b"]
-  assert options == {"jax_ragged_dot_use_gpu_pallas_triton_lowering": "true"}
+  assert name == "bf16" and overrides == ["model.moe.mode=dropless", "model.x=a=b"]
+  assert options == {"jax_default_matmul_precision": "bfloat16"}
   for bad, why in [
     ("noname", "expected NAME"),
     (":a=1", "expected NAME"),
@@ -41,10 +41,10 @@ def test_a_variant_splits_into_config_overrides_and_jax_options():
 def test_a_jax_option_holds_for_its_row_only():
   import jax
 
-  before = jax.config.jax_ragged_dot_use_gpu_pallas_triton_lowering
-  with bench.jax_options({"jax_ragged_dot_use_gpu_pallas_triton_lowering": "true"}):
-    assert jax.config.jax_ragged_dot_use_gpu_pallas_triton_lowering is True
-  assert jax.config.jax_ragged_dot_use_gpu_pallas_triton_lowering == before
+  before = jax.config.jax_debug_nans
+  with bench.jax_options({"jax_debug_nans": "true"}):
+    assert jax.config.jax_debug_nans is True
+  assert jax.config.jax_debug_nans == before
 
 
 def test_maxtext_runs_are_the_median_of_their_steps_after_the_first_two(tmp_path):

@@ -170,13 +170,21 @@ def gather(x: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
   return x
 
 
-def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, NamedSharding] | None:
-  """(tokens, rows) layouts for looking up rows of a (vocab, embed) table: the batch over the
-  activation batch axes that do not split the table's embed dimension, and the rows split along
-  embed as the table is. A device then reads only its own slice of the table, and the lookup's
-  gradient is a local scatter-add into that slice; the move to the activation layout (one
-  all-to-all) is pinned on both passes. Left to itself, XLA gathered every device's gradient rows
-  to every device where both data and fsdp split the batch. None outside `activate`."""
+def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, ...] | None:
+  """Layouts for looking up rows of a (vocab, embed) table: the tokens', then the rows' in turn.
+  The batch goes over the activation batch axes that do not split the table's embed dimension,
+  and the rows are split along embed as the table is. A device then reads only its own slice of
+  the table, and the lookup's gradient is a local scatter-add into that slice; the move to the
+  activation layout (one all-to-all) is pinned on both passes. Left to itself, XLA gathered every
+  device's gradient rows to every device where both data and fsdp split the batch. None outside
+  `activate`.
+
+  Inside a shard_map that makes some axes manual (train.step's per-replica microbatches), the
+  tokens and the rows first come whole over the other axes, then split as above: each device
+  scatter-adds all its replica's gradient rows into its slice of the table, their cotangents
+  gathered over those axes (XLA 0.10 chose that itself on tests/test_embed.py's meshes). With
+  the tokens split there, jaxlib 0.11 and 0.12 abort partitioning that scatter-add (a failed
+  CHECK in XLA's spmd_partitioner_util.cc, ExpandDeviceGroupsWithIota)."""
   active = _ACTIVE.get()
   if active is None:
     return None
@@ -186,8 +194,10 @@ def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, NamedShardi
     entry([a for a in axes_of(e) if a not in embed])
     for e in spec(("act_batch", "act_length"), tokens_shape, mesh, rules)
   )
-  rows = PartitionSpec(batch, length, entry(embed))
-  return NamedSharding(mesh, PartitionSpec(batch, length)), NamedSharding(mesh, rows)
+  specs = [PartitionSpec(batch, length), PartitionSpec(batch, length, entry(embed))]
+  if mesh.manual_axes:  # whole over the other axes first (above)
+    specs = [PartitionSpec(), PartitionSpec(None, None, entry(embed)), specs[1]]
+  return tuple(NamedSharding(mesh, s) for s in specs)
 
 
 def entry(axes: Sequence[str]):

@@ -122,12 +122,13 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     table_VxD = self.table[...]
-    placed = sharding.lookup_layout(table_VxD.shape, tokens_BxL.shape)
-    if placed:  # each device looks up its slice of D for its group's tokens, where the table lies
-      tokens_BxL = jax.lax.with_sharding_constraint(tokens_BxL, placed[0])
+    # Each device looks up its slice of D for its group's tokens, where the table lies.
+    tokens_at, *rows_at = sharding.lookup_layout(table_VxD.shape, tokens_BxL.shape) or [None]
+    if tokens_at:
+      tokens_BxL = jax.lax.with_sharding_constraint(tokens_BxL, tokens_at)
     x_BxLxD = jnp.take(table_VxD, tokens_BxL, axis=0).astype(self.dtype)
-    if placed:
-      x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, placed[1])
+    for layout in rows_at:
+      x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, layout)
     return sharding.constrain(x_BxLxD, ACT)
 
 
