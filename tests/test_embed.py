@@ -29,6 +29,15 @@ def _embed_and_grad(table_VxD, tokens_BxL, cot_BxLxD):
   return x, pullback(cot_BxLxD)[0]
 
 
+def _inputs():
+  """(table, tokens, cotangent), one token repeated in a row: the gradient sums over repeats."""
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32).at[0, :4].set(7)
+  cot = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  return table, tokens, cot
+
+
 @pytest.mark.parametrize(
   "axes, rules",
   [
@@ -41,11 +50,7 @@ def _embed_and_grad(table_VxD, tokens_BxL, cot_BxLxD):
   ],
 )
 def test_the_lookup_equals_one_device_and_moves_no_whole_batch(axes, rules):
-  rng = np.random.default_rng(0)
-  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
-  tokens = tokens.at[0, :4].set(7)  # one row repeated: the gradient sums over repeats
-  cot = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  table, tokens, cot = _inputs()
   want_x, want_grad = jax.jit(_embed_and_grad)(table, tokens, cot)  # outside `activate`: no layouts pinned
 
   cfg = MeshConfig(**axes, rules=rules)
@@ -73,10 +78,7 @@ def test_the_lookup_in_a_replica_keeps_its_tokens_whole(axes):
   """Inside a shard_map manual over data (train.step's per-replica microbatches): the rows and
   table gradient of one device, each device scatter-adding all its replica's gradient rows
   (sharding.lookup_layout: jaxlib 0.11 and 0.12 abort on the split these axes would get)."""
-  rng = np.random.default_rng(1)
-  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
-  cot = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  table, tokens, cot = _inputs()
   want_x, want_grad = jax.jit(_embed_and_grad)(table, tokens, cot)
 
   cfg = MeshConfig(**axes)
