@@ -1,5 +1,7 @@
 """Expert-parallel dispatch (all_to_all, ragged_all_to_all in shard_map) against one device."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +40,7 @@ def emulated_ragged_all_to_all(
     start, size = dst_PxP[s, me], recv_sizes[s]
     hit = (rows >= start) & (rows < start + size)
     take = jnp.clip(src_PxP[s, me] + rows - start, 0, operand.shape[0] - 1)
-    result = jnp.where(hit[:, None], operand_PxNxD[s][take], result)
+    result = jnp.where(hit.reshape(-1, *[1] * (operand.ndim - 1)), operand_PxNxD[s][take], result)
   agree = jnp.all(sent_PxP[:, me] == recv_sizes)
   return jnp.where(agree, result, jnp.nan)
 
@@ -90,7 +92,39 @@ def test_capacity_drops_by_each_devices_own_buffers(mesh):
   blocks = [layer(x[i : i + 1], valid[i : i + 1]) for i in range(B)]  # act_batch splits B 8 ways
   assert int(aux.dropped) == sum(int(a.dropped) for _, a in blocks) > 0
   np.testing.assert_allclose(y, jnp.concatenate([y for y, _ in blocks]), rtol=1e-5, atol=1e-6)
-  assert sharded.lower(x).as_text().count("stablehlo.all_to_all") == (2 if mesh.shape["expert"] > 1 else 0)
+  # The buffers there and back, and their gates there.
+  assert sharded.lower(x).as_text().count("stablehlo.all_to_all") == (3 if mesh.shape["expert"] > 1 else 0)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [["model.moe.mode=capacity", ROOMY, "model.moe.dispatch=all_to_all"], ["model.moe.dispatch=ragged_all_to_all"]],
+  ids=["all_to_all", "ragged_all_to_all"],
+)
+def test_under_remat_the_outputs_way_back_runs_once(monkeypatch, overrides):
+  """The gates weigh the experts' outputs where they are computed (dispatch._weigh), so nothing
+  in the backward pass reads what comes back: with the layer rematerialised, the D-wide rows
+  are exchanged 5 times a step, not 6 (forward there and back, the recompute there only, the
+  backward pass's two transposes), and the gates, one number a row, 3 times. (The real
+  ragged_all_to_all: lowered, not run.)"""
+  monkeypatch.setattr(moe_lib, "ragged_all_to_all", lambda *a, **kw: jax.lax.ragged_all_to_all(*a, **kw))
+  cfg = tiny_config(*overrides, *MESHES["data2_expert4"])
+  mesh = _mesh(cfg)
+  graphdef, params, bias = nnx.split(MoE(cfg.model, rngs=nnx.Rngs(0)), nnx.Param, RouterBias)
+  x, cot, valid = inputs(cfg)
+
+  @jax.checkpoint
+  def layer(params, x):
+    with sharding.activate(mesh, cfg.mesh.rules):
+      return nnx.merge(graphdef, params, bias)(x, valid)[0]
+
+  step = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(layer(p, x) * cot), argnums=(0, 1)))
+  text = step.lower(params, x).as_text()
+  # Each exchange's first operand: what it sends (rows x D, or one gate a row; the integer sizes
+  # and offsets left out).
+  sent = re.findall(r'(?:"stablehlo.all_to_all"|@ragged_all_to_all)\(.*: \(tensor<([0-9x]+)xf32>', text)
+  wide = [dims for dims in sent if dims.endswith(f"x{cfg.model.d_model}")]
+  assert (len(wide), len(sent) - len(wide)) == (5, 3), sent
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -153,7 +187,7 @@ def test_ragged_all_to_all_with_a_bounded_buffer_drops_an_equal_share_of_every_s
       experts_TxK,
       layer.router(x_TxD)[0] * keep_BxLxK.reshape(B * L, -1),
       valid.reshape(-1).astype(jnp.int32),
-      lambda rows, group_sizes_E: (swiglu_ragged(rows, w, group_sizes_E), None),
+      lambda rows, gates, group_sizes_E: (swiglu_ragged(rows, w, group_sizes_E), None),
     )
     y = y_TxD.reshape(x.shape) + layer.shared(x)
     return jnp.sum(y * cot), y

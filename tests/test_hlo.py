@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import hlo
+from mtp_jax import compile, hlo
 
 
 @functools.cache
@@ -110,6 +110,41 @@ def test_collectives_as_accelerators_print_them():
   assert by["all-reduce"] == (pytest.approx(2 * data * 3 / 4 + 2 * data * 7 / 8), 2)  # groups of 4; {}: all 8
   assert by["reduce-scatter"] == (pytest.approx(data * 3 / 4), 1)
   assert "all-gather" in by and len(by) == 4
+
+
+# XLA:TPU's asynchronous token exchanges, as MaxText's 671B step prints them (shortened): the
+# start's tuple holds its operands (send buffer, receive buffer, offsets and sizes), then its result.
+_EXCHANGES = "\n".join(
+  [
+    "HloModule jit_step, num_partitions=8",
+    "",
+    "ENTRY %main (p: bf16[64,2,16]) -> bf16[80,2,16] {",
+    "  %p = bf16[64,2,16]{2,1,0} parameter(0)",
+    "  %r = bf16[80,2,16]{2,1,0} parameter(1)",
+    "  %o = s32[4]{0} parameter(2)",
+    "  %rs = ((bf16[64,2,16]{2,1,0:T(2,128)(2,1)}, bf16[80,2,16]{2,1,0}, s32[4]{0}, s32[4]{0}, s32[4]{0}, "
+    "/*index=5*/s32[4]{0}), bf16[80,2,16]{2,1,0}, u32[]{:S(2)}, u32[]{:S(2)}) ragged-all-to-all-start(%p, %r, %o, "
+    "%o, %o, /*index=5*/%o), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, "
+    'metadata={op_name="jit(step)/jvp()/shard_map/ragged_all_to_all"}',
+    "  %rd = bf16[80,2,16]{2,1,0} ragged-all-to-all-done(%rs)",
+    "  %as = ((bf16[64,2,16]{2,1,0}), bf16[64,2,16]{2,1,0}) all-to-all-start(%p), channel_id=2, "
+    "replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={0}",
+    "  %ad = bf16[64,2,16]{2,1,0} all-to-all-done(%as)",
+    "  %x = bf16[64,2,16]{2,1,0} all-reduce-scatter-start(%p), channel_id=3, replica_groups={}",
+    "  ROOT %y = bf16[80,2,16]{2,1,0} all-reduce-scatter-done(%x)",
+    "}",
+  ]
+)
+
+
+def test_asynchronous_exchanges_count_at_their_start_and_unknown_collectives_are_reported():
+  c = hlo.collectives(_EXCHANGES)
+  sent = 64 * 2 * 16 * 2
+  # A ragged exchange counts its whole send buffer, the first operand, not the receive buffer.
+  assert c.by_kind() == {"ragged-all-to-all": (sent * 3 / 4, 1), "all-to-all": (sent / 2, 1)}
+  assert {x.kind: x.shape for x in c.each} == {"ragged-all-to-all": "bf16[80,2,16]", "all-to-all": "bf16[64,2,16]"}
+  assert c.unread == {"all-reduce-scatter-start": 1} and c.loops_once == 0
+  assert "does not know: all-reduce-scatter-start (1 calls)" in compile._collectives(c)[-1]
 
 
 def test_groups_of_one_device_send_nothing_and_are_left_out():

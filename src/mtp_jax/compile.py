@@ -254,13 +254,18 @@ def _experts(r: Report) -> str:
 def _collectives(c: hlo.Collectives, largest: int = 3) -> list[str]:
   """What a chip sends, by kind, then the largest collectives with the operation they serve:
   where a whole batch's activations or gradients travel, it shows here."""
-  if not c.each:
+  if not c.each and not c.unread:
     return ["comms      no collective: each chip runs alone"]
   kinds = ", ".join(f"{kind} {_size(b)} in {_count(n)} calls" for kind, (b, n) in c.by_kind().items())
   lines = [f"comms      per chip per step, sent ((n-1)/n of each collective's data, all-reduce twice): {kinds}"]
   for x in c.each[:largest]:
     where = f"from {x.op}" if x.op else "no op named"
     lines.append(f"           {_size(x.sent)}: {x.kind} of {x.shape}, {_count(x.calls)} a step, {where}")
+  if c.unread:
+    unread = ", ".join(f"{op} ({_count(n)} calls)" for op, n in c.unread.items())
+    lines.append(f"           not counted above, collectives this reader does not know: {unread}")
+  if c.loops_once:
+    lines.append(f"           {c.loops_once} loops with no trip count found are counted as running once")
   return lines
 
 

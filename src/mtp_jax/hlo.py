@@ -151,21 +151,28 @@ def operands(rest: str) -> list[str]:
 
 # ---- What each device sends ------------------------------------------------------------------
 
-# The collectives, by the name they are reported under; XLA:GPU and XLA:TPU split some into an
-# asynchronous start and done (counted at the start) and wrap others in async-start computations
-# (counted inside them).
-_KINDS = {
-  "all-gather": "all-gather",
-  "all-gather-start": "all-gather",
-  "all-reduce": "all-reduce",
-  "all-reduce-start": "all-reduce",
-  "reduce-scatter": "reduce-scatter",
-  "all-to-all": "all-to-all",
-  "ragged-all-to-all": "ragged-all-to-all",
-  "collective-permute": "collective-permute",
-  "collective-permute-start": "collective-permute",
-  "collective-broadcast": "collective-broadcast",
-}
+# The collectives, by the name they are reported under. XLA:GPU and XLA:TPU split some into an
+# asynchronous start and done (counted at the start: `all-gather-start`, `ragged-all-to-all-start`
+# and the like, read as their kind) and wrap others in async-start computations (counted inside
+# them).
+_KINDS = (
+  "all-gather",
+  "all-reduce",
+  "reduce-scatter",
+  "all-to-all",
+  "ragged-all-to-all",
+  "collective-permute",
+  "collective-broadcast",
+)
+# An opcode with one of these in its name and no kind above is a collective this reader does
+# not know: `collectives` reports it rather than count it as nothing.
+_COLLECTIVE_WORDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-")
+
+
+def kind_of(opcode: str) -> str | None:
+  """The collective an opcode starts or is ('all-gather-start' -> 'all-gather'), else None."""
+  stem = opcode.removesuffix("-start")
+  return stem if stem in _KINDS else None
 
 
 def group_size(rest: str, partitions: int) -> int:
@@ -189,7 +196,7 @@ def sent_bytes(ins: Instruction, module: Module) -> tuple[str, float] | None:
   reduce-scatter then an all-gather); all of the input where any device sends to another
   (collective-permute). ragged-all-to-all counts its whole send buffer, a bound: the rows it
   sends depend on the routing."""
-  kind = _KINDS.get(ins.opcode)
+  kind = kind_of(ins.opcode)
   if kind is None:
     return None
   given = sum(nbytes(module.shapes.get(op, "")) for op in operands(ins.rest))
@@ -221,6 +228,8 @@ class Collectives:
   """What one device sends to others in one call of a program, by collective."""
 
   each: list[Collective]  # the largest first
+  unread: dict[str, float] = dataclasses.field(default_factory=dict)  # unknown collective opcode -> calls a step
+  loops_once: int = 0  # loops holding collectives with no trip count found, each counted as running once
 
   def by_kind(self) -> dict[str, tuple[float, float]]:
     """kind -> (bytes sent, calls), the most bytes first."""
@@ -293,14 +302,16 @@ def collectives(text: str) -> Collectives:
   def measure(ins: Instruction, module: Module) -> collections.Counter | None:
     sent = sent_bytes(ins, module)
     if sent is None:
-      return None
+      unknown = any(w in ins.opcode for w in _COLLECTIVE_WORDS) and not ins.opcode.endswith(("-done", "-update"))
+      return collections.Counter({("unread", ins.opcode): 1}) if unknown else None
     op = re.search(r'op_name="([^"]*)"', ins.rest)
     key = (sent[0], result_shape(ins), short_op(op[1]) if op else "")
     return collections.Counter({("sent", key): sent[1], ("calls", key): 1})
 
-  sums, _ = walk(module, measure)
+  sums, loops_once = walk(module, measure)
   # Groups of one device (XLA leaves some on a single device) send nothing and are left out.
   each = [
     Collective(*key, sent=v, calls=sums[("calls", key)]) for (what, key), v in sums.items() if what == "sent" and v
   ]
-  return Collectives(sorted(each, key=lambda c: -c.sent))
+  unread = {opcode: n for (what, opcode), n in sums.items() if what == "unread"}
+  return Collectives(sorted(each, key=lambda c: -c.sent), unread, loops_once)

@@ -39,9 +39,11 @@ from mtp_jax.model.experts import WEIGHT_AXES, Weights, swiglu_batched, swiglu_r
 # put an exact emulation here. Anything other than the jax primitive counts as available.
 ragged_all_to_all = jax.lax.ragged_all_to_all
 
-# run_experts(rows, group_sizes_E) -> (outputs, rows dropped or None): capacity buffers ExCxD
-# with group_sizes_E None, or rows sorted by expert with their sizes (dropless).
-RunExperts = Callable[[jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None]]
+# run_experts(rows, gates, group_sizes_E) -> (outputs, times their gates where given; rows
+# dropped or None): capacity buffers ExCxD with gates ExC and group_sizes_E None, or rows sorted
+# by expert, their N gates and the rows' count per expert (dropless). Where the rows travel to
+# other devices, their gates travel with them and weigh the outputs there (`_weigh`).
+RunExperts = Callable[[jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None]]
 # route(router_params, x_TxD) -> (gates_TxK, experts_TxK, scores_TxE, logits_TxE)
 Route = Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
@@ -183,7 +185,8 @@ def routed_experts(
       run = functools.partial(_ragged_all_to_all_experts, w=w, ep=p.ep, tp=p.tp, m=m)
     else:
       run = _local(w, p.tp, m.kernel)
-    return _per_device(m, route, router_params, run, x_BxLxD, valid_BxL, token_axes)
+    travel = p.kind in ("all_to_all", "ragged_all_to_all")
+    return _per_device(m, route, router_params, run, x_BxLxD, valid_BxL, token_axes, travel)
 
   router_specs = jax.tree.map(lambda _: PartitionSpec(), router_params)
   sharded = jax.shard_map(
@@ -211,11 +214,13 @@ def _rows(w: Weights, p: Plan, mesh: Mesh, rules: sharding.Rules) -> tuple[tuple
   )
 
 
-def _per_device(m: MoEConfig, route: Route, router_params, run: RunExperts, x_BxLxD, valid_BxL, token_axes):
+def _per_device(
+  m: MoEConfig, route: Route, router_params, run: RunExperts, x_BxLxD, valid_BxL, token_axes, travel: bool = False
+):
   b, l, d = x_BxLxD.shape
   x_TxD = x_BxLxD.reshape(b * l, d)
   gates_TxK, experts_TxK, scores_TxE, logits_TxE = route(router_params, x_TxD)
-  y_TxD, dropped = _routed(m, x_TxD, experts_TxK, gates_TxK, valid_BxL.reshape(-1).astype(jnp.int32), run)
+  y_TxD, dropped = _routed(m, x_TxD, experts_TxK, gates_TxK, valid_BxL.reshape(-1).astype(jnp.int32), run, travel)
   if token_axes:
     dropped = jax.lax.psum(dropped, token_axes)
   return (
@@ -227,23 +232,30 @@ def _per_device(m: MoEConfig, route: Route, router_params, run: RunExperts, x_Bx
   )
 
 
-def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: RunExperts):
+def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: RunExperts, gates_travel=False):
   """Gate-weighted sum of each token's routed experts, and the dropped token-slots.
 
   The T x K token-slots ("rows", row r = token r // K, choice r % K) are sorted by expert, and
   moved there and back by gathers with the inverse permutation (`_take_rows`), so neither pass
   scatters. Dropless: all rows, in token order within an expert. Capacity: an expert's buffer
   takes its first C rows of valid tokens, first choices first, then by token order (GShard's
-  priority); the rest are dropped."""
+  priority); the rest are dropped.
+
+  With `gates_travel` (the plans that send rows to other devices) each row's gate goes with it
+  and weighs the expert's output where it is computed (`_weigh`), and what comes back is only
+  summed; else the outputs are weighed once back, where a partitioner is left to place them
+  (gspmd: XLA's SPMD partitioner aborted on the weighing inside, in a data replica's shard_map)."""
   t, d = x_TxD.shape
   k = experts_TxK.shape[1]
   e = m.num_experts
+  gates_R = gates_TxK.reshape(t * k).astype(jnp.float32) if gates_travel else None
   if m.mode == "dropless":
     keys_R = experts_TxK.reshape(-1)
     row_O = jnp.argsort(keys_R, stable=True)  # the row at each place in expert order
     pos_R = jnp.argsort(row_O)  # its inverse
     _, size_E = _groups(keys_R[row_O], e)
-    y_O, lost_O = run_experts(_take_rows(x_TxD, row_O, pos_R, k), size_E)
+    gates_O = None if gates_R is None else _take_rows(gates_R, row_O, pos_R, 1)
+    y_O, lost_O = run_experts(_take_rows(x_TxD, row_O, pos_R, k), gates_O, size_E)
     y_R = _take_rows(y_O, pos_R, row_O, 1)
     dropped = jnp.zeros((), jnp.int32) if lost_O is None else jnp.sum(lost_O * valid_T[row_O // k])
   else:
@@ -262,11 +274,22 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: R
     c_R = pos_R - start_E[jnp.minimum(expert_R, e - 1)]
     dst_R = jnp.where((expert_R < e) & (c_R < cap), expert_R * cap + c_R, e * cap)
     buf_ExCxD = _take_rows(x_TxD, src_ExC.reshape(-1), dst_R, k).reshape(e, cap, d)
-    y_ExCxD = run_experts(buf_ExCxD, None)[0]
+    gates_ExC = None if gates_R is None else _take_rows(gates_R, src_ExC.reshape(-1), dst_R, 1).reshape(e, cap)
+    y_ExCxD = run_experts(buf_ExCxD, gates_ExC, None)[0]
     y_R = _take_rows(y_ExCxD.reshape(e * cap, d), dst_R, src_ExC.reshape(-1), 1)
     dropped = jnp.sum(jnp.maximum(size_E - cap, 0))
   y_TxKxD = y_R.reshape(t, k, d)
+  if gates_R is not None:
+    return y_TxKxD.sum(1, dtype=jnp.float32).astype(y_R.dtype), dropped
   return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype)), dropped
+
+
+def _weigh(y: jax.Array, gates: jax.Array | None) -> jax.Array:
+  """Expert outputs times their rows' gates (if given), on the device that computed them. The
+  gates' gradient needs the outputs: taken here, the backward pass finds them where they are, and
+  the outputs' way back to their tokens, whose result it no longer reads, is not run again under
+  remat (on DeepSeek-V3's 64-way expert axis, one of a layer's six token exchanges a step)."""
+  return y if gates is None else (y.astype(jnp.float32) * gates[..., None]).astype(y.dtype)
 
 
 def _groups(sorted_keys: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
@@ -293,7 +316,7 @@ def _take_rows_fwd(x_IxD, idx_J, inv, group):
 def _take_rows_bwd(group, res, g_JxD):
   inv, n = res
   g = g_JxD.at[inv].get(mode="fill", fill_value=0)
-  return g.reshape(n, group, -1).sum(1), None, None
+  return g.reshape(n, group, *g.shape[1:]).sum(1), None, None
 
 
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
@@ -306,36 +329,42 @@ def _local(w: Weights, tp: tuple[str, ...], kernel: str, constrain: bool = False
   """Every expert here: nothing to send. Under gspmd (constrain) the buffers carry the experts'
   layout, so the compiler splits them as the weights are split."""
 
-  def run(rows, group_sizes_E):
+  def run(rows, gates, group_sizes_E):
     if group_sizes_E is None:
       if constrain:
         rows = sharding.constrain(rows, ("experts", None, "act_embed"))
       y = swiglu_batched(rows, w)
     else:
       y = swiglu_ragged(rows, w, group_sizes_E, kernel)
-    return (jax.lax.psum(y, tp) if tp else y), None  # tp: partial sums over the split hidden dim
+    return _weigh(jax.lax.psum(y, tp) if tp else y, gates), None  # tp: partial sums over the split hidden dim
 
   return run
 
 
-def _all_to_all_experts(buf_ExCxD, group_sizes_E, *, w: Weights, ep, tp):
-  """This device's capacity buffers for every expert -> (the experts' outputs for them, None)."""
+def _all_to_all_experts(buf_ExCxD, gates_ExC, group_sizes_E, *, w: Weights, ep, tp):
+  """This device's capacity buffers for every expert and their gates -> (the experts' weighted
+  outputs for them, None)."""
   del group_sizes_E
   e, c, d = buf_ExCxD.shape
   e_loc = w[0].shape[0]
   p = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
-  recv_PxUxCxD = jax.lax.all_to_all(buf_ExCxD.reshape(p, e_loc, c, d), ep, 0, 0)  # P: source
-  y_UxAxD = swiglu_batched(recv_PxUxCxD.swapaxes(0, 1).reshape(e_loc, p * c, d), w)
+
+  def there(a):  # the ExCxD buffers or their ExC gates -> UxAxD or UxA
+    rest = a.shape[2:]
+    recv = jax.lax.all_to_all(a.reshape(p, e_loc, c, *rest), ep, 0, 0)  # P: source
+    return recv.swapaxes(0, 1).reshape(e_loc, p * c, *rest)
+
+  y_UxAxD = swiglu_batched(there(buf_ExCxD), w)
   if tp:
     y_UxAxD = jax.lax.psum(y_UxAxD, tp)  # partial sums over the split hidden dim
-  y_PxUxCxD = y_UxAxD.reshape(e_loc, p, c, d).swapaxes(0, 1)
+  y_PxUxCxD = _weigh(y_UxAxD, there(gates_ExC)).reshape(e_loc, p, c, d).swapaxes(0, 1)
   return jax.lax.all_to_all(y_PxUxCxD, ep, 0, 0).reshape(e, c, d), None
 
 
-def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: MoEConfig):
-  """This device's rows sorted by expert (group_sizes_E per expert) -> (the experts' outputs,
-  the rows dropped for want of room where they were sent, or None when the buffer holds the
-  worst case)."""
+def _ragged_all_to_all_experts(x_NxD, gates_N, group_sizes_E, *, w: Weights, ep, tp, m: MoEConfig):
+  """This device's rows sorted by expert (group_sizes_E per expert) and their gates -> (the
+  experts' weighted outputs, the rows dropped for want of room where they were sent, or None when
+  the buffer holds the worst case)."""
   n_rows, d = x_NxD.shape
   e = group_sizes_E.shape[0]
   e_loc = w[0].shape[0]
@@ -365,15 +394,12 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: M
   recv_offsets_P = jnp.cumsum(recv_sizes_P) - recv_sizes_P  # source s's rows land here
   # ragged_all_to_all wants, per destination, where the rows land there: its recv_offsets[me].
   dest_offsets_P = jax.lax.all_to_all(recv_offsets_P, ep, 0, 0, tiled=True)
-  recv_QxD = ragged_all_to_all(
-    x_NxD,
-    jnp.zeros_like(x_NxD, shape=(rows, d)),
-    send_offsets_P,
-    send_sizes_P,
-    dest_offsets_P,
-    recv_sizes_P,
-    axis_name=ep,
-  )
+
+  def there(a):  # the NxD rows or their N gates -> QxD or Q
+    buffer = jnp.zeros_like(a, shape=(rows, *a.shape[1:]))
+    return ragged_all_to_all(a, buffer, send_offsets_P, send_sizes_P, dest_offsets_P, recv_sizes_P, axis_name=ep)
+
+  recv_QxD, gates_Q = there(x_NxD), there(gates_N)
   # Arrived source-major, then by local expert; the experts want them expert-major.
   bounds = jnp.cumsum(recv_PxU.reshape(-1))
   segment_Q = jnp.searchsorted(bounds, jnp.arange(rows, dtype=bounds.dtype), side="right")
@@ -383,7 +409,7 @@ def _ragged_all_to_all_experts(x_NxD, group_sizes_E, *, w: Weights, ep, tp, m: M
   y_sorted = swiglu_ragged(_take_rows(recv_QxD, order, inverse, 1), w, recv_PxU.sum(0), m.kernel)
   if tp:
     y_sorted = jax.lax.psum(y_sorted, tp)  # partial sums over the split hidden dim
-  y_QxD = _take_rows(y_sorted, inverse, order, 1)
+  y_QxD = _weigh(_take_rows(y_sorted, inverse, order, 1), gates_Q)
   # Back the same way: each source's rows return to where it sent them from (dropped ones stay 0).
   y_NxD = ragged_all_to_all(
     y_QxD,
