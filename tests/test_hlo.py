@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import compile, hlo
+from mtp_jax import compile as mtp_compile
+from mtp_jax import hlo
 
 
 @functools.cache
@@ -144,7 +145,7 @@ def test_asynchronous_exchanges_count_at_their_start_and_unknown_collectives_are
   assert c.by_kind() == {"ragged-all-to-all": (sent * 3 / 4, 1), "all-to-all": (sent / 2, 1)}
   assert {x.kind: x.shape for x in c.each} == {"ragged-all-to-all": "bf16[80,2,16]", "all-to-all": "bf16[64,2,16]"}
   assert c.unread == {"all-reduce-scatter-start": 1} and c.loops_once == 0
-  assert "does not know: all-reduce-scatter-start (1 calls)" in compile._collectives(c)[-1]
+  assert "does not know: all-reduce-scatter-start (1 calls)" in mtp_compile._collectives(c)[-1]
 
 
 def test_groups_of_one_device_send_nothing_and_are_left_out():
