@@ -105,26 +105,35 @@ def test_under_remat_the_outputs_way_back_runs_once(monkeypatch, overrides):
   """The gates weigh the experts' outputs where they are computed (dispatch._weigh), so nothing
   in the backward pass reads what comes back: with the layer rematerialised, the D-wide rows
   are exchanged 5 times a step, not 6 (forward there and back, the recompute there only, the
-  backward pass's two transposes), and the gates, one number a row, 3 times. (The real
-  ragged_all_to_all: lowered, not run.)"""
-  monkeypatch.setattr(moe_lib, "ragged_all_to_all", lambda *a, **kw: jax.lax.ragged_all_to_all(*a, **kw))
+  backward pass's two transposes), and the gates, one number a row, 3 times; the layer and its
+  gradients equal the layer without remat. (The real ragged_all_to_all is lowered, not run; the
+  values come from the emulation.)"""
   cfg = tiny_config(*overrides, *MESHES["data2_expert4"])
   mesh = _mesh(cfg)
   graphdef, params, bias = nnx.split(MoE(cfg.model, rngs=nnx.Rngs(0)), nnx.Param, RouterBias)
   x, cot, valid = inputs(cfg)
 
-  @jax.checkpoint
-  def layer(params, x):
-    with sharding.activate(mesh, cfg.mesh.rules):
-      return nnx.merge(graphdef, params, bias)(x, valid)[0]
+  def step(remat: bool):  # a new function each time: jax.checkpoint keeps the trace of one it saw
+    def layer(params, x):
+      with sharding.activate(mesh, cfg.mesh.rules):
+        return nnx.merge(graphdef, params, bias)(x, valid)[0]
 
-  step = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(layer(p, x) * cot), argnums=(0, 1)))
-  text = step.lower(params, x).as_text()
+    layer = jax.checkpoint(layer) if remat else layer
+    return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(layer(p, x) * cot), argnums=(0, 1)))
+
+  monkeypatch.setattr(moe_lib, "ragged_all_to_all", lambda *a, **kw: jax.lax.ragged_all_to_all(*a, **kw))
+  text = step(remat=True).lower(params, x).as_text()
   # Each exchange's first operand: what it sends (rows x D, or one gate a row; the integer sizes
   # and offsets left out).
   sent = re.findall(r'(?:"stablehlo.all_to_all"|@ragged_all_to_all)\(.*: \(tensor<([0-9x]+)xf32>', text)
   wide = [dims for dims in sent if dims.endswith(f"x{cfg.model.d_model}")]
   assert (len(wide), len(sent) - len(wide)) == (5, 3), sent
+
+  monkeypatch.setattr(moe_lib, "ragged_all_to_all", emulated_ragged_all_to_all)
+  (loss, grads), (loss_remat, grads_remat) = step(remat=False)(params, x), step(remat=True)(params, x)
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mesh", MESHES)
