@@ -164,9 +164,6 @@ _KINDS = (
   "collective-permute",
   "collective-broadcast",
 )
-# An opcode with one of these in its name and no kind above is a collective this reader does
-# not know: `collectives` reports it rather than count it as nothing.
-_COLLECTIVE_WORDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-")
 
 
 def kind_of(opcode: str) -> str | None:
@@ -302,7 +299,8 @@ def collectives(text: str) -> Collectives:
   def measure(ins: Instruction, module: Module) -> collections.Counter | None:
     sent = sent_bytes(ins, module)
     if sent is None:
-      unknown = any(w in ins.opcode for w in _COLLECTIVE_WORDS) and not ins.opcode.endswith(("-done", "-update"))
+      # A kind's name inside an opcode that is none of them: a collective this reader does not know.
+      unknown = any(k in ins.opcode for k in _KINDS) and not ins.opcode.endswith(("-done", "-update"))
       return collections.Counter({("unread", ins.opcode): 1}) if unknown else None
     op = re.search(r'op_name="([^"]*)"', ins.rest)
     key = (sent[0], result_shape(ins), short_op(op[1]) if op else "")

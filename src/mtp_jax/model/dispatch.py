@@ -185,8 +185,8 @@ def routed_experts(
       run = functools.partial(_ragged_all_to_all_experts, w=w, ep=p.ep, tp=p.tp, m=m)
     else:
       run = _local(w, p.tp, m.kernel)
-    travel = p.kind in ("all_to_all", "ragged_all_to_all")
-    return _per_device(m, route, router_params, run, x_BxLxD, valid_BxL, token_axes, travel)
+    gates_travel = p.kind in ("all_to_all", "ragged_all_to_all")
+    return _per_device(m, route, router_params, run, x_BxLxD, valid_BxL, token_axes, gates_travel)
 
   router_specs = jax.tree.map(lambda _: PartitionSpec(), router_params)
   sharded = jax.shard_map(
@@ -215,12 +215,12 @@ def _rows(w: Weights, p: Plan, mesh: Mesh, rules: sharding.Rules) -> tuple[tuple
 
 
 def _per_device(
-  m: MoEConfig, route: Route, router_params, run: RunExperts, x_BxLxD, valid_BxL, token_axes, travel: bool = False
+  m: MoEConfig, route: Route, router_params, run: RunExperts, x_BxLxD, valid_BxL, token_axes, gates_travel=False
 ):
   b, l, d = x_BxLxD.shape
   x_TxD = x_BxLxD.reshape(b * l, d)
   gates_TxK, experts_TxK, scores_TxE, logits_TxE = route(router_params, x_TxD)
-  y_TxD, dropped = _routed(m, x_TxD, experts_TxK, gates_TxK, valid_BxL.reshape(-1).astype(jnp.int32), run, travel)
+  y_TxD, dropped = _routed(m, x_TxD, experts_TxK, gates_TxK, valid_BxL.reshape(-1).astype(jnp.int32), run, gates_travel)
   if token_axes:
     dropped = jax.lax.psum(dropped, token_axes)
   return (
