@@ -2,6 +2,7 @@
 
 import atexit
 import gc
+import importlib.util
 import os
 import re
 import shutil
@@ -72,6 +73,11 @@ if hasattr(_arrays, "_use_replica_parallel"):  # Orbax 0.12's name; a speed sett
 
 from mtp_jax import config  # noqa: E402
 from mtp_jax.data import manifest  # noqa: E402
+
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None,
+  reason="libtpu is not installed (pip install 'mtp-jax[tpu-aot]'): no TPU topology to compile for",
+)
 
 # A tiny model shared by the unit tests: small enough that each compile takes seconds.
 TINY = [

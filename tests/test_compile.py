@@ -1,7 +1,6 @@
 """`mtp-compile`: topology names, the fit verdict and its exit status, one-line errors."""
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,18 +8,13 @@ import sys
 
 import jax
 import pytest
-from conftest import TINY
+from conftest import TINY, needs_libtpu
 
 from mtp_jax import compile as mtp_compile
 from mtp_jax import topology
 from mtp_jax.cli import compile as compile_cli
 from mtp_jax.model.flops import compiled_matmul_flops, traced_matmul_flops
 from mtp_jax.train.program import build
-
-needs_libtpu = pytest.mark.skipif(
-  importlib.util.find_spec("libtpu") is None,
-  reason="libtpu is not installed (pip install 'mtp-jax[tpu-aot]'): no TPU topology to compile for",
-)
 
 
 @pytest.fixture

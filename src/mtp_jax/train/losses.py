@@ -34,14 +34,23 @@ def depth_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, depth: int)
 
 def head_cross_entropy(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
   """Returns (summed NLL, summed top-1 hits) over masked positions, in float32."""
-  nll, hits, _ = _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=False)
-  return nll, hits
+  nll_K, hits_K = head_losses((h_BxLxD,), w_DxV, (targets_BxL,), (mask_BxL,), chunk_len)
+  return nll_K[0], hits_K[0]
+
+
+def head_losses(hs, w_DxV, targets, masks, chunk_len: int = 0):
+  """`head_cross_entropy` of every depth's (h_BxLxD, targets_BxL, mask_BxL) through one head
+  matrix: (NLL sums, hit sums), each [depths]. On a mesh the depths share one gathered head
+  matrix, and its gradient, summed over them, leaves once (`_head`)."""
+  nll_K, hits_K, _ = _head(tuple(hs), w_DxV, tuple(targets), tuple(masks), chunk_len, keep_argmax=False)
+  return nll_K, hits_K
 
 
 def head_eval(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
   """`head_cross_entropy` plus every position's top-1 token (argmax_BxL, int32), for held-out
   metrics that compare depths; a separate path so the training step carries no extra output."""
-  return _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax=True)
+  nll_K, hits_K, (top_BxL,) = _head((h_BxLxD,), w_DxV, (targets_BxL,), (mask_BxL,), chunk_len, keep_argmax=True)
+  return nll_K[0], hits_K[0], top_BxL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +63,9 @@ class VocabSplit:
 
   mesh: Mesh
   tokens: PartitionSpec  # of B x L x D
-  vocab: tuple[str, ...]
+  vocab: tuple[str, ...]  # in the order they split it inside (`_head`)
   gather: tuple[str, ...]
-  rows: tuple[str, ...]  # the axes the head matrix's D rows are stored split over (gathered, as FSDP does)
+  stored: PartitionSpec  # the head matrix's own layout (mesh.rules embed and vocab), as it enters
 
 
 def vocab_split(vocab_size: int, h_shape) -> VocabSplit | None:
@@ -69,56 +78,66 @@ def vocab_split(vocab_size: int, h_shape) -> VocabSplit | None:
   # The act_vocab axes that divide the vocabulary, less the length's (only the batch's are gathered).
   on_length = {"act_length": list(sharding.axes_of(tokens[1])), "act_vocab": rules.get("act_vocab", [])}
   vocab = sharding.axes_of(sharding.spec(("act_length", "act_vocab"), (h_shape[1], vocab_size), mesh, on_length)[1])
-  rows = sharding.spec(("embed", "vocab"), (h_shape[-1], vocab_size), mesh, rules)[0]
+  stored = sharding.spec(("embed", "vocab"), (h_shape[-1], vocab_size), mesh, rules)
+  rows, kept = sharding.axes_of(stored[0]), sharding.axes_of(stored[1])
+  # Inside, V splits over the axes it is stored over, then those it is not stored over at all
+  # (the shard_map slices it), then those its D rows are stored over (`_all_rows`).
+  vocab = (
+    tuple(a for a in kept if a in vocab)
+    + tuple(a for a in vocab if a not in kept + rows)
+    + tuple(a for a in rows if a in vocab)
+  )
   gather = tuple(a for a in sharding.axes_of(tokens[0]) if a in vocab)
-  return VocabSplit(mesh, tokens, vocab, gather, tuple(a for a in sharding.axes_of(rows) if a not in vocab))
+  return VocabSplit(mesh, tokens, vocab, gather, stored)
 
 
-def _head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int, keep_argmax: bool):
-  split = vocab_split(w_DxV.shape[1], h_BxLxD.shape)
+def _head(hs, w_DxV, targets, masks, chunk_len: int, keep_argmax: bool):
+  split = vocab_split(w_DxV.shape[1], hs[0].shape)
   if split is None or not split.gather:
     # One device, or a vocabulary split only over axes that do not split the tokens (tensor):
     # the compiler places it. (The same program in a shard_map, the head matrix gathered inside,
     # compiled to 5 GiB more a chip for 671B on v5p-1024; benchmarks/RESULTS.md.)
-    return _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, (), (), (), ())
+    return _chunked_head(hs, w_DxV, targets, masks, chunk_len, keep_argmax, (), (), (), ())
   tok, tok_BxL = split.tokens, PartitionSpec(*split.tokens[:2])
   token_axes = sharding.axes_of(tok[0]) + sharding.axes_of(tok[1])
+  rows = sharding.axes_of(split.stored[0])
   body = functools.partial(
     _chunked_head,
     chunk_len=chunk_len,
     keep_argmax=keep_argmax,
     vocab=split.vocab,
     gather=split.gather,
-    rows=split.rows,
+    rows=rows,
     token_axes=token_axes,
   )
-  top_spec = tok_BxL if keep_argmax else PartitionSpec()
+  k = len(hs)
+  tops_spec = (tok_BxL,) * k if keep_argmax else PartitionSpec()
+  # The head matrix comes as stored: V over the axes it is stored over and those it is not
+  # stored over at all; _all_rows moves the rest.
+  w_spec = PartitionSpec(sharding.entry(rows), sharding.entry([a for a in split.vocab if a not in rows]))
   return jax.shard_map(
     body,
     mesh=split.mesh,
-    in_specs=(tok, PartitionSpec(split.rows or None, split.vocab or None), tok_BxL, tok_BxL),
-    out_specs=(PartitionSpec(), PartitionSpec(), top_spec),
-  )(h_BxLxD, w_DxV, targets_BxL, mask_BxL)
+    in_specs=((tok,) * k, w_spec, (tok_BxL,) * k, (tok_BxL,) * k),
+    out_specs=(PartitionSpec(), PartitionSpec(), tops_spec),
+  )(hs, w_DxV, targets, masks)
 
 
-def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax, vocab, gather, rows, token_axes):
-  """On one device, or inside `_head`'s shard_map on each: (NLL sum, hits sum, argmax or None).
-  In the shard_map, B is this device's rows of the batch (the group's after the gather), V its
-  share of the vocabulary (`part`), D and L whole. Over `vocab` the logits are split and the
-  log-sum-exp, target logit and argmax combine across devices; over `gather` the tokens of the
-  group are gathered and each device keeps its own rows' results; over `rows` the head matrix's
-  rows are gathered (the gradient reduce-scattered)."""
-  b, length, _ = h_BxLxD.shape
-  chunk_len = chunk_len or length
-  n = length // chunk_len
-  part = w_DxV.shape[1]
+def _chunked_head(hs, w_DxV, targets, masks, chunk_len, keep_argmax, vocab, gather, rows, token_axes):
+  """On one device, or inside `_head`'s shard_map on each: (NLL sums, hit sums, argmaxes or
+  None) of each depth's (h_BxLxD, targets_BxL, mask_BxL). In the shard_map, B is this device's
+  rows of the batch (the group's after the gather), V its share of the vocabulary (`part`), D and
+  L whole. Over `vocab` the logits are split and the log-sum-exp, target logit and argmax
+  combine across devices; over `gather` the tokens of the group are gathered and each device
+  keeps its own rows' results; the head matrix's D rows, stored over `rows`, are brought
+  together once for all depths (`_all_rows`), so its gradient leaves once."""
   # Both head operands vary over every axis the head's work splits over; the head matrix's
   # cast's transpose is the sum of its gradient over the devices that share it, after the
   # gather's transpose (a reduce-scatter) has cut it to this device's rows.
   split_by = set(token_axes) | set(vocab) | set(rows)
   w_DxV = _varying(w_DxV, tuple(a for a in sorted(split_by) if a not in vocab + rows))
-  if rows:
-    w_DxV = jax.lax.all_gather(w_DxV, rows, axis=0, tiled=True)
+  w_DxV = _all_rows(w_DxV, rows, vocab)
+  part = w_DxV.shape[1]
 
   @jax.checkpoint
   def chunk(h_BxCxD, t_BxC, m_BxC):
@@ -141,23 +160,51 @@ def _chunked_head(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len, keep_argmax,
     m = m_BxC.astype(jnp.float32)
     return jnp.sum(nll * m), jnp.sum(hits * m), arg_BxC if keep_argmax else None
 
-  def split(x):  # B x L x ... -> N x B x C x ...
-    return jnp.moveaxis(x.reshape(b, n, chunk_len, *x.shape[2:]), 1, 0)
-
   def body(carry, xs):
     nll, hits, top_BxC = chunk(*xs)
     return (carry[0] + nll, carry[1] + hits), top_BxC
 
-  zero = _varying(jnp.zeros((), jnp.float32), token_axes)
-  (nll, hits), top_NxBxC = jax.lax.scan(body, (zero, zero), (split(h_BxLxD), split(targets_BxL), split(mask_BxL)))
+  def depth(h_BxLxD, targets_BxL, mask_BxL):
+    b, length, _ = h_BxLxD.shape
+    c = chunk_len or length
+    n = length // c
+
+    def split(x):  # B x L x ... -> N x B x C x ...
+      return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+    zero = _varying(jnp.zeros((), jnp.float32), token_axes)
+    (nll, hits), top_NxBxC = jax.lax.scan(body, (zero, zero), (split(h_BxLxD), split(targets_BxL), split(mask_BxL)))
+    return nll, hits, None if top_NxBxC is None else jnp.moveaxis(top_NxBxC, 0, 1).reshape(b, length)
+
+  nll_K, hits_K, tops = zip(*(depth(*xs) for xs in zip(hs, targets, masks, strict=True)), strict=True)
+  nll_K, hits_K = jnp.stack(nll_K), jnp.stack(hits_K)
   if token_axes:
-    nll, hits = jax.lax.psum(nll, token_axes), jax.lax.psum(hits, token_axes)
-  if not keep_argmax:
-    return nll, hits, None
-  return nll, hits, jnp.moveaxis(top_NxBxC, 0, 1).reshape(b, length)
+    nll_K, hits_K = jax.lax.psum(nll_K, token_axes), jax.lax.psum(hits_K, token_axes)
+  return nll_K, hits_K, tops if keep_argmax else None
 
 
 _NONE = jnp.iinfo(jnp.int32).max
+
+
+def _all_rows(w_RxV: jax.Array, rows: tuple[str, ...], vocab: tuple[str, ...]) -> jax.Array:
+  """In the shard_map: this device's block of the head matrix as stored (its D rows split over
+  `rows`, the major first) -> all D rows of its share of the vocabulary. Over a row axis that
+  also splits the vocabulary, an all-to-all trades the other devices' shares of V for their rows
+  (so the optimizer keeps the head as stored: left to XLA:TPU, the move between the two layouts
+  ran after the microbatches, through a whole float32 head matrix; benchmarks/RESULTS.md); over
+  the others, an all-gather; one axis at a time, the all-to-alls first while the block is small.
+  Their transposes leave the gradient as stored."""
+  order = [a for a in rows if a in vocab] + [a for a in rows if a not in vocab]
+  for a in order:  # each adds a leading axis: the source device's index along `a`
+    if a in vocab:
+      n = jax.lax.axis_size(a)
+      w_RxV = jnp.moveaxis(w_RxV.reshape(*w_RxV.shape[:-1], n, -1), -2, 0)  # [the share for device i along a, ...]
+      w_RxV = jax.lax.all_to_all(w_RxV, a, 0, 0)
+    else:
+      w_RxV = jax.lax.all_gather(w_RxV, a, axis=0)
+  lead = order[::-1]
+  w_RxV = w_RxV.transpose(*[lead.index(a) for a in rows], *range(len(rows), w_RxV.ndim))
+  return w_RxV.reshape(-1, w_RxV.shape[-1])
 
 
 def _over(reduce, x, axes):

@@ -100,14 +100,9 @@ def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Con
   balance and z-losses, means over a part, are divided by it, so that their sum is the mean."""
   model: Transformer = nnx.merge(graphdef, nnx.merge_state(params, frozen), bias)
   out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-  w_DxV = model.head_matrix()
-  nll, hits = [], []
-  for depth, h in enumerate(out.hidden):
-    targets, mask = losses.depth_targets(batch["tokens"], batch["segment_ids"], depth)
-    n, c = losses.head_cross_entropy(h, w_DxV, targets, mask, cfg.train.loss_chunk_len)
-    nll.append(n)
-    hits.append(c)
-  nll, hits = jnp.stack(nll), jnp.stack(hits)
+  depths = [losses.depth_targets(batch["tokens"], batch["segment_ids"], d) for d in range(len(out.hidden))]
+  targets, masks = zip(*depths, strict=True)
+  nll, hits = losses.head_losses(out.hidden, model.head_matrix(), targets, masks, cfg.train.loss_chunk_len)
   per_depth = nll / denominators
   loss = per_depth[0]
   if len(out.hidden) > 1:  # L = L_main + lambda / D * sum_k L_k (DeepSeek-V3 eq. 25)
