@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -155,19 +156,48 @@ def test_cpu_topology_sets_the_device_count_before_jax_starts(tmp_path):
 
 def test_a_step_over_hbm_whose_state_fits_is_compiled_and_judged(run, tmp_path):
   # The tiny state on 8 CPU devices, read from a first (uncompiled) report, plus 64 KiB: the
-  # state fits, the step's activations do not.
-  first, second = tmp_path / "state.json", tmp_path / "step.json"
+  # state fits, the step's activations do not. --dump says what is live at the step's peak.
+  first, second, dump = tmp_path / "state.json", tmp_path / "step.json", tmp_path / "xla"
   accum = ["train.batch_size=16", "train.grad_accum_steps=-1"]  # 8-way data: 2 microbatches of 8
   run("--topology", "cpu:8", "--hbm-gib", str(2**-20), "--json", str(first), *TINY, *accum)
   state = json.loads(first.read_text())["state_bytes"]
-  rc, out, _ = run(
-    "--topology", "cpu:8", "--hbm-gib", str((state + 2**16) / 2**30), "--json", str(second), *TINY, *accum
-  )
+  over = str((state + 2**16) / 2**30)
+  rc, out, _ = run("--topology", "cpu:8", "--hbm-gib", over, "--json", str(second), "--dump", str(dump), *TINY, *accum)
   r = json.loads(second.read_text())
   assert rc == 1 and r["compiled"] is True and r["fits"] is False and r["grad_accum_steps"] == 2
   assert r["state_bytes"] == state and r["needs_bytes"] == r["memory"]["total"] > state + 2**16  # CPU: no peak
   assert out[-1].startswith("does not fit: needs ") and "microbatches" not in out[-1]
   assert any(line.startswith("model ") and "in 2 microbatches" in line for line in out), out
+  # The holders are XLA's breakdown of its peak, all of it, the largest first, as printed.
+  (ranges,) = dump.glob("*jit_train_step*live-range.txt")
+  peak = int(re.search(r"breakdown for peak usage: ([\d ]+) bytes", ranges.read_text()).group(1).replace(" ", ""))
+  held = [b for _, b in r["peak_holders"]]
+  assert sum(held) == peak and held == sorted(held, reverse=True) and len(held) > 6, held
+  at = out.index(f"peak       live at the peak, the largest first (XLA's live ranges, in {dump}):")
+  name, size = r["peak_holders"][0]
+  assert out[at + 1] == f"           {mtp_compile._size(size)}: {name}", out[at : at + 3]
+  assert out[at + 7].endswith(f": {len(held) - 6} more"), out[at : at + 8]
+
+
+def test_peak_holders_read_xla_s_live_range_breakdown():
+  text = """HloLiveRange (max 4):
+  Live ranges at 3 (peak):
+    wrapped_sine{}: 262144 bytes (cumulative: 262144 bytes)
+  Stack trace breakdown for peak usage: 1 524 292 bytes
+    main.2 (100.0%, total: 1 524 292 bytes, current: 0 bytes, remaining: 1 524 292 bytes)
+      ├── x (17.2%, total: 262 144 bytes, current: 262 144 bytes, remaining: 1 262 148 bytes)
+      ├── state (65.6%, total: 1 000 000 bytes, current: 0 bytes, remaining: 262 148 bytes)
+      │   └── w (65.6%, total: 1 000 000 bytes, current: 1 000 000 bytes, remaining: 262 148 bytes)
+      ├── jit(f)/sin (17.2%, total: 262 144 bytes, current: 262 144 bytes, remaining: 4 bytes)
+      └── jit(f)/reduce_sum (0.0%, total: 4 bytes, current: 4 bytes, remaining: 0 bytes)
+"""
+  assert mtp_compile.peak_holders(text) == [
+    ("w", 1e6),
+    ("x", 262144.0),
+    ("jit(f)/sin", 262144.0),
+    ("jit(f)/reduce_sum", 4.0),
+  ]
+  assert mtp_compile.peak_holders(text.split("  Stack trace")[0]) is None
 
 
 @needs_libtpu

@@ -7,7 +7,9 @@ HBM, FLOPs per step, a roofline step time and the MFU it implies. The command is
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
+import os
 import re
 import time
 
@@ -55,10 +57,14 @@ class Report:
   step_s: float | None  # roofline estimate
   bound: str | None  # "compute" or "memory"
   mfu: float | None
+  dump: str | None = None  # where XLA wrote the compiled step's dumps (--dump)
+  peak_holders: list[tuple[str, float]] | None = None  # from them: what is live at the peak, the largest first
 
 
-def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
-  """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad input."""
+def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None = None) -> Report:
+  """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad
+  input. With `dump`, XLA writes its dumps of the compiled step there (the buffer assignment and
+  live ranges among them), and the report lists what they say is live at the peak."""
   from mtp_jax.model import dispatch as moe_dispatch
   from mtp_jax.model.flops import chip_work, cost, traced_matmul_flops
   from mtp_jax.train.metrics import peak_flops
@@ -71,6 +77,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
   state = state_bytes(program.abstract_state)
   compiled, error, lower_s, compile_s, traced_flops, work, comms = None, None, 0.0, 0.0, None, None, None
+  began = time.time()
   if not (hbm and state > hbm):  # else no compile can fit: say so now, not after many minutes
     start = time.perf_counter()
     traced = program.step.trace(program.abstract_state, program.abstract_batch())
@@ -78,7 +85,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     lowered = traced.lower()
     lower_s = time.perf_counter() - start
     try:
-      compiled = lowered.compile()
+      compiled = lowered.compile(compiler_options={"xla_dump_to": dump} if dump else None)
     except Exception as err:  # XLA:TPU refuses a program that does not fit HBM
       if "RESOURCE_EXHAUSTED" not in str(err):
         raise
@@ -148,8 +155,39 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None) -> Report:
     bound=None,
     mfu=None,
   )
+  if dump:
+    report.dump = dump
+    ranges = glob.glob(os.path.join(dump, "*jit_train_step*live-range.txt"))
+    ranges = sorted((f for f in ranges if os.path.getmtime(f) >= began), key=os.path.getmtime)  # not an earlier run's
+    if ranges:
+      with open(ranges[-1]) as f:
+        report.peak_holders = peak_holders(f.read())
   _estimate(report)
   return report
+
+
+_PEAK = re.compile(r"^\s*Stack trace breakdown for peak usage: [\d ]+ bytes$")
+_NODE = re.compile(  # one node of its tree: name (share, total: bytes, current: bytes held by this node, ...)
+  r"^[\s│]*[├└]── (.+) \([\d.]+%, total: [\d ]+ bytes, current: ([\d ]+) bytes, remaining: [\d ]+ bytes\)$"
+)
+
+
+def peak_holders(live_ranges: str) -> list[tuple[str, float]] | None:
+  """What XLA's live-range dump (`*-live-range.txt`) says is live at the program's peak: its
+  breakdown by operation or argument name, (name, bytes) the largest first; None where the dump
+  has no breakdown (XLA writes one on TPU and CPU)."""
+  lines = live_ranges.splitlines()
+  start = next((i for i, line in enumerate(lines) if _PEAK.match(line)), None)
+  if start is None:
+    return None
+  held = []
+  for line in lines[start + 1 :]:
+    if m := _NODE.match(line):
+      if size := int(m.group(2).replace(" ", "")):
+        held.append((m.group(1), float(size)))
+    elif line.strip() and "──" not in line and "(100.0%" not in line:
+      break
+  return sorted(held, key=lambda h: -h[1])
 
 
 def state_bytes(abstract_state) -> int:
@@ -295,6 +333,15 @@ def describe(r: Report) -> list[str]:
       f"({_size(m['aliased'])} of them over donated arguments), temporaries {_size(m['temporaries'])}, "
       f"code {_size(m['code'])}; sum {_size(m['total'])}{peak}{share}"
     )
+  if r.peak_holders:
+    shown = r.peak_holders[:6]
+    rest = sum(b for _, b in r.peak_holders[len(shown) :])
+    lines.append(f"peak       live at the peak, the largest first (XLA's live ranges, in {r.dump}):")
+    lines += [f"           {_size(b)}: {name}" for name, b in shown]
+    if rest:
+      lines.append(f"           {_size(rest)}: {len(r.peak_holders) - len(shown)} more")
+  elif r.dump:
+    lines.append(f"peak       XLA wrote no live ranges of the step to {r.dump}")
   if r.compiler_error:
     lines.append(f"compiler   {r.compiler_error}")
   model = f"{r.model_flops_per_step / r.chips:.3g} model FLOPs (analytic, no rematerialisation)"

@@ -22,6 +22,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--topology", required=True, metavar="NAME", help=f"one of: {FORMS}")
   parser.add_argument("--hbm-gib", type=float, metavar="GIB", help="judge the fit against this HBM per chip instead")
   parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+  parser.add_argument(
+    "--dump",
+    metavar="DIR",
+    help="also have XLA write its dumps of the compiled step here (HLO, buffer assignment, live ranges) and "
+    "list what is live at the peak",
+  )
   args = parser.parse_args(argv)
   return run(parser.prog, lambda: _compile(parser.prog, args))
 
@@ -33,7 +39,7 @@ def _compile(prog: str, args) -> int:
   from mtp_jax.compile import check, describe
 
   cfg = config.load(args.config, args.overrides)
-  report = check(cfg, topo, hbm_gib=args.hbm_gib)
+  report = check(cfg, topo, hbm_gib=args.hbm_gib, dump=args.dump)
   given = f"--config {args.config} " if args.config else ""
   print(f"{prog} {given}--topology {args.topology} {' '.join(args.overrides)}".rstrip())
   print("\n".join(describe(report)))
