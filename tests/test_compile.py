@@ -173,7 +173,8 @@ def test_a_step_over_hbm_whose_state_fits_is_compiled_and_judged(run, tmp_path):
   peak = int(re.search(r"breakdown for peak usage: ([\d ]+) bytes", ranges.read_text()).group(1).replace(" ", ""))
   held = [b for _, b in r["peak_holders"]]
   assert sum(held) == peak and held == sorted(held, reverse=True) and len(held) > 6, held
-  at = out.index(f"peak       live at the peak, the largest first (XLA's live ranges, in {dump}):")
+  header = f"peak       {mtp_compile._size(peak)} live at the peak of XLA's live ranges (in {dump}), the largest first:"
+  at = out.index(header)
   name, size = r["peak_holders"][0]
   assert out[at + 1] == f"           {mtp_compile._size(size)}: {name}", out[at : at + 3]
   assert out[at + 7].endswith(f": {len(held) - 6} more"), out[at : at + 8]

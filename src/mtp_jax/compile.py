@@ -336,7 +336,8 @@ def describe(r: Report) -> list[str]:
   if r.peak_holders:
     shown = r.peak_holders[:6]
     rest = sum(b for _, b in r.peak_holders[len(shown) :])
-    lines.append(f"peak       live at the peak, the largest first (XLA's live ranges, in {r.dump}):")
+    total = _size(sum(b for _, b in r.peak_holders))
+    lines.append(f"peak       {total} live at the peak of XLA's live ranges (in {r.dump}), the largest first:")
     lines += [f"           {_size(b)}: {name}" for name, b in shown]
     if rest:
       lines.append(f"           {_size(rest)}: {len(r.peak_holders) - len(shown)} more")
