@@ -123,6 +123,14 @@ def test_a_bad_topology_is_one_line_and_status_2(run, name, message):
   assert len(err.strip().splitlines()) == 1, err
 
 
+def test_a_dump_folder_that_cannot_be_made_is_one_line_and_status_2(run, tmp_path):
+  (tmp_path / "a-file").write_text("")
+  rc, out, err = run("--topology", "cpu:8", "--dump", str(tmp_path / "a-file" / "xla"), *TINY)
+  assert rc == 2 and not out
+  assert err.startswith(f"mtp-compile: --dump {tmp_path / 'a-file' / 'xla'}: cannot make this folder ("), err
+  assert len(err.strip().splitlines()) == 1, err
+
+
 def test_an_impossible_mesh_is_one_line_and_status_2(run):
   rc, out, err = run("--topology", "cpu:8", *TINY, "mesh.data=3")
   assert rc == 2 and not out

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 from mtp_jax.cli import EXIT_RUN, command_parser, run
+from mtp_jax.errors import InputError
 from mtp_jax.topology import FORMS, parse_topology, prepare_environment
 
 
@@ -33,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _compile(prog: str, args) -> int:
+  if args.dump:  # before minutes of compiling: XLA only logs a folder it cannot write, and goes on
+    try:
+      os.makedirs(args.dump, exist_ok=True)
+    except OSError as err:
+      raise InputError(f"--dump {args.dump}: cannot make this folder ({err.strerror})") from None
+    if not os.access(args.dump, os.W_OK):
+      raise InputError(f"--dump {args.dump}: this folder is not writable")
   topo = parse_topology(args.topology)
   prepare_environment(topo)  # before JAX starts
   from mtp_jax import config
