@@ -34,7 +34,8 @@ def _inputs():
 def _head(h, w, t, m):
   """(NLL sum, its gradients by h and w), hits, argmax: all the head's outputs."""
   value_grad = jax.value_and_grad(lambda h, w: losses.head_cross_entropy(h, w, t, m, CHUNK)[0], (0, 1))
-  return value_grad(h, w), losses.head_eval(h, w, t, m, CHUNK)
+  nll_K, hits_K, (top,) = losses.head_eval((h,), w, (t,), (m,), CHUNK)
+  return value_grad(h, w), (nll_K[0], hits_K[0], top)
 
 
 SPLIT = {"act_vocab": ["tensor", "fsdp"]}

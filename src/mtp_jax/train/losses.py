@@ -46,11 +46,11 @@ def head_losses(hs, w_DxV, targets, masks, chunk_len: int = 0):
   return nll_K, hits_K
 
 
-def head_eval(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
-  """`head_cross_entropy` plus every position's top-1 token (argmax_BxL, int32), for held-out
-  metrics that compare depths; a separate path so the training step carries no extra output."""
-  nll_K, hits_K, (top_BxL,) = _head((h_BxLxD,), w_DxV, (targets_BxL,), (mask_BxL,), chunk_len, keep_argmax=True)
-  return nll_K[0], hits_K[0], top_BxL
+def head_eval(hs, w_DxV, targets, masks, chunk_len: int = 0):
+  """`head_losses` plus every depth's top-1 token at each position (argmax_BxL, int32), for
+  held-out metrics that compare depths; a separate path so the training step carries no extra
+  output."""
+  return _head(tuple(hs), w_DxV, tuple(targets), tuple(masks), chunk_len, keep_argmax=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,20 +135,14 @@ def make_eval_step(cfg: Config, graphdef, mesh):
     with sharding.activate(mesh, cfg.mesh.rules):
       model: Transformer = nnx.merge(graphdef, state.params, state.router_bias)
       out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-      w_DxV = model.head_matrix()
-      nll, hits, counts, agree = [], [], [], []
-      for depth, h in enumerate(out.hidden):
-        targets, mask = losses.depth_targets(batch["tokens"], batch["segment_ids"], depth)
-        n, c, top_BxL = losses.head_eval(h, w_DxV, targets, mask, cfg.train.loss_chunk_len)
-        if depth == 0:
-          main_BxL = top_BxL
-        else:  # both predict t_{i+1+k}: depth k at i, the main model at i + k (same document under the mask)
-          agree.append(jnp.sum((top_BxL == shift_left(main_BxL, depth)) & mask).astype(jnp.float32))
-        nll.append(n)
-        hits.append(c)
-        counts.append(mask.sum().astype(jnp.float32))
+      depths = [losses.depth_targets(batch["tokens"], batch["segment_ids"], d) for d in range(len(out.hidden))]
+      targets, masks = zip(*depths, strict=True)
+      nll, hits, tops = losses.head_eval(out.hidden, model.head_matrix(), targets, masks, cfg.train.loss_chunk_len)
+      # Depth k at i and the main model at i + k both predict t_{i+1+k} (the same document under the mask).
+      agree = [jnp.sum((tops[k] == shift_left(tops[0], k)) & masks[k]).astype(jnp.float32) for k in range(1, len(tops))]
       agree = jnp.stack(agree) if agree else jnp.zeros((0,), jnp.float32)
-      return {"nll": jnp.stack(nll), "hits": jnp.stack(hits), "targets": jnp.stack(counts), "agree": agree}
+      counts = jnp.stack([m.sum().astype(jnp.float32) for m in masks])
+      return {"nll": nll, "hits": hits, "targets": counts, "agree": agree}
 
   return eval_step
 
