@@ -6,6 +6,7 @@ HBM, FLOPs per step, a roofline step time and the MFU it implies. The command is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import math
@@ -85,7 +86,8 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     lowered = traced.lower()
     lower_s = time.perf_counter() - start
     try:
-      compiled = lowered.compile(compiler_options={"xla_dump_to": dump} if dump else None)
+      with _uncached(bool(dump)):  # a program read back from the persistent cache is not compiled, so not dumped
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump} if dump else None)
     except Exception as err:  # XLA:TPU refuses a program that does not fit HBM
       if "RESOURCE_EXHAUSTED" not in str(err):
         raise
@@ -164,6 +166,26 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
         report.peak_holders = peak_holders(f.read())
   _estimate(report)
   return report
+
+
+@contextlib.contextmanager
+def _uncached(off: bool):
+  """With `off`, JAX's persistent compilation cache off for what runs inside (it decides once
+  a process whether to use the cache, unless reset), and back as it was after."""
+  if not off:
+    yield
+    return
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+    compilation_cache.reset_cache()
 
 
 _PEAK = re.compile(r"^\s*Stack trace breakdown for peak usage: [\d ]+ bytes$")
