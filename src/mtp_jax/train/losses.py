@@ -32,6 +32,11 @@ def depth_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, depth: int)
   return targets_BxL, mask_BxL
 
 
+def all_depth_targets(tokens_BxL: jax.Array, segment_ids_BxL: jax.Array, depths: int):
+  """`depth_targets` of depths 0 .. depths - 1: (their targets, their masks), a tuple each."""
+  return tuple(zip(*(depth_targets(tokens_BxL, segment_ids_BxL, d) for d in range(depths)), strict=True))
+
+
 def head_cross_entropy(h_BxLxD, w_DxV, targets_BxL, mask_BxL, chunk_len: int = 0):
   """Returns (summed NLL, summed top-1 hits) over masked positions, in float32."""
   nll_K, hits_K = head_losses((h_BxLxD,), w_DxV, (targets_BxL,), (mask_BxL,), chunk_len)

@@ -100,8 +100,7 @@ def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Con
   balance and z-losses, means over a part, are divided by it, so that their sum is the mean."""
   model: Transformer = nnx.merge(graphdef, nnx.merge_state(params, frozen), bias)
   out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-  depths = [losses.depth_targets(batch["tokens"], batch["segment_ids"], d) for d in range(len(out.hidden))]
-  targets, masks = zip(*depths, strict=True)
+  targets, masks = losses.all_depth_targets(batch["tokens"], batch["segment_ids"], len(out.hidden))
   nll, hits = losses.head_losses(out.hidden, model.head_matrix(), targets, masks, cfg.train.loss_chunk_len)
   per_depth = nll / denominators
   loss = per_depth[0]
@@ -135,8 +134,7 @@ def make_eval_step(cfg: Config, graphdef, mesh):
     with sharding.activate(mesh, cfg.mesh.rules):
       model: Transformer = nnx.merge(graphdef, state.params, state.router_bias)
       out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-      depths = [losses.depth_targets(batch["tokens"], batch["segment_ids"], d) for d in range(len(out.hidden))]
-      targets, masks = zip(*depths, strict=True)
+      targets, masks = losses.all_depth_targets(batch["tokens"], batch["segment_ids"], len(out.hidden))
       nll, hits, tops = losses.head_eval(out.hidden, model.head_matrix(), targets, masks, cfg.train.loss_chunk_len)
       # Depth k at i and the main model at i + k both predict t_{i+1+k} (the same document under the mask).
       agree = [jnp.sum((tops[k] == shift_left(tops[0], k)) & masks[k]).astype(jnp.float32) for k in range(1, len(tops))]
