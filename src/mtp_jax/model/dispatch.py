@@ -43,7 +43,7 @@ ragged_all_to_all = jax.lax.ragged_all_to_all
 # dropped or None): capacity buffers ExCxD with gates ExC and group_sizes_E None, or rows sorted
 # by expert, their N gates and the rows' count per expert (dropless). Where the rows travel to
 # other devices, their gates travel with them and weigh the outputs there (`_weigh`).
-RunExperts = Callable[[jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array | None]]
+RunExperts = Callable[[jax.Array, jax.Array | None, jax.Array | None], tuple[jax.Array, jax.Array | None]]
 # route(router_params, x_TxD) -> (gates_TxK, experts_TxK, scores_TxE, logits_TxE)
 Route = Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
@@ -284,12 +284,12 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: R
   return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype)), dropped
 
 
-def _weigh(y: jax.Array, gates: jax.Array | None) -> jax.Array:
-  """Expert outputs times their rows' gates (if given), on the device that computed them. The
+def _weigh(y: jax.Array, gates: jax.Array) -> jax.Array:
+  """Expert outputs times their rows' gates, on the device that computed them. The
   gates' gradient needs the outputs: taken here, the backward pass finds them where they are, and
   the outputs' way back to their tokens, whose result it no longer reads, is not run again under
   remat (on DeepSeek-V3's 64-way expert axis, one of a layer's six token exchanges a step)."""
-  return y if gates is None else (y.astype(jnp.float32) * gates[..., None]).astype(y.dtype)
+  return (y.astype(jnp.float32) * gates[..., None]).astype(y.dtype)
 
 
 def _groups(sorted_keys: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
@@ -330,13 +330,14 @@ def _local(w: Weights, tp: tuple[str, ...], kernel: str, constrain: bool = False
   layout, so the compiler splits them as the weights are split."""
 
   def run(rows, gates, group_sizes_E):
+    del gates  # None: nothing travels, so `_routed` weighs the outputs once back
     if group_sizes_E is None:
       if constrain:
         rows = sharding.constrain(rows, ("experts", None, "act_embed"))
       y = swiglu_batched(rows, w)
     else:
       y = swiglu_ragged(rows, w, group_sizes_E, kernel)
-    return _weigh(jax.lax.psum(y, tp) if tp else y, gates), None  # tp: partial sums over the split hidden dim
+    return (jax.lax.psum(y, tp) if tp else y), None  # tp: partial sums over the split hidden dim
 
   return run
 
