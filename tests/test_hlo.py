@@ -148,6 +148,43 @@ def test_asynchronous_exchanges_count_at_their_start_and_unknown_collectives_are
   assert "does not know: all-reduce-scatter-start (1 calls)" in mtp_compile._collectives(c)[-1]
 
 
+# XLA:TPU's reduce-scatter as it prints it (from 671B's compiled step, shortened): an all-reduce of
+# the padded gradient and the device's slice of it, in a kCustom fusion named all-reduce-scatter.
+_FUSED_SCATTER = "\n".join(
+  [
+    "HloModule jit_step, num_partitions=8",
+    "",
+    "%all-reduce-scatter.6.clone.1 (input.39: bf16[60,16]) -> bf16[8,16] {",
+    "  %input.39 = bf16[60,16]{1,0:T(8,128)(2,1)} parameter(0)",
+    "  %constant.1 = bf16[] constant(0)",
+    "  %pad.1 = bf16[64,16]{1,0:T(8,128)(2,1)} pad(%input.39, %constant.1), padding=0_4x0_0",
+    "  %all-reduce.308 = bf16[64,16]{1,0:T(8,128)(2,1)} all-reduce(%pad.1), channel_id=240, "
+    "replica_groups={{0,2,4,6,8,10,12,14},{1,3,5,7,9,11,13,15}}, to_apply=%add",
+    "  %partition-id.1 = u32[] partition-id()",
+    "  ROOT %dynamic-slice.1 = bf16[8,16]{1,0:T(8,128)(2,1)} dynamic-slice(%all-reduce.308, %partition-id.1), "
+    "dynamic_slice_sizes={8,16}",
+    "}",
+    "",
+    "ENTRY %main (p: bf16[60,16]) -> bf16[8,16] {",
+    "  %p = bf16[60,16]{1,0} parameter(0)",
+    "  %whole = bf16[60,16]{1,0} all-reduce(%p), channel_id=1, replica_groups=[2,8]<=[16], to_apply=%add",
+    "  ROOT %f = bf16[8,16]{1,0} fusion(%whole), kind=kCustom, calls=%all-reduce-scatter.6.clone.1",
+    "}",
+  ]
+)
+
+
+def test_xla_tpu_s_fused_reduce_scatter_reads_as_one():
+  c = hlo.collectives(_FUSED_SCATTER)
+  padded = 64 * 16 * 2
+  # Inside the fusion: the reduce-scatter it implements, of the padded input, named by the slice it
+  # returns. Outside: an all-reduce, both phases.
+  assert {(x.kind, x.shape): x.sent for x in c.each} == {
+    ("reduce-scatter", "bf16[8,16]"): pytest.approx(padded * 7 / 8),
+    ("all-reduce", "bf16[60,16]"): pytest.approx(2 * 60 * 16 * 2 * 7 / 8),
+  }
+
+
 def test_groups_of_one_device_send_nothing_and_are_left_out():
   one = "\n".join(
     [

@@ -291,19 +291,37 @@ def _group(name: str) -> tuple[str, list[str]] | None:
   return prefix, inner.split(":")
 
 
+def _fused_scatters(module: Module) -> dict[str, str]:
+  """XLA:TPU's reduce-scatters as it prints them: an `all-reduce` of the (padded) gradient inside
+  a fusion computation named `all-reduce-scatter...` (kind=kCustom), whose root is the device's
+  dynamic slice of the sum. The fused collective returns only that slice, so it is read as the
+  reduce-scatter it implements (the first phase of the all-reduce, half its bytes), not as a
+  whole all-reduce. {all-reduce name: the fusion's result shape}."""
+  fused = {}
+  for name, body in module.computations.items():
+    if name.startswith("all-reduce-scatter") and body:
+      root = [f"{t}[{d}]" for t, d in _ARRAYS.findall(body[-1].shape)]
+      shape = root[0] if len(root) == 1 else f"({', '.join(root)})"
+      fused |= {ins.name: shape for ins in body if kind_of(ins.opcode) == "all-reduce"}
+  return fused
+
+
 def collectives(text: str) -> Collectives:
   """The collectives by which one device sends data to others per call of a compiled program,
   loops counted out."""
   module = parse(text)
+  scatters = _fused_scatters(module)
 
   def measure(ins: Instruction, module: Module) -> collections.Counter | None:
     sent = sent_bytes(ins, module)
+    if sent is not None and ins.name in scatters:  # half an all-reduce's bytes: the reduce-scatter's
+      sent = ("reduce-scatter", sent[1] / 2)
     if sent is None:
       # A kind's name inside an opcode that is none of them: a collective this reader does not know.
       unknown = any(k in ins.opcode for k in _KINDS) and not ins.opcode.endswith(("-done", "-update"))
       return collections.Counter({("unread", ins.opcode): 1}) if unknown else None
     op = re.search(r'op_name="([^"]*)"', ins.rest)
-    key = (sent[0], result_shape(ins), short_op(op[1]) if op else "")
+    key = (sent[0], scatters.get(ins.name) or result_shape(ins), short_op(op[1]) if op else "")
     return collections.Counter({("sent", key): sent[1], ("calls", key): 1})
 
   sums, loops_once = walk(module, measure)
