@@ -12,10 +12,10 @@ import pytest
 from conftest import TINY, needs_libtpu
 
 from mtp_jax import compile as mtp_compile
-from mtp_jax import topology
+from mtp_jax import config, topology
 from mtp_jax.cli import compile as compile_cli
 from mtp_jax.model.flops import compiled_matmul_flops, traced_matmul_flops
-from mtp_jax.train.program import build
+from mtp_jax.train.program import build, compiler_options
 
 
 @pytest.fixture
@@ -131,6 +131,34 @@ def test_a_dump_folder_that_cannot_be_made_is_one_line_and_status_2(run, tmp_pat
   assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(
+  "option, message",
+  [
+    ("{foo: 1}", "train.compiler_options.foo: is not an XLA option (their names begin xla_)"),
+    ("{xla_no_such_option: 1}", "train.compiler_options: XLA on cpu: INVALID_ARGUMENT: No such compile option: "),
+  ],
+)
+def test_an_unknown_xla_option_is_one_line_and_status_2(run, option, message):
+  rc, out, err = run("--topology", "cpu:1", *TINY, f"train.compiler_options={option}")
+  assert rc == 2 and out == [] and err.count("\n") == 1 and message in err, err
+
+
+def test_xla_options_apply_on_their_platform_and_null_undoes_one():
+  mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+  over = ["train.compiler_options.xla_dump_hlo_as_text=null", "train.compiler_options.xla_cpu_enable_fast_math=false"]
+  cfg = config.load("configs/deepseek-v3-671b.yaml", over)
+  assert cfg.train.compiler_options == {
+    "xla_tpu_relayout_group_size_threshold_for_reduce_scatter": 1,
+    "xla_dump_hlo_as_text": None,
+    "xla_cpu_enable_fast_math": False,
+  }
+  assert compiler_options(cfg, mesh) == {"xla_cpu_enable_fast_math": False}  # on the CPU
+  off = ["train.compiler_options.xla_tpu_relayout_group_size_threshold_for_reduce_scatter=null"]
+  assert config.load("configs/deepseek-v3-671b.yaml", off).train.compiler_options == {
+    "xla_tpu_relayout_group_size_threshold_for_reduce_scatter": None
+  }
+
+
 def test_an_impossible_mesh_is_one_line_and_status_2(run):
   rc, out, err = run("--topology", "cpu:8", *TINY, "mesh.data=3")
   assert rc == 2 and not out
@@ -182,9 +210,15 @@ def test_a_step_over_hbm_whose_state_fits_is_compiled_and_judged(run, tmp_path):
   assert out[-1].startswith("does not fit: needs ") and "microbatches" not in out[-1]
   assert any(line.startswith("model ") and "in 2 microbatches" in line for line in out), out
   # --dump compiles the step again, though the cache holds it, and says what is live at its peak:
-  # XLA's breakdown of it, all of it, the largest first, as printed.
-  rc, out, _ = run(*over, "--json", str(second), "--dump", str(dump))
+  # XLA's breakdown of it, all of it, the largest first, as printed. The config's XLA options
+  # reach the step's compile beside --dump's (XLA writes .dot files too), those for another
+  # platform left out (XLA:CPU refuses an option it does not know).
+  options = "train.compiler_options={xla_dump_hlo_as_dot: true, xla_dump_hlo_as_text: true, "
+  options += "xla_tpu_relayout_group_size_threshold_for_reduce_scatter: 1}"
+  rc, out, _ = run(*over, options, "--json", str(second), "--dump", str(dump))
   r = json.loads(second.read_text())
+  assert "note       XLA options for the steps: xla_dump_hlo_as_dot=True, xla_dump_hlo_as_text=True" in out, out
+  assert list(dump.glob("*jit_train_step*after_optimizations.dot")), sorted(p.name for p in dump.iterdir())
   (ranges,) = dump.glob("*jit_train_step*live-range.txt")
   peak = int(re.search(r"breakdown for peak usage: ([\d ]+) bytes", ranges.read_text()).group(1).replace(" ", ""))
   held = [b for _, b in r["peak_holders"]]
@@ -254,7 +288,7 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
     from mtp_jax import topology as C, config
     topo = C.parse_topology("v5p-8")
     C.prepare_environment(topo)
-    from mtp_jax.train.program import build
+    from mtp_jax.train.program import build, compiler_options
     over = ["model.dtype=bfloat16", "train.grad_accum_steps=2", "train.remat=full", "mesh.data=1", "mesh.fsdp=-1"]
     cfg = config.load("configs/tiny.yaml", over)
     assert cfg.model.num_layers - cfg.model.first_k_dense == 3

@@ -100,6 +100,13 @@ class TrainConfig(Section):
     "What the optimizer trains: all parameters, or only the MTP modules (model.mtp), the trunk, embedding and "
     "head frozen and run forward only (a drafter for a model as it is; no trunk gradients or optimizer state).",
   )
+  compiler_options: dict[str, bool | int | float | str | None] = field(
+    {},
+    "XLA options for compiling the train and eval steps, {name: value}. One named xla_tpu_*, xla_gpu_* or "
+    "xla_cpu_* applies on that platform only, so a config can carry each platform's; any other on every platform. "
+    "null leaves XLA's default (train.compiler_options.NAME=null undoes a config's option). A name the "
+    "platform's XLA does not know is an error before training starts.",
+  )
   loss_chunk_len: int = field(0, "Sequence chunk for output-head + CE (0: whole sequence).", ge=0)
   attention_chunk_len: int = field(
     0,
@@ -138,6 +145,9 @@ class TrainConfig(Section):
 
   def problems(self):
     yield from _output_problems("train.workdir", self.workdir)
+    for name in self.compiler_options:
+      if not name.startswith("xla_"):
+        yield f"train.compiler_options.{name}", "is not an XLA option (their names begin xla_)"
     if self.grad_accum_steps == 0:
       yield "train.grad_accum_steps", "must be at least 1, or -1 for one sequence per device per microbatch"
     elif self.grad_accum_steps > 0 and self.batch_size % self.grad_accum_steps:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from mtp_jax import hlo, sharding
 from mtp_jax.config import Config, ConfigError
 from mtp_jax.data.packing import BATCH_KEYS
+from mtp_jax.errors import first_line
 from mtp_jax.model import attention, dispatch, experts
 from mtp_jax.model.flops import ChipWork, chip_work
 from mtp_jax.train import optimizer, step
@@ -100,6 +102,28 @@ def _resolve_vocab_split(cfg: Config, mesh) -> tuple[Config, str | None]:
   mesh_cfg = cfg.mesh.model_copy(update={"rules": {**rules, "act_vocab": [*rules["act_vocab"], "fsdp"]}})
   how = "true" if cfg.mesh.vocab_split is True else "auto"
   return cfg.model_copy(update={"mesh": mesh_cfg}), f"the output head's vocabulary splits over fsdp (vocab_split {how})"
+
+
+_PLATFORM_OPTION = re.compile(r"xla_(tpu|gpu|cpu)_")
+
+
+def compiler_options(cfg: Config, mesh) -> dict[str, Any]:
+  """`train.compiler_options` that apply on this mesh's platform (xla_tpu_* on TPU only, and so
+  on; null ones not at all), checked by compiling a trivial program with them for these devices: XLA names the first
+  option it does not know, and the run stops there, before the step's long compile."""
+  platform = mesh.devices.flat[0].platform
+  options = {
+    k: v
+    for k, v in cfg.train.compiler_options.items()
+    if v is not None and ((m := _PLATFORM_OPTION.match(k)) is None or m[1] == platform)
+  }
+  if options:
+    probe = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    try:
+      jax.jit(lambda x: x + 1, compiler_options=options).lower(probe).compile()
+    except jax.errors.JaxRuntimeError as err:
+      raise ConfigError("train.compiler_options", f"XLA on {platform}: {first_line(err)}") from None
+  return options
 
 
 def _check_mesh(cfg: Config, mesh, abstract_state) -> None:
@@ -228,6 +252,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   init = step.make_init(cfg, tx)
   abstract = jax.eval_shape(init, jax.random.key(0))
   _check_mesh(cfg, mesh, abstract)
+  options = compiler_options(cfg, mesh)
   micro_BxL = (cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.data.seq_len)
   dispatch_kind, note = dispatch.dispatch_plan(cfg.model.moe, mesh, rules, micro_BxL)
   state_shardings = sharding.tree_shardings(abstract, mesh, rules)
@@ -249,14 +274,17 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, None),
       donate_argnums=0,
+      compiler_options=options or None,
     ),
     expert_dispatch=dispatch_kind,
     attention=attention_kernel,
     experts=experts_kernel,
-    notes=[n for n in (note, vocab_note) if n],
+    notes=[n for n in (note, vocab_note) if n]
+    + ([f"XLA options for the steps: {', '.join(f'{k}={v}' for k, v in options.items())}"] if options else []),
     eval_step=jax.jit(
       step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=None,
+      compiler_options=options or None,
     ),
   )
