@@ -109,8 +109,9 @@ _PLATFORM_OPTION = re.compile(r"xla_(tpu|gpu|cpu)_")
 
 def compiler_options(cfg: Config, mesh) -> dict[str, Any]:
   """`train.compiler_options` that apply on this mesh's platform (xla_tpu_* on TPU only, and so
-  on; null ones not at all), checked by compiling a trivial program with them for these devices: XLA names the first
-  option it does not know, and the run stops there, before the step's long compile."""
+  on; null ones not at all), checked by compiling a trivial program with them for these devices:
+  XLA names the first option it does not know, and the run stops there, before the step's long
+  compile."""
   platform = mesh.devices.flat[0].platform
   options = {
     k: v
@@ -253,6 +254,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
   abstract = jax.eval_shape(init, jax.random.key(0))
   _check_mesh(cfg, mesh, abstract)
   options = compiler_options(cfg, mesh)
+  options_note = f"XLA options for the steps: {', '.join(f'{k}={v}' for k, v in options.items())}" if options else None
   micro_BxL = (cfg.train.batch_size // cfg.train.grad_accum_steps, cfg.data.seq_len)
   dispatch_kind, note = dispatch.dispatch_plan(cfg.model.moe, mesh, rules, micro_BxL)
   state_shardings = sharding.tree_shardings(abstract, mesh, rules)
@@ -279,8 +281,7 @@ def build(cfg: Config, devices: list[jax.Device] | None = None) -> Program:
     expert_dispatch=dispatch_kind,
     attention=attention_kernel,
     experts=experts_kernel,
-    notes=[n for n in (note, vocab_note) if n]
-    + ([f"XLA options for the steps: {', '.join(f'{k}={v}' for k, v in options.items())}"] if options else []),
+    notes=[n for n in (note, vocab_note, options_note) if n],
     eval_step=jax.jit(
       step.make_eval_step(cfg, step.graphdef_of(cfg), mesh),
       in_shardings=(state_shardings, batch_sharding),
