@@ -64,3 +64,36 @@ def test_a_weight_split_over_batch_axes_is_gathered_and_reduce_scattered_back(ca
   module = hlo.parse(text)
   moving = [i for body in module.computations.values() for i in body if i.opcode in ("all-gather", "reduce-scatter")]
   assert sorted(hlo.group_size(i.rest, module.partitions) for i in moving) == groups, moving
+
+
+def test_an_axis_across_slices_is_gathered_between_them_then_within(monkeypatch):
+  """fsdp 4 as 2 slices of 2 (a multi-slice mesh's fsdp, `mesh.dcn.fsdp=2`; CPU devices carry no
+  slice, so `slices_along` is told): the weight is gathered between the slices, then within
+  each, and put back in order, so its gradient is reduce-scattered within the slice first.
+  Values and gradients equal the plain product's, and no collective spans the whole fsdp axis
+  (over it in one call, XLA:TPU summed the whole gradient within each slice)."""
+  monkeypatch.setattr(sharding, "slices_along", lambda mesh, axis: 2 if axis == "fsdp" else 1)
+  x_names, w_names, equation, w_shape = CASES["one dimension"]
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 1, 2, 1), MESH_AXES)
+  w = jax.random.normal(jax.random.key(0), w_shape)
+  x = jax.random.normal(jax.random.key(1), (8, 3, w_shape[0]))
+
+  def loss(x, w, split: bool):
+    if not split:
+      return jnp.sum(jnp.tanh(jnp.einsum(equation, x, w)) ** 2)
+    with sharding.activate(mesh, RULES):
+      return jnp.sum(jnp.tanh(sharding.fsdp_einsum(equation, x, x_names, w, w_names)) ** 2)
+
+  want = jax.value_and_grad(loss, argnums=(0, 1))(x, w, False)
+  w_split = jax.device_put(w, sharding.named(w_names, w.shape, mesh, RULES))
+  x_split = jax.device_put(x, NamedSharding(mesh, sharding.spec(x_names, x.shape, mesh, RULES)))
+  assert tuple(w_split.sharding.spec) == (("fsdp", "expert"), None)
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+  got = step(x_split, w_split, True)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, h in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6 * float(np.abs(h).max()))
+  module = hlo.parse(step.lower(x_split, w_split, True).compile().as_text())
+  moving = [i for body in module.computations.values() for i in body if i.opcode in ("all-gather", "reduce-scatter")]
+  # expert (2), then fsdp between the slices (2) and within them (2): each way
+  assert sorted(hlo.group_size(i.rest, module.partitions) for i in moving) == [2] * 6, moving

@@ -164,10 +164,44 @@ def gather(x: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
   """Inside a shard_map: `x` all-gathered along `dim` over the mesh `axes` it is split over, one
   axis at a time, the minor first (its transpose, the gradient's reduce-scatter, goes back the
   same way). Over several axes at once XLA:TPU gathered by an all-reduce of a zero-padded buffer,
-  twice the bytes (671B's weights stored with D over fsdp x expert; benchmarks/RESULTS.md)."""
+  twice the bytes (671B's weights stored with D over fsdp x expert; benchmarks/RESULTS.md).
+
+  An axis that crosses slices (`mesh.dcn`) is gathered between the slices first, then within
+  each, and the pieces put back in order: the gradient is then reduce-scattered within the
+  slice, over ICI, before its share crosses to the other slices. Gathered in one call, XLA:TPU
+  summed the whole gradient within the slice by an all-reduce (4xv6e-256; RESULTS)."""
+  active = _ACTIVE.get()
   for a in reversed(axes):
-    x = jax.lax.all_gather(x, a, axis=dim, tiled=True)
+    k = slices_along(active[0], a) if active else 1
+    if k == 1:
+      x = jax.lax.all_gather(x, a, axis=dim, tiled=True)
+      continue
+    m = active[0].shape[a] // k  # devices of the axis in one slice; its index is slice * m + j
+    x = jax.lax.all_gather(
+      x, a, axis=dim, tiled=True, axis_index_groups=[[s * m + j for s in range(k)] for j in range(m)]
+    )
+    x = jax.lax.all_gather(
+      x, a, axis=dim, tiled=True, axis_index_groups=[[s * m + j for j in range(m)] for s in range(k)]
+    )
+    shape = x.shape  # pieces now ordered (j, s) along dim: put them in index order (s, j)
+    x = x.reshape(*shape[:dim], m, k, shape[dim] // (m * k), *shape[dim + 1 :])
+    x = jnp.swapaxes(x, dim, dim + 1).reshape(shape)
   return x
+
+
+def slices_along(mesh: AnyMesh, axis: str) -> int:
+  """The TPU slices a mesh axis's devices span (1 off multi-slice TPU): `make_mesh` lays each
+  DCN axis outside its ICI part, so the axis's index runs slice by slice."""
+  if isinstance(mesh, AbstractMesh) or mesh.shape[axis] == 1 or mesh.devices.flat[0].platform != "tpu":
+    return 1
+  line = np.moveaxis(mesh.devices, mesh.axis_names.index(axis), 0).reshape(mesh.shape[axis], -1)[:, 0]
+  ids = [getattr(d, "slice_index", None) for d in line]
+  if None in ids:
+    return 1
+  n, k = len(ids), len(set(ids))
+  if k == 1 or n % k or any(ids[i] != ids[i - i % (n // k)] for i in range(n)):
+    return 1  # one slice, or not in runs of one slice each: gathered in one call
+  return k
 
 
 def lookup_layout(table_shape, tokens_shape) -> tuple[NamedSharding, ...] | None:
