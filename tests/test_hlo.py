@@ -185,6 +185,32 @@ def test_xla_tpu_s_fused_reduce_scatter_reads_as_one():
   }
 
 
+def test_sends_between_slices_count_their_buffer_by_the_collective_they_serve():
+  """XLA:TPU's multi-slice programs hand what crosses DCN to its megascale runtime by `send`
+  (from 671B's step on 4xv6e-256, shortened); a send to the host is not between slices."""
+  text = "\n".join(
+    [
+      "HloModule jit_step, num_partitions=8",
+      "",
+      "ENTRY %main (p: bf16[1,448,64]) -> bf16[1,448,64] {",
+      "  %p = bf16[1,448,64]{2,1,0} parameter(0)",
+      "  %a = token[] after-all()",
+      "  %s = (bf16[1,448,64]{2,1,0:T(8,128)(2,1)}, u32[]{:S(2)}, token[]) send(%p, %a), channel_id=16, "
+      'is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",'
+      '_xla_host_transfer_rendezvous="all-gather.486_0",_xla_megascale_target="{1,2,3,4}x{0:255}",'
+      '_xla_megascale_transfer_type="REDUCE_SCATTER"}',
+      "  %h = (bf16[1,448,64]{2,1,0}, u32[], token[]) send(%p, %a), channel_id=17, is_host_transfer=true",
+      "  ROOT %r = bf16[1,448,64]{2,1,0} copy(%p)",
+      "}",
+    ]
+  )
+  c = hlo.collectives(text)
+  assert [(x.kind, x.shape, x.sent, x.calls) for x in c.each] == [
+    ("dcn reduce-scatter", "bf16[1,448,64]", 448 * 64 * 2, 1)
+  ]
+  assert "dcn: each buffer handed to the runtime that moves it between slices, once" in mtp_compile._collectives(c)[0]
+
+
 def test_groups_of_one_device_send_nothing_and_are_left_out():
   one = "\n".join(
     [

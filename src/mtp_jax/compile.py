@@ -317,7 +317,10 @@ def _collectives(c: hlo.Collectives, largest: int = 3) -> list[str]:
   if not c.each and not c.unread:
     return ["comms      no collective: each chip runs alone"]
   kinds = ", ".join(f"{kind} {_size(b)} in {_count(n)} calls" for kind, (b, n) in c.by_kind().items())
-  lines = [f"comms      per chip per step, sent ((n-1)/n of each collective's data, all-reduce twice): {kinds}"]
+  how = "(n-1)/n of each collective's data, all-reduce twice"
+  if any(k.startswith("dcn ") for k in c.by_kind()):
+    how += "; dcn: each buffer handed to the runtime that moves it between slices, once"
+  lines = [f"comms      per chip per step, sent ({how}): {kinds}"]
   for x in c.each[:largest]:
     where = f"from {x.op}" if x.op else "no op named"
     lines.append(f"           {_size(x.sent)}: {x.kind} of {x.shape}, {_count(x.calls)} a step, {where}")

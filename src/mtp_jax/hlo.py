@@ -291,6 +291,17 @@ def _group(name: str) -> tuple[str, list[str]] | None:
   return prefix, inner.split(":")
 
 
+def _between_slices(ins: Instruction, module: Module) -> collections.Counter:
+  """What a chip hands XLA:TPU's runtime for DCN (megascale) to move between slices: a `send`,
+  named by the collective it serves (`_xla_megascale_transfer_type`), its whole buffer counted
+  once. How many times the runtime puts it on the wire, the program does not say."""
+  kind = re.search(r'_xla_megascale_transfer_type="([A-Z_]+)"', ins.rest)
+  buffer = module.shapes.get(operands(ins.rest)[0], "")
+  shape = next((f"{t}[{d}]" for t, d in _ARRAYS.findall(buffer)), buffer)
+  key = ("dcn " + (kind[1].lower().replace("_", "-") if kind else "send"), shape, "")
+  return collections.Counter({("sent", key): nbytes(buffer), ("calls", key): 1})
+
+
 def _fused_scatters(module: Module) -> dict[str, str]:
   """XLA:TPU's reduce-scatters as it prints them: an `all-reduce` of the (padded) gradient inside
   a fusion computation named `all-reduce-scatter...` (kind=kCustom), whose root is the device's
@@ -313,6 +324,8 @@ def collectives(text: str) -> Collectives:
   scatters = _fused_scatters(module)
 
   def measure(ins: Instruction, module: Module) -> collections.Counter | None:
+    if ins.opcode == "send" and "xla_megascale_runtime" in ins.rest:
+      return _between_slices(ins, module)
     sent = sent_bytes(ins, module)
     if sent is not None and ins.name in scatters:  # half an all-reduce's bytes: the reduce-scatter's
       sent = ("reduce-scatter", sent[1] / 2)
