@@ -311,9 +311,7 @@ def _fused_scatters(module: Module) -> dict[str, str]:
   fused = {}
   for name, body in module.computations.items():
     if name.startswith("all-reduce-scatter") and body:
-      root = [f"{t}[{d}]" for t, d in _ARRAYS.findall(body[-1].shape)]
-      shape = root[0] if len(root) == 1 else f"({', '.join(root)})"
-      fused |= {ins.name: shape for ins in body if kind_of(ins.opcode) == "all-reduce"}
+      fused |= {ins.name: result_shape(body[-1]) for ins in body if kind_of(ins.opcode) == "all-reduce"}
   return fused
 
 
