@@ -36,6 +36,8 @@ def test_overrides_reach_their_keys():
     (["model.moe.n_group=3"], "config error: model.moe.n_group: 3 does not divide num_experts (8)"),
     (["model.attention.num_kv_heads=3"], "config error: model.attention.num_kv_heads: 3 does not divide"),
     (["train.grad_accum_steps=5"], "config error: train.grad_accum_steps: 5 does not divide"),
+    (["train.remat_save=[moe_in]"], "config error: train.remat_save: keeps values of rematerialised blocks, and"),
+    (["train.remat=full", "train.remat_save=[moe_inn]"], "config error: train.remat_save.0: Input should be 'attn"),
     (["train.grad_accum_steps=0"], "config error: train.grad_accum_steps: must be at least 1, or -1"),
     (["train.grad_accum_steps=-2"], "config error: train.grad_accum_steps: Input should be greater than or equal"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "config error: mesh: at most one axis may be -1"),

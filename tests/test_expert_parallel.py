@@ -15,6 +15,7 @@ from mtp_jax.config import ConfigError
 from mtp_jax.model import dispatch as moe_lib
 from mtp_jax.model.experts import swiglu_ragged
 from mtp_jax.model.moe import MoE, RouterBias
+from mtp_jax.model.transformer import remat_policy
 from mtp_jax.train.program import build
 
 ROOMY = "model.moe.capacity_factor=4"  # = E / K: C_local >= local tokens, so nothing drops
@@ -96,16 +97,18 @@ def test_capacity_drops_by_each_devices_own_buffers(mesh):
   assert sharded.lower(x).as_text().count("stablehlo.all_to_all") == (3 if mesh.shape["expert"] > 1 else 0)
 
 
+@pytest.mark.parametrize("save, wide", [((), 5), (("moe_in",), 4)], ids=["full", "full_keeping_moe_in"])
 @pytest.mark.parametrize(
   "overrides",
   [["model.moe.mode=capacity", ROOMY, "model.moe.dispatch=all_to_all"], ["model.moe.dispatch=ragged_all_to_all"]],
   ids=["all_to_all", "ragged_all_to_all"],
 )
-def test_under_remat_the_outputs_way_back_runs_once(monkeypatch, overrides):
+def test_under_remat_the_outputs_way_back_runs_once(monkeypatch, overrides, save, wide):
   """The gates weigh the experts' outputs where they are computed (dispatch._weigh), so nothing
   in the backward pass reads what comes back: with the layer rematerialised, the D-wide rows
   are exchanged 5 times a step, not 6 (forward there and back, the recompute there only, the
-  backward pass's two transposes), and the gates, one number a row, 3 times; the layer and its
+  backward pass's two transposes), and the gates, one number a row, 3 times. Keeping the rows
+  that came (`moe_in`, train.remat_save) spares the recompute its exchange: 4. The layer and its
   gradients equal the layer without remat. (The real ragged_all_to_all is lowered, not run; the
   values come from the emulation.)"""
   cfg = tiny_config(*overrides, *MESHES["data2_expert4"])
@@ -118,7 +121,7 @@ def test_under_remat_the_outputs_way_back_runs_once(monkeypatch, overrides):
       with sharding.activate(mesh, cfg.mesh.rules):
         return nnx.merge(graphdef, params, bias)(x, valid)[0]
 
-    layer = jax.checkpoint(layer) if remat else layer
+    layer = jax.checkpoint(layer, policy=remat_policy("full", save)) if remat else layer
     return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(layer(p, x) * cot), argnums=(0, 1)))
 
   monkeypatch.setattr(moe_lib, "ragged_all_to_all", lambda *a, **kw: jax.lax.ragged_all_to_all(*a, **kw))
@@ -126,8 +129,8 @@ def test_under_remat_the_outputs_way_back_runs_once(monkeypatch, overrides):
   # Each exchange's first operand: what it sends (rows x D, or one gate a row; the integer sizes
   # and offsets left out).
   sent = re.findall(r'(?:"stablehlo.all_to_all"|@ragged_all_to_all)\(.*: \(tensor<([0-9x]+)xf32>', text)
-  wide = [dims for dims in sent if dims.endswith(f"x{cfg.model.d_model}")]
-  assert (len(wide), len(sent) - len(wide)) == (5, 3), sent
+  wide_sent = [dims for dims in sent if dims.endswith(f"x{cfg.model.d_model}")]
+  assert (len(wide_sent), len(sent) - len(wide_sent)) == (wide, 3), sent
 
   monkeypatch.setattr(moe_lib, "ragged_all_to_all", emulated_ragged_all_to_all)
   (loss, grads), (loss_remat, grads_remat) = step(remat=False)(params, x), step(remat=True)(params, x)

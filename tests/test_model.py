@@ -1,11 +1,15 @@
 """Causality, document isolation and MTP wiring of the model's forward pass."""
 
+import typing
+
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from mtp_jax.config.run import TrainConfig
 from mtp_jax.model import Transformer
 from mtp_jax.model.flops import cost
 
@@ -257,3 +261,23 @@ def test_qkv_biases_are_parameters_that_act_and_are_not_decayed(tiny):
     b[...] = b[...] + 0.5
   after = model(tokens, ones, jnp.cumsum(ones, 1) - 1).hidden[0]
   assert np.abs(np.asarray(after - before)).max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_train_remat_save_names_every_checkpoint_name_the_blocks_carry(tiny, mode):
+  """train.remat_save offers exactly the checkpoint names a block's forward carries, so none
+  it offers keeps nothing and a renamed one is noticed."""
+  cfg = tiny(f"model.moe.mode={mode}")
+  graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, tokens + 1, tokens).hidden)(state)
+
+  def names(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "name":
+        yield eqn.params["name"]
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from names(sub)
+
+  offered = set(typing.get_args(typing.get_args(TrainConfig.model_fields["remat_save"].annotation)[0]))
+  assert set(names(jaxpr.jaxpr)) == offered

@@ -69,6 +69,7 @@ def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
     ["train.grad_accum_steps=2"],
     ["train.remat=full", "train.loss_chunk_len=8"],
     ["train.remat=save_attn_moe"],
+    ["train.remat=dots_no_batch", "train.remat_save=[attn_context,moe_in]"],
   ):
     other, _ = run_steps(tiny("model.mtp.depth=2", "train.batch_size=16", *overrides), steps=2)
     for a, b in zip(base, other, strict=True):

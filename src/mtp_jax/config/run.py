@@ -90,6 +90,13 @@ class TrainConfig(Section):
     "outputs); save_attn, save_moe, save_attn_moe (keep the attention kernel's inputs and output, the expert "
     "kernels' input and output rows, or both; recompute the rest).",
   )
+  remat_save: list[Literal["attn_qkv", "attn_context", "moe_in", "moe_out"]] = field(
+    [],
+    "Values the rematerialised blocks keep besides what train.remat keeps, by checkpoint name: attn_qkv and "
+    "attn_context (the attention kernel's inputs and output), moe_in and moe_out (the rows the expert kernels "
+    "run on, as the dispatch exchange brought them, and their outputs). [moe_in] with full remat spares the "
+    "recompute its token exchange.",
+  )
   scan_layers: bool = field(
     True,
     "Run consecutive trunk blocks of one structure as one scanned layer: compiled once, and sharded weights "
@@ -148,6 +155,8 @@ class TrainConfig(Section):
     for name in self.compiler_options:
       if not name.startswith("xla_"):
         yield f"train.compiler_options.{name}", "is not an XLA option (their names begin xla_)"
+    if self.remat_save and self.remat == "none":
+      yield "train.remat_save", "keeps values of rematerialised blocks, and train.remat is none"
     if self.grad_accum_steps == 0:
       yield "train.grad_accum_steps", "must be at least 1, or -1 for one sequence per device per microbatch"
     elif self.grad_accum_steps > 0 and self.batch_size % self.grad_accum_steps:

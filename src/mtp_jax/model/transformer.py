@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -20,13 +22,25 @@ from mtp_jax.model.mtp import SequentialModule, shift_left
 # kernel runs on and its outputs, after the dispatch exchange and before the return one).
 _ATTN, _MOE = ("attn_qkv", "attn_context"), ("moe_in", "moe_out")
 REMAT_POLICIES = {
-  "full": None,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
   "dots": jax.checkpoint_policies.checkpoint_dots,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "save_attn": jax.checkpoint_policies.save_only_these_names(*_ATTN),
   "save_moe": jax.checkpoint_policies.save_only_these_names(*_MOE),
   "save_attn_moe": jax.checkpoint_policies.save_only_these_names(*_ATTN, *_MOE),
 }
+
+
+def remat_policy(remat: str, save: Sequence[str] = ()):
+  """The jax.checkpoint policy of a `train.remat` preset that also keeps the checkpoint names
+  in `save` (`train.remat_save`), or None for blocks not rematerialised. E.g. `full` keeping
+  `moe_in` keeps only the rows the dispatch exchange brought, so the recompute runs no exchange
+  (docs/scaling.md, "Where the experts run")."""
+  base = REMAT_POLICIES[remat]
+  if base is None or not save:
+    return base
+  return jax.checkpoint_policies.save_from_both_policies(base, jax.checkpoint_policies.save_only_these_names(*save))
 
 
 @chex.dataclass
@@ -108,12 +122,12 @@ def layer(stacked: Block, j: int) -> Block:
   return nnx.merge(graphdef, sliced)
 
 
-def _scan(stacked: Block, remat: str, x_BxLxD, *args) -> tuple[jax.Array, MoEAux | None]:
+def _scan(stacked: Block, policy, x_BxLxD, *args) -> tuple[jax.Array, MoEAux | None]:
   """Runs a stack's blocks in turn as one `lax.scan` over its variables: the same function as
   calling them one by one, but XLA sees one layer. It compiles it once, and gathers a layer's
   sharded weights inside the loop, when that layer runs: unrolled, XLA can hoist every layer's
   gathers out of the microbatch loop and hold all the gathered weights at once. Returns the
-  blocks' aux stacked, block i at index i."""
+  blocks' aux stacked, block i at index i. `policy`: the blocks' checkpoint policy, None for no remat."""
   graphdef, state = nnx.split(stacked)
 
   def body(x, xs):
@@ -126,8 +140,8 @@ def _scan(stacked: Block, remat: str, x_BxLxD, *args) -> tuple[jax.Array, MoEAux
     state = jax.tree.map(lambda w: w + zero.astype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, state)
     return nnx.merge(graphdef, state)(x, *args)
 
-  if remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  if policy is not None:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
   n = jax.tree.leaves(state)[0].shape[0]
   return jax.lax.scan(body, x_BxLxD, (state, jnp.arange(n, dtype=jnp.float32)))
 
@@ -163,6 +177,7 @@ class Transformer(nnx.Module):
     *,
     rngs: nnx.Rngs,
     remat: str = "none",
+    remat_save: Sequence[str] = (),
     attention_chunk_len: int = 0,
     scan_layers: bool = False,
   ):
@@ -187,7 +202,8 @@ class Transformer(nnx.Module):
       extra = [SequentialModule(cfg, block, rngs=rngs) for block in extra]
     self.mtp = nnx.List(extra)  # one per depth, or one applied at every depth (model.mtp.share_weights)
     self.mtp_depth = cfg.mtp.depth
-    self.mtp_kind, self.dtype, self.remat, self.scan_layers = cfg.mtp.kind, dt, remat, scan_layers
+    self.mtp_kind, self.dtype, self.scan_layers = cfg.mtp.kind, dt, scan_layers
+    self.remat, self.remat_save = remat, tuple(remat_save)
 
   def mtp_module(self, k: int):
     """The MTP module of depth k (1-based)."""
@@ -225,7 +241,8 @@ class Transformer(nnx.Module):
     visible = attention.Causal(segment_ids_BxL)
     valid_BxL = segment_ids_BxL != 0
     aux: dict[str, MoEAux] = {}
-    block_fn = Block.__call__ if self.remat == "none" else _remat(REMAT_POLICIES[self.remat])
+    policy = remat_policy(self.remat, self.remat_save)
+    block_fn = Block.__call__ if policy is None else _remat(policy)
 
     def run(name, block, x):
       x, a = block_fn(block, x, visible, positions_BxL, valid_BxL)
@@ -240,7 +257,7 @@ class Transformer(nnx.Module):
         for i in range(a, b):
           x = run(f"layer_{i}", layer(stacked, i - a), x)
         continue
-      x, stacked_aux = _scan(stacked, self.remat, x, visible, positions_BxL, valid_BxL)
+      x, stacked_aux = _scan(stacked, policy, x, visible, positions_BxL, valid_BxL)
       if stacked_aux is not None:
         aux.update({f"layer_{i}": jax.tree.map(lambda v, j=i - a: v[j], stacked_aux) for i in range(a, b)})
     hidden = []

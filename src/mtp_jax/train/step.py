@@ -47,6 +47,7 @@ def build_model(cfg: Config, key: int | jax.Array = 0) -> Transformer:
     cfg.model,
     rngs=nnx.Rngs(key),
     remat=t.remat,
+    remat_save=t.remat_save,
     attention_chunk_len=t.attention_chunk_len,
     scan_layers=t.scan_layers,
   )
