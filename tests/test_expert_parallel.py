@@ -103,7 +103,7 @@ def test_capacity_drops_by_each_devices_own_buffers(mesh):
   [["model.moe.mode=capacity", ROOMY, "model.moe.dispatch=all_to_all"], ["model.moe.dispatch=ragged_all_to_all"]],
   ids=["all_to_all", "ragged_all_to_all"],
 )
-def test_under_remat_the_outputs_way_back_runs_once(monkeypatch, overrides, save, wide):
+def test_a_rematerialised_layer_exchanges_only_what_its_backward_needs(monkeypatch, overrides, save, wide):
   """The gates weigh the experts' outputs where they are computed (dispatch._weigh), so nothing
   in the backward pass reads what comes back: with the layer rematerialised, the D-wide rows
   are exchanged 5 times a step, not 6 (forward there and back, the recompute there only, the
