@@ -350,15 +350,16 @@ def _all_to_all_experts(buf_ExCxD, gates_ExC, group_sizes_E, *, w: Weights, ep, 
   e_loc = w[0].shape[0]
   p = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
 
-  def there(a):  # the ExCxD buffers or their ExC gates -> UxAxD or UxA
-    rest = a.shape[2:]
-    recv = jax.lax.all_to_all(a.reshape(p, e_loc, c, *rest), ep, 0, 0)  # P: source
-    return recv.swapaxes(0, 1).reshape(e_loc, p * c, *rest)
+  def there(a):  # the ExCxD buffers or their ExC gates -> PxUxCxD or PxUxC (P: source)
+    return jax.lax.all_to_all(a.reshape(p, e_loc, c, *a.shape[2:]), ep, 0, 0)
 
-  y_UxAxD = swiglu_batched(there(buf_ExCxD), w)
+  x_UxAxD = there(buf_ExCxD).swapaxes(0, 1).reshape(e_loc, p * c, d)
+  y_UxAxD = swiglu_batched(x_UxAxD, w)
   if tp:
     y_UxAxD = jax.lax.psum(y_UxAxD, tp)  # partial sums over the split hidden dim
-  y_PxUxCxD = _weigh(y_UxAxD, there(gates_ExC)).reshape(e_loc, p, c, d).swapaxes(0, 1)
+  # Weighed as they leave, in the exchange's layout: the backward pass's float32 products are
+  # made where the cotangent arrives, not in a float32 copy laid out for the experts.
+  y_PxUxCxD = _weigh(y_UxAxD.reshape(e_loc, p, c, d).swapaxes(0, 1), there(gates_ExC))
   return jax.lax.all_to_all(y_PxUxCxD, ep, 0, 0).reshape(e, c, d), None
 
 
