@@ -177,12 +177,10 @@ def gather(x: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
       x = jax.lax.all_gather(x, a, axis=dim, tiled=True)
       continue
     m = active[0].shape[a] // k  # devices of the axis in one slice; its index is slice * m + j
-    x = jax.lax.all_gather(
-      x, a, axis=dim, tiled=True, axis_index_groups=[[s * m + j for s in range(k)] for j in range(m)]
-    )
-    x = jax.lax.all_gather(
-      x, a, axis=dim, tiled=True, axis_index_groups=[[s * m + j for j in range(m)] for s in range(k)]
-    )
+    between = [[s * m + j for s in range(k)] for j in range(m)]
+    within = [[s * m + j for j in range(m)] for s in range(k)]
+    for groups in (between, within):
+      x = jax.lax.all_gather(x, a, axis=dim, tiled=True, axis_index_groups=groups)
     shape = x.shape  # pieces now ordered (j, s) along dim: put them in index order (s, j)
     x = x.reshape(*shape[:dim], m, k, shape[dim] // (m * k), *shape[dim + 1 :])
     x = jnp.swapaxes(x, dim, dim + 1).reshape(shape)
