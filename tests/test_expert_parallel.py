@@ -104,7 +104,7 @@ def test_capacity_drops_by_each_devices_own_buffers(mesh):
   ids=["all_to_all", "ragged_all_to_all"],
 )
 def test_a_rematerialised_layer_exchanges_only_what_its_backward_needs(monkeypatch, overrides, save, wide):
-  """The gates weigh the experts' outputs where they are computed (dispatch._weigh), so nothing
+  """The gates weigh the rows where the experts run (experts._hidden), so nothing
   in the backward pass reads what comes back: with the layer rematerialised, the D-wide rows
   are exchanged 5 times a step, not 6 (forward there and back, the recompute there only, the
   backward pass's two transposes), and the gates, one number a row, 3 times. Keeping the rows

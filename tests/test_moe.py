@@ -58,6 +58,9 @@ def test_dropless_equals_dense_reference(tiny, overrides):
   assert float(aux.load.sum()) == B * L * cfg.model.moe.top_k and int(aux.dropped) == 0
 
 
+GMM = functools.partial(swiglu_gmm, interpret=True)
+
+
 @pytest.mark.parametrize(
   "n, groups",
   [
@@ -69,27 +72,40 @@ def test_dropless_equals_dense_reference(tiny, overrides):
   ],
 )
 @pytest.mark.parametrize(
-  "kernel", [swiglu_blocked, functools.partial(swiglu_gmm, interpret=True)], ids=["blocked", "gmm"]
+  "kernel, weighed",
+  [(swiglu_blocked, False), (GMM, False), (swiglu_ragged_dot, True), (swiglu_blocked, True), (GMM, True)],
+  ids=["blocked", "gmm", "ragged_dot-weighed", "blocked-weighed", "gmm-weighed"],
 )
-def test_expert_kernels_equal_ragged_dot_and_its_gradients(n, groups, kernel):
-  """The CPU's blocked loop and the TPU's megablox kernels (Pallas, interpreted here)."""
+def test_expert_kernels_equal_ragged_dot_and_its_gradients(n, groups, kernel, weighed):
+  """The CPU's blocked loop and the TPU's megablox kernels (Pallas, interpreted here); weighed:
+  given each row's gate, which they apply to the hidden rows, against ragged_dot's outputs times
+  the gates."""
   e, d, f = len(groups), 8, 12
-  keys = jax.random.split(jax.random.key(0), 5)
+  keys = jax.random.split(jax.random.key(0), 6)
   x = jax.random.normal(keys[0], (n, d))
   w = tuple(0.3 * jax.random.normal(k, s) for k, s in zip(keys[1:4], [(e, d, f), (e, d, f), (e, f, d)], strict=True))
   cot = jax.random.normal(keys[4], (n, d))
   g = jnp.asarray(groups, jnp.int32)
+  gates = jax.random.uniform(keys[5], (n,), minval=0.1) if weighed else jnp.ones(n)
+
+  def reference(x, w, gates):
+    return swiglu_ragged_dot(x, w, g) * gates[:, None]
+
+  def run(x, w, gates):
+    return kernel(x, w, g, gates) if weighed else kernel(x, w, g)
 
   def loss(fn):
-    return lambda x, w: jnp.sum(cot * fn(x, w, g))
+    return lambda *args: jnp.sum(cot * fn(*args))
 
-  v_want, g_want = jax.value_and_grad(loss(swiglu_ragged_dot), (0, 1))(x, w)
-  v_got, g_got = jax.value_and_grad(loss(kernel), (0, 1))(x, w)
-  np.testing.assert_allclose(kernel(x, w, g), swiglu_ragged_dot(x, w, g), rtol=1e-5, atol=1e-6)
+  argnums = (0, 1, 2) if weighed else (0, 1)
+  v_want, g_want = jax.value_and_grad(loss(reference), argnums)(x, w, gates)
+  v_got, g_got = jax.value_and_grad(loss(run), argnums)(x, w, gates)
+  y = run(x, w, gates)
+  np.testing.assert_allclose(y, reference(x, w, gates), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(v_got, v_want, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert not np.any(kernel(x, w, g)[sum(groups) :])
+  assert not np.any(y[sum(groups) :])
 
 
 def _brute_force_keep(experts_TxK, cap, num_experts):

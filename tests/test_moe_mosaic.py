@@ -38,14 +38,26 @@ def _inputs(n, groups, d, f, dtype):
   return x, w, cot, jnp.asarray(groups, jnp.int32)
 
 
-def _against_ragged_dot(x, w, cot, sizes, rtol, atol):
-  def loss(fn):
-    return lambda x, w: jnp.sum(cot * fn(x, w, sizes).astype(jnp.float32))
+def _against_ragged_dot(x, w, cot, sizes, rtol, atol, gates=None):
+  """Outputs and gradients; with `gates`, the kernels' weighed outputs against ragged_dot's
+  outputs times the gates (and the gates' gradient too)."""
+  weighed = gates is not None
+  gates = gates if weighed else jnp.ones(x.shape[0])
 
-  v_want, g_want = jax.value_and_grad(loss(experts.swiglu_ragged_dot), (0, 1))(x, w)
-  v_got, g_got = jax.value_and_grad(loss(experts.swiglu_mosaic), (0, 1))(x, w)
-  y = np.asarray(experts.swiglu_mosaic(x, w, sizes), np.float32)
-  np.testing.assert_allclose(y, np.asarray(experts.swiglu_ragged_dot(x, w, sizes), np.float32), rtol=rtol, atol=atol)
+  def reference(x, w, gates):
+    return experts.swiglu_ragged_dot(x, w, sizes) * gates[:, None].astype(x.dtype)
+
+  def mosaic(x, w, gates):
+    return experts.swiglu_mosaic(x, w, sizes, gates if weighed else None)
+
+  def loss(fn):
+    return lambda *args: jnp.sum(cot * fn(*args).astype(jnp.float32))
+
+  argnums = (0, 1, 2) if weighed else (0, 1)
+  v_want, g_want = jax.value_and_grad(loss(reference), argnums)(x, w, gates)
+  v_got, g_got = jax.value_and_grad(loss(mosaic), argnums)(x, w, gates)
+  y = np.asarray(mosaic(x, w, gates), np.float32)
+  np.testing.assert_allclose(y, np.asarray(reference(x, w, gates), np.float32), rtol=rtol, atol=atol)
   np.testing.assert_allclose(v_got, v_want, rtol=rtol)
   for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol)
@@ -82,12 +94,14 @@ def _fake_transposed_ragged_dot(
   return jnp.einsum("gk,km,kn->gmn", one_hot_GxK, lhs, rhs).astype(lhs.dtype)
 
 
+@pytest.mark.parametrize("weighed", [False, True], ids=["unweighed", "weighed"])
 @pytest.mark.parametrize("n, groups", CASES)
-def test_the_wiring_with_stand_ins_for_the_kernels(monkeypatch, n, groups):
+def test_the_wiring_with_stand_ins_for_the_kernels(monkeypatch, n, groups, weighed):
   monkeypatch.setattr(ragged_dot_mgpu, "ragged_dot", _fake_ragged_dot)
   monkeypatch.setattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot", _fake_transposed_ragged_dot)
   x, w, cot, sizes = _inputs(n, groups, 64, 128, jnp.float32)
-  _against_ragged_dot(x, w, cot, sizes, rtol=1e-5, atol=1e-5)
+  gates = jax.random.uniform(jax.random.key(9), (n,), minval=0.1) if weighed else None
+  _against_ragged_dot(x, w, cot, sizes, rtol=1e-5, atol=1e-5, gates=gates)
 
 
 def test_the_kernels_keep_the_arguments_we_pass():

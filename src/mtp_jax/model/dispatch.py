@@ -42,7 +42,11 @@ ragged_all_to_all = jax.lax.ragged_all_to_all
 # run_experts(rows, gates, group_sizes_E) -> (outputs, times their gates where given; rows
 # dropped or None): capacity buffers ExCxD with gates ExC and group_sizes_E None, or rows sorted
 # by expert, their N gates and the rows' count per expert (dropless). Where the rows travel to
-# other devices, their gates travel with them and weigh the outputs there (`_weigh`).
+# other devices, their gates travel with them and weigh the rows there, in the experts' kernel
+# (`experts._hidden`): the gates' gradient needs the rows' hidden activations, which the backward
+# pass then finds where they are, and the outputs' way back to their tokens, whose result it no
+# longer reads, is not run again under remat (on DeepSeek-V3's 64-way expert axis, one of a
+# layer's six token exchanges a step).
 RunExperts = Callable[[jax.Array, jax.Array | None, jax.Array | None], tuple[jax.Array, jax.Array | None]]
 # route(router_params, x_TxD) -> (gates_TxK, experts_TxK, scores_TxE, logits_TxE)
 Route = Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
@@ -242,7 +246,7 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: R
   priority); the rest are dropped.
 
   With `gates_travel` (the plans that send rows to other devices) each row's gate goes with it
-  and weighs the expert's output where it is computed (`_weigh`), and what comes back is only
+  and weighs the expert's output where it is computed (`RunExperts` says how), and what comes back is only
   summed; else the outputs are weighed once back, where a partitioner is left to place them
   (gspmd: XLA's SPMD partitioner aborted on the weighing inside, in a data replica's shard_map)."""
   t, d = x_TxD.shape
@@ -282,14 +286,6 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: R
   if gates_R is not None:
     return y_TxKxD.sum(1, dtype=jnp.float32).astype(y_R.dtype), dropped
   return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype)), dropped
-
-
-def _weigh(y: jax.Array, gates: jax.Array) -> jax.Array:
-  """Expert outputs times their rows' gates, on the device that computed them. The
-  gates' gradient needs the outputs: taken here, the backward pass finds them where they are, and
-  the outputs' way back to their tokens, whose result it no longer reads, is not run again under
-  remat (on DeepSeek-V3's 64-way expert axis, one of a layer's six token exchanges a step)."""
-  return (y.astype(jnp.float32) * gates[..., None]).astype(y.dtype)
 
 
 def _groups(sorted_keys: jax.Array, e: int) -> tuple[jax.Array, jax.Array]:
@@ -353,13 +349,13 @@ def _all_to_all_experts(buf_ExCxD, gates_ExC, group_sizes_E, *, w: Weights, ep, 
   def there(a):  # the ExCxD buffers or their ExC gates -> PxUxCxD or PxUxC (P: source)
     return jax.lax.all_to_all(a.reshape(p, e_loc, c, *a.shape[2:]), ep, 0, 0)
 
-  x_UxAxD = there(buf_ExCxD).swapaxes(0, 1).reshape(e_loc, p * c, d)
-  y_UxAxD = swiglu_batched(x_UxAxD, w)
+  def experts_major(a):  # PxUxC... as it arrived -> UxA...
+    return a.swapaxes(0, 1).reshape(e_loc, p * c, *a.shape[3:])
+
+  y_UxAxD = swiglu_batched(experts_major(there(buf_ExCxD)), w, experts_major(there(gates_ExC)))
   if tp:
     y_UxAxD = jax.lax.psum(y_UxAxD, tp)  # partial sums over the split hidden dim
-  # Weighed as they leave, in the exchange's layout: the backward pass's float32 products are
-  # made where the cotangent arrives, not in a float32 copy laid out for the experts.
-  y_PxUxCxD = _weigh(y_UxAxD.reshape(e_loc, p, c, d).swapaxes(0, 1), there(gates_ExC))
+  y_PxUxCxD = y_UxAxD.reshape(e_loc, p, c, d).swapaxes(0, 1)
   return jax.lax.all_to_all(y_PxUxCxD, ep, 0, 0).reshape(e, c, d), None
 
 
@@ -408,10 +404,14 @@ def _ragged_all_to_all_experts(x_NxD, gates_N, group_sizes_E, *, w: Weights, ep,
   expert_Q = jnp.where(segment_Q < p * e_loc, segment_Q % e_loc, e_loc)  # padding rows last
   order = jnp.argsort(expert_Q, stable=True)
   inverse = jnp.argsort(order)
-  y_sorted = swiglu_ragged(_take_rows(recv_QxD, order, inverse, 1), w, recv_PxU.sum(0), m.kernel)
+
+  def expert_order(a):  # the arrived rows or their gates, sorted by local expert
+    return _take_rows(a, order, inverse, 1)
+
+  y_sorted = swiglu_ragged(expert_order(recv_QxD), w, recv_PxU.sum(0), m.kernel, expert_order(gates_Q))
   if tp:
     y_sorted = jax.lax.psum(y_sorted, tp)  # partial sums over the split hidden dim
-  y_QxD = _weigh(_take_rows(y_sorted, inverse, order, 1), gates_Q)
+  y_QxD = _take_rows(y_sorted, inverse, order, 1)
   # Back the same way: each source's rows return to where it sent them from (dropped ones stay 0).
   y_NxD = ragged_all_to_all(
     y_QxD,

@@ -68,17 +68,32 @@ class Experts(nnx.Module):
     return tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
 
 
-def swiglu_batched(x_ExCxD: jax.Array, w: Weights) -> jax.Array:
-  """Each expert's SwiGLU over its own fixed-size buffer of rows."""
+def swiglu_batched(x_ExCxD: jax.Array, w: Weights, gates_ExC: jax.Array | None = None) -> jax.Array:
+  """Each expert's SwiGLU over its own fixed-size buffer of rows; with `gates_ExC`, each row's
+  output times its gate (`_hidden`)."""
   x_ExCxD = checkpoint_name(x_ExCxD, "moe_in")
   gate = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[0])
   up = jnp.einsum("ecd,edf->ecf", x_ExCxD, w[1])
-  return checkpoint_name(jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w[2]), "moe_out")
+  return checkpoint_name(jnp.einsum("ecf,efd->ecd", _hidden(gate, up, gates_ExC), w[2]), "moe_out")
 
 
-def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, kernel: str = "auto") -> jax.Array:
+def _hidden(gate: jax.Array, up: jax.Array, gates: jax.Array | None) -> jax.Array:
+  """SwiGLU's hidden rows silu(gate) up, each times its row's gate where given (float32 gates,
+  the product rounded once to the rows' dtype). Weighing a row before the down projection is the
+  same product as weighing its output, but the gates' gradient then reads the hidden rows, not
+  the outputs, so a rematerialised layer's recompute skips the down projection; and the
+  multiply and its backward are expert_d_ff wide, not d_model (DeepSeek-V3 on TPU: 4% fewer
+  matmul FLOPs a step; benchmarks/RESULTS.md, "the gates weigh the hidden rows")."""
+  h = jax.nn.silu(gate) * up
+  return h if gates is None else (h.astype(jnp.float32) * gates[..., None]).astype(h.dtype)
+
+
+def swiglu_ragged(
+  x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, kernel: str = "auto", gates_N: jax.Array | None = None
+) -> jax.Array:
   """Each expert's SwiGLU over its rows: rows sorted by expert, group_sizes_E of them to each in
-  turn, rows past their sum giving zeros. `kernel` (`model.moe.kernel`, resolved by `choose`;
+  turn, rows past their sum giving zeros; with `gates_N`, each row's output times its gate
+  (`_hidden`). `kernel` (`model.moe.kernel`, resolved by `choose`;
   `auto` here takes the backend's own, as decoding does): `blocked` (`swiglu_blocked`),
   `megablox` (`swiglu_gmm`: XLA:TPU runs `lax.ragged_dot`'s forward as a grouped matmul but its
   weight gradient as a product of every row with every expert), `mosaic_gpu` (`swiglu_mosaic`)
@@ -94,21 +109,25 @@ def swiglu_ragged(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, kernel
     "mosaic_gpu": swiglu_mosaic,
     "ragged_dot": swiglu_ragged_dot,
   }
-  return checkpoint_name(run[kernel](x_NxD, w, group_sizes_E), "moe_out")
+  return checkpoint_name(run[kernel](x_NxD, w, group_sizes_E, gates_N), "moe_out")
 
 
-def swiglu_ragged_dot(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+def swiglu_ragged_dot(
+  x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, gates_N: jax.Array | None = None
+) -> jax.Array:
   """`swiglu_ragged` through `lax.ragged_dot`, on any backend."""
   gate = jax.lax.ragged_dot(x_NxD, w[0], group_sizes_E)
   up = jax.lax.ragged_dot(x_NxD, w[1], group_sizes_E)
-  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w[2], group_sizes_E)
+  return jax.lax.ragged_dot(_hidden(gate, up, gates_N), w[2], group_sizes_E)
 
 
-def swiglu_gmm(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, interpret: bool = False) -> jax.Array:
+def swiglu_gmm(
+  x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, gates_N: jax.Array | None = None, interpret: bool = False
+) -> jax.Array:
   """`swiglu_ragged` through megablox's Pallas grouped matmuls (MaxText's TPU kernel): `gmm`
   forward and for the input gradient, `tgmm` for the weight gradient, each touching only its
-  own group's rows. Rows past the groups are zeroed on the way in and out (the kernel leaves
-  them unwritten). `interpret` runs the kernels on any backend, for tests."""
+  own group's rows. Rows past the groups (and their gates) are zeroed on the way in and out (the
+  kernel leaves them unwritten). `interpret` runs the kernels on any backend, for tests."""
   from jax.experimental.pallas.ops.tpu.megablox import ops
 
   n = x_NxD.shape[0]
@@ -120,7 +139,10 @@ def swiglu_gmm(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, interpret
   def gmm(lhs, rhs):
     return ops.gmm(lhs, rhs, sizes, lhs.dtype, _gmm_tiles, None, None, False, interpret)
 
-  h_RxF = jax.nn.silu(gmm(x_RxD, w[0])) * gmm(x_RxD, w[1])
+  # A gate's gradient reads its row's hidden activations and their cotangent, which the kernels
+  # leave unwritten past the groups: zeroed there, the where passes none of it back.
+  gates_R = None if gates_N is None else jnp.pad(jnp.where(valid_N, gates_N, 0), (0, rows - n))
+  h_RxF = _hidden(gmm(x_RxD, w[0]), gmm(x_RxD, w[1]), gates_R)
   return jnp.where(valid_N[:, None], gmm(h_RxF, w[2])[:n], 0)
 
 
@@ -135,16 +157,19 @@ def _gmm_tiles(m: int, k: int, n: int) -> tuple[int, int, int]:
   return min(512, m), tile(k), tile(n)
 
 
-def swiglu_mosaic(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+def swiglu_mosaic(
+  x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, gates_N: jax.Array | None = None
+) -> jax.Array:
   """`swiglu_ragged` through JAX's Pallas Mosaic GPU grouped matmuls for Hopper
   (jax.experimental.pallas.ops.gpu): `ragged_dot` forward and, with the weights transposed, for
   the input gradient; `transposed_ragged_dot` for the weight gradient, each touching only its
-  own group's rows (`_mosaic_gmm`). Rows past the groups are zeroed on the way in and out (the
-  kernels leave them unwritten)."""
+  own group's rows (`_mosaic_gmm`). Rows past the groups (and their gates) are zeroed on the way
+  in and out (the kernels leave them unwritten)."""
   valid_N = (jnp.arange(x_NxD.shape[0]) < group_sizes_E.sum())[:, None]
   sizes = group_sizes_E.astype(jnp.int32)
   x_NxD = jnp.where(valid_N, x_NxD, 0)
-  h_NxF = jax.nn.silu(_mosaic_gmm(x_NxD, w[0], sizes)) * _mosaic_gmm(x_NxD, w[1], sizes)
+  gates_N = None if gates_N is None else jnp.where(valid_N[:, 0], gates_N, 0)  # as in `swiglu_gmm`
+  h_NxF = _hidden(_mosaic_gmm(x_NxD, w[0], sizes), _mosaic_gmm(x_NxD, w[1], sizes), gates_N)
   return jnp.where(valid_N, _mosaic_gmm(h_NxF, w[2], sizes), 0)
 
 
@@ -194,13 +219,15 @@ def _tile(width: int) -> int:
   return 128 if width % 128 == 0 else 64
 
 
-def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> jax.Array:
+def swiglu_blocked(
+  x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, gates_N: jax.Array | None = None
+) -> jax.Array:
   """`swiglu_ragged` as dense blocks: each expert's rows are padded to whole blocks of R rows,
   and a loop multiplies each block by its own expert's weights, read in place (gathering every
   block's weights would copy them: slower than the masked product at decoding sizes). Blocks of
   R = N / 2E rows keep the padding under about half the rows, and the block count Z static:
   sum over experts of ceil(g_e / R) <= (N + min(E, N)(R - 1)) / R."""
-  n, d = x_NxD.shape
+  n = x_NxD.shape[0]
   e = group_sizes_E.shape[0]
   r = max(1, n // (2 * e))
   m = (n + min(e, n) * (r - 1)) // r
@@ -212,13 +239,18 @@ def swiglu_blocked(x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array) -> ja
   # A row's slot: its expert's first block, then its place in its group; past the groups, out of range.
   slot_N = (end_block_E - blocks_E)[ex_N] * r + row_N - (end_row_E - group_sizes_E)[ex_N]
   slot_N = jnp.where(expert_N < e, slot_N, m * r)
-  x_ZxRxD = jnp.zeros((m * r, d), x_NxD.dtype).at[slot_N].set(x_NxD, mode="drop").reshape(m, r, d)
+
+  def to_blocks(a):  # rows (or their gates) to their slots, Z x R
+    return jnp.zeros((m * r, *a.shape[1:]), a.dtype).at[slot_N].set(a, mode="drop").reshape(m, r, *a.shape[1:])
+
   # Unused blocks (zero rows) take the last expert.
   expert_Z = jnp.minimum(jnp.searchsorted(end_block_E, jnp.arange(m), side="right", method="compare_all"), e - 1)
 
   def block(_, rows):  # one block per iteration: swiglu_batched with one expert
-    x_RxD, i = rows
-    return None, swiglu_batched(x_RxD[None], tuple(jax.lax.dynamic_slice_in_dim(wi, i, 1) for wi in w))[0]
+    i, x_RxD, *gates_R = rows
+    w_i = tuple(jax.lax.dynamic_slice_in_dim(wi, i, 1) for wi in w)
+    return None, swiglu_batched(x_RxD[None], w_i, gates_R[0][None] if gates_R else None)[0]
 
-  y_ZxRxD = jax.lax.scan(block, None, (x_ZxRxD, expert_Z))[1]
-  return y_ZxRxD.reshape(m * r, d).at[slot_N].get(mode="fill", fill_value=0)
+  blocks = [to_blocks(x_NxD)] + ([] if gates_N is None else [to_blocks(gates_N)])
+  y_ZxRxD = jax.lax.scan(block, None, (expert_Z, *blocks))[1]
+  return y_ZxRxD.reshape(m * r, -1).at[slot_N].get(mode="fill", fill_value=0)
