@@ -246,7 +246,7 @@ def _routed(m: MoEConfig, x_TxD, experts_TxK, gates_TxK, valid_T, run_experts: R
   priority); the rest are dropped.
 
   With `gates_travel` (the plans that send rows to other devices) each row's gate goes with it
-  and weighs the expert's output where it is computed (`RunExperts` says how), and what comes back is only
+  and weighs the row where its expert runs (`RunExperts` says how), and what comes back is only
   summed; else the outputs are weighed once back, where a partitioner is left to place them
   (gspmd: XLA's SPMD partitioner aborted on the weighing inside, in a data replica's shard_map)."""
   t, d = x_TxD.shape
