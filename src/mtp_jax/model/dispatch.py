@@ -346,13 +346,12 @@ def _all_to_all_experts(buf_ExCxD, gates_ExC, group_sizes_E, *, w: Weights, ep, 
   e_loc = w[0].shape[0]
   p = e // e_loc  # devices in the all-to-all group, each holding e_loc consecutive experts
 
-  def there(a):  # the ExCxD buffers or their ExC gates -> PxUxCxD or PxUxC (P: source)
-    return jax.lax.all_to_all(a.reshape(p, e_loc, c, *a.shape[2:]), ep, 0, 0)
+  def there(a):  # the ExCxD buffers or their ExC gates -> UxAxD or UxA
+    rest = a.shape[2:]
+    recv = jax.lax.all_to_all(a.reshape(p, e_loc, c, *rest), ep, 0, 0)  # P: source
+    return recv.swapaxes(0, 1).reshape(e_loc, p * c, *rest)
 
-  def experts_major(a):  # PxUxC... as it arrived -> UxA...
-    return a.swapaxes(0, 1).reshape(e_loc, p * c, *a.shape[3:])
-
-  y_UxAxD = swiglu_batched(experts_major(there(buf_ExCxD)), w, experts_major(there(gates_ExC)))
+  y_UxAxD = swiglu_batched(there(buf_ExCxD), w, there(gates_ExC))
   if tp:
     y_UxAxD = jax.lax.psum(y_UxAxD, tp)  # partial sums over the split hidden dim
   y_PxUxCxD = y_UxAxD.reshape(e_loc, p, c, d).swapaxes(0, 1)
