@@ -131,6 +131,12 @@ def test_a_rematerialised_layer_exchanges_only_what_its_backward_needs(monkeypat
   sent = re.findall(r'(?:"stablehlo.all_to_all"|@ragged_all_to_all)\(.*: \(tensor<([0-9x]+)xf32>', text)
   wide_sent = [dims for dims in sent if dims.endswith(f"x{cfg.model.d_model}")]
   assert (len(wide_sent), len(sent) - len(wide_sent)) == (wide, 3), sent
+  # w_gate's and w_up's rows as each device holds them keep their layout, in the forward pass
+  # and the recompute; w_down's and the gradients are left to the compiler (dispatch.routed_experts).
+  pinned = re.findall(r"@LayoutConstraint\(.*: \(tensor<([0-9x]+)x", text)
+  m = cfg.model
+  local = f"{m.moe.num_experts // mesh.shape['expert']}x{m.d_model}x{m.moe.expert_d_ff}"  # D and F whole on this mesh
+  assert pinned == [local] * 4, pinned
 
   monkeypatch.setattr(moe_lib, "ragged_all_to_all", emulated_ragged_all_to_all)
   (loss, grads), (loss_remat, grads_remat) = step(remat=False)(params, x), step(remat=True)(params, x)

@@ -86,3 +86,20 @@ def test_an_axis_across_slices_is_gathered_between_them_then_within(monkeypatch)
   text, _ = _against_plain("one dimension", fsdp=4, expert=2)
   # expert (2), then fsdp between the slices (2) and within them (2): each way
   assert _moving_groups(text) == [2] * 6
+
+
+def test_keep_layout_pins_the_value_row_major_and_leaves_its_gradient_free():
+  """`keep_layout` is the identity, value and gradient; the program holds the value row-major
+  (one LayoutConstraint, result layout {2,1,0}) and leaves its cotangent to the compiler
+  (pinned too, XLA:TPU moved a gradient's reduce-scatter into the microbatch loop)."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+
+  def loss(x, pin: bool):
+    return jnp.sum(jnp.sin(sharding.keep_layout(x) if pin else x) ** 2)
+
+  step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  got, want = step(x, True), step(x, False)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  pins = [line for line in step.lower(x, True).as_text().splitlines() if "@LayoutConstraint" in line]
+  assert len(pins) == 1 and "result_layouts = [dense<[2, 1, 0]>" in pins[0], pins

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
+from jax.experimental.layout import Layout, with_layout_constraint
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mtp_jax.config import MESH_AXES, MeshConfig
@@ -185,6 +186,24 @@ def gather(x: jax.Array, axes: Sequence[str], dim: int) -> jax.Array:
     x = x.reshape(*shape[:dim], m, k, shape[dim] // (m * k), *shape[dim + 1 :])
     x = jnp.swapaxes(x, dim, dim + 1).reshape(shape)
   return x
+
+
+@jax.custom_vjp
+def keep_layout(x: jax.Array) -> jax.Array:
+  """`x` as it is, held in the default (row-major) layout: a consumer that wants another layout
+  gets a relayouted copy of this one value, and the compiler cannot move that relayout up into
+  whatever `x` was sliced and cast from. Its gradient passes as it comes.
+
+  For one layer's slice of stacked weights: XLA:TPU otherwise laid out the float32 stacks of
+  671B's 58 MoE layers anew to suit one matmul of the backward loop, two parameter-sized copies
+  held to the optimizer's update (v5p-1024: 3.2 GiB of the peak). Pinning the gradient too moved
+  a gradient's reduce-scatter into the microbatch loop. Row-major only: a stored layout XLA:TPU
+  chose otherwise (a minor dimension short of whole 128-lane tiles) would be copied
+  (benchmarks/RESULTS.md, "the stacked expert weights keep their layout")."""
+  return with_layout_constraint(x, Layout(major_to_minor=tuple(range(x.ndim))))
+
+
+keep_layout.defvjp(lambda x: (keep_layout(x), None), lambda _, g: (g,))
 
 
 def slices_along(mesh: AnyMesh, axis: str) -> int:

@@ -181,7 +181,12 @@ def routed_experts(
   def body(router_params, w, x_BxLxD, valid_BxL):
     # The weights' D rows arrive as stored (FSDP) and are gathered here, so that their gradient
     # leaves as a reduce-scatter to each device's rows: given whole, the shard_map's transpose
-    # summed every expert's whole gradient over every device, then kept a slice.
+    # summed every expert's whole gradient over every device, then kept a slice. w_gate's and
+    # w_up's rows keep their stored layout (F minor), so that the relayout the backward loop's
+    # recompute wants is made of one layer's rows here, not of the stacked weights
+    # (`sharding.keep_layout`). w_down is left to the compiler: XLA:TPU stores it F minor where
+    # its D share is not whole 128-lane tiles (448 on 4xv6e-256), and pinned, it was copied.
+    w = (*map(sharding.keep_layout, w[:2]), w[2])
     w = tuple(sharding.gather(x, r, d) for x, r, d in zip(w, rows, _EMBED_DIMS, strict=True))
     if p.kind == "all_to_all":
       run = functools.partial(_all_to_all_experts, w=w, ep=p.ep, tp=p.tp)
