@@ -172,6 +172,15 @@ def _command(*argv: str) -> subprocess.CompletedProcess:
   return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
+def _last_line(code: str) -> str:
+  """The last line Python `code` prints, run in its own process from the project's root (a TPU
+  topology's environment is set before JAX starts there)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+  assert out.returncode == 0, out.stderr
+  return out.stdout.strip().splitlines()[-1]
+
+
 def test_cpu_topology_sets_the_device_count_before_jax_starts(tmp_path):
   # The parent's XLA_FLAGS ask for 8 devices (conftest); the command must replace that with 4.
   # CPUs have no HBM size: a made-up 1 KiB chip gives the verdict, before any compile, since
@@ -300,10 +309,8 @@ def test_a_stacks_weights_are_cast_to_the_compute_dtype_a_layer_at_a_time():
     assert "bf16[3," in text  # the stack's weights are bfloat16 somewhere (a gradient), so the pattern can match
     print(re.findall(r"%(\\w*convert[\\w.\\-]*) = bf16\\[3,", text))
   """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+  last = _last_line(code)
+  assert last == "[]", last
 
 
 @needs_libtpu
@@ -329,10 +336,8 @@ def test_the_stacked_expert_weights_keep_their_layout():
     assert re.search(stack + "{3,2,1,0", text)  # the pattern matches the stacks as stored
     print(re.findall(f"= ({stack}{{[0-9,]+)[:}}][^\\n]*? copy\\(", text))
   """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
-  assert out.returncode == 0, out.stderr
-  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+  last = _last_line(code)
+  assert last == "[]", last
 
 
 @needs_libtpu
