@@ -11,7 +11,7 @@ from flax import nnx
 
 from mtp_jax import sharding
 from mtp_jax.config import ModelConfig
-from mtp_jax.model import attention
+from mtp_jax.model import accumulate, attention
 from mtp_jax.model.layers import ACT, MLP, Embed, RMSNorm, weight
 from mtp_jax.model.moe import MoE, MoEAux
 from mtp_jax.model.mtp import SequentialModule, shift_left
@@ -122,28 +122,39 @@ def layer(stacked: Block, j: int) -> Block:
   return nnx.merge(graphdef, sliced)
 
 
-def _scan(stacked: Block, policy, x_BxLxD, *args) -> tuple[jax.Array, MoEAux | None]:
+def _scan(stacked: Block, policy, x_BxLxD, *args, acc=None) -> tuple[jax.Array, MoEAux | None]:
   """Runs a stack's blocks in turn as one `lax.scan` over its variables: the same function as
   calling them one by one, but XLA sees one layer. It compiles it once, and gathers a layer's
   sharded weights inside the loop, when that layer runs: unrolled, XLA can hoist every layer's
   gathers out of the microbatch loop and hold all the gathered weights at once. Returns the
-  blocks' aux stacked, block i at index i. `policy`: the blocks' checkpoint policy, None for no remat."""
-  graphdef, state = nnx.split(stacked)
+  blocks' aux stacked, block i at index i. `policy`: the blocks' checkpoint policy, None for no remat.
+  `acc`: a gradient accumulator for the stack's parameters (`accumulate`), or None: with one,
+  the backward loop adds each layer's gradient into its row and the parameters get none."""
+  graphdef, params, rest = nnx.split(stacked, nnx.Param, ...)
 
-  def body(x, xs):
-    state, i = xs
+  def body(carry, xs):
+    params, rest, i = xs
+    x, acc = carry
+    if acc is not None:
+      params, acc = accumulate.into_row(params, acc, i.astype(jnp.int32))
     # XLA moves a layer's cast to the compute dtype up through the loop's slice of the stack and
     # then out of every loop (XLA:TPU does, 0.95 GiB a chip on the small step): a compute-dtype
     # copy of the whole stack, held through the step. A zero made from the loop index (i * 0 is
     # not folded for floats) keeps each layer's cast in the loop; adding it changes no weight.
     zero = i * 0.0
-    state = jax.tree.map(lambda w: w + zero.astype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, state)
-    return nnx.merge(graphdef, state)(x, *args)
+    params, rest = jax.tree.map(
+      lambda w: w + zero.astype(w.dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, (params, rest)
+    )
+    x, aux = nnx.merge(graphdef, params, rest)(x, *args)
+    return (x, acc), aux
 
   if policy is not None:
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-  n = jax.tree.leaves(state)[0].shape[0]
-  return jax.lax.scan(body, x_BxLxD, (state, jnp.arange(n, dtype=jnp.float32)))
+  n = jax.tree.leaves(params)[0].shape[0]
+  (x, acc_out), aux = jax.lax.scan(body, (x_BxLxD, acc), (params, rest, jnp.arange(n, dtype=jnp.float32)))
+  if acc is not None:
+    x = accumulate.start(x, acc_out, acc)
+  return x, aux
 
 
 def stacks(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
@@ -159,6 +170,15 @@ def stacks(cfg: ModelConfig) -> tuple[tuple[int, int], ...]:
     else:
       runs.append([i, i + 1])
   return tuple((a, b) for a, b in runs)
+
+
+def scanned(cfg: ModelConfig, scan_layers: bool) -> tuple[int, ...]:
+  """The stacks (their index r, as `layers.r`) that the forward pass runs as one scan: with
+  `train.scan_layers`, each trunk stack of more than one block (the parallel kind's last
+  block, its next-token head, runs alone)."""
+  runs = stacks(cfg)
+  trunk = runs[:-1] if cfg.mtp.kind == "parallel" else runs
+  return tuple(r for r, (a, b) in enumerate(trunk) if scan_layers and b - a > 1)
 
 
 def stack_of(cfg: ModelConfig, i: int) -> tuple[int, int]:
@@ -202,7 +222,7 @@ class Transformer(nnx.Module):
       extra = [SequentialModule(cfg, block, rngs=rngs) for block in extra]
     self.mtp = nnx.List(extra)  # one per depth, or one applied at every depth (model.mtp.share_weights)
     self.mtp_depth = cfg.mtp.depth
-    self.mtp_kind, self.dtype, self.scan_layers = cfg.mtp.kind, dt, scan_layers
+    self.mtp_kind, self.dtype, self.scanned = cfg.mtp.kind, dt, scanned(cfg, scan_layers)
     self.remat, self.remat_save = remat, tuple(remat_save)
 
   def mtp_module(self, k: int):
@@ -237,7 +257,11 @@ class Transformer(nnx.Module):
     runs = zip(self.runs, self.layers, strict=True)
     return [s.empty_cache(batch, max_len) for (a, b), s in runs for _ in range(a, b)]
 
-  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL) -> ModelOutput:
+  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL, accs: dict | None = None) -> ModelOutput:
+    """`accs`: gradient accumulators for the scanned stacks' parameters (`accumulate`), by stack
+    index; a stack given one hands its gradient there (see `_scan`)."""
+    accs = accs or {}
+    assert set(accs) <= set(self.scanned), f"accumulators for stacks {sorted(accs)}, scanned {self.scanned}"
     visible = attention.Causal(segment_ids_BxL)
     valid_BxL = segment_ids_BxL != 0
     aux: dict[str, MoEAux] = {}
@@ -252,12 +276,12 @@ class Transformer(nnx.Module):
 
     x = self.embed(tokens_BxL)
     trunk = self.runs[:-1] if self.mtp_kind == "parallel" else self.runs  # the parallel head: below
-    for (a, b), stacked in zip(trunk, self.layers, strict=False):
-      if b - a == 1 or not self.scan_layers:
+    for r, ((a, b), stacked) in enumerate(zip(trunk, self.layers, strict=False)):
+      if r not in self.scanned:
         for i in range(a, b):
           x = run(f"layer_{i}", layer(stacked, i - a), x)
         continue
-      x, stacked_aux = _scan(stacked, policy, x, visible, positions_BxL, valid_BxL)
+      x, stacked_aux = _scan(stacked, policy, x, visible, positions_BxL, valid_BxL, acc=accs.get(r))
       if stacked_aux is not None:
         aux.update({f"layer_{i}": jax.tree.map(lambda v, j=i - a: v[j], stacked_aux) for i in range(a, b)})
     hidden = []

@@ -3,7 +3,10 @@
 The model is rebuilt from its graph definition and the state's arrays inside the step, so
 the step is a plain function of pytrees that `jax.jit` compiles once with explicit
 shardings. Gradient accumulation is a scan over microbatches whose losses are normalised by
-whole-batch target counts, so the summed gradient equals the full-batch gradient exactly.
+whole-batch target counts, so the summed gradient equals the full-batch gradient exactly. Each
+microbatch's gradient is added into the sum where it is made (`model.accumulate`): a scanned
+stack's backward loop adds each layer's into the sum's row, holding no stack-sized gradient of
+its own.
 Where the `data` mesh axis splits the batch, the scan runs in a shard_map over `data`: each
 replica sums its own microbatches' gradients and the replicas' sums are added once a step
 (`train.data_grad_sum=step`); left to the compiler (`microbatch`), every microbatch's gradient
@@ -23,7 +26,7 @@ from jax.sharding import PartitionSpec
 
 from mtp_jax import sharding
 from mtp_jax.config import Config
-from mtp_jax.model import Transformer
+from mtp_jax.model import Transformer, accumulate, transformer
 from mtp_jax.model.moe import RouterBias
 from mtp_jax.model.mtp import shift_left
 from mtp_jax.train import losses
@@ -94,13 +97,24 @@ def graphdef_of(cfg: Config):
   return split(nnx.eval_shape(lambda: build_model(cfg)))[0]
 
 
-def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp_lambda, parts: int):
+def loss_fn(params, frozen, bias, graphdef, batch: Batch, denominators, cfg: Config, mtp_lambda, parts: int, acc=None):
   """Scalar loss for one part of the batch (normalised by whole-batch counts) and its sums;
   `params` are the trained parameters, `frozen` the rest (`trained`). The batch is computed in
   `parts` equal parts (microbatches, times data replicas where those sum their own): the
-  balance and z-losses, means over a part, are divided by it, so that their sum is the mean."""
+  balance and z-losses, means over a part, are divided by it, so that their sum is the mean.
+  `acc`: a gradient accumulator of `params`' structure, or None; with one, the gradient with
+  respect to `acc` is `acc` plus the parameters' (`model.accumulate`: each scanned stack adds
+  its layers' gradients into `acc`'s rows in its backward loop)."""
+  accs = {}
+  if acc is not None:
+    stacks = set(transformer.scanned(cfg.model, cfg.train.scan_layers))
+    in_stack = lambda path, _: path[0] == "layers" and path[1] in stacks
+    stacked, acc = nnx.split_state(acc, in_stack, ...)
+    accs = dict(stacked["layers"]) if "layers" in stacked else {}
+    stacked, params = nnx.split_state(params, in_stack, ...)
+    params = nnx.merge_state(stacked, accumulate.into(params, acc))
   model: Transformer = nnx.merge(graphdef, nnx.merge_state(params, frozen), bias)
-  out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+  out = model(batch["tokens"], batch["segment_ids"], batch["positions"], accs)
   targets, masks = losses.all_depth_targets(batch["tokens"], batch["segment_ids"], len(out.hidden))
   nll, hits = losses.head_losses(out.hidden, model.head_matrix(), targets, masks, cfg.train.loss_chunk_len)
   per_depth = nll / denominators
@@ -185,14 +199,21 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
         replicas = mesh.shape["data"] if cfg.train.data_grad_sum == "step" else 1
 
         def summed(params, frozen, bias, mbs, denominators, lam):
-          """Every microbatch's gradients and sums, added up (on one replica's rows in the shard_map)."""
+          """Every microbatch's gradients and sums, added up (on one replica's rows in the shard_map).
+          The gradients are added where they are made (`loss_fn`'s `acc`): no microbatch's
+          gradient of a scanned stack is held beside the sum."""
 
-          def grads_of(mb):
-            return grad_fn(params, frozen, bias, graphdef, mb, denominators, cfg, lam, accum * replicas)
+          def loss_of(mb, acc=None):
+            return loss_fn(params, frozen, bias, graphdef, mb, denominators, cfg, lam, accum * replicas, acc)
 
-          shapes = jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], mbs))
-          zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-          return jax.lax.scan(lambda acc, mb: (jax.tree.map(jnp.add, acc, grads_of(mb)), None), zeros, mbs)[0]
+          def add(carry, mb):
+            (loss, sums), acc = carry
+            (mb_loss, mb_sums), acc = jax.value_and_grad(loss_of, argnums=1, has_aux=True)(mb, acc)
+            return ((loss + mb_loss, jax.tree.map(jnp.add, sums, mb_sums)), acc), None
+
+          shapes = jax.eval_shape(loss_of, jax.tree.map(lambda x: x[0], mbs))
+          zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes, params))
+          return jax.lax.scan(add, zeros, mbs)[0]
 
         args = (params, frozen, state.router_bias, mbs, denominators, lam)
         if replicas == 1:
