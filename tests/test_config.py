@@ -38,6 +38,15 @@ def test_overrides_reach_their_keys():
     (["train.grad_accum_steps=5"], "config error: train.grad_accum_steps: 5 does not divide"),
     (["train.remat_save=[moe_in]"], "config error: train.remat_save: keeps values of rematerialised blocks, and"),
     (["train.remat=full", "train.remat_save=[moe_inn]"], "config error: train.remat_save.0: Input should be 'attn"),
+    (["train.remat_offload=[layer_in]"], "config error: train.remat_offload: moves values of rematerialised blocks"),
+    (
+      ["train.remat=full", "train.scan_layers=false", "train.remat_offload=[layer_in]"],
+      "config error: train.remat_offload: layer_in is what a scanned stack saves of each layer, and train.scan_layers",
+    ),
+    (
+      ["train.remat=full", "train.remat_save=[moe_in,moe_out]", "train.remat_offload=[moe_out,layer_in]"],
+      "config error: train.remat_offload: moe_out also in train.remat_save: a value is kept in HBM or in host memory",
+    ),
     (["train.grad_accum_steps=0"], "config error: train.grad_accum_steps: must be at least 1, or -1"),
     (["train.grad_accum_steps=-2"], "config error: train.grad_accum_steps: Input should be greater than or equal"),
     (["mesh.data=-1", "mesh.fsdp=-1"], "config error: mesh: at most one axis may be -1"),

@@ -265,12 +265,15 @@ def test_qkv_biases_are_parameters_that_act_and_are_not_decayed(tiny):
 
 @pytest.mark.parametrize("mode", ["capacity", "dropless"])
 def test_train_remat_save_names_every_checkpoint_name_the_blocks_carry(tiny, mode):
-  """train.remat_save offers exactly the checkpoint names a block's forward carries, so none
-  it offers keeps nothing and a renamed one is noticed."""
-  cfg = tiny(f"model.moe.mode={mode}")
-  graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  """train.remat_save offers exactly the checkpoint names a block's forward carries, and
+  train.remat_offload those and a scanned stack's `layer_in`, so none they offer keeps nothing
+  and a renamed one is noticed."""
+  cfg = tiny(f"model.moe.mode={mode}", "model.num_layers=3")  # two MoE layers: a stack scanned
   tokens = jnp.zeros((1, 8), jnp.int32)
-  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, tokens + 1, tokens).hidden)(state)
+
+  def carried(scan_layers: bool) -> set[str]:
+    graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    return set(names(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens, tokens + 1, tokens).hidden)(state).jaxpr))
 
   def names(jaxpr):
     for eqn in jaxpr.eqns:
@@ -279,5 +282,8 @@ def test_train_remat_save_names_every_checkpoint_name_the_blocks_carry(tiny, mod
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         yield from names(sub)
 
-  offered = set(typing.get_args(typing.get_args(TrainConfig.model_fields["remat_save"].annotation)[0]))
-  assert set(names(jaxpr.jaxpr)) == offered
+  def offered(field: str) -> set[str]:
+    return set(typing.get_args(typing.get_args(TrainConfig.model_fields[field].annotation)[0]))
+
+  assert carried(scan_layers=False) == offered("remat_save")
+  assert carried(scan_layers=True) == offered("remat_offload") == offered("remat_save") | {"layer_in"}

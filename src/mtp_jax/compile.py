@@ -60,6 +60,7 @@ class Report:
   mfu: float | None
   dump: str | None = None  # where XLA wrote the compiled step's dumps (--dump)
   peak_holders: list[tuple[str, float]] | None = None  # from them: what is live at the peak, the largest first
+  hbm_allocated: int | None = None  # from them, with host buffers: what XLA put in HBM (the verdict's figure then)
 
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None = None) -> Report:
@@ -108,9 +109,26 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   memory = program_memory(compiled) if compiled else None
+  holders, in_hbm = None, None
+  if dump:
+
+    def newest(suffix: str) -> str | None:  # the step's dump file, not an earlier run's
+      found = glob.glob(os.path.join(dump, f"*jit_train_step*{suffix}"))
+      found = sorted((f for f in found if os.path.getmtime(f) >= began), key=os.path.getmtime)
+      if found:
+        with open(found[-1]) as f:
+          return f.read()
+      return None
+
+    if ranges := newest("live-range.txt"):
+      holders = peak_holders(ranges)
+    if memory and memory["host"] and (usage := newest("memory-usage-report.txt")):
+      in_hbm = hbm_allocated(usage)
   needs, available = _refusal(error)
   if memory:  # XLA:TPU's peak is what it holds under HBM; elsewhere (CPU) it leaves temporaries out
     needs = memory["peak"] if chip and memory["peak"] else memory["total"]
+    if chip and in_hbm:  # XLA's peak counts host buffers with HBM's; its memory-usage report gives HBM's own
+      needs = in_hbm
   elif not compiled and not error:
     needs = state
   if available and hbm_gib is None:
@@ -156,14 +174,10 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     step_s=None,
     bound=None,
     mfu=None,
+    dump=dump,
+    peak_holders=holders,
+    hbm_allocated=in_hbm,
   )
-  if dump:
-    report.dump = dump
-    ranges = glob.glob(os.path.join(dump, "*jit_train_step*live-range.txt"))
-    ranges = sorted((f for f in ranges if os.path.getmtime(f) >= began), key=os.path.getmtime)  # not an earlier run's
-    if ranges:
-      with open(ranges[-1]) as f:
-        report.peak_holders = peak_holders(f.read())
   _estimate(report)
   return report
 
@@ -192,6 +206,17 @@ _PEAK = re.compile(r"^\s*Stack trace breakdown for peak usage: [\d ]+ bytes$")
 _NODE = re.compile(  # one node of its tree: name (share, total: bytes, current: bytes held by this node, ...)
   r"^[\s│]*[├└]── (.+) \([\d.]+%, total: [\d ]+ bytes, current: ([\d ]+) bytes, remaining: [\d ]+ bytes\)$"
 )
+
+
+_DEFAULT_SPACE = re.compile(r"^Memory Space: default \(color=0\)\s*\nTotal bytes: (\d+)", re.M)
+
+
+def hbm_allocated(usage_report: str) -> int | None:
+  """The bytes XLA assigned to the device's own memory (its `default` space: HBM on a TPU),
+  arguments included, from its memory-usage dump (`*-memory-usage-report.txt`); None where the
+  report has no such space."""
+  m = _DEFAULT_SPACE.search(usage_report)
+  return int(m.group(1)) if m else None
 
 
 def peak_holders(live_ranges: str) -> list[tuple[str, float]] | None:
@@ -358,6 +383,15 @@ def describe(r: Report) -> list[str]:
       f"({_size(m['aliased'])} of them over donated arguments), temporaries {_size(m['temporaries'])}, "
       f"code {_size(m['code'])}; sum {_size(m['total'])}{peak}{share}"
     )
+    if m.get("host"):
+      held = (
+        f"XLA put {_size(r.hbm_allocated)} in HBM (its memory-usage report in {r.dump})"
+        if r.hbm_allocated
+        else "HBM holds less (--dump reads XLA's memory-usage report for its share)"
+      )
+      lines.append(
+        f"host       per chip: {_size(m['host'])} in host memory (train.remat_offload); the peak counts it, {held}"
+      )
   if r.peak_holders:
     shown = r.peak_holders[:6]
     rest = sum(b for _, b in r.peak_holders[len(shown) :])

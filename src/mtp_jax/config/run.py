@@ -97,6 +97,12 @@ class TrainConfig(Section):
     "run on, as the dispatch exchange brought them, and their outputs). [moe_in] with full remat spares the "
     "recompute its token exchange.",
   )
+  remat_offload: list[Literal["layer_in", "attn_qkv", "attn_context", "moe_in", "moe_out"]] = field(
+    [],
+    "Values the rematerialised blocks keep in host memory instead of HBM, copied out in the forward pass and "
+    "back for the backward one, by checkpoint name: layer_in (each layer's input that a scanned stack keeps, "
+    "the stack's largest saved value) or any name train.remat_save takes.",
+  )
   scan_layers: bool = field(
     True,
     "Run consecutive trunk blocks of one structure as one scanned layer: compiled once, and sharded weights "
@@ -157,6 +163,15 @@ class TrainConfig(Section):
         yield f"train.compiler_options.{name}", "is not an XLA option (their names begin xla_)"
     if self.remat_save and self.remat == "none":
       yield "train.remat_save", "keeps values of rematerialised blocks, and train.remat is none"
+    if self.remat_offload and self.remat == "none":
+      yield "train.remat_offload", "moves values of rematerialised blocks to host memory, and train.remat is none"
+    if "layer_in" in self.remat_offload and not self.scan_layers:
+      yield "train.remat_offload", "layer_in is what a scanned stack saves of each layer, and train.scan_layers is off"
+    if both := sorted(set(self.remat_save) & set(self.remat_offload)):
+      yield (
+        "train.remat_offload",
+        f"{', '.join(both)} also in train.remat_save: a value is kept in HBM or in host memory",
+      )
     if self.grad_accum_steps == 0:
       yield "train.grad_accum_steps", "must be at least 1, or -1 for one sequence per device per microbatch"
     elif self.grad_accum_steps > 0 and self.batch_size % self.grad_accum_steps:

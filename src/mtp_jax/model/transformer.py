@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mtp_jax import sharding
 from mtp_jax.config import ModelConfig
@@ -32,15 +33,30 @@ REMAT_POLICIES = {
 }
 
 
-def remat_policy(remat: str, save: Sequence[str] = ()):
+def remat_policy(remat: str, save: Sequence[str] = (), offload: Sequence[str] = ()):
   """The jax.checkpoint policy of a `train.remat` preset that also keeps the checkpoint names
-  in `save` (`train.remat_save`), or None for blocks not rematerialised. E.g. `full` keeping
-  `moe_in` keeps only the rows the dispatch exchange brought, so the recompute runs no exchange
-  (docs/scaling.md, "Where the experts run")."""
+  in `save` (`train.remat_save`) and moves those in `offload` (`train.remat_offload`) to host
+  memory until the backward pass reads them, or None for blocks not rematerialised. E.g. `full`
+  keeping `moe_in` keeps only the rows the dispatch exchange brought, so the recompute runs no
+  exchange (docs/scaling.md, "Where the experts run"); offloading `layer_in` takes a scanned
+  stack's saved layer inputs out of HBM."""
   base = REMAT_POLICIES[remat]
-  if base is None or not save:
+  if base is None:
+    return None
+  if save:
+    base = jax.checkpoint_policies.save_from_both_policies(base, jax.checkpoint_policies.save_only_these_names(*save))
+  if not offload:
     return base
-  return jax.checkpoint_policies.save_from_both_policies(base, jax.checkpoint_policies.save_only_these_names(*save))
+  to_host = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=(), names_which_can_be_offloaded=offload, offload_src="device", offload_dst="pinned_host"
+  )
+
+  def policy(prim, *args, **params):  # a named value in `offload` goes to host; the rest as `base` says
+    if prim.name == "name" and params.get("name") in offload:
+      return to_host(prim, *args, **params)
+    return base(prim, *args, **params)
+
+  return policy
 
 
 @chex.dataclass
@@ -135,6 +151,7 @@ def _scan(stacked: Block, policy, x_BxLxD, *args, acc=None) -> tuple[jax.Array, 
   def body(carry, xs):
     params, rest, i = xs
     x, acc = carry
+    x = checkpoint_name(x, "layer_in")  # what the scan saves of each layer for its backward pass
     if acc is not None:
       params, acc = accumulate.into_row(params, acc, i.astype(jnp.int32))
     # XLA moves a layer's cast to the compute dtype up through the loop's slice of the stack and
@@ -198,6 +215,7 @@ class Transformer(nnx.Module):
     rngs: nnx.Rngs,
     remat: str = "none",
     remat_save: Sequence[str] = (),
+    remat_offload: Sequence[str] = (),
     attention_chunk_len: int = 0,
     scan_layers: bool = False,
   ):
@@ -223,7 +241,7 @@ class Transformer(nnx.Module):
     self.mtp = nnx.List(extra)  # one per depth, or one applied at every depth (model.mtp.share_weights)
     self.mtp_depth = cfg.mtp.depth
     self.mtp_kind, self.dtype, self.scanned = cfg.mtp.kind, dt, scanned(cfg, scan_layers)
-    self.remat, self.remat_save = remat, tuple(remat_save)
+    self.remat, self.remat_save, self.remat_offload = remat, tuple(remat_save), tuple(remat_offload)
 
   def mtp_module(self, k: int):
     """The MTP module of depth k (1-based)."""
@@ -265,7 +283,7 @@ class Transformer(nnx.Module):
     visible = attention.Causal(segment_ids_BxL)
     valid_BxL = segment_ids_BxL != 0
     aux: dict[str, MoEAux] = {}
-    policy = remat_policy(self.remat, self.remat_save)
+    policy = remat_policy(self.remat, self.remat_save, self.remat_offload)
     block_fn = Block.__call__ if policy is None else _remat(policy)
 
     def run(name, block, x):

@@ -172,6 +172,9 @@ def memory(compiled) -> dict[str, int] | None:
   # XLA's peak of live buffers, arguments included. XLA:TPU holds this, not the sum above, under
   # HBM: it compiled a step whose sum was 98.7 GiB and peak 90.1 GiB for a 95.74 GiB v5p chip.
   out["peak"] = getattr(m, "peak_memory_in_bytes", 0)
+  # Buffers in host memory (train.remat_offload's values). XLA:TPU counts the ones live at its
+  # peak in the peak above, so with host buffers that peak is over what HBM holds.
+  out["host"] = getattr(m, "host_temp_size_in_bytes", 0) or 0
   return out
 
 
@@ -179,7 +182,8 @@ def describe_memory(mem: dict[str, int] | None) -> str:
   """One line of `memory(compiled)` for the start-up log."""
   if mem is None:
     return "compiled step: memory analysis unavailable on this backend"
-  parts = [f"{name} {mem[name] / 2**20:,.1f} MiB" for name in ("arguments", "outputs", "temporaries", "code")]
+  names = ("arguments", "outputs", "temporaries", "code") + (("host",) if mem.get("host") else ())
+  parts = [f"{name} {mem[name] / 2**20:,.1f} MiB" for name in names]
   return "compiled step memory per device: " + ", ".join(parts)
 
 

@@ -51,6 +51,7 @@ def build_model(cfg: Config, key: int | jax.Array = 0) -> Transformer:
     rngs=nnx.Rngs(key),
     remat=t.remat,
     remat_save=t.remat_save,
+    remat_offload=t.remat_offload,
     attention_chunk_len=t.attention_chunk_len,
     scan_layers=t.scan_layers,
   )
