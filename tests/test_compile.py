@@ -341,7 +341,7 @@ def test_the_stacked_expert_weights_keep_their_layout():
 
 
 @needs_libtpu
-def test_offloaded_layer_inputs_are_in_host_memory_and_left_out_of_the_peak(tmp_path):
+def test_offloaded_layer_inputs_are_in_host_memory_and_judged_on_what_hbm_holds(tmp_path):
   """train.remat_offload=[layer_in]: the inputs a scanned stack saves for its backward pass
   (two MoE layers, 2 rows of 16 tokens a chip, d_model 128, float32) go to the chip's host.
   XLA:TPU counts host buffers in its peak, so the verdict takes what its memory-usage report
