@@ -1,5 +1,6 @@
 """hlo.collectives: what each device sends, read from compiled programs on 8 CPU devices and
-from lines as XLA:TPU and XLA:GPU print them."""
+from lines as XLA:TPU and XLA:GPU print them; hlo.recomputed: the work XLA's own
+rematerialisation repeats."""
 
 import functools
 
@@ -11,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from mtp_jax import compile as mtp_compile
 from mtp_jax import hlo
+from mtp_jax.model.flops import ChipWork, compiled_matmul_flops
 
 
 @functools.cache
@@ -268,3 +270,74 @@ def test_a_combined_all_reduce_is_named_by_its_count_and_largest_array():
   shape = "(f32[2,24,96]{2,1,0}, f32[96]{0}, f32[8,96,96]{2,1,0}, /*index=3*/f32[96,8]{1,0})"
   ins = hlo.Instruction("ar", shape, "all-reduce", "%a, %b, %c, %d), replica_groups={}")
   assert hlo.result_shape(ins) == "4 arrays (the largest f32[8,96,96])"
+
+
+# XLA's own rematerialisation as XLA:TPU prints it (from 671B's step on 2xv6e-256, shortened):
+# in a loop of 3, an instruction and its clone both run (x, x.remat); a fusion whose original
+# is gone was moved, not repeated (f.remat), but its second clone repeats it (f.remat2, calling
+# a .clone of the fused computation); a gather is sent twice; the _compressed copies move layouts.
+_RECOMPUTED = "\n".join(
+  [
+    "HloModule jit_step, num_partitions=8",
+    "",
+    "%fused (a: bf16[4,8], b: bf16[8,16]) -> bf16[4,16] {",
+    "  %a = bf16[4,8]{1,0} parameter(0)",
+    "  %b = bf16[8,16]{1,0} parameter(1)",
+    "  ROOT %d = bf16[4,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
+    'metadata={op_name="jit(step)/transpose(jvp())/ecf,efd->ecd/dot_general"}',
+    "}",
+    "",
+    "%fused.clone (a.1: bf16[4,8], b.1: bf16[8,16]) -> bf16[4,16] {",
+    "  %a.1 = bf16[4,8]{1,0} parameter(0)",
+    "  %b.1 = bf16[8,16]{1,0} parameter(1)",
+    "  ROOT %d.1 = bf16[4,16]{1,0} dot(%a.1, %b.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
+    'metadata={op_name="jit(step)/transpose(jvp())/ecf,efd->ecd/dot_general"}',
+    "}",
+    "",
+    "%body (p: (bf16[4,8], bf16[8,16])) -> (bf16[4,8], bf16[8,16]) {",
+    "  %p = (bf16[4,8]{1,0}, bf16[8,16]{1,0}) parameter(0)",
+    "  %x0 = bf16[4,8]{1,0} get-tuple-element(%p), index=0",
+    "  %w = bf16[8,16]{1,0} get-tuple-element(%p), index=1",
+    "  %x = bf16[4,16]{1,0} dot(%x0, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
+    'metadata={op_name="jit(step)/jvp()/bld,dr->blr/dot_general"}',
+    "  %f.remat = bf16[4,16]{1,0} fusion(%x0, %w), kind=kOutput, calls=%fused",
+    "  %g = bf16[8,8]{1,0} all-gather(%x0), channel_id=1, replica_groups={{0,1},{2,3},{4,5},{6,7}}, dimensions={0}",
+    "  %x.remat = bf16[4,16]{1,0} dot(%x0, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, "
+    'metadata={op_name="jit(step)/jvp()/bld,dr->blr/dot_general"}',
+    "  %f.remat2 = bf16[4,16]{1,0} fusion(%x0, %w), kind=kOutput, calls=%fused.clone",
+    "  %g.remat = bf16[8,8]{1,0} all-gather(%x0), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, "
+    "dimensions={0}",
+    "  %g.remat_compressed = bf16[8,8]{0,1} copy(%g.remat)",
+    "  ROOT %t = (bf16[4,8]{1,0}, bf16[8,16]{1,0}) tuple(%x0, %w)",
+    "}",
+    "",
+    "%cond (c: (bf16[4,8], bf16[8,16])) -> pred[] {",
+    "  %c = (bf16[4,8]{1,0}, bf16[8,16]{1,0}) parameter(0)",
+    "  ROOT %k = pred[] constant(true)",
+    "}",
+    "",
+    "ENTRY %main (q: (bf16[4,8], bf16[8,16])) -> (bf16[4,8], bf16[8,16]) {",
+    "  %q = (bf16[4,8]{1,0}, bf16[8,16]{1,0}) parameter(0)",
+    "  ROOT %l = (bf16[4,8]{1,0}, bf16[8,16]{1,0}) while(%q), condition=%cond, body=%body, "
+    'backend_config={"known_trip_count":{"n":"3"}}',
+    "}",
+  ]
+)
+
+
+def test_work_xla_s_rematerialisation_repeats_is_counted_apart():
+  module = hlo.parse(_RECOMPUTED)
+  assert hlo.recomputed(module) == {"x.remat", "f.remat2", "g.remat"}  # not the layout copy
+  one = 2 * 4 * 16 * 8  # FLOPs of one of the four products a turn
+  f = compiled_matmul_flops(_RECOMPUTED)
+  assert f.flops == 3 * 4 * one and f.by_einsum == {"bld,dr->blr": 3 * 2 * one, "ecf,efd->ecd": 3 * 2 * one}
+  assert f.recomputed == {"bld,dr->blr": 3 * one, "ecf,efd->ecd": 3 * one}
+  c = hlo.collectives(_RECOMPUTED)
+  gathered = 8 * 8 * 2 / 2  # half of the gathered result, a group of 2
+  assert c.sent == 3 * 2 * gathered and c.recomputed == 3 * gathered
+
+
+def test_what_xla_recomputes_is_no_rule_s_fault():
+  work = functools.partial(ChipWork, traced=1.0, worst="bld,dr->blr", worst_ratio=1.1, unknown_loops=0)
+  assert work(partitioned=1.2, recomputed=0.0).warning().startswith("a chip runs 1.20x its share")
+  assert work(partitioned=1.2, recomputed=0.1).warning() is None and work(partitioned=1.2, recomputed=0.1).ratio == 1.2

@@ -49,6 +49,7 @@ class Report:
   model_flops_per_step: float  # analytic: train_flops_per_token x tokens, no rematerialisation
   traced_flops: float | None  # matmul FLOPs of the traced program, global shapes split evenly over the chips
   partitioned_flops: float | None  # matmul FLOPs of the compiled program one chip runs: the roofline's
+  recomputed_flops: float | None  # of partitioned_flops: what XLA's own rematerialisation repeats to fit HBM
   repeated: str | None  # when a chip runs over 1.15x its share of the traced matmuls: how much, and where
   collectives: hlo.Collectives | None  # what a chip sends to others per step, by collective
   xla_bytes: float | None  # XLA's HBM bytes accessed, the accumulation loop's body x its count: a floor
@@ -165,6 +166,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     model_flops_per_step=c.train_flops_per_token * tokens,
     traced_flops=traced_flops,
     partitioned_flops=work.partitioned if work else None,
+    recomputed_flops=work.recomputed if work else None,
     repeated=work.warning() if work else None,
     collectives=comms,
     xla_bytes=xla_bytes,
@@ -415,6 +417,16 @@ def describe(r: Report) -> list[str]:
       counts.append(f"{flops:.3g} {what}: {flops * r.chips / r.model_flops_per_step:.2f} x the model's")
   loops = " (loops x their trip counts, rematerialisation included)" if counts else ""
   lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{traffic}")
+  again, resent = [], r.collectives.recomputed if r.collectives else 0.0
+  if r.recomputed_flops:
+    again.append(f"{r.recomputed_flops:.3g} matmul FLOPs ({r.recomputed_flops / r.partitioned_flops:.1%} of them)")
+  if resent:
+    again.append(f"{_size(resent)} of its sends ({resent / r.collectives.sent:.1%})")
+  if again:
+    lines.append(
+      f"recompute  XLA's own rematerialisation runs {' and '.join(again)} a second time to fit the chip's "
+      "memory (counted above): more room (train.remat_offload, more microbatches, more chips) takes it away"
+    )
   if r.repeated:
     lines.append(f"warning    {r.repeated}")
   if r.collectives:

@@ -1,9 +1,9 @@
 """Reading a compiled program's HLO text (`jit(f).lower(...).compile().as_text()`): what one
 device runs, after partitioning, so each shape is one device's. `parse` splits the text into
 computations; `walk` sums a measure of each instruction over one call of the program, through
-fusions and calls, a while loop's body times its trip count, a conditional's costliest branch.
-model/flops.py measures the matmuls with it; `collectives` below measures what each device
-sends to the others.
+fusions and calls, a while loop's body times its trip count, a conditional's costliest branch;
+`recomputed` names the work XLA's own rematerialisation repeats to fit memory. model/flops.py
+measures the matmuls with it; `collectives` below measures what each device sends to the others.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ _ARRAYS = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _CALLEE = re.compile(r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([^\s,(){}]+)")
 _CALLEES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_REMAT = re.compile(r"^(.+)\.remat\d*$")  # XLA's rematerialisation names its clones x.remat, x.remat2, ...
 
 
 class Instruction(collections.namedtuple("Instruction", "name shape opcode rest")):
@@ -57,36 +58,54 @@ def parse(text: str) -> Module:
 Measure = Callable[[Instruction, Module], "collections.Counter | None"]
 
 
-def walk(module: Module, measure: Measure) -> tuple[collections.Counter, int]:
+def walk(module: Module, measure: Measure, within: frozenset[str] | None = None) -> tuple[collections.Counter, int]:
   """(the sum of `measure` over one call of the entry computation, the while loops that hold a
-  measured instruction but have no known trip count, each counted as running once)."""
+  measured instruction but have no known trip count, each counted as running once). With
+  `within`, only what these instructions run counts: their own measure and their callees'."""
   unknown = [0]
 
   @functools.cache
-  def total(name: str) -> collections.Counter:
+  def total(name: str, inside: bool) -> collections.Counter:
     sums = collections.Counter()
     for ins in module.computations.get(name, []):
-      if own := measure(ins, module):
+      counts = inside or within is None or ins.name in within
+      if counts and (own := measure(ins, module)):
         sums.update(own)
       if ins.opcode.endswith(("-done", "-update")):  # an async computation runs once, under its start
         continue
       called = _CALLEE.findall(ins.rest)
       called += [c.strip().lstrip("%") for group in _CALLEES.findall(ins.rest) for c in group.split(",") if c.strip()]
       if ins.opcode == "while":
-        body = total(re.search(r"\bbody=%([^\s,(){}]+)", ins.rest)[1])
+        body = total(re.search(r"\bbody=%([^\s,(){}]+)", ins.rest)[1], counts)
         condition = module.computations.get(re.search(r"\bcondition=%([^\s,(){}]+)", ins.rest)[1])
         trip = int(m[1]) if (m := _TRIP.search(ins.rest)) else counted_to(condition)
         unknown[0] += trip is None and bool(body)
         sums.update(times(body, trip or 1))
       elif ins.opcode == "conditional":
-        sums.update(max((total(c) for c in called), key=lambda c: sum(c.values()), default={}))
+        sums.update(max((total(c, counts) for c in called), key=lambda c: sum(c.values()), default={}))
       else:
         for c in called:
-          sums.update(total(c))
+          sums.update(total(c, counts))
     return sums
 
-  sums = total(module.entry) if module.entry else collections.Counter()
+  sums = total(module.entry, False) if module.entry else collections.Counter()
   return sums, unknown[0]
+
+
+def recomputed(module: Module) -> frozenset[str]:
+  """The instructions by which XLA's own rematerialisation (which XLA:TPU and XLA:GPU run when a
+  program would not fit the device's memory, over and above JAX's) computes a value again: of an
+  instruction and its clones x.remat, x.remat2, ..., all but the first in the text. Where the
+  original is gone, the pass moved the work rather than repeated it, so its first clone is not
+  counted (the clones' computations, `.clone` copies of the original's, count under them)."""
+  copies: dict[str, list[str]] = {}
+  for body in module.computations.values():
+    for ins in body:
+      if m := _REMAT.match(ins.name):
+        copies.setdefault(m[1], []).append(ins.name)
+  return frozenset(
+    name for base, clones in copies.items() for name in (clones if base in module.shapes else clones[1:])
+  )
 
 
 def times(counter: collections.Counter, n: float) -> collections.Counter:
@@ -227,6 +246,7 @@ class Collectives:
   each: list[Collective]  # the largest first
   unread: dict[str, float] = dataclasses.field(default_factory=dict)  # unknown collective opcode -> calls a step
   loops_once: int = 0  # loops holding collectives with no trip count found, each counted as running once
+  recomputed: float = 0.0  # bytes of `each` sent again by XLA's own rematerialisation (`recomputed`)
 
   def by_kind(self) -> dict[str, tuple[float, float]]:
     """kind -> (bytes sent, calls), the most bytes first."""
@@ -336,9 +356,11 @@ def collectives(text: str) -> Collectives:
     return collections.Counter({("sent", key): sent[1], ("calls", key): 1})
 
   sums, loops_once = walk(module, measure)
+  again, _ = walk(module, measure, within=recomputed(module))
   # Groups of one device (XLA leaves some on a single device) send nothing and are left out.
   each = [
     Collective(*key, sent=v, calls=sums[("calls", key)]) for (what, key), v in sums.items() if what == "sent" and v
   ]
   unread = {opcode: n for (what, opcode), n in sums.items() if what == "unread"}
-  return Collectives(sorted(each, key=lambda c: -c.sent), unread, loops_once)
+  resent = sum(v for (what, _), v in again.items() if what == "sent")
+  return Collectives(sorted(each, key=lambda c: -c.sent), unread, loops_once, resent)

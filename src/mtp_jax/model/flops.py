@@ -206,6 +206,7 @@ class CompiledFlops:
   flops: float  # matmul FLOPs one device runs per call of the program
   by_einsum: dict[str, float]  # the same by `einsum_of` their op_name
   unknown_loops: int  # while loops with matmuls but no known trip count, each counted as running once
+  recomputed: dict[str, float]  # the part of by_einsum that XLA's own rematerialisation repeats
 
 
 def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
@@ -213,7 +214,8 @@ def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
   after partitioning, so each shape is what one device holds. Counts `dot`, `convolution`,
   `ragged-dot`, XLA:GPU's cuBLAS calls and Mosaic kernels by their cost estimate (XLA:TPU's
   ragged dot), inside fusions and calls, a while loop's body times the trip count XLA annotated,
-  a conditional's costliest branch (hlo.walk). cuDNN's fused attention is not counted."""
+  a conditional's costliest branch (hlo.walk), and apart the part XLA's own rematerialisation
+  repeats to fit memory (hlo.recomputed). cuDNN's fused attention is not counted."""
 
   def measure(ins: hlo.Instruction, module: hlo.Module) -> collections.Counter | None:
     own = _instruction_flops(ins.shape, ins.opcode, ins.rest, module.shapes, ins.name)
@@ -225,8 +227,10 @@ def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
       {einsum_of(op_name[1] if op_name else "pallas_call" if _SPLASH.match(ins.name) else ""): own}
     )
 
-  groups, unknown = hlo.walk(hlo.parse(hlo_text), measure)
-  return CompiledFlops(sum(groups.values()), dict(groups), unknown)
+  module = hlo.parse(hlo_text)
+  groups, unknown = hlo.walk(module, measure)
+  again, _ = hlo.walk(module, measure, within=hlo.recomputed(module))
+  return CompiledFlops(sum(groups.values()), dict(groups), unknown, dict(again))
 
 
 def _convolution_flops(shape: str, rest: str, lhs: tuple[int, ...], rhs: tuple[int, ...]) -> float:
@@ -315,8 +319,9 @@ class ChipWork:
 
   traced: float  # per chip: the traced program's, global shapes split evenly (`traced_matmul_flops`)
   partitioned: float  # per chip: the compiled, partitioned program's (`compiled_matmul_flops`)
-  worst: str  # the einsum whose matmuls a chip repeats most ("": matmuls not from an einsum)
-  worst_ratio: float  # their partitioned FLOPs over their traced share
+  recomputed: float  # of partitioned: what XLA's own rematerialisation runs again to fit memory
+  worst: str  # the einsum whose matmuls a chip repeats most, XLA's recomputation apart ("": none named)
+  worst_ratio: float  # their partitioned FLOPs, less XLA's recomputation, over their traced share
   unknown_loops: int
 
   @property
@@ -324,12 +329,14 @@ class ChipWork:
     return self.partitioned / self.traced if self.traced else 1.0
 
   def warning(self) -> str | None:
-    """One line naming the likely cause when a chip runs more than REPEATED x its share."""
-    if self.ratio <= REPEATED:
+    """One line naming the likely cause when a chip runs more than REPEATED x its share, not
+    counting what XLA recomputes to fit memory (no rule would split that)."""
+    split = (self.partitioned - self.recomputed) / self.traced if self.traced else 1.0
+    if split <= REPEATED:
       return None
     what = f"einsum {self.worst!r}" if self.worst else "matmuls no einsum names (or whose names XLA dropped)"
     return (
-      f"a chip runs {self.ratio:.2f}x its share of the step's matmuls, most of the excess in {what} "
+      f"a chip runs {split:.2f}x its share of the step's matmuls, most of the excess in {what} "
       f"({self.worst_ratio:.2f}x its share): work every chip repeats because the rules do not split it"
     )
 
@@ -337,13 +344,15 @@ class ChipWork:
 def chip_work(jaxpr, compiled_text: str, devices: int) -> ChipWork:
   traced = traced_matmul_groups(jaxpr, devices)
   compiled = compiled_matmul_flops(compiled_text)
-  excess = {k: v - traced.get(k, 0.0) for k, v in compiled.by_einsum.items()}
+  split = {k: v - compiled.recomputed.get(k, 0.0) for k, v in compiled.by_einsum.items()}
+  excess = {k: v - traced.get(k, 0.0) for k, v in split.items()}
   worst = max(excess, key=excess.get, default="")
   share = traced.get(worst, 0.0)
   return ChipWork(
     traced=sum(traced.values()),
     partitioned=compiled.flops,
+    recomputed=sum(compiled.recomputed.values()),
     worst=worst,
-    worst_ratio=compiled.by_einsum.get(worst, 0.0) / share if share else math.inf,
+    worst_ratio=split.get(worst, 0.0) / share if share else math.inf,
     unknown_loops=compiled.unknown_loops,
   )

@@ -157,6 +157,7 @@ def _log_header(program: Program, sources: list, compiled, work, comms, log) -> 
   sends = ", ".join(f"{kind} {b / 2**20:,.1f} MiB" for kind, (b, _) in comms.by_kind().items())
   log(
     f"compiled step per device: {work.partitioned:.3g} matmul FLOPs, {work.ratio:.2f}x its share of the step's matmuls"
+    + (f" ({work.recomputed:.3g} of them XLA's own recomputation to fit memory)" if work.recomputed else "")
     + (f"; sends {comms.sent / 2**20:,.1f} MiB a step to the others ({sends})" if comms.each else "")
   )
   if warning := work.warning():
