@@ -369,6 +369,28 @@ def test_a_program_the_compiler_refuses_does_not_fit():
 
 
 @needs_libtpu
+@pytest.mark.parametrize("vocab, mib, compiled", [(320, 64, True), (2000, 1, False)])
+def test_the_verdict_is_against_xla_s_own_hbm_limit_where_the_config_sets_one(tmp_path, vocab, mib, compiled):
+  # The tiny step needs a few MiB a chip: under a 64 MiB limit it fits, its share taken of that.
+  # With a 2,000-word vocabulary its state alone is over 1 MiB, which is said without compiling.
+  path = tmp_path / "report.json"
+  limit = f"train.compiler_options={{xla_tpu_max_hbm_size_mib: {mib}}}"
+  out = _command("--topology", "v5p-8", "--json", str(path), *TINY, f"model.vocab_size={vocab}", limit)
+  assert out.returncode == (0 if compiled else 1), out.stderr
+  r = json.loads(path.read_text())
+  assert r["hbm_limit"] == mib * 2**20 and r["hbm_bytes"] == pytest.approx(95.74 * 2**30) and r["fits"] is compiled
+  last = out.stdout.strip().splitlines()[-1]
+  has = f"XLA may use {mib}.0 MiB of the chip's 95.7 GiB (train.compiler_options.xla_tpu_max_hbm_size_mib)"
+  if compiled:
+    needs, share = r["needs_bytes"], r["needs_bytes"] / (mib * 2**20)
+    assert r["memory"] and 0 < share <= 1, r
+    assert last == f"fits: needs {mtp_compile._size(needs)} per chip, {has} ({share:.0%} used)", last
+  else:
+    assert r["memory"] is None and r["state_bytes"] > mib * 2**20, r
+    assert last.startswith("does not fit: the train state alone needs ") and f", {has}; not compiled" in last, last
+
+
+@needs_libtpu
 def test_a_state_over_hbm_is_refused_without_compiling():
   # ~16B parameters with Adam, replicated over a 4-way data axis: 12 bytes each is far over a
   # v5p chip before any activation, which the command says at once.

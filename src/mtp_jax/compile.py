@@ -38,8 +38,8 @@ class Report:
   grad_accum_steps: int
   memory: dict[str, int] | None  # arguments, outputs, aliased, temporaries, code, total, peak
   needs_bytes: float | None  # XLA:TPU's peak, else the total; the compiler's figure; the state when skipped
-  hbm_bytes: float | None
-  fits: bool | None
+  hbm_bytes: float | None  # the chip's
+  fits: bool | None  # needs_bytes against the chip's HBM, or against hbm_limit where that is less
   compiled: bool  # False: skipped, the train state alone is over HBM
   state_bytes: int  # parameters, optimizer state and step: the floor under every other figure
   compiler_error: str | None  # the compiler's out-of-memory line
@@ -62,6 +62,7 @@ class Report:
   dump: str | None = None  # where XLA wrote the compiled step's dumps (--dump)
   peak_holders: list[tuple[str, float]] | None = None  # from them: what is live at the peak, the largest first
   hbm_allocated: int | None = None  # from them, with host buffers: what XLA put in HBM (the verdict's figure then)
+  hbm_limit: float | None = None  # what train.compiler_options' xla_tpu_max_hbm_size_mib lets XLA:TPU use of it
 
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None = None) -> Report:
@@ -78,10 +79,11 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   program = build(cfg, devs)
   chip = topo.chip or CHIPS.get(DEVICE_KINDS.get(devs[0].device_kind, ""))
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
+  limit = _xla_hbm_limit(program.cfg, devs[0], hbm)
   state = state_bytes(program.abstract_state)
   compiled, error, lower_s, compile_s, traced_flops, work, comms = None, None, 0.0, 0.0, None, None, None
   began = time.time()
-  if not (hbm and state > hbm):  # else no compile can fit: say so now, not after many minutes
+  if not ((limit or hbm) and state > (limit or hbm)):  # else no compile can fit: say so now, not after many minutes
     start = time.perf_counter()
     traced = program.step.trace(program.abstract_state, program.abstract_batch())
     traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
@@ -132,8 +134,11 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
       needs = in_hbm
   elif not compiled and not error:
     needs = state
-  if available and hbm_gib is None:
+  if available and limit:  # XLA's own figure for what it may use
+    limit = available
+  elif available and hbm_gib is None:
     hbm = available
+  room = limit or hbm  # what the step may hold per chip
   counts = _cost(compiled) if compiled else {}
   # XLA counts a while loop's body once, so its FLOPs are no use for a step of scanned layers,
   # query blocks and microbatches (the traced count above is exact). Its HBM bytes, scaled by the
@@ -156,7 +161,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     memory=memory,
     needs_bytes=needs,
     hbm_bytes=hbm,
-    fits=(needs <= hbm) if needs is not None and hbm else (False if error else None),
+    fits=(needs <= room) if needs is not None and room else (False if error else None),
     compiled=compiled is not None or error is not None,
     state_bytes=state,
     compiler_error=error,
@@ -179,6 +184,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     dump=dump,
     peak_holders=holders,
     hbm_allocated=in_hbm,
+    hbm_limit=limit,
   )
   _estimate(report)
   return report
@@ -250,6 +256,14 @@ def state_bytes(abstract_state) -> int:
   return total
 
 
+def _xla_hbm_limit(cfg, device, hbm: float | None) -> float | None:
+  """The bytes of HBM `train.compiler_options.xla_tpu_max_hbm_size_mib` lets XLA:TPU use, where
+  set and less than the chip's `hbm`."""
+  mib = cfg.train.compiler_options.get("xla_tpu_max_hbm_size_mib")
+  limit = float(mib) * 2**20 if mib is not None and device.platform == "tpu" else None
+  return limit if limit and not (hbm and limit >= hbm) else None
+
+
 def _hbm(chip: Chip | None, device) -> float | None:
   if chip:
     return chip.hbm_gib * GiB
@@ -296,6 +310,14 @@ def _estimate(r: Report) -> None:
   compute, memory = r.partitioned_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
   r.step_s, r.bound = max(compute, memory), "compute" if compute >= memory else "memory"
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
+
+
+def _room(r: Report) -> str:
+  """What the verdict is against, in words: the chip's HBM, or XLA's limit on it."""
+  if not r.hbm_limit:
+    return f"the chip has {_size(r.hbm_bytes)}" if r.hbm_bytes else "the chip's HBM is unknown"
+  chip = f" of the chip's {_size(r.hbm_bytes)}" if r.hbm_bytes else ""
+  return f"XLA may use {_size(r.hbm_limit)}{chip} (train.compiler_options.xla_tpu_max_hbm_size_mib)"
 
 
 def _size(b: float) -> str:
@@ -438,18 +460,18 @@ def describe(r: Report) -> list[str]:
       f"{r.bound}-bound; communication and overlap not modelled"
     )
     lines.append(f"MFU        <= {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
+  room, has = r.hbm_limit or r.hbm_bytes, _room(r)
   if r.fits is None:
     lines.append("fit unknown: no HBM size for these devices (pass --hbm-gib)")
   elif r.fits:
-    share = f"{r.needs_bytes / r.hbm_bytes:.0%}"
-    lines.append(f"fits: needs {_size(r.needs_bytes)} per chip, the chip has {_size(r.hbm_bytes)} ({share} used)")
+    lines.append(f"fits: needs {_size(r.needs_bytes)} per chip, {has} ({r.needs_bytes / room:.0%} used)")
   elif not r.compiled:
     lines.append(
-      f"does not fit: the train state alone needs {_size(r.state_bytes)} per chip, the chip has "
-      f"{_size(r.hbm_bytes)}; not compiled (more chips, more fsdp, or fewer parameters)"
+      f"does not fit: the train state alone needs {_size(r.state_bytes)} per chip, {has}; "
+      "not compiled (more chips, more fsdp, or fewer parameters)"
     )
-  elif r.needs_bytes is not None and r.hbm_bytes:
-    lines.append(f"does not fit: needs {_size(r.needs_bytes)} per chip, the chip has {_size(r.hbm_bytes)}")
+  elif r.needs_bytes is not None and room:
+    lines.append(f"does not fit: needs {_size(r.needs_bytes)} per chip, {has}")
   else:
     lines.append("does not fit: the compiler ran out of HBM")
   return lines
