@@ -83,7 +83,8 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   state = state_bytes(program.abstract_state)
   compiled, error, lower_s, compile_s, traced_flops, work, comms = None, None, 0.0, 0.0, None, None, None
   began = time.time()
-  if not ((limit or hbm) and state > (limit or hbm)):  # else no compile can fit: say so now, not after many minutes
+  room = limit or hbm  # what the step may hold per chip
+  if not (room and state > room):  # else no compile can fit: say so now, not after many minutes
     start = time.perf_counter()
     traced = program.step.trace(program.abstract_state, program.abstract_batch())
     traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
@@ -138,7 +139,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     limit = available
   elif available and hbm_gib is None:
     hbm = available
-  room = limit or hbm  # what the step may hold per chip
+  room = limit or hbm
   counts = _cost(compiled) if compiled else {}
   # XLA counts a while loop's body once, so its FLOPs are no use for a step of scanned layers,
   # query blocks and microbatches (the traced count above is exact). Its HBM bytes, scaled by the
@@ -312,7 +313,7 @@ def _estimate(r: Report) -> None:
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
 
 
-def _room(r: Report) -> str:
+def _against(r: Report) -> str:
   """What the verdict is against, in words: the chip's HBM, or XLA's limit on it."""
   if not r.hbm_limit:
     return f"the chip has {_size(r.hbm_bytes)}" if r.hbm_bytes else "the chip's HBM is unknown"
@@ -460,7 +461,7 @@ def describe(r: Report) -> list[str]:
       f"{r.bound}-bound; communication and overlap not modelled"
     )
     lines.append(f"MFU        <= {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
-  room, has = r.hbm_limit or r.hbm_bytes, _room(r)
+  room, has = r.hbm_limit or r.hbm_bytes, _against(r)
   if r.fits is None:
     lines.append("fit unknown: no HBM size for these devices (pass --hbm-gib)")
   elif r.fits:
