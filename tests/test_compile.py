@@ -355,6 +355,12 @@ def test_offloaded_layer_inputs_are_in_host_memory_and_judged_on_what_hbm_holds(
   assert saved <= m["host"] < 2 * saved, m
   assert m["arguments"] < r["hbm_allocated"] == r["needs_bytes"] and r["fits"] is True, r
   assert any(line.startswith("host       per chip: ") and "XLA put " in line for line in out.stdout.splitlines())
+  # Each saved input goes to the host once and comes back once, for the backward pass.
+  assert r["host_transfers"] == [saved, saved], r["host_transfers"]
+  link = (
+    f"host link  per chip per step: {mtp_compile._size(saved)} to the host's memory and {mtp_compile._size(saved)} back"
+  )
+  assert any(line.startswith(link + "; at most ") for line in out.stdout.splitlines()), out.stdout
 
 
 @needs_libtpu

@@ -341,3 +341,96 @@ def test_what_xla_recomputes_is_no_rule_s_fault():
   work = functools.partial(ChipWork, traced=1.0, worst="bld,dr->blr", worst_ratio=1.1, unknown_loops=0)
   assert work(partitioned=1.2, recomputed=0.0).warning().startswith("a chip runs 1.20x its share")
   assert work(partitioned=1.2, recomputed=0.1).warning() is None and work(partitioned=1.2, recomputed=0.1).ratio == 1.2
+
+
+# Offloaded values as XLA:TPU compiles them (train.remat_offload): a loop of 3 whose body writes
+# one row into a host buffer and reads one back, asynchronously, beside a row sliced from and
+# written into a buffer in HBM; before the loop a copy to the host, after it one back. XLA's dump
+# files print the asynchronous slices as async-start calling a computation that holds the slice;
+# `compiled.as_text()` prints them as dynamic-update-slice-start and dynamic-slice-start.
+_HOST = "{2,1,0:T(8,128)S(5)}"
+_ASYNC = {
+  "dump": [
+    f"  %s = ((f32[3,4,8]{_HOST}, f32[1,4,8]{{2,1,0}}, s32[]), f32[3,4,8]{_HOST}, u32[]{{:S(2)}}) "
+    "async-start(%h, %x, %i.1), calls=%to_host",
+    f"  %h.1 = f32[3,4,8]{_HOST} async-done(%s)",
+    f"  %s.1 = ((f32[3,4,8]{_HOST}, s32[]), f32[1,4,8]{{2,1,0}}, u32[]{{:S(2)}}) async-start(%h.1, %i.1), "
+    "calls=%from_host",
+    "  %y = f32[1,4,8]{2,1,0:T(8,128)} async-done(%s.1)",
+  ],
+  "as_text": [
+    f"  %s = ((f32[3,4,8]{_HOST}, f32[1,4,8]{{2,1,0}}, s32[], s32[], s32[]), f32[3,4,8]{_HOST}, u32[]{{:S(2)}}) "
+    "dynamic-update-slice-start(%h, %x, %i.1, %z.2, %z.2)",
+    f"  %h.1 = f32[3,4,8]{_HOST} dynamic-update-slice-done(%s)",
+    f"  %s.1 = ((f32[3,4,8]{_HOST}, s32[], s32[], s32[]), f32[1,4,8]{{2,1,0}}, u32[]{{:S(2)}}) "
+    "dynamic-slice-start(%h.1, %i.1, %z.2, %z.2), dynamic_slice_sizes={1,4,8}",
+    "  %y = f32[1,4,8]{2,1,0:T(8,128)} dynamic-slice-done(%s.1)",
+  ],
+}
+
+
+def _offloaded(form: str) -> str:
+  return "\n".join(
+    [
+      "HloModule jit_step, num_partitions=4",
+      "",
+      "%to_host (a: f32[3,4,8], u: f32[1,4,8], i: s32[]) -> f32[3,4,8] {",
+      f"  %a = f32[3,4,8]{_HOST} parameter(0)",
+      "  %u = f32[1,4,8]{2,1,0:T(8,128)} parameter(1)",
+      "  %i = s32[]{:T(128)} parameter(2)",
+      "  %z = s32[] constant(0)",
+      f"  ROOT %put = f32[3,4,8]{_HOST} dynamic-update-slice(%a, %u, %i, %z, /*index=4*/%z)",
+      "}",
+      "",
+      "%from_host (b: f32[3,4,8], j: s32[]) -> f32[1,4,8] {",
+      f"  %b = f32[3,4,8]{_HOST} parameter(0)",
+      "  %j = s32[] parameter(1)",
+      "  %z.1 = s32[] constant(0)",
+      "  ROOT %get = f32[1,4,8]{2,1,0:T(8,128)} dynamic-slice(%b, %j, %z.1, %z.1), dynamic_slice_sizes={1,4,8}",
+      "}",
+      "",
+      "%body (p: (s32[], f32[3,4,8], f32[3,4,8])) -> (s32[], f32[3,4,8], f32[3,4,8]) {",
+      f"  %p = (s32[], f32[3,4,8]{_HOST}, f32[3,4,8]{{2,1,0}}) parameter(0)",
+      "  %i.1 = s32[] get-tuple-element(%p), index=0",
+      f"  %h = f32[3,4,8]{_HOST} get-tuple-element(%p), index=1",
+      "  %d = f32[3,4,8]{2,1,0} get-tuple-element(%p), index=2",
+      "  %z.2 = s32[] constant(0)",
+      "  %x = f32[1,4,8]{2,1,0} dynamic-slice(%d, %i.1, %z.2, %z.2), dynamic_slice_sizes={1,4,8}",
+      *_ASYNC[form],
+      "  %d.1 = f32[3,4,8]{2,1,0} dynamic-update-slice(%d, %y, %i.1, %z.2, %z.2)",
+      "  %one = s32[] constant(1)",
+      "  %i.2 = s32[] add(%i.1, %one)",
+      f"  ROOT %t = (s32[], f32[3,4,8]{_HOST}, f32[3,4,8]{{2,1,0}}) tuple(%i.2, %h.1, %d.1)",
+      "}",
+      "",
+      "%cond (c: (s32[], f32[3,4,8], f32[3,4,8])) -> pred[] {",
+      f"  %c = (s32[], f32[3,4,8]{_HOST}, f32[3,4,8]{{2,1,0}}) parameter(0)",
+      "  %k = s32[] get-tuple-element(%c), index=0",
+      "  %n = s32[] constant(3)",
+      "  ROOT %lt = pred[] compare(%k, %n), direction=LT",
+      "}",
+      "",
+      "ENTRY %main (w: f32[3,4,8], v: f32[2,8]) -> (f32[3,4,8], f32[2,8]) {",
+      "  %w = f32[3,4,8]{2,1,0} parameter(0)",
+      "  %v = f32[2,8]{1,0} parameter(1)",
+      "  %c0 = s32[] constant(0)",
+      "  %cs = (f32[2,8]{1,0:S(5)}, f32[2,8]{1,0}, u32[]) copy-start(%v)",
+      "  %hv = f32[2,8]{1,0:S(5)} copy-done(%cs)",
+      f"  %hw = f32[3,4,8]{_HOST} copy(%w)",
+      f"  %init = (s32[], f32[3,4,8]{_HOST}, f32[3,4,8]{{2,1,0}}) tuple(%c0, %hw, %w)",
+      f"  %l = (s32[], f32[3,4,8]{_HOST}, f32[3,4,8]{{2,1,0}}) while(%init), condition=%cond, body=%body",
+      f"  %dh = f32[3,4,8]{_HOST} get-tuple-element(%l), index=1",
+      "  %back = f32[3,4,8]{2,1,0} copy(%dh)",
+      "  ROOT %r = (f32[3,4,8]{2,1,0}, f32[2,8]{1,0:S(5)}) tuple(%back, %hv)",
+      "}",
+    ]
+  )
+
+
+@pytest.mark.parametrize("form", sorted(_ASYNC))
+def test_what_a_device_moves_to_its_host_and_back_counts_every_turn(form):
+  row, whole = 4 * 8 * 4, 3 * 4 * 8 * 4  # bytes of one row, of the buffer
+  # To the host: a row a turn, the buffer once, and the 2x8 array's copy; back: a row a turn and
+  # the buffer once. What stays in HBM moves nothing over the link.
+  assert hlo.host_transfers(_offloaded(form)) == (3 * row + whole + 2 * 8 * 4, 3 * row + whole)
+  assert hlo.host_transfers(_offloaded(form).replace("S(5)", "S(1)")) == (0, 0)

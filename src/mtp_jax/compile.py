@@ -63,6 +63,7 @@ class Report:
   peak_holders: list[tuple[str, float]] | None = None  # from them: what is live at the peak, the largest first
   hbm_allocated: int | None = None  # from them, with host buffers: what XLA put in HBM (the verdict's figure then)
   hbm_limit: float | None = None  # what train.compiler_options' xla_tpu_max_hbm_size_mib lets XLA:TPU use of it
+  host_transfers: tuple[float, float] | None = None  # bytes to the host's memory and back a step (remat_offload)
 
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None = None) -> Report:
@@ -81,7 +82,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
   limit = _xla_hbm_limit(program.cfg, devs[0], hbm)
   state = state_bytes(program.abstract_state)
-  compiled, error, lower_s, compile_s, traced_flops, work, comms = None, None, 0.0, 0.0, None, None, None
+  compiled, error, lower_s, compile_s, traced_flops, work, comms, moved = None, None, 0.0, 0.0, None, None, None, None
   began = time.time()
   room = limit or hbm  # what the step may hold per chip
   if not (room and state > room):  # else no compile can fit: say so now, not after many minutes
@@ -101,6 +102,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     if compiled:
       text = compiled.as_text()
       work, comms = chip_work(traced.jaxpr, text, len(devs)), hlo.collectives(text)
+      moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
 
   accum = program.cfg.train.grad_accum_steps  # resolved: -1 becomes a count for this mesh
   m = cfg.model.moe
@@ -186,6 +188,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     peak_holders=holders,
     hbm_allocated=in_hbm,
     hbm_limit=limit,
+    host_transfers=moved,
   )
   _estimate(report)
   return report
@@ -417,6 +420,11 @@ def describe(r: Report) -> list[str]:
       lines.append(
         f"host       per chip: {_size(m['host'])} in host memory (train.remat_offload); the peak counts it, {held}"
       )
+  if r.host_transfers:
+    to, back = r.host_transfers
+    busier = max(to, back) / r.step_s / 1e9 if r.step_s else None
+    rate = f"; at most {busier:,.1f} GB/s the busier way, over the roofline's step time" if busier else ""
+    lines.append(f"host link  per chip per step: {_size(to)} to the host's memory and {_size(back)} back{rate}")
   if r.peak_holders:
     shown = r.peak_holders[:6]
     rest = sum(b for _, b in r.peak_holders[len(shown) :])

@@ -3,7 +3,8 @@ device runs, after partitioning, so each shape is one device's. `parse` splits t
 computations; `walk` sums a measure of each instruction over one call of the program, through
 fusions and calls, a while loop's body times its trip count, a conditional's costliest branch;
 `recomputed` names the work XLA's own rematerialisation repeats to fit memory. model/flops.py
-measures the matmuls with it; `collectives` below measures what each device sends to the others.
+measures the matmuls with it; `collectives` below measures what each device sends to the others,
+and `host_transfers` what it moves to and from its host's memory.
 """
 
 from __future__ import annotations
@@ -364,3 +365,42 @@ def collectives(text: str) -> Collectives:
   unread = {opcode: n for (what, opcode), n in sums.items() if what == "unread"}
   resent = sum(v for (what, _), v in again.items() if what == "sent")
   return Collectives(sorted(each, key=lambda c: -c.sent), unread, loops_once, resent)
+
+
+# ---- What each device moves to and from its host's memory -------------------------------------
+
+_LAYOUT = re.compile(r"^\(*[a-z0-9]+\[[0-9,]*\](\{[^}]*\})?")
+
+
+def _on_host(shape: str) -> bool:
+  """Whether an array (a tuple's first) lives in the host's memory: memory space 5 in its layout,
+  where XLA puts what `train.remat_offload` sends there."""
+  m = _LAYOUT.match(shape)
+  return bool(m and m[1] and "S(5)" in m[1])
+
+
+def host_transfers(text: str) -> tuple[float, float]:
+  """(bytes to the host's memory, bytes back from it) per call of a compiled program, loops
+  counted out: what offloaded values cost the link between a device and its host. A
+  dynamic-update-slice into a host buffer writes its update there, a dynamic-slice of one reads
+  its slice back, and a copy from one memory to the other moves its operand. XLA:TPU runs the
+  slices asynchronously: `compiled.as_text()` prints them as dynamic-slice-start and the like,
+  its dump files as async-start calling a computation that holds the slice; both count once."""
+  module = parse(text)
+
+  def measure(ins: Instruction, module: Module) -> collections.Counter | None:
+    args = [module.shapes.get(op, "") for op in operands(ins.rest)]
+    if not args:
+      return None
+    if ins.opcode in ("dynamic-update-slice", "dynamic-update-slice-start") and len(args) > 1:
+      if _on_host(args[0]) and not _on_host(args[1]):
+        return collections.Counter(to=nbytes(args[1]))
+    elif ins.opcode in ("dynamic-slice", "dynamic-slice-start") and _on_host(args[0]):
+      dtype = re.match(r"\(*([a-z0-9]+)\[", args[0])[1]
+      return collections.Counter(back=nbytes(f"{dtype}[{','.join(map(str, attr(ins.rest, 'dynamic_slice_sizes')))}]"))
+    elif ins.opcode in ("copy", "copy-start") and _on_host(args[0]) != _on_host(ins.shape):
+      return collections.Counter({"back" if _on_host(args[0]) else "to": nbytes(args[0])})
+    return None
+
+  sums, _ = walk(module, measure)
+  return sums["to"], sums["back"]
