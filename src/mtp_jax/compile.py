@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import re
+import tempfile
 import time
 
 from mtp_jax import hlo
@@ -69,7 +70,9 @@ class Report:
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None = None) -> Report:
   """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad
   input. With `dump`, XLA writes its dumps of the compiled step there (the buffer assignment and
-  live ranges among them), and the report lists what they say is live at the peak."""
+  live ranges among them), and the report lists what they say is live at the peak. With values
+  offloaded to the host (`train.remat_offload`), the verdict is on what XLA's memory-usage dump
+  says it put in HBM: written to `dump`, else to a temporary folder."""
   from mtp_jax.model import dispatch as moe_dispatch
   from mtp_jax.model.flops import chip_work, cost, traced_matmul_flops
   from mtp_jax.train.metrics import peak_flops
@@ -85,24 +88,46 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   compiled, error, lower_s, compile_s, traced_flops, work, comms, moved = None, None, 0.0, 0.0, None, None, None, None
   began = time.time()
   room = limit or hbm  # what the step may hold per chip
-  if not (room and state > room):  # else no compile can fit: say so now, not after many minutes
-    start = time.perf_counter()
-    traced = program.step.trace(program.abstract_state, program.abstract_batch())
-    traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
-    lowered = traced.lower()
-    lower_s = time.perf_counter() - start
-    try:
-      with _uncached(bool(dump)):  # a program read back from the persistent cache is not compiled, so not dumped
-        compiled = lowered.compile(compiler_options={"xla_dump_to": dump} if dump else None)
-    except Exception as err:  # XLA:TPU refuses a program that does not fit HBM
-      if "RESOURCE_EXHAUSTED" not in str(err):
-        raise
-      error = first_line(err)
-    compile_s = time.perf_counter() - start - lower_s
-    if compiled:
-      text = compiled.as_text()
-      work, comms = chip_work(traced.jaxpr, text, len(devs)), hlo.collectives(text)
-      moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
+  # With values offloaded, XLA:TPU's peak counts host buffers with HBM's; what it put in HBM is
+  # in its memory-usage report, a dump file, so the step is dumped to a folder of our own where
+  # --dump names none.
+  offloads = bool(program.cfg.train.remat_offload) and devs[0].platform == "tpu"
+  folder = tempfile.TemporaryDirectory(prefix="mtp-compile-") if offloads and not dump else contextlib.nullcontext(dump)
+  with folder as dumps:
+    if not (room and state > room):  # else no compile can fit: say so now, not after many minutes
+      start = time.perf_counter()
+      traced = program.step.trace(program.abstract_state, program.abstract_batch())
+      traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
+      lowered = traced.lower()
+      lower_s = time.perf_counter() - start
+      try:
+        with _uncached(bool(dumps)):  # a program read back from the persistent cache is not compiled, so not dumped
+          compiled = lowered.compile(compiler_options={"xla_dump_to": dumps} if dumps else None)
+      except Exception as err:  # XLA:TPU refuses a program that does not fit HBM
+        if "RESOURCE_EXHAUSTED" not in str(err):
+          raise
+        error = first_line(err)
+      compile_s = time.perf_counter() - start - lower_s
+      if compiled:
+        text = compiled.as_text()
+        work, comms = chip_work(traced.jaxpr, text, len(devs)), hlo.collectives(text)
+        moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
+    memory = program_memory(compiled) if compiled else None
+    holders, in_hbm = None, None
+    if dumps:
+
+      def newest(suffix: str) -> str | None:  # the step's dump file, not an earlier run's
+        found = glob.glob(os.path.join(dumps, f"*jit_train_step*{suffix}"))
+        found = sorted((f for f in found if os.path.getmtime(f) >= began), key=os.path.getmtime)
+        if found:
+          with open(found[-1]) as f:
+            return f.read()
+        return None
+
+      if dump and (ranges := newest("live-range.txt")):
+        holders = peak_holders(ranges)
+      if memory and memory["host"] and (usage := newest("memory-usage-report.txt")):
+        in_hbm = hbm_allocated(usage)
 
   accum = program.cfg.train.grad_accum_steps  # resolved: -1 becomes a count for this mesh
   m = cfg.model.moe
@@ -114,22 +139,6 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     buffer = (rows / sent, worst / sent)
   c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
   tokens = cfg.train.batch_size * cfg.data.seq_len
-  memory = program_memory(compiled) if compiled else None
-  holders, in_hbm = None, None
-  if dump:
-
-    def newest(suffix: str) -> str | None:  # the step's dump file, not an earlier run's
-      found = glob.glob(os.path.join(dump, f"*jit_train_step*{suffix}"))
-      found = sorted((f for f in found if os.path.getmtime(f) >= began), key=os.path.getmtime)
-      if found:
-        with open(found[-1]) as f:
-          return f.read()
-      return None
-
-    if ranges := newest("live-range.txt"):
-      holders = peak_holders(ranges)
-    if memory and memory["host"] and (usage := newest("memory-usage-report.txt")):
-      in_hbm = hbm_allocated(usage)
   needs, available = _refusal(error)
   if memory:  # XLA:TPU's peak is what it holds under HBM; elsewhere (CPU) it leaves temporaries out
     needs = memory["peak"] if chip and memory["peak"] else memory["total"]
@@ -412,11 +421,8 @@ def describe(r: Report) -> list[str]:
       f"code {_size(m['code'])}; sum {_size(m['total'])}{peak}{share}"
     )
     if m.get("host"):
-      held = (
-        f"XLA put {_size(r.hbm_allocated)} in HBM (its memory-usage report in {r.dump})"
-        if r.hbm_allocated
-        else "HBM holds less (--dump reads XLA's memory-usage report for its share)"
-      )
+      report = f"its memory-usage report in {r.dump}" if r.dump else "its memory-usage report"
+      held = f"XLA put {_size(r.hbm_allocated)} in HBM ({report})" if r.hbm_allocated else "HBM holds less"
       lines.append(
         f"host       per chip: {_size(m['host'])} in host memory (train.remat_offload); the peak counts it, {held}"
       )
