@@ -396,8 +396,8 @@ def host_transfers(text: str) -> tuple[float, float]:
       if _on_host(args[0]) and not _on_host(args[1]):
         return collections.Counter(to=nbytes(args[1]))
     elif ins.opcode in ("dynamic-slice", "dynamic-slice-start") and _on_host(args[0]):
-      dtype = re.match(r"\(*([a-z0-9]+)\[", args[0])[1]
-      return collections.Counter(back=nbytes(f"{dtype}[{','.join(map(str, attr(ins.rest, 'dynamic_slice_sizes')))}]"))
+      element = nbytes(args[0]) / max(math.prod(dims(args[0])), 1)
+      return collections.Counter(back=element * math.prod(attr(ins.rest, "dynamic_slice_sizes")))
     elif ins.opcode in ("copy", "copy-start") and _on_host(args[0]) != _on_host(ins.shape):
       return collections.Counter({"back" if _on_host(args[0]) else "to": nbytes(args[0])})
     return None
