@@ -379,6 +379,17 @@ def _on_host(shape: str) -> bool:
   return bool(m and m[1] and "S(5)" in m[1])
 
 
+# The instructions that can move data between a device's memory and its host's.
+_MOVES = {
+  "dynamic-update-slice",
+  "dynamic-update-slice-start",
+  "dynamic-slice",
+  "dynamic-slice-start",
+  "copy",
+  "copy-start",
+}
+
+
 def host_transfers(text: str) -> tuple[float, float]:
   """(bytes to the host's memory, bytes back from it) per call of a compiled program, loops
   counted out: what offloaded values cost the link between a device and its host. A
@@ -389,6 +400,8 @@ def host_transfers(text: str) -> tuple[float, float]:
   module = parse(text)
 
   def measure(ins: Instruction, module: Module) -> collections.Counter | None:
+    if ins.opcode not in _MOVES:
+      return None
     args = [module.shapes.get(op, "") for op in operands(ins.rest)]
     if not args:
       return None
