@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 22's GPU figures in three stages, each one device command inside 10 minutes, the three
-# about 11 minutes together by estimate (none has run on a GPU yet; a session is lent 15 minutes,
+# about 12 minutes together by estimate (none has run on a GPU yet; a session is lent 15 minutes,
 # the machine's start included). Each stage prints a table last and writes its logs and JSON to
 # $OUT (what the device tool brings back: 8 files at most, so no stage writes more), or to
 # runs/gpu/ without it. The machine starts bare and is given back 30 s after a call, so each
@@ -8,12 +8,15 @@
 #
 #   bash benchmarks/gpu.sh wheels       # here, once: what the GPU image lacks, .whl/ours and .whl/maxtext
 #   bash benchmarks/gpu.sh dry-venv DIR # here: a venv like the GPU image for the dry runs (below)
-#   bash benchmarks/gpu.sh train        # ~5 min: the Mosaic GPU experts against ragged_dot (a test, first);
+#   bash benchmarks/gpu.sh train        # ~6 min: the Mosaic GPU experts against ragged_dot (a test, first);
 #                                       #   configs/small.yaml: MTP depths 0, 1, 2; attention xla against
-#                                       #   cuDNN; capacity against dropless ragged_dot and dropless through
-#                                       #   JAX's Mosaic GPU grouped matmuls; matmul and copy ceilings. Rows
-#                                       #   in that order; none starts after 400 s (six compiles of unknown
-#                                       #   length); a row that fails is reported and the next one runs
+#                                       #   cuDNN; capacity against dropless blocks (auto on GPU) and
+#                                       #   through JAX's Mosaic GPU grouped matmuls; matmul and copy
+#                                       #   ceilings. Rows in that order; none starts after 400 s; a row
+#                                       #   that fails is reported and the next one runs. Then dropless
+#                                       #   through lax.ragged_dot, 3 steps, if the stage is under 420 s.
+#                                       #   Each row compiled here for an H200 (mtp-compile --topology
+#                                       #   h200, no GPU) in 35-60 s on 2 cores (RESULTS, 2026-12-07)
 #   bash benchmarks/gpu.sh maxtext      # ~4 min: ours and MaxText 0.2.5 on small.yaml's shapes, A B A B,
 #                                       #   each with its best dropless experts that run (ours: mosaic_gpu)
 #   bash benchmarks/gpu.sh speculative  # ~2.5 min: a tiny drafter trained there; plain against
@@ -203,6 +206,15 @@ case ${1:-} in
       --vary dropless:model.moe.mode=dropless \
       --vary dropless-mosaic:model.moe.mode=dropless,model.moe.kernel=mosaic_gpu \
       2>&1 | tee "$out/train.txt"
+    # Dropless through lax.ragged_dot, which XLA:GPU runs as every row times every expert: 26.7x
+    # the model's matmul FLOPs in small.yaml's step (mtp-compile --topology h200), so ~8 s a step:
+    # 3 steps, where the stage has the time (its step time against the rows above: their depth 1).
+    if ((SECONDS < 420)); then
+      "$py" benchmarks/bench.py "${shape[@]}" model.moe.mode=dropless model.moe.kernel=ragged_dot --depths 1 \
+        --steps 3 --warmup 1 --json "$out/ragged.json" 2>&1 | tee "$out/ragged.txt" || true
+    else
+      echo "dropless ragged_dot: not run, the stage had run ${SECONDS} s" | tee "$out/ragged.txt"
+    fi
     ;;
   maxtext)
     [[ $# -eq 1 ]] || usage

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, PartitionSpec
 from mtp_jax import sharding
 from mtp_jax.config import ConfigError, MeshConfig
 from mtp_jax.model import attention
-from mtp_jax.model.flops import splash_flops
+from mtp_jax.model.flops import compiled_matmul_flops, cudnn_attention_flops, splash_flops
 
 L = 128  # splash's smallest sequence: one 128-wide block
 # Row 0 packs three documents and ends in padding (segment 0); row 1 is one document.
@@ -156,3 +156,38 @@ def test_splash_flops_count_the_causal_blocks_of_each_pass():
   assert splash_flops("splash_mha_dq_segmented_no_residuals", [q, k, v]) == 2 * pairs * (2 * 192 + 128)
   assert splash_flops("splash_mha_dkv_segmented_no_residuals", [q, k, v]) == 2 * pairs * 2 * (192 + 128)
   assert splash_flops("gmm", [q, k, v]) == 0.0
+
+
+# XLA:GPU's cuDNN attention calls as jax 0.11.2 compiles them for an H200 (trimmed): the forward
+# and backward of 2 rows of 8 positions, 4 heads, MLA's 192-wide queries and keys and its values
+# padded to 192; causal.
+_CUDNN_HLO = """HloModule jit_f, entry_computation_layout={(bf16[2,8,4,192]{3,2,1,0})->bf16[2,4,8,192]{3,1,2,0}}
+
+ENTRY %main.1 (q.1: bf16[2,8,4,192]) -> bf16[2,4,8,192] {
+  %q.1 = bf16[2,8,4,192]{3,2,1,0} parameter(0)
+  %fwd.1 = (bf16[2,4,8,192]{3,1,2,0}, f32[2,4,8]{2,1,0}, u8[0]{0}) custom-call(%q.1, %q.1, %q.1), \
+custom_call_target="__cudnn$fmhaScaleBiasSoftmax", operand_layout_constraints={bf16[2,8,4,192]{3,2,1,0}, \
+bf16[2,8,4,192]{3,2,1,0}, bf16[2,8,4,192]{3,2,1,0}}, metadata={op_name="jit(f)/jvp()/dot_product_attention_fwd"}, \
+backend_config={"cudnn_fmha_backend_config": {"is_flash_attention": true, "mask_type": "CAUSAL"}}
+  %o.1 = bf16[2,4,8,192]{3,1,2,0} get-tuple-element(%fwd.1), index=0
+  %bwd.1 = (bf16[2,8,4,192]{3,2,1,0}, bf16[2,8,4,192]{3,2,1,0}, bf16[2,8,4,192]{3,2,1,0}, u8[0]{0}) \
+custom-call(%q.1, %q.1, %q.1, %o.1), custom_call_target="__cudnn$fmhaScaleBiasSoftmaxBackward", \
+operand_layout_constraints={bf16[2,8,4,192]{3,2,1,0}, bf16[2,8,4,192]{3,2,1,0}, bf16[2,8,4,192]{3,2,1,0}, \
+bf16[2,4,8,192]{3,1,2,0}}, metadata={op_name="jit(f)/transpose(jvp())/dot_product_attention_bwd"}, \
+backend_config={"cudnn_fmha_backend_config": {"is_flash_attention": true, "mask_type": "CAUSAL"}}
+  ROOT %dq.1 = bf16[2,8,4,192]{3,2,1,0} get-tuple-element(%bwd.1), index=0
+}
+"""
+
+
+def test_cudnn_flops_count_the_causal_pairs_of_each_pass():
+  """Forward: scores and P V; backward: the scores again, dP, dV, dQ and dK. Causal: the pairs
+  on and below the diagonal. The same from the traced shapes and from XLA:GPU's calls."""
+  q, k, v = (2, 8, 4, 192), (2, 8, 4, 192), (2, 8, 4, 128)
+  pairs = 2 * 4 * (8 * 9 // 2)  # rows x heads x causal pairs
+  assert cudnn_attention_flops("fwd", [q, k, v], causal=True) == 2 * pairs * (192 + 128)
+  assert cudnn_attention_flops("bwd", [q, k, v], causal=True) == 2 * pairs * (3 * 192 + 2 * 128)
+  assert cudnn_attention_flops("fwd", [q, k, v], causal=False) == 2 * 2 * 4 * 64 * (192 + 128)
+  counted = compiled_matmul_flops(_CUDNN_HLO)
+  both = 2 * pairs * (192 + 192) + 2 * pairs * (3 * 192 + 2 * 192)
+  assert counted.flops == both and counted.by_einsum == {"dot_product_attention": both}, counted

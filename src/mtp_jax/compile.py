@@ -1,7 +1,8 @@
-"""What `mtp-compile` reports: the train step compiled for a TPU slice on this machine, with no
-TPU. libtpu's compile-only devices (`jax.experimental.topologies`, see topology.py) stand in for
-the chips, so the memory and FLOPs are the compiler's own for that pod: per-chip memory against
-HBM, FLOPs per step, a roofline step time and the MFU it implies. The command is cli/compile.py.
+"""What `mtp-compile` reports: the train step compiled for a TPU slice or GPU hosts on this
+machine, with no TPU or GPU. libtpu's or the CUDA plugin's compile-only devices
+(`jax.experimental.topologies`, see topology.py) stand in for the chips, so the memory and FLOPs
+are the compiler's own for that pod: per-chip memory against HBM, FLOPs per step, a roofline step
+time and the MFU it implies. The command is cli/compile.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 from mtp_jax import hlo
 from mtp_jax.errors import first_line
-from mtp_jax.topology import CHIPS, DEVICE_KINDS, Chip, GiB, Topology, devices
+from mtp_jax.topology import CHIPS, DEVICE_KINDS, Chip, GiB, Topology, devices, gpu_memory_share
 
 
 @dataclasses.dataclass
@@ -58,12 +59,13 @@ class Report:
   peak_flops: float | None
   hbm_bandwidth: float | None
   step_s: float | None  # roofline estimate
-  bound: str | None  # "compute" or "memory"
+  bound: str | None  # "compute" or "memory"; None where XLA counted no HBM bytes
   mfu: float | None
   dump: str | None = None  # where XLA wrote the compiled step's dumps (--dump)
   peak_holders: list[tuple[str, float]] | None = None  # from them: what is live at the peak, the largest first
   hbm_allocated: int | None = None  # from them, with host buffers: what XLA put in HBM (the verdict's figure then)
-  hbm_limit: float | None = None  # what train.compiler_options' xla_tpu_max_hbm_size_mib lets XLA:TPU use of it
+  hbm_limit: float | None = None  # what XLA:TPU (xla_tpu_max_hbm_size_mib) or JAX's GPU allocator may use of it
+  hbm_limit_by: tuple[str, str] | None = None  # who may use hbm_limit, and the setting that says so
   host_transfers: tuple[float, float] | None = None  # bytes to the host's memory and back a step (remat_offload)
 
 
@@ -82,8 +84,13 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   devs = devices(topo)
   program = build(cfg, devs)
   chip = topo.chip or CHIPS.get(DEVICE_KINDS.get(devs[0].device_kind, ""))
-  hbm = hbm_gib * GiB if hbm_gib else _hbm(chip, devs[0])
-  limit = _xla_hbm_limit(program.cfg, devs[0], hbm)
+  hbm = hbm_gib * GiB if hbm_gib else topo.gpu.memory if topo.gpu else _hbm(chip, devs[0])
+  limit, limit_by = _xla_hbm_limit(program.cfg, devs[0], hbm), None
+  if limit:
+    limit_by = ("XLA", "train.compiler_options.xla_tpu_max_hbm_size_mib")
+  elif topo.gpu and not hbm_gib:  # JAX's allocator takes a share of the GPU, a quarter less unless told
+    share, why = gpu_memory_share()
+    limit, limit_by = share * hbm, ("JAX's allocator", why)
   state = state_bytes(program.abstract_state)
   compiled, error, lower_s, compile_s, traced_flops, work, comms, moved = None, None, 0.0, 0.0, None, None, None, None
   began = time.time()
@@ -96,9 +103,10 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   with folder as dumps:
     if not (room and state > room):  # else no compile can fit: say so now, not after many minutes
       start = time.perf_counter()
-      traced = program.step.trace(program.abstract_state, program.abstract_batch())
-      traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
-      lowered = traced.lower()
+      with _attached(devs) if topo.gpu else contextlib.nullcontext():
+        traced = program.step.trace(program.abstract_state, program.abstract_batch())
+        traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
+        lowered = traced.lower()
       lower_s = time.perf_counter() - start
       try:
         with _uncached(bool(dumps)):  # a program read back from the persistent cache is not compiled, so not dumped
@@ -189,7 +197,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     xla_bytes=xla_bytes,
     xla_optimal_seconds=counts.get("optimal_seconds"),
     peak_flops=peak_flops(devs[0]),
-    hbm_bandwidth=chip.hbm_bandwidth if chip else None,
+    hbm_bandwidth=topo.gpu.hbm_bandwidth if topo.gpu else chip.hbm_bandwidth if chip else None,
     step_s=None,
     bound=None,
     mfu=None,
@@ -197,10 +205,45 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     peak_holders=holders,
     hbm_allocated=in_hbm,
     hbm_limit=limit,
+    hbm_limit_by=limit_by,
     host_transfers=moved,
   )
   _estimate(report)
   return report
+
+
+@contextlib.contextmanager
+def _attached(devs: list):
+  """While tracing for compile-only GPUs: JAX's GPU kernels told that those are attached. At
+  trace time cuDNN attention asks the attached GPU's compute capability (without a Hopper it
+  refuses MLA's 192-wide heads), and Mosaic GPU kernels ask `jax.devices()[0]` for its SMs and
+  architecture; on this machine the answer would be the CPU's."""
+  import jax
+
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+  except ImportError:  # no cuDNN attention in this JAX: nothing of it to tell
+    cudnn_attention = None
+  have = tuple(int(x) for x in devs[0].compute_capability.split("."))
+
+  def version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split("."))
+
+  told = {(jax, "devices"): lambda *_, **__: list(devs), (jax, "local_devices"): lambda *_, **__: list(devs)}
+  if cudnn_attention is not None:
+    told[cudnn_attention, "check_compute_capability"] = lambda c: have >= version(c)
+    told[cudnn_attention, "is_cuda_compute_capability_equal"] = lambda c: have == version(c)
+  was = {(owner, name): getattr(owner, name) for owner, name in told if hasattr(owner, name)}
+  for (owner, name), value in told.items():
+    setattr(owner, name, value)
+  try:
+    yield
+  finally:
+    for owner, name in told:
+      if (owner, name) in was:
+        setattr(owner, name, was[owner, name])
+      else:
+        delattr(owner, name)
 
 
 @contextlib.contextmanager
@@ -322,15 +365,18 @@ def _estimate(r: Report) -> None:
     return
   compute, memory = r.partitioned_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
   r.step_s, r.bound = max(compute, memory), "compute" if compute >= memory else "memory"
+  if r.xla_bytes is None:  # XLA:GPU compiling for GPUs not attached gives no cost analysis
+    r.bound = None
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
 
 
 def _against(r: Report) -> str:
-  """What the verdict is against, in words: the chip's HBM, or XLA's limit on it."""
+  """What the verdict is against, in words: the chip's HBM, or the limit XLA or JAX sets on it."""
   if not r.hbm_limit:
     return f"the chip has {_size(r.hbm_bytes)}" if r.hbm_bytes else "the chip's HBM is unknown"
   chip = f" of the chip's {_size(r.hbm_bytes)}" if r.hbm_bytes else ""
-  return f"XLA may use {_size(r.hbm_limit)}{chip} (train.compiler_options.xla_tpu_max_hbm_size_mib)"
+  who, setting = r.hbm_limit_by or ("XLA", "a limit")
+  return f"{who} may use {_size(r.hbm_limit)}{chip} ({setting})"
 
 
 def _size(b: float) -> str:
@@ -444,6 +490,7 @@ def describe(r: Report) -> list[str]:
   if r.compiler_error:
     lines.append(f"compiler   {r.compiler_error}")
   model = f"{r.model_flops_per_step / r.chips:.3g} model FLOPs (analytic, no rematerialisation)"
+  mosaic = (r.expert_kernel or "").startswith("mosaic_gpu")
   traffic = f"; HBM traffic >= {_size(r.xla_bytes)} (XLA's count, inner loop bodies once)" if r.xla_bytes else ""
   counts = []
   for flops, what in [
@@ -453,7 +500,8 @@ def describe(r: Report) -> list[str]:
     if flops:
       counts.append(f"{flops:.3g} {what}: {flops * r.chips / r.model_flops_per_step:.2f} x the model's")
   loops = " (loops x their trip counts, rematerialisation included)" if counts else ""
-  lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{traffic}")
+  unseen = "; the Mosaic GPU experts' not counted (kernels this count cannot see into)" if mosaic and counts else ""
+  lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{unseen}{traffic}")
   again, resent = [], r.collectives.recomputed if r.collectives else 0.0
   if r.recomputed_flops:
     again.append(f"{r.recomputed_flops:.3g} matmul FLOPs ({r.recomputed_flops / r.partitioned_flops:.1%} of them)")
@@ -468,12 +516,18 @@ def describe(r: Report) -> list[str]:
     lines.append(f"warning    {r.repeated}")
   if r.collectives:
     lines += _collectives(r.collectives)
-  if r.step_s:
+  if r.step_s and r.bound:
     lines.append(
       f"step time  >= {_seconds(r.step_s)}, a roofline: max(FLOPs / "
       f"{r.peak_flops / 1e12:,.0f} TFLOP/s, HBM bytes / {r.hbm_bandwidth / 1e9:,.0f} GB/s), "
       f"{r.bound}-bound; communication and overlap not modelled"
     )
+  elif r.step_s:
+    lines.append(
+      f"step time  >= {_seconds(r.step_s)}: FLOPs / {r.peak_flops / 1e12:,.0f} TFLOP/s alone (XLA gave no count "
+      "of HBM bytes for these devices); communication and overlap not modelled"
+    )
+  if r.step_s:
     lines.append(f"MFU        <= {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
   room, has = r.hbm_limit or r.hbm_bytes, _against(r)
   if r.fits is None:

@@ -1,5 +1,6 @@
-"""TPU chips and slices: the chip table, the --topology names of `mtp-compile` and launch/gke.sh,
-and the devices to compile for (libtpu's compile-only devices, or this machine's)."""
+"""TPU chips and slices, and GPU hosts: the tables, the --topology names of `mtp-compile` and
+launch/gke.sh, and the devices to compile for (libtpu's or the CUDA plugin's compile-only
+devices, or this machine's)."""
 
 from __future__ import annotations
 
@@ -54,9 +55,78 @@ _SHAPES_3D = {
 }
 _SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """An NVIDIA GPU as XLA:GPU compiles for it with none attached (its GpuTargetConfig), and as
+  the roofline and the fit verdict count it."""
+
+  name: str  # --topology's
+  kind: str  # what CUDA names it: JAX's device_kind
+  memory: int  # bytes, the total CUDA reports, of which JAX's allocator takes a share (gpu_memory_share)
+  hbm_bandwidth: float  # bytes/s, from the data sheet
+  l2_bytes: int
+
+
+# H100 SXM: 84,929,347,584 bytes as CUDA reports them on one (XLA's and JAX's deviceless examples).
+# H200: nvidia-smi shows 143,771 MiB (../.library/device/KINDS.md); CUDA's total is taken as that
+# less the 564 MiB by which an H100's falls short of its nvidia-smi figure (81,559 MiB), until a
+# GPU session reads it. Bandwidth 3.35 and 4.8 TB/s, L2 50 and 60 MB: data sheets and PyTorch's
+# reading there. Peak FLOP/s come from train.metrics.peak_flops, by `kind`.
+GPUS = {
+  "h100": Gpu("h100", "NVIDIA H100 80GB HBM3", 84_929_347_584, 3.35e12, 50 * 2**20),
+  "h200": Gpu("h200", "NVIDIA H200", 143_207 * 2**20, 4.8e12, 60 * 2**20),
+}
+GPUS_PER_HOST = 8  # an HGX board's NVLink domain
+
+
+def gpu_target_config(gpu: Gpu) -> str:
+  """XLA's GpuTargetConfig for `gpu`, as text: Hopper (compute capability 9.0, 132 SMs), CUDA 13
+  and cuDNN 9.12 as the CUDA plugin that jax[cuda13-local] installs needs at least."""
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(gpu.hbm_bandwidth)}
+  l2_cache_size: {gpu.l2_bytes}
+  clock_rate_ghz: 1.98
+  device_memory_size: {gpu.memory}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+runtime_version {{ major: 13 minor: 0 }}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 12 }}
+device_description_str: "{gpu.kind}"
+"""
+
+
+def gpu_memory_share() -> tuple[float, str]:
+  """The share of a GPU's memory JAX's allocator may use in a run started from this environment,
+  and where it comes from (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)."""
+  given = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  try:
+    share = float(given) if given else 0.75
+  except ValueError:
+    raise TopologyError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={given}: not a number") from None
+  if not 0 < share <= 1:
+    raise TopologyError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={given}: not a share between 0 and 1")
+  return share, f"XLA_PYTHON_CLIENT_MEM_FRACTION={given}" if given else "XLA_PYTHON_CLIENT_MEM_FRACTION unset: 0.75"
+
+
 FORMS = (
   "v5p-N or v4-N (N TensorCores, 2 per chip), v6e-N, v5e-N or v5litepod-N (N chips), a shape such as "
-  "v5p:4x4x8 or v6e:16x16, KxNAME for K slices (2xv5p-256), cpu:N (N fake CPU devices) or local"
+  "v5p:4x4x8 or v6e:16x16, KxNAME for K slices (2xv5p-256), h100 or h200 (one GPU), h100:N (N GPUs of "
+  f"one host, up to {GPUS_PER_HOST}), Kxh100:N (K such hosts), cpu:N (N fake CPU devices) or local"
 )
 
 
@@ -71,9 +141,14 @@ class Topology:
   shape: tuple[int, ...] = ()  # chips of one slice along each torus axis
   slices: int = 1
   cpu_devices: int = 0  # cpu:N
+  gpu: Gpu | None = None  # h100:N and the like
+  hosts: int = 1  # of gpus_per_host GPUs each
+  gpus_per_host: int = 0
 
   @property
   def chips(self) -> int:
+    if self.gpu:
+      return self.hosts * self.gpus_per_host
     return math.prod(self.shape) * self.slices if self.chip else self.cpu_devices
 
   @property
@@ -96,10 +171,15 @@ def parse_topology(text: str) -> Topology:
     if int(m[1]) < 1:
       raise TopologyError(f"--topology {text}: needs at least one device")
     return Topology(text, cpu_devices=int(m[1]))
+  if m := re.fullmatch(rf"(?:(\d+)x)?({'|'.join(GPUS)})(?::(\d+))?", text):
+    hosts, per_host = int(m[1] or 1), int(m[3] or 1)
+    if hosts < 1 or not 1 <= per_host <= GPUS_PER_HOST:
+      raise TopologyError(f"--topology {text}: a host has 1 to {GPUS_PER_HOST} GPUs, and a job at least one host")
+    return Topology(text, gpu=GPUS[m[2]], hosts=hosts, gpus_per_host=per_host)
   m = re.fullmatch(r"(?:(\d+)x)?([a-z0-9]+)(?:-(\d+)|:(\d+(?:x\d+)*))", text)
   gen = _ALIASES.get(m[2], m[2]) if m else None
   if gen not in CHIPS:
-    raise TopologyError(f"--topology {text}: not a TPU slice this command knows; use {FORMS}")
+    raise TopologyError(f"--topology {text}: not a TPU slice or GPU this command knows; use {FORMS}")
   chip, slices = CHIPS[gen], int(m[1] or 1)
   if slices < 1:
     raise TopologyError(f"--topology {text}: needs at least one slice")
@@ -123,8 +203,14 @@ def parse_topology(text: str) -> Topology:
 
 
 def prepare_environment(topo: Topology) -> None:
-  """Set before JAX starts: the fake CPU device count, and libtpu told that no TPU is attached."""
-  if topo.cpu_devices:
+  """Set before JAX starts: the fake CPU device count; libtpu told that no TPU is attached; the
+  CPU as JAX's default backend when compiling for GPUs (the CUDA plugin then skips its checks of
+  a local driver and GPU, which a machine without one fails)."""
+  if topo.gpu:
+    gpu_memory_share()  # the CUDA plugin reads it as JAX starts, and fails with a traceback on a bad one
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # compile-only executables cannot be read back from it
+  elif topo.cpu_devices:
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={topo.cpu_devices}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -138,9 +224,11 @@ def prepare_environment(topo: Topology) -> None:
 
 
 def devices(topo: Topology) -> list:
-  """The devices to compile for: compile-only TPU devices, or real local ones."""
+  """The devices to compile for: compile-only TPU or GPU devices, or real local ones."""
   import jax
 
+  if topo.gpu:
+    return _gpus(topo)
   if topo.chip is None:
     local = jax.devices()
     if topo.cpu_devices > len(local) or (topo.cpu_devices and local[0].platform != "cpu"):
@@ -165,3 +253,19 @@ def devices(topo: Topology) -> list:
     if "TPU support not installed" in str(err):
       raise TopologyError(f"--topology {topo.name}: needs libtpu: pip install 'mtp-jax[tpu-aot]'") from None
     raise TopologyError(f"--topology {topo.name}: libtpu: {first_line(err)}") from None
+
+
+def _gpus(topo: Topology) -> list:
+  """Compile-only GPUs from JAX's CUDA plugin: `hosts` processes of `gpus_per_host` each, as a
+  job of one process per host runs them (sharding.make_mesh's granules for mesh.dcn)."""
+  from jax.experimental import topologies
+
+  try:
+    found = topologies.get_topology_desc(
+      topo.gpu.name, "cuda", target_config=gpu_target_config(topo.gpu), topology=f"1x{topo.hosts}x{topo.gpus_per_host}"
+    )
+  except NotImplementedError:  # no CUDA plugin: JAX knows no "cuda" platform
+    raise TopologyError(f"--topology {topo.name}: needs JAX's CUDA plugin: pip install 'mtp-jax[gpu-aot]'") from None
+  except RuntimeError as err:
+    raise TopologyError(f"--topology {topo.name}: JAX's CUDA plugin: {first_line(err)}") from None
+  return list(found.devices)

@@ -3,8 +3,9 @@
 Prints what compile.py measures: per-chip memory against HBM, FLOPs per step, a roofline step
 time and the MFU it implies. Exit status 0: fits; 1: does not fit; 2: bad input.
 
-TPU names need libtpu (`pip install 'mtp-jax[tpu-aot]'`); `--topology cpu:8` (8 fake CPU devices)
-and `--topology local` (this machine's devices) need nothing more.
+TPU names need libtpu (`pip install 'mtp-jax[tpu-aot]'`), GPU names (h100, h200:8, 4xh100:8) JAX's
+CUDA plugin and cuDNN, but no GPU (`pip install 'mtp-jax[gpu-aot]'`); `--topology cpu:8` (8 fake
+CPU devices) and `--topology local` (this machine's devices) need nothing more.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from mtp_jax.topology import FORMS, parse_topology, prepare_environment
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = command_parser("mtp-compile", "Compile the train step for a TPU topology: memory, FLOPs, step time.")
+  parser = command_parser(
+    "mtp-compile", "Compile the train step for a TPU slice or GPU hosts: memory, FLOPs, step time."
+  )
   parser.add_argument("--topology", required=True, metavar="NAME", help=f"one of: {FORMS}")
   parser.add_argument("--hbm-gib", type=float, metavar="GIB", help="judge the fit against this HBM per chip instead")
   parser.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")

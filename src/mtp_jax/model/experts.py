@@ -25,11 +25,13 @@ Weights = tuple[jax.Array, jax.Array, jax.Array]  # w_gate ExDxF, w_up ExDxF, w_
 # Their logical axes, in that order (the rules table maps them to mesh axes).
 WEIGHT_AXES = (("experts", "embed", "expert_mlp"),) * 2 + (("experts", "expert_mlp", "embed"),)
 
-# `model.moe.kernel=auto` per backend; ragged_dot elsewhere. JAX lowers lax.ragged_dot for CPU as
-# every row times every expert, masked (E times the FLOPs), hence the blocked loop there
-# (benchmarks/moe_experts.py measures the choice). GPUs keep ragged_dot until a GPU has measured
-# mosaic_gpu against it (issue 22's benchmarks/gpu.sh).
-NATIVE = {"cpu": "blocked", "tpu": "megablox"}
+# `model.moe.kernel=auto` per backend; ragged_dot elsewhere. XLA lowers lax.ragged_dot for CPU, and
+# for GPU too (jax 0.10.2 and 0.11.2), as every row times every expert, masked: E times the FLOPs,
+# and on GPU an N x E*F buffer (small.yaml dropless on an H200, compiled with none attached:
+# 26.7x the model's matmul FLOPs and 104.5 GiB, against blocked's 1.24x and 43.4 GiB;
+# benchmarks/RESULTS.md). Hence the blocked loop there (benchmarks/moe_experts.py measures the
+# choice on CPU) until a GPU has measured mosaic_gpu against it (issue 22's benchmarks/gpu.sh).
+NATIVE = {"cpu": "blocked", "gpu": "blocked", "tpu": "megablox"}
 ONLY_ON = {"megablox": "tpu", "mosaic_gpu": "gpu"}  # kernels that run on one backend alone
 
 

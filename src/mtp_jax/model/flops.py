@@ -147,6 +147,11 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
         floats = [v.aval.shape for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]  # bf16 too
         flops = estimate.flops if estimate else splash_flops(str(eqn.params.get("name", "")), floats)
         total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += flops * share
+      elif m := _CUDNN_TRACED.fullmatch(name):  # cuDNN's fused attention: a primitive, no matmul inside
+        floats = [v.aval.shape for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+        causal = "CAUSAL" in str(eqn.params.get("mask_type"))
+        flops = cudnn_attention_flops(m[1], floats, causal) if str(eqn.params.get("layout")) in ("0", "BTNH") else 0.0
+        total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += flops * share
       elif name == "shard_map":  # shapes inside are per shard of the axes it makes manual
         manual = eqn.params["newly_manual_axes"]
         total.update(walk(eqn.params["jaxpr"], share * math.prod(eqn.params["mesh"].shape[a] for a in manual)))
@@ -185,15 +190,34 @@ def splash_flops(kernel: str, float_operands: list) -> float:
   return 2.0 * block * block * per_pair * math.prod(batch) * heads * n * (n + 1) // 2
 
 
+# jax.nn.dot_product_attention(implementation="cudnn")'s primitives, and what XLA:GPU calls.
+_CUDNN_TRACED = re.compile(r"dot_product_attention_(fwd|bwd)_wrapper")
+_CUDNN_CALL = re.compile(r'custom_call_target="__cudnn\$fmha\w*?(Backward)?"')
+
+
+def cudnn_attention_flops(kind: str, float_operands: list, causal: bool) -> float:
+  """Matmul FLOPs of one call of cuDNN's fused attention (`kind`: "fwd" or "bwd"), whose first
+  float operands are q (B x T x N x H), k (B x S x N x H) and v (B x S x N x Hv): JAX's BTNH
+  layout. Per query and key pair: forward the scores (H) and P V (Hv); backward the scores again
+  (H), dP = dO V^T (Hv), dV = P^T dO (Hv), dQ = dS K (H) and dK = dS^T Q (H). Causal: the pairs
+  on and below the diagonal, as its flash kernels skip the tiles above."""
+  if len(float_operands) < 3 or any(len(x) != 4 for x in float_operands[:3]):
+    return 0.0
+  (b, t, n, h), s, hv = float_operands[0], float_operands[1][1], float_operands[2][3]
+  pairs = t * (t + 1) // 2 if causal and t == s else t * s
+  return 2.0 * b * n * pairs * (h + hv if kind == "fwd" else 3 * h + 2 * hv)
+
+
 _EINSUM = re.compile(r"[A-Za-z]+(?:,[A-Za-z]+)*->[A-Za-z]*")
 
 
 def einsum_of(name: str) -> str:
-  """The innermost einsum named in a JAX name stack or an XLA op_name, else "ragged_dot" or
-  "pallas_call" for those, else "": the key that matches a traced matmul with the compiled
-  instructions it became (where XLA keeps their names)."""
+  """The innermost einsum named in a JAX name stack or an XLA op_name, else "ragged_dot",
+  "pallas_call" or "dot_product_attention" for those, else "": the key that matches a traced
+  matmul with the compiled instructions it became (where XLA keeps their names)."""
   found = _EINSUM.findall(name)
-  return found[-1] if found else next((k for k in ("ragged_dot", "pallas_call") if k in name), "")
+  kernels = ("ragged_dot", "pallas_call", "dot_product_attention")
+  return found[-1] if found else next((k for k in kernels if k in name), "")
 
 
 # ---- Matmul FLOPs of a compiled, partitioned program ------------------------------------
@@ -215,7 +239,8 @@ def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
   `ragged-dot`, XLA:GPU's cuBLAS calls and Mosaic kernels by their cost estimate (XLA:TPU's
   ragged dot), inside fusions and calls, a while loop's body times the trip count XLA annotated,
   a conditional's costliest branch (hlo.walk), and apart the part XLA's own rematerialisation
-  repeats to fit memory (hlo.recomputed). cuDNN's fused attention is not counted."""
+  repeats to fit memory (hlo.recomputed). cuDNN's fused attention counts by its shapes
+  (`cudnn_attention_flops`); Mosaic GPU kernels are not counted."""
 
   def measure(ins: hlo.Instruction, module: hlo.Module) -> collections.Counter | None:
     own = _instruction_flops(ins.shape, ins.opcode, ins.rest, module.shapes, ins.name)
@@ -302,6 +327,10 @@ def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str
       return float(estimate[1])
     operands = rest.partition("operand_layout_constraints={")[2].partition("=")[0]  # its operands' shapes
     return splash_flops(name, [hlo.dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)])
+  if m := _CUDNN_CALL.search(rest):  # XLA:GPU's cuDNN attention: its q, k and v are its first operands
+    operands = rest.partition("operand_layout_constraints={")[2].partition("=")[0]  # its operands' shapes
+    shapes = [hlo.dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)]
+    return cudnn_attention_flops("bwd" if m[1] else "fwd", shapes, '"mask_type": "CAUSAL"' in rest)
   if any(f'custom_call_target="{g}"' in rest for g in _GEMMS):
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
     lhs = hlo.dims(shapes.get(ops[0], ""))
@@ -323,6 +352,7 @@ class ChipWork:
   worst: str  # the einsum whose matmuls a chip repeats most, XLA's recomputation apart ("": none named)
   worst_ratio: float  # their partitioned FLOPs, less XLA's recomputation, over their traced share
   unknown_loops: int
+  devices: int = 1
 
   @property
   def ratio(self) -> float:
@@ -335,9 +365,18 @@ class ChipWork:
     if split <= REPEATED:
       return None
     what = f"einsum {self.worst!r}" if self.worst else "matmuls no einsum names (or whose names XLA dropped)"
+    if self.worst == "ragged_dot":  # the compiler's lowering, not the partitioning (experts.NATIVE)
+      cause = (
+        "XLA runs lax.ragged_dot on these devices as every row times every expert, masked; "
+        "model.moe.kernel=auto picks a kernel that does not"
+      )
+    elif self.devices == 1:
+      cause = "work the compiler adds to the traced program"
+    else:
+      cause = "work every chip repeats because the rules do not split it"
     return (
       f"a chip runs {split:.2f}x its share of the step's matmuls, most of the excess in {what} "
-      f"({self.worst_ratio:.2f}x its share): work every chip repeats because the rules do not split it"
+      f"({self.worst_ratio:.2f}x its share): {cause}"
     )
 
 
@@ -355,4 +394,5 @@ def chip_work(jaxpr, compiled_text: str, devices: int) -> ChipWork:
     worst=worst,
     worst_ratio=split.get(worst, 0.0) / share if share else math.inf,
     unknown_loops=compiled.unknown_loops,
+    devices=devices,
   )
