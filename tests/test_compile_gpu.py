@@ -129,6 +129,9 @@ def test_hopper_only_kernels_lower_for_a_gpu_that_is_not_attached(tmp_path):
   ), out.stdout
   flops = _line(out.stdout, "flops")
   assert "the Mosaic GPU experts' not counted" in flops, flops
+  assert _line(out.stdout, "step time") == (
+    "step time  not estimated: the count above misses the Mosaic GPU experts' matmuls"
+  ) and not _line(out.stdout, "MFU"), out.stdout
   # cuDNN's calls count in the compiled program as in the traced one (flops.cudnn_attention_flops).
   figures = json.loads(report.read_text())
   assert figures["partitioned_flops"] == pytest.approx(figures["traced_flops"], rel=0.02), figures

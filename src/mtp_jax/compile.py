@@ -88,7 +88,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   limit, limit_by = _xla_hbm_limit(program.cfg, devs[0], hbm), None
   if limit:
     limit_by = ("XLA", "train.compiler_options.xla_tpu_max_hbm_size_mib")
-  elif topo.gpu and not hbm_gib:  # JAX's allocator takes a share of the GPU, a quarter less unless told
+  elif topo.gpu and not hbm_gib:  # JAX's allocator takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says
     share, why = gpu_memory_share()
     limit, limit_by = share * hbm, ("JAX's allocator", why)
   state = state_bytes(program.abstract_state)
@@ -363,11 +363,18 @@ def _estimate(r: Report) -> None:
   the step time and the MFU an upper bound."""
   if not (r.partitioned_flops and r.memory and r.peak_flops and r.hbm_bandwidth):  # none for a refused step
     return
+  if _uncounted(r):  # a floor without the experts' matmuls is no floor
+    return
   compute, memory = r.partitioned_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
   r.step_s, r.bound = max(compute, memory), "compute" if compute >= memory else "memory"
   if r.xla_bytes is None:  # XLA:GPU compiling for GPUs not attached gives no cost analysis
     r.bound = None
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
+
+
+def _uncounted(r: Report) -> bool:
+  """Whether the step runs the Mosaic GPU experts, kernels whose matmuls the counts miss."""
+  return (r.expert_kernel or "").startswith("mosaic_gpu")
 
 
 def _against(r: Report) -> str:
@@ -490,7 +497,6 @@ def describe(r: Report) -> list[str]:
   if r.compiler_error:
     lines.append(f"compiler   {r.compiler_error}")
   model = f"{r.model_flops_per_step / r.chips:.3g} model FLOPs (analytic, no rematerialisation)"
-  mosaic = (r.expert_kernel or "").startswith("mosaic_gpu")
   traffic = f"; HBM traffic >= {_size(r.xla_bytes)} (XLA's count, inner loop bodies once)" if r.xla_bytes else ""
   counts = []
   for flops, what in [
@@ -500,7 +506,7 @@ def describe(r: Report) -> list[str]:
     if flops:
       counts.append(f"{flops:.3g} {what}: {flops * r.chips / r.model_flops_per_step:.2f} x the model's")
   loops = " (loops x their trip counts, rematerialisation included)" if counts else ""
-  unseen = "; the Mosaic GPU experts' not counted (kernels this count cannot see into)" if mosaic and counts else ""
+  unseen = "; the Mosaic GPU experts' not counted (kernels this count cannot see into)" if _uncounted(r) else ""
   lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{unseen}{traffic}")
   again, resent = [], r.collectives.recomputed if r.collectives else 0.0
   if r.recomputed_flops:
@@ -529,6 +535,8 @@ def describe(r: Report) -> list[str]:
     )
   if r.step_s:
     lines.append(f"MFU        <= {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
+  elif _uncounted(r) and r.partitioned_flops:
+    lines.append("step time  not estimated: the count above misses the Mosaic GPU experts' matmuls")
   room, has = r.hbm_limit or r.hbm_bytes, _against(r)
   if r.fits is None:
     lines.append("fit unknown: no HBM size for these devices (pass --hbm-gib)")
