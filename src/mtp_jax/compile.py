@@ -224,11 +224,11 @@ def _attached(devs: list):
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
   except ImportError:  # no cuDNN attention in this JAX: nothing of it to tell
     cudnn_attention = None
-  have = tuple(int(x) for x in devs[0].compute_capability.split("."))
 
   def version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split("."))
 
+  have = version(devs[0].compute_capability)
   told = {(jax, "devices"): lambda *_, **__: list(devs), (jax, "local_devices"): lambda *_, **__: list(devs)}
   if cudnn_attention is not None:
     told[cudnn_attention, "check_compute_capability"] = lambda c: have >= version(c)

@@ -142,15 +142,14 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
       name = eqn.primitive.name
       if name in ("dot_general", "ragged_dot_general"):
         total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += dot(eqn) * share
-      elif name == "pallas_call":  # a kernel (megablox's grouped matmuls): its own estimate, not its body
-        estimate = eqn.params.get("cost_estimate")
+      elif name == "pallas_call" or (m := _CUDNN_TRACED.fullmatch(name)):  # kernels: by estimate or shapes
         floats = [v.aval.shape for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]  # bf16 too
-        flops = estimate.flops if estimate else splash_flops(str(eqn.params.get("name", "")), floats)
-        total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += flops * share
-      elif m := _CUDNN_TRACED.fullmatch(name):  # cuDNN's fused attention: a primitive, no matmul inside
-        floats = [v.aval.shape for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
-        causal = "CAUSAL" in str(eqn.params.get("mask_type"))
-        flops = cudnn_attention_flops(m[1], floats, causal) if str(eqn.params.get("layout")) in ("0", "BTNH") else 0.0
+        if name == "pallas_call":  # megablox's grouped matmuls carry an estimate, splash does not
+          estimate = eqn.params.get("cost_estimate")
+          flops = estimate.flops if estimate else splash_flops(str(eqn.params.get("name", "")), floats)
+        else:  # cuDNN's fused attention, in JAX's BTNH layout (0)
+          causal = "CAUSAL" in str(eqn.params.get("mask_type"))
+          flops = cudnn_attention_flops(m[1], floats, causal) if str(eqn.params.get("layout")) == "0" else 0.0
         total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += flops * share
       elif name == "shard_map":  # shapes inside are per shard of the axes it makes manual
         manual = eqn.params["newly_manual_axes"]
@@ -325,18 +324,21 @@ def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str
     estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"', rest)
     if estimate:
       return float(estimate[1])
-    operands = rest.partition("operand_layout_constraints={")[2].partition("=")[0]  # its operands' shapes
-    return splash_flops(name, [hlo.dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)])
+    return splash_flops(name, _float_operands(rest))
   if m := _CUDNN_CALL.search(rest):  # XLA:GPU's cuDNN attention: its q, k and v are its first operands
-    operands = rest.partition("operand_layout_constraints={")[2].partition("=")[0]  # its operands' shapes
-    shapes = [hlo.dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)]
-    return cudnn_attention_flops("bwd" if m[1] else "fwd", shapes, '"mask_type": "CAUSAL"' in rest)
+    return cudnn_attention_flops("bwd" if m[1] else "fwd", _float_operands(rest), '"mask_type": "CAUSAL"' in rest)
   if any(f'custom_call_target="{g}"' in rest for g in _GEMMS):
     contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)
     lhs = hlo.dims(shapes.get(ops[0], ""))
     dims = [int(d.strip('"')) for d in contracting[1].split(",") if d.strip()] if contracting else []
     return 2.0 * out * math.prod(lhs[d] for d in dims)
   return 0.0
+
+
+def _float_operands(rest: str) -> list[tuple[int, ...]]:
+  """The float operands' shapes of a custom-call, from its operand layout constraints."""
+  operands = rest.partition("operand_layout_constraints={")[2].partition("=")[0]
+  return [hlo.dims(a) for a in re.findall(r"\b(?:bf16|f16|f32)\[[0-9,]*\]", operands)]
 
 
 REPEATED = 1.15  # a chip running more than this times its share of the traced matmuls is flagged
