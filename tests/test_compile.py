@@ -110,7 +110,7 @@ def test_cloud_tpu_names_map_to_slice_shapes(name, chip, shape, slices):
 @pytest.mark.parametrize(
   "name, message",
   [
-    ("tpu-8", "not a TPU slice this command knows; use v5p-N or v4-N"),
+    ("tpu-8", "not a TPU slice or GPU this command knows; use v5p-N or v4-N"),
     ("v5p-7", "no standard v5p slice has 7 TensorCores (known: 8, 16,"),
     ("v6e-2", "no standard v6e slice has 2 chips"),
     ("v6e:4x4x4", "a v6e slice has 2 dimensions, e.g. v6e:4x4"),
