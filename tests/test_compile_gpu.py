@@ -75,11 +75,13 @@ def test_without_the_cuda_plugin_a_gpu_topology_says_what_to_install():
 def test_two_h200s_compile_with_cudnn_attention_and_blocked_experts_judged_against_jax_s_share(tmp_path):
   """On GPUs `auto` picks cuDNN attention and the blocked dropless experts; the verdict is against
   the share of the GPU's memory JAX's allocator takes (0.75 unless XLA_PYTHON_CLIENT_MEM_FRACTION
-  says otherwise), and the roofline says it has no HBM bytes from XLA:GPU."""
+  says otherwise), and the roofline says it has no HBM bytes from XLA:GPU. Two hosts of one GPU
+  each, so mesh.dcn splits over them (one process a host)."""
   report = tmp_path / "report.json"
-  out = _compile("--topology", "h200:2", "--json", str(report), *TINY, *BF16, XLA_PYTHON_CLIENT_MEM_FRACTION="0.5")
+  argv = ("--topology", "2xh200", "--json", str(report), *TINY, *BF16, "mesh.dcn.data=2")
+  out = _compile(*argv, XLA_PYTHON_CLIENT_MEM_FRACTION="0.5")
   assert out.returncode == 0, out.stderr[-3000:]
-  assert _line(out.stdout, "topology") == "topology   h200:2: 2 chips (NVIDIA H200)"
+  assert _line(out.stdout, "topology") == "topology   2xh200: 2 chips (NVIDIA H200)"
   assert _line(out.stdout, "mesh").startswith("mesh       data 2, fsdp 1")
   assert _line(out.stdout, "attention") == "attention  cudnn (auto on GPU); dropless experts blocked (auto on GPU)"
   assert "not counted" not in _line(out.stdout, "flops")
