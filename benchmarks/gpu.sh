@@ -206,8 +206,8 @@ case ${1:-} in
       --vary dropless:model.moe.mode=dropless \
       --vary dropless-mosaic:model.moe.mode=dropless,model.moe.kernel=mosaic_gpu \
       2>&1 | tee "$out/train.txt" || true  # a row that failed exits 1 after the table; the row below still runs
-    # Dropless through lax.ragged_dot, which XLA:GPU runs as every row times every expert: 26.7x
-    # the model's matmul FLOPs in small.yaml's step (mtp-compile --topology h200), so ~8 s a step:
+    # Dropless through lax.ragged_dot, which XLA:GPU runs as every row times every expert: 27x
+    # the model's matmul FLOPs in small.yaml's step (mtp-compile --topology h200), so ~6 s a step:
     # 3 steps, where the stage has the time (its step time against the rows above: their depth 1).
     if ((SECONDS < 420)); then
       "$py" benchmarks/bench.py "${shape[@]}" model.moe.mode=dropless model.moe.kernel=ragged_dot --depths 1 \

@@ -129,11 +129,13 @@ def test_hopper_only_kernels_lower_for_a_gpu_that_is_not_attached(tmp_path):
   assert _line(out.stdout, "attention") == (
     "attention  cudnn (auto on GPU); dropless experts mosaic_gpu (asked for)"
   ), out.stdout
-  flops = _line(out.stdout, "flops")
-  assert "the Mosaic GPU experts' not counted" in flops, flops
-  assert _line(out.stdout, "step time") == (
-    "step time  not estimated: the count above misses the Mosaic GPU experts' matmuls"
-  ) and not _line(out.stdout, "MFU"), out.stdout
-  # cuDNN's calls count in the compiled program as in the traced one (flops.cudnn_attention_flops).
+  # cuDNN's and the Mosaic GPU kernels' calls count in the compiled program as in the traced one
+  # (flops.cudnn_attention_flops, flops.grouped_matmul_flops); and the kernels run the products
+  # lax.ragged_dot's traced count has, exactly.
   figures = json.loads(report.read_text())
   assert figures["partitioned_flops"] == pytest.approx(figures["traced_flops"], rel=0.02), figures
+  assert _line(out.stdout, "MFU").startswith("MFU        <= "), out.stdout
+  as_ragged_dot = (*mosaic[:2], "model.moe.kernel=ragged_dot")
+  ragged = _compile("--topology", "h200", "--json", str(report), *TINY, *BF16, *mla, *as_ragged_dot)
+  assert ragged.returncode == 0, ragged.stderr[-3000:]
+  assert json.loads(report.read_text())["traced_flops"] == figures["traced_flops"]

@@ -210,3 +210,15 @@ def test_a_kernel_these_devices_cannot_run_is_a_config_error_before_anything_com
   program = build(tiny("model.moe.mode=dropless"), jax.devices()[:1])
   assert program.experts == "blocked (auto on CPU)" and program.cfg.model.moe.kernel == "blocked"
   assert build(tiny("model.moe.mode=capacity"), jax.devices()[:1]).experts is None
+
+
+def test_grouped_matmul_flops_count_each_row_once():
+  """What the FLOP counts take for the Mosaic GPU kernels, which carry no estimate: 2 M K N for
+  the forward (rows against their group's weights) and the weight gradient (rows against rows,
+  into each group's weights); other shapes count nothing."""
+  from mtp_jax.model.flops import grouped_matmul_flops
+
+  assert grouped_matmul_flops([(256, 64), (8, 64, 32)], (256, 32)) == 2 * 256 * 64 * 32
+  assert grouped_matmul_flops([(256, 64), (256, 32)], (8, 64, 32)) == 2 * 256 * 64 * 32
+  assert grouped_matmul_flops([(256, 64), (8, 48, 32)], (256, 32)) == 0.0  # contraction does not match
+  assert grouped_matmul_flops([(256, 64)], (256, 32)) == 0.0

@@ -363,18 +363,11 @@ def _estimate(r: Report) -> None:
   the step time and the MFU an upper bound."""
   if not (r.partitioned_flops and r.memory and r.peak_flops and r.hbm_bandwidth):  # none for a refused step
     return
-  if _uncounted(r):  # a floor without the experts' matmuls is no floor
-    return
   compute, memory = r.partitioned_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
   r.step_s, r.bound = max(compute, memory), "compute" if compute >= memory else "memory"
   if r.xla_bytes is None:  # XLA:GPU compiling for GPUs not attached gives no cost analysis
     r.bound = None
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
-
-
-def _uncounted(r: Report) -> bool:
-  """Whether the step runs the Mosaic GPU experts, kernels whose matmuls the counts miss."""
-  return (r.expert_kernel or "").startswith("mosaic_gpu")
 
 
 def _against(r: Report) -> str:
@@ -506,8 +499,7 @@ def describe(r: Report) -> list[str]:
     if flops:
       counts.append(f"{flops:.3g} {what}: {flops * r.chips / r.model_flops_per_step:.2f} x the model's")
   loops = " (loops x their trip counts, rematerialisation included)" if counts else ""
-  unseen = "; the Mosaic GPU experts' not counted (kernels this count cannot see into)" if _uncounted(r) else ""
-  lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{unseen}{traffic}")
+  lines.append(f"flops      per chip per step{loops}: {'; '.join([*counts, model])}{traffic}")
   again, resent = [], r.collectives.recomputed if r.collectives else 0.0
   if r.recomputed_flops:
     again.append(f"{r.recomputed_flops:.3g} matmul FLOPs ({r.recomputed_flops / r.partitioned_flops:.1%} of them)")
@@ -535,8 +527,6 @@ def describe(r: Report) -> list[str]:
     )
   if r.step_s:
     lines.append(f"MFU        <= {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
-  elif _uncounted(r) and r.partitioned_flops:
-    lines.append("step time  not estimated: the count above misses the Mosaic GPU experts' matmuls")
   room, has = r.hbm_limit or r.hbm_bytes, _against(r)
   if r.fits is None:
     lines.append("fit unknown: no HBM size for these devices (pass --hbm-gib)")

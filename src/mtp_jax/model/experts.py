@@ -28,7 +28,7 @@ WEIGHT_AXES = (("experts", "embed", "expert_mlp"),) * 2 + (("experts", "expert_m
 # `model.moe.kernel=auto` per backend; ragged_dot elsewhere. XLA lowers lax.ragged_dot for CPU, and
 # for GPU too (jax 0.10.2 and 0.11.2), as every row times every expert, masked: E times the FLOPs,
 # and on GPU an N x E*F buffer (small.yaml dropless on an H200, compiled with none attached:
-# 26.7x the model's matmul FLOPs and 104.5 GiB, against blocked's 1.24x and 43.4 GiB;
+# 27x the model's matmul FLOPs and 104.5 GiB, against blocked's 1.46x and 43.4 GiB;
 # benchmarks/RESULTS.md). Hence the blocked loop there (benchmarks/moe_experts.py measures the
 # choice on CPU) until a GPU has measured mosaic_gpu against it (issue 22's benchmarks/gpu.sh).
 NATIVE = {"cpu": "blocked", "gpu": "blocked", "tpu": "megablox"}

@@ -142,11 +142,15 @@ def traced_matmul_groups(jaxpr, devices: int) -> collections.Counter:
       name = eqn.primitive.name
       if name in ("dot_general", "ragged_dot_general"):
         total[einsum_of(f"{eqn.source_info.name_stack}/{name}")] += dot(eqn) * share
-      elif name == "pallas_call" or (m := _CUDNN_TRACED.fullmatch(name)):  # kernels: by estimate or shapes
+      elif name in ("pallas_call", "mpmd_map") or (m := _CUDNN_TRACED.fullmatch(name)):  # by estimate or shapes
         floats = [v.aval.shape for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]  # bf16 too
-        if name == "pallas_call":  # megablox's grouped matmuls carry an estimate, splash does not
-          estimate = eqn.params.get("cost_estimate")
-          flops = estimate.flops if estimate else splash_flops(str(eqn.params.get("name", "")), floats)
+        estimate = eqn.params.get("cost_estimate")
+        if estimate:  # megablox's grouped matmuls
+          flops = estimate.flops
+        elif name == "pallas_call":  # splash
+          flops = splash_flops(str(eqn.params.get("name", "")), floats)
+        elif name == "mpmd_map":  # a Pallas Mosaic GPU kernel: the experts' grouped matmuls
+          flops = grouped_matmul_flops(floats, eqn.outvars[0].aval.shape)
         else:  # cuDNN's fused attention, in JAX's BTNH layout (0)
           causal = "CAUSAL" in str(eqn.params.get("mask_type"))
           flops = cudnn_attention_flops(m[1], floats, causal) if str(eqn.params.get("layout")) == "0" else 0.0
@@ -207,15 +211,31 @@ def cudnn_attention_flops(kind: str, float_operands: list, causal: bool) -> floa
   return 2.0 * b * n * pairs * (h + hv if kind == "fwd" else 3 * h + 2 * hv)
 
 
+def grouped_matmul_flops(float_operands: list, out: tuple[int, ...]) -> float:
+  """Matmul FLOPs of a grouped-matmul kernel from its shapes (the Mosaic GPU experts, which carry
+  no estimate): rows M x K against their group's weights G x K x N into M x N (ragged_dot), or
+  rows M x K against M x N into each group's K x N (its weight gradient); 2 M K N either way,
+  each row once. 0 for other shapes."""
+  if len(float_operands) != 2 or len(float_operands[0]) != 2:
+    return 0.0
+  (m, k), b = float_operands
+  if len(b) == 3 and b[1] == k and tuple(out) == (m, b[2]):
+    return 2.0 * m * k * b[2]
+  if len(b) == 2 and b[0] == m and len(out) == 3 and tuple(out[1:]) == (k, b[1]):
+    return 2.0 * m * k * b[1]
+  return 0.0
+
+
 _EINSUM = re.compile(r"[A-Za-z]+(?:,[A-Za-z]+)*->[A-Za-z]*")
 
 
 def einsum_of(name: str) -> str:
   """The innermost einsum named in a JAX name stack or an XLA op_name, else "ragged_dot",
-  "pallas_call" or "dot_product_attention" for those, else "": the key that matches a traced
-  matmul with the compiled instructions it became (where XLA keeps their names)."""
+  "pallas_call", "mpmd_map" (a Mosaic GPU kernel) or "dot_product_attention" for those, else "":
+  the key that matches a traced matmul with the compiled instructions it became (where XLA keeps
+  their names)."""
   found = _EINSUM.findall(name)
-  kernels = ("ragged_dot", "pallas_call", "dot_product_attention")
+  kernels = ("ragged_dot", "pallas_call", "mpmd_map", "dot_product_attention")
   return found[-1] if found else next((k for k in kernels if k in name), "")
 
 
@@ -238,8 +258,8 @@ def compiled_matmul_flops(hlo_text: str) -> CompiledFlops:
   `ragged-dot`, XLA:GPU's cuBLAS calls and Mosaic kernels by their cost estimate (XLA:TPU's
   ragged dot), inside fusions and calls, a while loop's body times the trip count XLA annotated,
   a conditional's costliest branch (hlo.walk), and apart the part XLA's own rematerialisation
-  repeats to fit memory (hlo.recomputed). cuDNN's fused attention counts by its shapes
-  (`cudnn_attention_flops`); Mosaic GPU kernels are not counted."""
+  repeats to fit memory (hlo.recomputed). cuDNN's fused attention and the Mosaic GPU grouped
+  matmuls count by their shapes (`cudnn_attention_flops`, `grouped_matmul_flops`)."""
 
   def measure(ins: hlo.Instruction, module: hlo.Module) -> collections.Counter | None:
     own = _instruction_flops(ins.shape, ins.opcode, ins.rest, module.shapes, ins.name)
@@ -325,6 +345,8 @@ def _instruction_flops(shape: str, opcode: str, rest: str, shapes: dict[str, str
     if estimate:
       return float(estimate[1])
     return splash_flops(name, _float_operands(rest))
+  if 'custom_call_target="mosaic_gpu_v2"' in rest:  # a Pallas Mosaic GPU kernel: the experts' grouped matmuls
+    return grouped_matmul_flops(_float_operands(rest), hlo.dims(shape))
   if m := _CUDNN_CALL.search(rest):  # XLA:GPU's cuDNN attention: its q, k and v are its first operands
     return cudnn_attention_flops("bwd" if m[1] else "fwd", _float_operands(rest), '"mask_type": "CAUSAL"' in rest)
   if any(f'custom_call_target="{g}"' in rest for g in _GEMMS):
