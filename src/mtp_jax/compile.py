@@ -105,8 +105,8 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
       start = time.perf_counter()
       with _attached(devs) if topo.gpu else contextlib.nullcontext():
         traced = program.step.trace(program.abstract_state, program.abstract_batch())
-        traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
         lowered = traced.lower()
+      traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
       lower_s = time.perf_counter() - start
       try:
         with _uncached(bool(dumps)):  # a program read back from the persistent cache is not compiled, so not dumped
@@ -364,9 +364,9 @@ def _estimate(r: Report) -> None:
   if not (r.partitioned_flops and r.memory and r.peak_flops and r.hbm_bandwidth):  # none for a refused step
     return
   compute, memory = r.partitioned_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
-  r.step_s, r.bound = max(compute, memory), "compute" if compute >= memory else "memory"
-  if r.xla_bytes is None:  # XLA:GPU compiling for GPUs not attached gives no cost analysis
-    r.bound = None
+  r.step_s = max(compute, memory)
+  # None: no HBM bytes to weigh (XLA:GPU compiling for GPUs not attached gives no cost analysis).
+  r.bound = None if r.xla_bytes is None else "compute" if compute >= memory else "memory"
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
 
 
