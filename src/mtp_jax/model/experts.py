@@ -166,13 +166,18 @@ def swiglu_mosaic(
   (jax.experimental.pallas.ops.gpu): `ragged_dot` forward and, with the weights transposed, for
   the input gradient; `transposed_ragged_dot` for the weight gradient, each touching only its
   own group's rows (`_mosaic_gmm`). Rows past the groups (and their gates) are zeroed on the way
-  in and out (the kernels leave them unwritten)."""
-  valid_N = (jnp.arange(x_NxD.shape[0]) < group_sizes_E.sum())[:, None]
+  in and out (the kernels leave them unwritten), and padded to a multiple of 8: the kernels take
+  fewer than 8 rows or a multiple of 8 (a decoding step of 2 tokens, top-6, has 12)."""
+  n = x_NxD.shape[0]
+  rows = n if n < 8 else -(-n // 8) * 8
+  valid_R = (jnp.arange(rows) < group_sizes_E.sum())[:, None]
   sizes = group_sizes_E.astype(jnp.int32)
-  x_NxD = jnp.where(valid_N, x_NxD, 0)
-  gates_N = None if gates_N is None else jnp.where(valid_N[:, 0], gates_N, 0)  # as in `swiglu_gmm`
-  h_NxF = _hidden(_mosaic_gmm(x_NxD, w[0], sizes), _mosaic_gmm(x_NxD, w[1], sizes), gates_N)
-  return jnp.where(valid_N, _mosaic_gmm(h_NxF, w[2], sizes), 0)
+  x_RxD = jnp.where(valid_R, jnp.pad(x_NxD, ((0, rows - n), (0, 0))), 0)
+  gates_R = (
+    None if gates_N is None else jnp.where(valid_R[:, 0], jnp.pad(gates_N, (0, rows - n)), 0)
+  )  # as in `swiglu_gmm`
+  h_RxF = _hidden(_mosaic_gmm(x_RxD, w[0], sizes), _mosaic_gmm(x_RxD, w[1], sizes), gates_R)
+  return jnp.where(valid_R, _mosaic_gmm(h_RxF, w[2], sizes), 0)[:n]
 
 
 @jax.custom_vjp
