@@ -434,3 +434,114 @@ def test_what_a_device_moves_to_its_host_and_back_counts_every_turn(form):
   # the buffer once. What stays in HBM moves nothing over the link.
   assert hlo.host_transfers(_offloaded(form)) == (3 * row + whole + 2 * 8 * 4, 3 * row + whole)
   assert hlo.host_transfers(_offloaded(form).replace("S(5)", "S(1)")) == (0, 0)
+
+
+# A program as XLA:GPU prints one (shortened): a loop of 5 turns over a fusion that slices a
+# stacked weight, one that reads a slice through a nested fusion, one that updates the stack in
+# place and a library call; then a copy, and a reduction whose `add` is the reduce's own.
+_KERNELS = """HloModule jit_step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%fused_slice (param_0: f32[8,64,32], param_1: s32[]) -> f32[1,64,32] {
+  %param_0 = f32[8,64,32]{2,1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %c = s32[] constant(0)
+  ROOT %ds = f32[1,64,32]{2,1,0} dynamic-slice(%param_0, %param_1, %c, %c), dynamic_slice_sizes={1,64,32}
+}
+
+%sliced (p0: f32[8,64,32], p1: s32[]) -> f32[1,64,32] {
+  %p0 = f32[8,64,32]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %c0 = s32[] constant(0)
+  %bc = f32[8,64,32]{2,1,0} bitcast(%p0)
+  ROOT %ds0 = f32[1,64,32]{2,1,0} dynamic-slice(%bc, %p1, %c0, %c0), dynamic_slice_sizes={1,64,32}
+}
+
+%fused_outer (param_0.1: f32[8,64,32], param_1.1: s32[], param_2: f32[16,64]) -> f32[16,32] {
+  %param_0.1 = f32[8,64,32]{2,1,0} parameter(0)
+  %param_1.1 = s32[] parameter(1)
+  %inner = f32[1,64,32]{2,1,0} fusion(%param_0.1, %param_1.1), kind=kLoop, calls=%sliced
+  %b64 = f32[64,32]{1,0} bitcast(%inner)
+  %param_2 = f32[16,64]{1,0} parameter(2)
+  ROOT %dot = f32[16,32]{1,0} dot(%param_2, %b64), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_update (param_0.2: f32[8,64,32], param_1.2: f32[1,64,32], param_2.2: s32[]) -> f32[8,64,32] {
+  %param_0.2 = f32[8,64,32]{2,1,0} parameter(0)
+  %param_1.2 = f32[1,64,32]{2,1,0} parameter(1)
+  %neg = f32[1,64,32]{2,1,0} negate(%param_1.2)
+  %param_2.2 = s32[] parameter(2)
+  %c1 = s32[] constant(0)
+  ROOT %dus = f32[8,64,32]{2,1,0} dynamic-update-slice(%param_0.2, %neg, %param_2.2, %c1, %c1)
+}
+
+%body (t: (s32[], f32[8,64,32], f32[16,64])) -> (s32[], f32[8,64,32], f32[16,64]) {
+  %t = (s32[], f32[8,64,32]{2,1,0}, f32[16,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %w = f32[8,64,32]{2,1,0} get-tuple-element(%t), index=1
+  %x = f32[16,64]{1,0} get-tuple-element(%t), index=2
+  %s = f32[1,64,32]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_slice
+  %o = f32[16,32]{1,0} fusion(%w, %i, %x), kind=kOutput, calls=%fused_outer
+  %u = f32[8,64,32]{2,1,0} fusion(%w, %s, %i), kind=kLoop, calls=%fused_update
+  %g = (f32[16,32]{1,0}, s8[1024]{0}) custom-call(%x, %o), custom_call_target="__cublas$gemm"
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t2 = (s32[], f32[8,64,32]{2,1,0}, f32[16,64]{1,0}) tuple(%next, %u, %x)
+}
+
+%cond (t.1: (s32[], f32[8,64,32], f32[16,64])) -> pred[] {
+  %t.1 = (s32[], f32[8,64,32]{2,1,0}, f32[16,64]{1,0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%t.1), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i.1, %n), direction=LT
+}
+
+ENTRY %main (w.1: f32[8,64,32], x.1: f32[16,64]) -> (f32[8,64,32], f32[]) {
+  %w.1 = f32[8,64,32]{2,1,0} parameter(0)
+  %x.1 = f32[16,64]{1,0} parameter(1)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,64,32]{2,1,0}, f32[16,64]{1,0}) tuple(%zero, %w.1, %x.1)
+  %loop = (s32[], f32[8,64,32]{2,1,0}, f32[16,64]{1,0}) while(%init), condition=%cond, body=%body, backend_config=TRIP
+  %out = f32[8,64,32]{2,1,0} get-tuple-element(%loop), index=1
+  %cp = f32[8,64,32]{2,1,0} copy(%out)
+  %zf = f32[] constant(0)
+  %red = f32[] reduce(%x.1, %zf), dimensions={0,1}, to_apply=%add
+  ROOT %res = (f32[8,64,32]{2,1,0}, f32[]) tuple(%cp, %red)
+}
+""".replace("TRIP", '{"known_trip_count":{"n":"5"}}')
+
+
+def test_kernels_read_their_operands_and_write_their_results_loops_counted_out():
+  layer = 64 * 32 * 4  # one slice of the stack
+  turn = sum(
+    [
+      2 * layer,  # the slice fusion reads its slice and writes it
+      layer + (16 * 64 + 16 * 32) * 4,  # the nested slice (through a bitcast) and the rows; the product
+      2 * layer,  # the in-place update reads its update and writes that part of the stack
+      (16 * 64 + 2 * 16 * 32) * 4 + 1024,  # the library call: its operands; its result and workspace
+      3 * 4,  # the counter's add
+      3 * 4,  # the three fusions' index
+    ]
+  )
+  after = 2 * 8 * layer + (16 * 64 * 4 + 4) + 4  # the copy; the reduction (its `add` runs inside it)
+  assert hlo.kernel_traffic(_KERNELS) == (5 * turn + after, 0)
+
+
+def test_kernel_traffic_is_xla_s_own_count_where_xla_gives_one():
+  """On the CPU, XLA's cost analysis counts each kernel's bytes by the same rule."""
+  w, x = jnp.ones((8, 256, 512)), jnp.ones((64, 256))
+  programs = [
+    (lambda w, x: jax.nn.gelu(x @ w[3]), (w, x)),  # a matmul reading a slice of a stack, its activation fused
+    (lambda w, x, i: jax.lax.dynamic_update_index_in_dim(w, (x @ w[i]).T[:256, :], i, 0), (w, x, 5)),
+    (lambda x: jax.nn.softmax(x, axis=-1), (x,)),
+  ]
+  for f, args in programs:
+    compiled = jax.jit(f).lower(*args).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list | tuple) else analysis
+    assert hlo.kernel_traffic(compiled.as_text()) == (analysis["bytes accessed"], 0)

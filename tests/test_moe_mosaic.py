@@ -209,6 +209,24 @@ def test_the_kernel_auto_takes_per_backend_and_what_a_named_one_needs():
       experts.choose(kernel, platform, **{**hopper, **change})
 
 
+def test_auto_decodes_through_the_masked_product_on_a_gpu_and_trains_through_blocks(monkeypatch):
+  """At decoding sizes (up to experts.MASKED_ROWS rows) a GPU takes lax.ragged_dot, which XLA:GPU
+  runs as one masked product reading each expert once; above, and on the other backends, the
+  backend's own (tests/test_compile_gpu.py compares the two steps' HBM traffic)."""
+  x, w, _, sizes = _inputs(4096, [40, 0, 90, 0], 64, 64, jnp.float32)
+
+  def traced(platform, rows):
+    monkeypatch.setattr(experts.sharding, "platform", lambda mesh=None: platform)
+    jaxpr = jax.make_jaxpr(lambda x: experts.swiglu_ragged(x, w, sizes))(x[:rows])
+    return {e.primitive.name for e in jaxpr.jaxpr.eqns} & {"ragged_dot_general", "scan"}
+
+  assert traced("gpu", 48) == {"ragged_dot_general"}  # 8 rows verifying 2 drafts each, top-2
+  assert traced("gpu", experts.MASKED_ROWS) == {"ragged_dot_general"}
+  assert traced("gpu", experts.MASKED_ROWS + 1) == traced("gpu", 4096) == {"scan"}
+  assert traced("cpu", 2) == {"scan"}
+  assert [experts.native("tpu", rows) for rows in (2, 4096)] == ["megablox"] * 2
+
+
 def test_a_kernel_these_devices_cannot_run_is_a_config_error_before_anything_compiles(tiny):
   from mtp_jax.config import ConfigError
   from mtp_jax.train.program import build

@@ -55,11 +55,12 @@ class Report:
   repeated: str | None  # when a chip runs over 1.15x its share of the traced matmuls: how much, and where
   collectives: hlo.Collectives | None  # what a chip sends to others per step, by collective
   xla_bytes: float | None  # XLA's HBM bytes accessed, the accumulation loop's body x its count: a floor
+  kernel_bytes: float | None  # GPUs, where XLA counts none: what the step's kernels read and write (hlo.kernel_traffic)
   xla_optimal_seconds: float | None  # raw; see _estimate
   peak_flops: float | None
   hbm_bandwidth: float | None
   step_s: float | None  # roofline estimate
-  bound: str | None  # "compute" or "memory"; None where XLA counted no HBM bytes
+  bound: str | None  # "compute" or "memory"; None where no HBM bytes were counted
   mfu: float | None
   dump: str | None = None  # where XLA wrote the compiled step's dumps (--dump)
   peak_holders: list[tuple[str, float]] | None = None  # from them: what is live at the peak, the largest first
@@ -93,6 +94,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     limit, limit_by = share * hbm, ("JAX's allocator", why)
   state = state_bytes(program.abstract_state)
   compiled, error, lower_s, compile_s, traced_flops, work, comms, moved = None, None, 0.0, 0.0, None, None, None, None
+  kernel_bytes = None
   began = time.time()
   room = limit or hbm  # what the step may hold per chip
   # With values offloaded, XLA:TPU's peak counts host buffers with HBM's; what it put in HBM is
@@ -120,6 +122,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
         text = compiled.as_text()
         work, comms = chip_work(traced.jaxpr, text, len(devs)), hlo.collectives(text)
         moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
+        kernel_bytes = hlo.kernel_traffic(text)[0] if topo.gpu else None
     memory = program_memory(compiled) if compiled else None
     holders, in_hbm = None, None
     if dumps:
@@ -195,6 +198,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     repeated=work.warning() if work else None,
     collectives=comms,
     xla_bytes=xla_bytes,
+    kernel_bytes=kernel_bytes,
     xla_optimal_seconds=counts.get("optimal_seconds"),
     peak_flops=peak_flops(devs[0]),
     hbm_bandwidth=topo.gpu.hbm_bandwidth if topo.gpu else chip.hbm_bandwidth if chip else None,
@@ -355,18 +359,20 @@ def _refusal(error: str | None) -> tuple[float | None, float | None]:
 
 def _estimate(r: Report) -> None:
   """Roofline step time: max(FLOPs / peak, HBM bytes / bandwidth) per chip, with the matmul
-  FLOPs of the partitioned program and XLA's floor on HBM bytes.
+  FLOPs of the partitioned program and XLA's floor on HBM bytes; on GPUs, where XLA gives no
+  count, the bytes its kernels read and write, loops counted (an estimate, not a floor: the
+  GPU's L2 cache may serve some of those reads, and a matmul may read its operands more than once).
 
   XLA:TPU's own `optimal_seconds` is no step time: it sums per-instruction estimates, counts a
   loop body once, and comes out negative for the MoE programs (it seems to add -1 for each async
-  call it cannot time). The roofline ignores communication and overlap, so it is a lower bound on
-  the step time and the MFU an upper bound."""
+  call it cannot time). The roofline ignores communication and overlap, so with XLA's floor it is
+  a lower bound on the step time and the MFU an upper bound."""
   if not (r.partitioned_flops and r.memory and r.peak_flops and r.hbm_bandwidth):  # none for a refused step
     return
-  compute, memory = r.partitioned_flops / r.peak_flops, (r.xla_bytes or 0) / r.hbm_bandwidth
+  moved = r.xla_bytes if r.xla_bytes is not None else r.kernel_bytes
+  compute, memory = r.partitioned_flops / r.peak_flops, (moved or 0) / r.hbm_bandwidth
   r.step_s = max(compute, memory)
-  # None: no HBM bytes to weigh (XLA:GPU compiling for GPUs not attached gives no cost analysis).
-  r.bound = None if r.xla_bytes is None else "compute" if compute >= memory else "memory"
+  r.bound = None if moved is None else "compute" if compute >= memory else "memory"
   r.mfu = r.model_flops_per_step / (r.step_s * r.peak_flops * r.chips)
 
 
@@ -491,6 +497,8 @@ def describe(r: Report) -> list[str]:
     lines.append(f"compiler   {r.compiler_error}")
   model = f"{r.model_flops_per_step / r.chips:.3g} model FLOPs (analytic, no rematerialisation)"
   traffic = f"; HBM traffic >= {_size(r.xla_bytes)} (XLA's count, inner loop bodies once)" if r.xla_bytes else ""
+  if r.kernel_bytes and not r.xla_bytes:
+    traffic = f"; HBM traffic ~ {_size(r.kernel_bytes)} (its kernels' operands and results, loops counted; no cache)"
   counts = []
   for flops, what in [
     (r.partitioned_flops, "in the matmuls the chip runs (the compiled, partitioned program)"),
@@ -514,9 +522,10 @@ def describe(r: Report) -> list[str]:
     lines.append(f"warning    {r.repeated}")
   if r.collectives:
     lines += _collectives(r.collectives)
+  about = ">=" if r.xla_bytes else "~"  # kernel_bytes is an estimate, not a floor (`_estimate`)
   if r.step_s and r.bound:
     lines.append(
-      f"step time  >= {_seconds(r.step_s)}, a roofline: max(FLOPs / "
+      f"step time  {about} {_seconds(r.step_s)}, a roofline: max(FLOPs / "
       f"{r.peak_flops / 1e12:,.0f} TFLOP/s, HBM bytes / {r.hbm_bandwidth / 1e9:,.0f} GB/s), "
       f"{r.bound}-bound; communication and overlap not modelled"
     )
@@ -526,7 +535,8 @@ def describe(r: Report) -> list[str]:
       "of HBM bytes for these devices); communication and overlap not modelled"
     )
   if r.step_s:
-    lines.append(f"MFU        <= {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
+    about = "<=" if r.xla_bytes or not r.bound else "~"
+    lines.append(f"MFU        {about} {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
   room, has = r.hbm_limit or r.hbm_bytes, _against(r)
   if r.fits is None:
     lines.append("fit unknown: no HBM size for these devices (pass --hbm-gib)")

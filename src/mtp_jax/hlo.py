@@ -4,7 +4,8 @@ computations; `walk` sums a measure of each instruction over one call of the pro
 fusions and calls, a while loop's body times its trip count, a conditional's costliest branch;
 `recomputed` names the work XLA's own rematerialisation repeats to fit memory. model/flops.py
 measures the matmuls with it; `collectives` below measures what each device sends to the others,
-and `host_transfers` what it moves to and from its host's memory.
+`host_transfers` what it moves to and from its host's memory, and `kernel_traffic` what its
+kernels read from and write to its own.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def walk(module: Module, measure: Measure, within: frozenset[str] | None = None)
         sums.update(own)
       if ins.opcode.endswith(("-done", "-update")):  # an async computation runs once, under its start
         continue
-      called = _CALLEE.findall(ins.rest)
-      called += [c.strip().lstrip("%") for group in _CALLEES.findall(ins.rest) for c in group.split(",") if c.strip()]
+      called = _callees(ins.rest)
       if ins.opcode == "while":
         body = total(re.search(r"\bbody=%([^\s,(){}]+)", ins.rest)[1], counts)
         condition = module.computations.get(re.search(r"\bcondition=%([^\s,(){}]+)", ins.rest)[1])
@@ -417,3 +417,131 @@ def host_transfers(text: str) -> tuple[float, float]:
 
   sums, _ = walk(module, measure)
   return sums["to"], sums["back"]
+
+
+# ---- What each device reads from and writes to its memory -------------------------------------
+
+# Instructions that launch no kernel of their own: they name, regroup or reinterpret buffers, or
+# run others (loops and calls are walked into), or finish what a start began.
+_FREE = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "while",
+  "conditional",
+  "call",
+  "after-all",
+  "add-dependency",
+  "opt-barrier",
+  "partition-id",
+  "replica-id",
+  "domain",
+}
+# Ops through which a fused parameter is read only in part: the result's bytes are what is read.
+_PARTIAL_READS = {"dynamic-slice", "slice", "gather"}
+
+
+def kernel_traffic(text: str) -> tuple[float, int]:
+  """(bytes, loops counted once): what one device's kernels read from and write to its memory
+  per call of a compiled program, loops counted out, by the rule XLA's own cost model has for a
+  kernel (a fusion, a library call, an op left unfused): it reads its operands and writes its
+  result, once each. A fused parameter read only through slices counts the slices; a fusion that
+  updates its operand in place (its root a dynamic-update-slice of a parameter) counts the update
+  written, not the buffer. Caches are ignored: an operand that several kernels read counts for
+  each. XLA:GPU gives no byte count for a program compiled with no GPU attached; this is the one
+  a roofline of its step can use there."""
+  module = parse(text)
+  inner = {  # instructions of the computations that kernels run inside them (fusion bodies and the like)
+    ins.name
+    for body in module.computations.values()
+    for kernel in body
+    if kernel.opcode not in _FREE
+    for c in _callees(kernel.rest)
+    for ins in module.computations.get(c, [])
+  }
+
+  def measure(ins: Instruction, module: Module) -> collections.Counter | None:
+    if ins.opcode in _FREE or ins.opcode.endswith(("-done", "-update")) or ins.name in inner:
+      return None
+    args = [module.shapes.get(op, "") for op in operands(ins.rest)]
+    if ins.opcode in ("fusion", "fusion-start") and (m := _CALLEE.search(ins.rest)):
+      moved = _fused_traffic(module, module.computations.get(m[1], []), args)
+    elif ins.opcode == "dynamic-update-slice" and len(args) > 1:  # in place: the update, read and written
+      moved = 2 * nbytes(args[1])
+    elif ins.opcode in _PARTIAL_READS:
+      moved = 2 * nbytes(ins.shape)
+    else:
+      read, written = sum(map(nbytes, args)), nbytes(ins.shape)
+      if ins.opcode.endswith("-start"):  # an async start's result holds its operands, then its outputs
+        written = max(written - read, 0.0)
+      moved = read + written
+    return collections.Counter(bytes=moved)
+
+  sums, loops_once = walk(module, measure)
+  return sums["bytes"], loops_once
+
+
+def _callees(rest: str) -> list[str]:
+  """The computations an instruction calls: a fusion's body, a loop's, a reduction's and the like."""
+  listed = [c.strip().lstrip("%") for group in _CALLEES.findall(rest) for c in group.split(",") if c.strip()]
+  return _CALLEE.findall(rest) + listed
+
+
+def _fused_traffic(module: Module, body: list[Instruction], args: list[str]) -> float:
+  """Bytes a fusion of `body` called with operands of shapes `args` reads and writes (its root
+  is the last instruction, as XLA prints it)."""
+  if not body:
+    return sum(map(nbytes, args))
+  by_name = {ins.name: ins for ins in body}
+  roots = [body[-1]]
+  if roots[0].opcode == "tuple":
+    roots = [by_name[op] for op in operands(roots[0].rest) if op in by_name]
+  written, in_place = 0.0, set()
+  for root in roots:
+    buffer, *update = operands(root.rest) or [""]
+    if root.opcode == "dynamic-update-slice" and by_name.get(buffer, root).opcode == "parameter" and update:
+      in_place.add(buffer)
+      written += nbytes(by_name[update[0]].shape) if update[0] in by_name else 0.0
+    else:
+      written += nbytes(root.shape)
+  read = 0.0
+  for ins in body:
+    if (index := _parameter_index(ins)) is not None and index < len(args):
+      part = _read_of(module, body, ins.name, skip=roots if ins.name in in_place else ())
+      read += nbytes(args[index]) if part is None else part
+  return read + written
+
+
+def _read_of(module: Module, body: list[Instruction], name: str, skip=()) -> float | None:
+  """Bytes of a fused value that the fusion's instructions read, where they read it only in
+  part: through slices, bitcasts and fusions nested inside (None: some read it whole)."""
+  read = 0.0
+  for user in body:
+    args = operands(user.rest)
+    if name not in args or user in skip:
+      continue
+    if user.opcode in _PARTIAL_READS and args[0] == name:
+      read += nbytes(user.shape)
+    elif user.opcode == "bitcast":
+      part = _read_of(module, body, user.name)
+      if part is None:
+        return None
+      read += part
+    elif user.opcode == "fusion" and (m := _CALLEE.search(user.rest)):
+      inner = module.computations.get(m[1], [])
+      params = {index: ins.name for ins in inner if (index := _parameter_index(ins)) is not None}
+      for index in (i for i, a in enumerate(args) if a == name):
+        part = _read_of(module, inner, params[index]) if index in params else None
+        if part is None:
+          return None
+        read += part
+    else:
+      return None
+  return read
+
+
+def _parameter_index(ins: Instruction) -> int | None:
+  m = re.match(r"(\d+)\)", ins.rest) if ins.opcode == "parameter" else None
+  return int(m[1]) if m else None

@@ -92,8 +92,8 @@ class MoEConfig(Section):
     "auto",
     "dropless: what runs each expert over its rows. ragged_dot: jax.lax.ragged_dot, left to the compiler; "
     "blocked: rows padded into blocks of one expert, a loop; megablox: Pallas grouped matmuls (TPU); mosaic_gpu: "
-    "JAX's Pallas Mosaic GPU grouped matmuls (Hopper, bfloat16); auto: blocked on CPU, megablox on TPU, else "
-    "ragged_dot.",
+    "JAX's Pallas Mosaic GPU grouped matmuls (Hopper, bfloat16); auto: megablox on TPU, blocked on CPU and GPU, "
+    "but ragged_dot for a GPU's calls of up to 128 rows (decoding), else ragged_dot.",
   )
   capacity_factor: float = field(
     1.25,

@@ -33,6 +33,22 @@ WEIGHT_AXES = (("experts", "embed", "expert_mlp"),) * 2 + (("experts", "expert_m
 # choice on CPU) until a GPU has measured mosaic_gpu against it (issue 22's benchmarks/gpu.sh).
 NATIVE = {"cpu": "blocked", "gpu": "blocked", "tpu": "megablox"}
 ONLY_ON = {"megablox": "tpu", "mosaic_gpu": "gpu"}  # kernels that run on one backend alone
+# Decoding on a GPU: up to this many rows, `auto` takes ragged_dot. Its masked product reads each
+# expert's weights once, in place, and its E-fold FLOPs cost less than that read while the rows
+# stay under the GPU's ridge point (peak FLOP/s over HBM bytes/s: about 200 for an H100 or H200 in
+# bfloat16). The blocked loop's kernels copy each block's weights out before its matmul, and the
+# layer's whole expert stack into the loop: compiled for an H200, a decoding step of
+# speculative.py's 2.8B model moves 1.7-5.6x its parameters' bytes blocked, 0.8-0.9x masked
+# (benchmarks/decode_traffic.py; RESULTS, 2026-12-07 (seventh)). Blocks win only with many experts
+# and few rows (small.yaml at batch 1, 64 experts: about 11% less).
+MASKED_ROWS = 128
+
+
+def native(platform: str, rows: int) -> str:
+  """What `auto` runs `rows` token-slots through on devices of `platform` (see MASKED_ROWS)."""
+  if platform == "gpu" and rows <= MASKED_ROWS:
+    return "ragged_dot"
+  return NATIVE.get(platform, "ragged_dot")
 
 
 def choose(kernel: str, platform: str, *, dims: tuple[int, int], dtype: str, capability: float | None = None):
@@ -95,8 +111,8 @@ def swiglu_ragged(
 ) -> jax.Array:
   """Each expert's SwiGLU over its rows: rows sorted by expert, group_sizes_E of them to each in
   turn, rows past their sum giving zeros; with `gates_N`, each row's output times its gate
-  (`_hidden`). `kernel` (`model.moe.kernel`, resolved by `choose`;
-  `auto` here takes the backend's own, as decoding does): `blocked` (`swiglu_blocked`),
+  (`_hidden`). `kernel` (`model.moe.kernel`, resolved by `choose`; `auto` here takes the
+  backend's own for this many rows, as decoding does: `native`): `blocked` (`swiglu_blocked`),
   `megablox` (`swiglu_gmm`: XLA:TPU runs `lax.ragged_dot`'s forward as a grouped matmul but its
   weight gradient as a product of every row with every expert), `mosaic_gpu` (`swiglu_mosaic`)
   or `ragged_dot` (`swiglu_ragged_dot`, left to the compiler; docs/scaling.md, "Where the
@@ -104,7 +120,7 @@ def swiglu_ragged(
   on one backend, decoded on another) gives way to the backend's own."""
   platform, x_NxD = sharding.platform(), checkpoint_name(x_NxD, "moe_in")
   if kernel == "auto" or ONLY_ON.get(kernel, platform) != platform:
-    kernel = NATIVE.get(platform, "ragged_dot")
+    kernel = native(platform, x_NxD.shape[0])
   run = {
     "blocked": swiglu_blocked,
     "megablox": swiglu_gmm,

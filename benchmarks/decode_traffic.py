@@ -1,0 +1,104 @@
+"""Decoding's HBM traffic on a GPU, by expert kernel, compiled for a GPU that is not attached.
+
+  python benchmarks/decode_traffic.py [--topology h200] [--config configs/tiny.yaml] [--scale gpu]
+      [--batches 1,8] [--tokens 1,3] [--kernels auto,blocked,ragged_dot,mosaic_gpu] [--json OUT] [key=value ...]
+
+For each expert kernel (`model.moe.kernel`), batch and number of new tokens a row (1: a plain
+step; 1 + K: a speculative round's verification with K drafts), it compiles one cached decoding
+step (`decode.step`) for the topology's GPU through JAX's CUDA plugin (`pip install
+'mtp-jax[gpu-aot]'`; no GPU needed) and counts what the step's kernels read from and write to
+HBM (`hlo.kernel_traffic`: each kernel's operands and results, no cache). A step that reads each
+weight once moves about the parameters' bytes; what is over that is copies. The time column is
+that traffic over the GPU's HBM bandwidth, the step's floor if it is bound by memory.
+`--scale` takes overrides of a larger model, or `gpu` (speculative.py's ~2.8B bfloat16 model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mtp_jax import topology
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="decode_traffic", description=__doc__.splitlines()[0])
+  parser.add_argument("--topology", default="h200", help="one GPU: h100 or h200")
+  parser.add_argument("--config", default="configs/tiny.yaml")
+  parser.add_argument("--scale", default="", help="overrides of a larger model, or gpu")
+  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--tokens", default="1,3", help="new tokens a row per step: 1 plain, 1 + K a round of K drafts")
+  parser.add_argument("--kernels", default="auto,blocked,ragged_dot,mosaic_gpu")
+  parser.add_argument("--json", metavar="FILE", help="also write every row here")
+  parser.add_argument("overrides", nargs="*", metavar="key=value")
+  args = parser.parse_args(argv)
+  topo = topology.parse_topology(args.topology)
+  if not topo.gpu or topo.chips != 1:
+    parser.error(f"--topology {args.topology}: one GPU, e.g. h200")
+  topology.prepare_environment(topo)  # before JAX starts
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from mtp_jax import compile as mtp_compile
+  from mtp_jax import config as config_lib
+  from mtp_jax import hlo, sharding
+  from mtp_jax.generate import decode
+  from mtp_jax.generate.cache import Cache
+  from mtp_jax.model import Transformer, experts
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from speculative import SCALES
+
+  devs = topology.devices(topo)
+  placed = jax.sharding.SingleDeviceSharding(devs[0])
+  scale = SCALES.get(args.scale, args.scale).split()
+  print(f"# {args.topology} ({devs[0].device_kind}), compiled with none attached; jax {jax.__version__}")
+  print("| kernel | runs as | batch | tokens a row | HBM traffic | / parameters | at HBM bandwidth |")
+  print("|---|---|---|---|---|---|---|")
+  rows = []
+  for kernel in args.kernels.split(","):
+    cfg = config_lib.load(args.config, [*scale, *args.overrides, f"model.moe.kernel={kernel}"])
+    model = nnx.eval_shape(lambda cfg=cfg: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    mesh = sharding.make_mesh(cfg.mesh, devs)
+    for batch in map(int, args.batches.split(",")):
+      for tokens in map(int, args.tokens.split(",")):
+        slots = cfg.data.seq_len
+
+        def step(state, tokens_BxT, cache, graphdef=graphdef):
+          return decode.step(nnx.merge(graphdef, state), tokens_BxT, cache)[0]
+
+        def on_gpu(tree):
+          return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), tree)
+
+        def empty(batch=batch, slots=slots, model=model):
+          return Cache(model.empty_cache(batch, slots), jnp.zeros(batch, jnp.int32))
+
+        cache = jax.eval_shape(empty)
+        new = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=placed)
+        with mtp_compile._attached(devs), sharding.activate(mesh, cfg.mesh.rules):
+          lowered = jax.jit(step).trace(on_gpu(state), new, on_gpu(cache)).lower()
+        moved, _ = hlo.kernel_traffic(lowered.compile().as_text())
+        m = cfg.model.moe
+        runs = kernel if kernel != "auto" or not m.num_experts else experts.native("gpu", batch * tokens * m.top_k)
+        row = dict(kernel=kernel, runs=runs, batch=batch, tokens=tokens, bytes=moved, params_bytes=params)
+        row["seconds"] = moved / topo.gpu.hbm_bandwidth
+        rows.append(row)
+        print(
+          f"| {kernel} | {runs} | {batch} | {tokens} | {mtp_compile._size(moved)} | {moved / params:.2f} "
+          f"| {row['seconds'] * 1e3:.2f} ms |",
+          flush=True,
+        )
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
