@@ -78,6 +78,13 @@ def test_mesh_must_tile_the_devices():
   with pytest.raises(config.ConfigError, match="multiply to 4, not the 8 devices"):
     mesh.shape(8)
   assert config.load(None, ["mesh.expert=2"]).mesh.shape(8)["data"] == 4  # -1 fills
+  # mesh.dcn tiles the slices: a TPU's, or the processes of a GPU or CPU job, one a process.
+  dcn = config.load(None, ["mesh.dcn.data=2"]).mesh
+  assert dcn.shape(8, num_slices=2)["data"] == 8
+  with pytest.raises(config.ConfigError, match=r"not the 1 slice present \(TPU slices; elsewhere one a process\)"):
+    dcn.shape(8, num_slices=1)
+  with pytest.raises(config.ConfigError, match="multiply to 2, not the 4 slices present"):
+    dcn.shape(8, num_slices=4)
 
 
 def test_config_files_load_and_match_their_documented_shapes():

@@ -302,7 +302,8 @@ class MeshConfig(Section):
     dcn = {a: getattr(self.dcn, a) for a in MESH_AXES}
     if all(s == 1 for s in dcn.values()):
       return _fill({a: getattr(self, a) for a in MESH_AXES}, num_devices, "mesh", "devices"), dcn
-    dcn = _fill(dcn, num_slices, "mesh.dcn", "slice(s) present")
+    granules = f"slice{'s' * (num_slices != 1)} present (TPU slices; elsewhere one a process)"
+    dcn = _fill(dcn, num_slices, "mesh.dcn", granules)
     if num_devices % num_slices:
       raise ConfigError("mesh.dcn", f"{num_devices} devices do not split into {num_slices} equal slices")
     per_slice = num_devices // num_slices
