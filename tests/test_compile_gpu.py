@@ -54,7 +54,12 @@ def test_gpu_names_map_to_hosts_of_gpus(name, gpu, hosts, per_host):
     (["--topology", "h100:9"], {}, "--topology h100:9: a host has 1 to 8 GPUs"),
     (["--topology", "0xh200:8"], {}, "--topology 0xh200:8: a host has 1 to 8 GPUs, and a job at least one host"),
     (["--topology", "h200"], {"XLA_PYTHON_CLIENT_MEM_FRACTION": "abc"}, "XLA_PYTHON_CLIENT_MEM_FRACTION=abc: not a"),
-    (["--topology", "h200"], {"XLA_PYTHON_CLIENT_MEM_FRACTION": "1.5"}, "XLA_PYTHON_CLIENT_MEM_FRACTION=1.5: not a"),
+    (["--topology", "h200"], {"XLA_CLIENT_MEM_FRACTION": "1.5"}, "XLA_CLIENT_MEM_FRACTION=1.5: not a share"),
+    (
+      ["--topology", "h200"],
+      {"XLA_CLIENT_MEM_FRACTION": "0.5", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"},
+      "XLA_PYTHON_CLIENT_MEM_FRACTION: beside XLA_CLIENT_MEM_FRACTION, its new name; JAX takes one",
+    ),
   ],
 )
 def test_a_bad_gpu_topology_is_one_line_and_status_2(argv, env, message):
@@ -62,6 +67,25 @@ def test_a_bad_gpu_topology_is_one_line_and_status_2(argv, env, message):
   assert out.returncode == 2 and not out.stdout, out.stderr
   assert out.stderr.startswith(f"mtp-compile: {message}"), out.stderr
   assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize(
+  "env, share, why",
+  [
+    ({}, 0.75, "XLA_CLIENT_MEM_FRACTION unset: 0.75"),
+    ({"XLA_CLIENT_MEM_FRACTION": "0.9"}, 0.9, "XLA_CLIENT_MEM_FRACTION=0.9"),
+    ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}, 0.6, "XLA_PYTHON_CLIENT_MEM_FRACTION=0.6"),  # the deprecated name
+    ({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform", "XLA_CLIENT_MEM_FRACTION": "0.5"}, 1.0, "ALLOCATOR=platform: no pool"),
+    ({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}, 0.75, "XLA_CLIENT_MEM_FRACTION unset"),  # no pool up front, same cap
+  ],
+)
+def test_the_share_of_a_gpu_jax_s_allocator_takes_is_read_as_jax_reads_it(monkeypatch, env, share, why):
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  got, said = topology.gpu_memory_share()
+  assert got == share and why in said, said
 
 
 @pytest.mark.skipif(HAS_PLUGIN, reason="JAX's CUDA plugin is installed here")
@@ -74,13 +98,13 @@ def test_without_the_cuda_plugin_a_gpu_topology_says_what_to_install():
 @needs_plugin
 def test_two_h200s_compile_with_cudnn_attention_and_blocked_experts_judged_against_jax_s_share(tmp_path):
   """On GPUs `auto` picks cuDNN attention and the blocked dropless experts; the verdict is against
-  the share of the GPU's memory JAX's allocator takes (0.75 unless XLA_PYTHON_CLIENT_MEM_FRACTION
+  the share of the GPU's memory JAX's allocator takes (0.75 unless XLA_CLIENT_MEM_FRACTION
   says otherwise), and the roofline weighs the bytes the step's kernels move (XLA:GPU counts none
   for a GPU not attached; hlo.kernel_traffic). Two hosts of one GPU each, so mesh.dcn splits over
   them (one process a host)."""
   report = tmp_path / "report.json"
   argv = ("--topology", "2xh200", "--json", str(report), *TINY, *BF16, "mesh.dcn.data=2")
-  out = _compile(*argv, XLA_PYTHON_CLIENT_MEM_FRACTION="0.5")
+  out = _compile(*argv, XLA_CLIENT_MEM_FRACTION="0.5")
   assert out.returncode == 0, out.stderr[-3000:]
   assert _line(out.stdout, "topology") == "topology   2xh200: 2 chips (NVIDIA H200)"
   assert _line(out.stdout, "mesh").startswith("mesh       data 2, fsdp 1")
@@ -96,7 +120,7 @@ def test_two_h200s_compile_with_cudnn_attention_and_blocked_experts_judged_again
   assert figures["collectives"]["each"], "two GPUs splitting the batch exchange gradients"
   verdict = out.stdout.strip().splitlines()[-1]
   assert verdict.startswith("fits: needs ") and verdict.endswith(
-    "JAX's allocator may use 69.9 GiB of the chip's 139.9 GiB (XLA_PYTHON_CLIENT_MEM_FRACTION=0.5) (0% used)"
+    "JAX's allocator may use 69.9 GiB of the chip's 139.9 GiB (XLA_CLIENT_MEM_FRACTION=0.5) (0% used)"
   ), verdict
 
 

@@ -89,7 +89,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   limit, limit_by = _xla_hbm_limit(program.cfg, devs[0], hbm), None
   if limit:
     limit_by = ("XLA", "train.compiler_options.xla_tpu_max_hbm_size_mib")
-  elif topo.gpu and not hbm_gib:  # JAX's allocator takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says
+  elif topo.gpu and not hbm_gib:  # JAX's allocator takes 75% of a GPU unless XLA_CLIENT_MEM_FRACTION says
     share, why = gpu_memory_share()
     limit, limit_by = share * hbm, ("JAX's allocator", why)
   state = state_bytes(program.abstract_state)

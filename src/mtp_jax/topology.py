@@ -112,15 +112,25 @@ device_description_str: "{gpu.kind}"
 
 def gpu_memory_share() -> tuple[float, str]:
   """The share of a GPU's memory JAX's allocator may use in a run started from this environment,
-  and where it comes from (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)."""
-  given = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  and the setting that says so, read as JAX's GPU client reads them (jaxlib's xla_client, 0.10
+  and 0.11): XLA_CLIENT_MEM_FRACTION, or its deprecated name XLA_PYTHON_CLIENT_MEM_FRACTION (JAX
+  refuses both at once), 0.75 where neither is set; the whole GPU with
+  XLA_PYTHON_CLIENT_ALLOCATOR=platform, which allocates on demand from CUDA, with no pool."""
+  if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+    return 1.0, "XLA_PYTHON_CLIENT_ALLOCATOR=platform: no pool, all of it"
+  names = [n for n in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION") if os.environ.get(n)]
+  if len(names) == 2:
+    raise TopologyError("XLA_PYTHON_CLIENT_MEM_FRACTION: beside XLA_CLIENT_MEM_FRACTION, its new name; JAX takes one")
+  if not names:
+    return 0.75, "XLA_CLIENT_MEM_FRACTION unset: 0.75"
+  given = f"{names[0]}={os.environ[names[0]]}"
   try:
-    share = float(given) if given else 0.75
+    share = float(os.environ[names[0]])
   except ValueError:
-    raise TopologyError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={given}: not a number") from None
+    raise TopologyError(f"{given}: not a number") from None
   if not 0 < share <= 1:
-    raise TopologyError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={given}: not a share between 0 and 1")
-  return share, f"XLA_PYTHON_CLIENT_MEM_FRACTION={given}" if given else "XLA_PYTHON_CLIENT_MEM_FRACTION unset: 0.75"
+    raise TopologyError(f"{given}: not a share between 0 and 1")
+  return share, given
 
 
 FORMS = (
