@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         new = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=placed)
         with mtp_compile._attached(devs), sharding.activate(mesh, cfg.mesh.rules):
           lowered = jax.jit(step).trace(on_gpu(state), new, on_gpu(cache)).lower()
-        moved, _ = hlo.kernel_traffic(lowered.compile().as_text())
+        moved = hlo.kernel_traffic(lowered.compile().as_text()).bytes
         m = cfg.model.moe
         runs = kernel if kernel != "auto" or not m.num_experts else experts.native("gpu", batch * tokens * m.top_k)
         row = dict(kernel=kernel, runs=runs, batch=batch, tokens=tokens, bytes=moved, params_bytes=params)

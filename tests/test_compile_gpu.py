@@ -113,6 +113,7 @@ def test_two_h200s_compile_with_cudnn_attention_and_blocked_experts_judged_again
   step = _line(out.stdout, "step time")
   assert step.startswith("step time  ~ ") and "max(FLOPs / 989 TFLOP/s, HBM bytes / 4,800 GB/s)" in step, step
   assert "HBM traffic ~ " in _line(out.stdout, "flops")
+  assert _line(out.stdout, "traffic").startswith("traffic    the busiest kernels per chip per step: ")
   figures = json.loads(report.read_text())
   assert figures["xla_bytes"] is None and figures["kernel_bytes"] > figures["state_bytes"]
   memory = topology.GPUS["h200"].memory

@@ -529,7 +529,12 @@ def test_kernels_read_their_operands_and_write_their_results_loops_counted_out()
     ]
   )
   after = 2 * 8 * layer + (16 * 64 * 4 + 4) + 4  # the copy; the reduction (its `add` runs inside it)
-  assert hlo.kernel_traffic(_KERNELS) == (5 * turn + after, 0)
+  traffic = hlo.kernel_traffic(_KERNELS, largest=3)
+  assert (traffic.bytes, traffic.loops_once) == (5 * turn + after, 0)
+  # The busiest: the copy of the whole stack (once), then the slice and the update (5 times each,
+  # a slice and an index); none names an operation.
+  assert traffic.largest[0] == ("cp", "", 2 * 8 * layer)
+  assert sorted(traffic.largest[1:]) == [("s", "", 5 * (2 * layer + 4)), ("u", "", 5 * (2 * layer + 4))]
 
 
 def test_kernel_traffic_is_xla_s_own_count_where_xla_gives_one():
@@ -544,4 +549,5 @@ def test_kernel_traffic_is_xla_s_own_count_where_xla_gives_one():
     compiled = jax.jit(f).lower(*args).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list | tuple) else analysis
-    assert hlo.kernel_traffic(compiled.as_text()) == (analysis["bytes accessed"], 0)
+    traffic = hlo.kernel_traffic(compiled.as_text())
+    assert (traffic.bytes, traffic.loops_once) == (analysis["bytes accessed"], 0)

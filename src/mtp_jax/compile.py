@@ -56,6 +56,7 @@ class Report:
   collectives: hlo.Collectives | None  # what a chip sends to others per step, by collective
   xla_bytes: float | None  # XLA's HBM bytes accessed, the accumulation loop's body x its count: a floor
   kernel_bytes: float | None  # GPUs, where XLA counts none: what the step's kernels read and write (hlo.kernel_traffic)
+  kernel_largest: list | None  # of those: (kernel, its JAX operation, bytes a step), the busiest first
   xla_optimal_seconds: float | None  # raw; see _estimate
   peak_flops: float | None
   hbm_bandwidth: float | None
@@ -94,7 +95,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     limit, limit_by = share * hbm, ("JAX's allocator", why)
   state = state_bytes(program.abstract_state)
   compiled, error, lower_s, compile_s, traced_flops, work, comms, moved = None, None, 0.0, 0.0, None, None, None, None
-  kernel_bytes = None
+  traffic = None
   began = time.time()
   room = limit or hbm  # what the step may hold per chip
   # With values offloaded, XLA:TPU's peak counts host buffers with HBM's; what it put in HBM is
@@ -122,7 +123,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
         text = compiled.as_text()
         work, comms = chip_work(traced.jaxpr, text, len(devs)), hlo.collectives(text)
         moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
-        kernel_bytes = hlo.kernel_traffic(text)[0] if topo.gpu else None
+        traffic = hlo.kernel_traffic(text) if topo.gpu else None
     memory = program_memory(compiled) if compiled else None
     holders, in_hbm = None, None
     if dumps:
@@ -198,7 +199,8 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     repeated=work.warning() if work else None,
     collectives=comms,
     xla_bytes=xla_bytes,
-    kernel_bytes=kernel_bytes,
+    kernel_bytes=traffic.bytes if traffic else None,
+    kernel_largest=traffic.largest if traffic else None,
     xla_optimal_seconds=counts.get("optimal_seconds"),
     peak_flops=peak_flops(devs[0]),
     hbm_bandwidth=topo.gpu.hbm_bandwidth if topo.gpu else chip.hbm_bandwidth if chip else None,
@@ -520,6 +522,9 @@ def describe(r: Report) -> list[str]:
     )
   if r.repeated:
     lines.append(f"warning    {r.repeated}")
+  if r.kernel_largest and not r.xla_bytes:
+    busiest = "; ".join(f"{_size(b)} in {name} ({op or 'no op named'})" for name, op, b in r.kernel_largest)
+    lines.append(f"traffic    the busiest kernels per chip per step: {busiest}")
   if r.collectives:
     lines += _collectives(r.collectives)
   about = ">=" if r.xla_bytes else "~"  # kernel_bytes is an estimate, not a floor (`_estimate`)

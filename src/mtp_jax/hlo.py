@@ -443,15 +443,24 @@ _FREE = {
 _PARTIAL_READS = {"dynamic-slice", "slice", "gather"}
 
 
-def kernel_traffic(text: str) -> tuple[float, int]:
-  """(bytes, loops counted once): what one device's kernels read from and write to its memory
-  per call of a compiled program, loops counted out, by the rule XLA's own cost model has for a
-  kernel (a fusion, a library call, an op left unfused): it reads its operands and writes its
-  result, once each. A fused parameter read only through slices counts the slices; a fusion that
-  updates its operand in place (its root a dynamic-update-slice of a parameter) counts the update
-  written, not the buffer. Caches are ignored: an operand that several kernels read counts for
-  each. XLA:GPU gives no byte count for a program compiled with no GPU attached; this is the one
-  a roofline of its step can use there."""
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+  """What one device's kernels move to and from its memory per call of a program."""
+
+  bytes: float
+  loops_once: int  # loops holding kernels with no trip count found, each counted as running once
+  largest: list[tuple[str, str, float]]  # (kernel, the JAX operation it runs, its bytes a call), the most first
+
+
+def kernel_traffic(text: str, largest: int = 3) -> Traffic:
+  """What one device's kernels read from and write to its memory per call of a compiled
+  program, loops counted out, by the rule XLA's own cost model has for a kernel (a fusion, a
+  library call, an op left unfused): it reads its operands and writes its result, once each. A
+  fused parameter read only through slices counts the slices; a fusion that updates its operand
+  in place (its root a dynamic-update-slice of a parameter) counts the update written, not the
+  buffer. Caches are ignored: an operand that several kernels read counts for each. XLA:GPU gives
+  no byte count for a program compiled with no GPU attached; this is the one a roofline of its
+  step can use there. `largest`: how many of the busiest kernels to name."""
   module = parse(text)
   inner = {  # instructions of the computations that kernels run inside them (fusion bodies and the like)
     ins.name
@@ -477,10 +486,17 @@ def kernel_traffic(text: str) -> tuple[float, int]:
       if ins.opcode.endswith("-start"):  # an async start's result holds its operands, then its outputs
         written = max(written - read, 0.0)
       moved = read + written
-    return collections.Counter(bytes=moved)
+    return collections.Counter({ins.name: moved})
 
-  sums, loops_once = walk(module, measure)
-  return sums["bytes"], loops_once
+  by_kernel, loops_once = walk(module, measure)
+  ops = {ins.name: ins.rest for body in module.computations.values() for ins in body}
+
+  def op_of(name: str) -> str:
+    m = re.search(r'op_name="([^"]*)"', ops.get(name, ""))
+    return short_op(m[1]) if m else ""
+
+  busiest = [(name, op_of(name), moved) for name, moved in by_kernel.most_common(largest)]
+  return Traffic(sum(by_kernel.values()), loops_once, busiest)
 
 
 def _callees(rest: str) -> list[str]:
