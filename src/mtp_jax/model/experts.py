@@ -246,8 +246,9 @@ def swiglu_blocked(
   x_NxD: jax.Array, w: Weights, group_sizes_E: jax.Array, gates_N: jax.Array | None = None
 ) -> jax.Array:
   """`swiglu_ragged` as dense blocks: each expert's rows are padded to whole blocks of R rows,
-  and a loop multiplies each block by its own expert's weights, read in place (gathering every
-  block's weights would copy them: slower than the masked product at decoding sizes). Blocks of
+  and a loop multiplies each block by its own expert's weights, sliced inside the loop (gathering
+  every block's weights up front would copy them all: slower than the masked product at decoding
+  sizes on the CPU; XLA:GPU copies each block's slice out before its matmul, see MASKED_ROWS). Blocks of
   R = N / 2E rows keep the padding under about half the rows, and the block count Z static:
   sum over experts of ceil(g_e / R) <= (N + min(E, N)(R - 1)) / R."""
   n = x_NxD.shape[0]
