@@ -7,8 +7,9 @@ For each expert kernel (`model.moe.kernel`), batch and number of new tokens a ro
 step; 1 + K: a speculative round's verification with K drafts), it compiles one cached decoding
 step (`decode.step`) for the topology's GPU through JAX's CUDA plugin (`pip install
 'mtp-jax[gpu-aot]'`; no GPU needed) and counts what the step's kernels read from and write to
-HBM (`hlo.kernel_traffic`: each kernel's operands and results, no cache). A step that reads each
-weight once moves about the parameters' bytes; what is over that is copies. The time column is
+HBM (`hlo.kernel_traffic`: each kernel's operands and results, no cache), its weights held as the
+decoding loops hold them (`decode.in_compute_dtype`). A step that reads each weight once moves
+about those parameters' bytes; what is over that is copies. The time column is
 that traffic over the GPU's HBM bandwidth, the step's floor if it is bound by memory.
 `--scale` takes overrides of a larger model, or `gpu` (speculative.py's ~2.8B bfloat16 model).
 """
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
   rows = []
   for kernel in args.kernels.split(","):
     cfg = config_lib.load(args.config, [*scale, *args.overrides, f"model.moe.kernel={kernel}"])
-    model = nnx.eval_shape(lambda cfg=cfg: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    # As the decoding loops hold it: weights cast to the compute dtype once (decode.in_compute_dtype).
+    model = nnx.eval_shape(lambda cfg=cfg: decode.in_compute_dtype(Transformer(cfg.model, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
     params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     mesh = sharding.make_mesh(cfg.mesh, devs)

@@ -160,3 +160,83 @@ def test_sampling_is_reproducible_by_seed(tiny):
   a = generate(model, prompts, 5, temperature=1.0, top_p=0.9, seed=3)
   assert a == generate(model, prompts, 5, temperature=1.0, top_p=0.9, seed=3)
   assert all(len(row) == 5 for row in a)
+
+
+def _bf16_model(kind):
+  """A tiny bfloat16-compute model with float32 parameters, every parameter moved off its
+  initial value: a norm scale of ones or a zero bias would survive a wrong cast unchanged."""
+  from conftest import tiny_config
+
+  cfg = tiny_config("model.dtype=bfloat16", f"model.attention.kind={kind}", "model.attention.qkv_bias=true")
+  graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), state))
+
+
+def _loop_inputs(traced) -> list:
+  """The abstract values every while loop of a traced program takes in (its constants and carry)."""
+  out, todo = [], [traced.jaxpr.jaxpr]
+  while todo:
+    for eqn in todo.pop().eqns:
+      if eqn.primitive.name == "while":
+        out += [v.aval for v in eqn.invars]
+      for p in jax.tree.leaves(list(eqn.params.values()), is_leaf=lambda p: hasattr(p, "eqns") or hasattr(p, "jaxpr")):
+        if hasattr(p, "eqns") or hasattr(p, "jaxpr"):
+          todo.append(getattr(p, "jaxpr", p))
+  return out
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_logits(kind, monkeypatch):
+  from conftest import tiny_config
+
+  from mtp_jax import sharding
+  from mtp_jax.generate import decode, speculative
+
+  model = _bf16_model(kind)
+  narrow = decode.in_compute_dtype(model)
+  dtypes = {".".join(map(str, p)): v.get_value().dtype for p, v in nnx.to_flat_state(nnx.state(narrow))}
+  kept = {n for n in dtypes if n.endswith("scale") or ".router." in n}  # read in float32 at every use
+  assert kept and all(dtypes[n] == jnp.float32 for n in kept), dtypes
+  assert all(dtypes[n] == jnp.bfloat16 for n in set(dtypes) - kept), dtypes
+  assert decode.in_compute_dtype(narrow) is narrow
+  f32 = Transformer(tiny_config(f"model.attention.kind={kind}").model, rngs=nnx.Rngs(0))
+  assert decode.in_compute_dtype(f32) is f32  # nothing to cast
+
+  # The same logits, to the bit, from a prefill and a two-token step; a norm scale or the router
+  # stored in bfloat16 changes them (routing flips).
+  def logits(model):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens_BxP):
+      model = nnx.merge(graphdef, state)
+      cache = cache_lib.allocate(model.empty_cache(B, S), B)
+      last_BxV, _, cache = prefill(model, tokens_BxP, jnp.asarray(PROMPT_LENGTHS), cache)
+      return last_BxV, step(model, tokens_BxP[:, :2], cache)[0]
+
+    return run(state, _tokens(np.random.default_rng(3), 320, (B, P)))
+
+  for got, want in zip(logits(narrow), logits(model), strict=True):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+  # On a GPU or TPU the decoding loops take the cast weights in: a float32 weight entering one is
+  # converted at every step or round. On a CPU, whose matmuls widen bfloat16 to float32 anyway,
+  # they take the model's own. Traced only, as if for each platform.
+  shapes = {".".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model))}
+  cast = {shapes[n] for n in set(dtypes) - kept} - {shapes[n] for n in kept}
+  graphdef, state = nnx.split(decode.dropless(model))
+  args = (graphdef, state, np.zeros((B, P), np.int32), PROMPT_LENGTHS, np.int32(-1), jax.random.key(0))
+  settings = dict(max_new_tokens=4, temperature=0.0, top_p=1.0)
+  for platform in ["gpu", "cpu"]:
+    monkeypatch.setattr(sharding, "platform", lambda mesh=None, platform=platform: platform)
+    decode._generate.clear_cache(), speculative._speculative.clear_cache()  # traced afresh
+    for program in [
+      decode._generate.trace(*args, **settings),
+      speculative._speculative.trace(*args, **settings, draft_tokens=1, trace=False),
+    ]:
+      inputs = [a for a in _loop_inputs(program) if a.shape in cast]
+      assert inputs and {a.dtype for a in inputs} == {jnp.dtype(jnp.bfloat16 if platform == "gpu" else jnp.float32)}, (
+        inputs
+      )

@@ -141,6 +141,35 @@ def test_the_runs_tokenizer_is_refused_when_missing_or_changed(run, tmp_path, ca
   assert f"the run's tokenizer {tmp_path / 'tokenizer.json'} is missing" in _err_line(capsys)
 
 
+def test_a_bfloat16_run_loads_cast_to_its_compute_dtype_and_decodes_as_from_float32(run, tmp_path, capsys):
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from mtp_jax.generate import decode
+  from mtp_jax.model import Transformer
+
+  other = tmp_path / "run"  # the trained float32 parameters, as if trained with bfloat16 compute
+  shutil.copytree(run / "checkpoints", other / "checkpoints")
+  cfg = config.load(run / "config.yaml", ["model.dtype=bfloat16"])
+  (other / "config.yaml").write_text(config.to_yaml(cfg))
+  stored = nnx.state(load.load(str(run)).model)
+  loaded = nnx.to_flat_state(nnx.state(load.load(str(other)).model))
+  for (path, want), (_, got) in zip(nnx.to_flat_state(stored), loaded, strict=True):
+    name, want, got = ".".join(map(str, path)), want.get_value(), got.get_value()
+    f32 = name.endswith("scale") or ".router." in name  # read in float32 at every use
+    assert got.dtype == (jnp.float32 if f32 else jnp.bfloat16), name
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(got.dtype)), err_msg=name)
+
+  # Decoded from the float32 parameters (cast inside the program), the same tokens.
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))))
+  want = decode.generate(nnx.merge(graphdef, stored), [list(encode(PROMPT))], int(NEW), eos_id=256)
+  args = ["--checkpoint", str(other), "--prompt", PROMPT, "--max-new-tokens", NEW, "--json"]
+  assert _json(capsys, *args, "--no-speculative")["outputs"][0]["ids"] == want[0]
+  # Speculative decoding runs on it too (its verification may round differently from one-token steps).
+  assert 1 <= len(_json(capsys, *args)["outputs"][0]["ids"]) <= int(NEW)
+
+
 def test_bad_input_is_one_line_naming_it_and_exit_2(run, tmp_path, capsys):
   def refused(*args, checkpoint=str(run)):
     assert main(["--checkpoint", checkpoint, *args]) == 2

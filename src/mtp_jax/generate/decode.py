@@ -8,6 +8,13 @@ different token-slots than the training-time forward over the whole sequence did
 what that forward computes whenever nothing overflowed. The aux-loss-free router bias is used
 as trained: it steers which experts are chosen, exactly as in the forward pass.
 
+On a GPU or TPU, `generate` and the speculative rounds hold the weights in the compute dtype,
+cast once when the call starts (`for_steps`, `in_compute_dtype`): the same numbers as casting at
+every use, and a bfloat16 step from float32 parameters then reads its weights at half the width,
+with no converted copies written at every step (small.yaml compiled for an H200: 4.4 GiB a step
+against 21 GiB; benchmarks/RESULTS.md). The copy sits beside the caller's float32 parameters for
+the call. `mtp-generate` loads the weights cast (`load.weights`), holding no float32 copy at all.
+
 MLA layers run `step` absorbed (`model.attention.absorb`, the default): attending over the
 cached latent instead of up-projecting all of it for every new token. `prefill` up-projects, as
 training does (`absorbing`).
@@ -25,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp_jax import sharding
 from mtp_jax.generate import cache as cache_lib
 from mtp_jax.generate.cache import Cache
 from mtp_jax.generate.sample import sample
@@ -40,6 +48,35 @@ def dropless(model: Transformer) -> Transformer:
   for _, moe in model.moe_layers():
     moe.cfg = moe.cfg.model_copy(update={"mode": "dropless"})
   return model
+
+
+def in_compute_dtype(model: Transformer) -> Transformer:
+  """The model, or a copy whose weights read only through `.astype(compute dtype)`
+  (`layers.weight`'s `cast_at_use`) are stored in the compute dtype. A decoding step is bound by
+  reading its weights, and float32 weights with bfloat16 compute are otherwise read at 4 bytes
+  and converted on every step. The numbers are the same: casting once is casting at each use.
+  Norm scales and the router's kernel keep their dtype (they are read in float32), and so does
+  the router's bias."""
+  graphdef, state = nnx.split(model)
+  narrow = jnp.dtype(model.dtype)
+
+  def cast(v):
+    value = v.get_value()
+    if v.get_metadata().get("cast_at_use") and value.dtype != narrow:
+      return v.replace(value.astype(narrow))
+    return v
+
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  if not any(v.get_metadata().get("cast_at_use") and v.get_value().dtype != narrow for v in leaves):
+    return model
+  return nnx.merge(graphdef, jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def for_steps(model: Transformer) -> Transformer:
+  """What a decoding loop steps with: `in_compute_dtype(model)` on devices that multiply in the
+  compute dtype; on CPUs the model itself, as XLA:CPU widens bfloat16 matmul operands to float32
+  anyway, so there the copy would cost its making and save no step anything (RESULTS.md)."""
+  return model if sharding.platform() == "cpu" else in_compute_dtype(model)
 
 
 def absorbing(model: Transformer, on: bool) -> Transformer:
@@ -122,7 +159,7 @@ def pad_prompts(prompts: list[list[int]], max_new_tokens: int) -> tuple[np.ndarr
 def _generate(graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_tokens, temperature, top_p):
   """BxN new tokens; a row that has produced `stop` (eos, or -1: none) repeats it. Stops early
   once all rows have."""
-  model = nnx.merge(graphdef, state)
+  model = for_steps(nnx.merge(graphdef, state))  # cast once, not at every step
   b, p = tokens_BxP.shape
   cache = cache_lib.allocate(model.empty_cache(b, p + max_new_tokens), b)
   logits_BxV, _, cache = prefill(model, tokens_BxP, lengths_B, cache)

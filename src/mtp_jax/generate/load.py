@@ -22,6 +22,7 @@ from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.manifest import DataError
 from mtp_jax.errors import InputError
 from mtp_jax.export import source
+from mtp_jax.generate import decode
 from mtp_jax.model import Transformer
 from mtp_jax.model.moe import RouterBias
 from mtp_jax.train.checkpoint import leaf_name
@@ -55,16 +56,21 @@ def load(checkpoint: str) -> Loaded:
 
 
 def weights(src: source.Source) -> Transformer:
-  """The run's model holding the step's parameters and router biases, on the default device."""
-  abstract = nnx.eval_shape(lambda: Transformer(src.config.model, rngs=nnx.Rngs(0)))
+  """The run's model holding the step's parameters and router biases, on the default device,
+  as decoding reads them: in the compute dtype where every use casts them to it
+  (`decode.in_compute_dtype`; bfloat16 compute from float32 parameters holds half the bytes)."""
+  abstract = nnx.eval_shape(lambda: decode.in_compute_dtype(Transformer(src.config.model, rngs=nnx.Rngs(0))))
   graphdef, params, bias = nnx.split(abstract, nnx.Param, RouterBias)
+  kept = {f"params.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  kept |= {f"router_bias.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(bias)}
   leaves = source.abstract_leaves(src.config)
   arrays = {}
   reader = source.Reader(src, leaves)  # checks the saved names and shapes against the config first
   try:
     for group in source.read_groups([(name, None) for name in leaves], leaves, MAX_READ_BYTES):
       for (name, _), array in reader.read(group).items():
-        arrays[name] = jax.device_put(array.astype(leaves[name].dtype, copy=False))
+        # The model's dtype first, then the cast decoding would make, by XLA on the device.
+        arrays[name] = jax.device_put(array.astype(leaves[name].dtype, copy=False)).astype(kept[name])
   finally:
     reader.close()
 

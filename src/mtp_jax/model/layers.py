@@ -20,14 +20,20 @@ from mtp_jax.config import RopeScaling
 ACT = ("act_batch", "act_length", "act_embed")  # a B x L x D activation's axes
 
 
-def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float, dtype: jnp.dtype) -> nnx.Param:
-  """A normally-initialised weight carrying its logical axis names."""
-  return nnx.Param(std * jax.random.normal(_next_key(rngs.params), tuple(shape), dtype), axes=tuple(axes))
+def weight(
+  rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float, dtype: jnp.dtype, cast_at_use=True
+) -> nnx.Param:
+  """A normally-initialised weight carrying its logical axis names. `cast_at_use`: every use
+  reads it as `.astype(compute dtype)`, so decoding may store it in that dtype once
+  (`decode.in_compute_dtype`); False for one read at its own precision (the router's)."""
+  init = std * jax.random.normal(_next_key(rngs.params), tuple(shape), dtype)
+  return nnx.Param(init, axes=tuple(axes), cast_at_use=cast_at_use)
 
 
 def bias(shape: Sequence[int], axes: Sequence[str | None], dtype: jnp.dtype) -> nnx.Param:
-  """A zero-initialised bias carrying its logical axis names, left out of weight decay."""
-  return nnx.Param(jnp.zeros(tuple(shape), dtype), axes=tuple(axes), decay=False)
+  """A zero-initialised bias carrying its logical axis names, left out of weight decay, read as
+  `weight`'s are (`cast_at_use`)."""
+  return nnx.Param(jnp.zeros(tuple(shape), dtype), axes=tuple(axes), decay=False, cast_at_use=True)
 
 
 def _next_key(stream: nnx.RngStream) -> jax.Array:

@@ -66,7 +66,10 @@ def route(m: MoEConfig, params: tuple[jax.Array, jax.Array], x_TxD: jax.Array):
 class Router(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     m = cfg.moe
-    self.kernel = weight(rngs, (cfg.d_model, m.num_experts), ("embed", None), cfg.init_std, jnp.float32)
+    # Read in float32 whatever the compute dtype: the choice of experts is not rounded.
+    self.kernel = weight(
+      rngs, (cfg.d_model, m.num_experts), ("embed", None), cfg.init_std, jnp.float32, cast_at_use=False
+    )
     self.bias = RouterBias(jnp.zeros((m.num_experts,), jnp.float32), axes=(None,))
     self.cfg = m
 
