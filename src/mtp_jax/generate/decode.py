@@ -60,16 +60,16 @@ def in_compute_dtype(model: Transformer) -> Transformer:
   graphdef, state = nnx.split(model)
   narrow = jnp.dtype(model.dtype)
 
-  def cast(v):
-    value = v.get_value()
-    if v.get_metadata().get("cast_at_use") and value.dtype != narrow:
-      return v.replace(value.astype(narrow))
-    return v
+  def wide(v) -> bool:
+    return bool(v.get_metadata().get("cast_at_use")) and v.get_value().dtype != narrow
 
-  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  if not any(v.get_metadata().get("cast_at_use") and v.get_value().dtype != narrow for v in leaves):
+  def variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+  if not any(map(wide, jax.tree.leaves(state, is_leaf=variable))):
     return model
-  return nnx.merge(graphdef, jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  state = jax.tree.map(lambda v: v.replace(v.get_value().astype(narrow)) if wide(v) else v, state, is_leaf=variable)
+  return nnx.merge(graphdef, state)
 
 
 def for_steps(model: Transformer) -> Transformer:
