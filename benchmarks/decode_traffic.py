@@ -1,4 +1,4 @@
-"""Decoding's HBM traffic on a GPU, by expert kernel, compiled for a GPU that is not attached.
+"""Decoding's HBM traffic on a GPU or TPU chip, by expert kernel, compiled for one not attached.
 
   python benchmarks/decode_traffic.py [--topology h200] [--config configs/tiny.yaml] [--scale gpu]
       [--batches 1,8] [--tokens 1,3] [--kernels auto,blocked,ragged_dot,mosaic_gpu] [--json OUT] [key=value ...]
@@ -8,15 +8,19 @@ step; 1 + K: a speculative round's verification with K drafts), it compiles one 
 step (`decode.step`) for the topology's GPU through JAX's CUDA plugin (`pip install
 'mtp-jax[gpu-aot]'`; no GPU needed) and counts what the step's kernels read from and write to
 HBM (`hlo.kernel_traffic`: each kernel's operands and results, no cache), its weights held as the
-decoding loops hold them (`decode.in_compute_dtype`). A step that reads each weight once moves
-about those parameters' bytes; what is over that is copies. The time column is
-that traffic over the GPU's HBM bandwidth, the step's floor if it is bound by memory.
+decoding loops hold them (`decode.in_compute_dtype`). For one TPU chip (`--topology v5p:1x1x1`,
+libtpu from `.[tpu-aot]`) XLA:TPU counts the bytes itself: tiles' padding included, a loop's
+body once (the blocked experts loop). A step that reads each weight once moves about those
+parameters' bytes; what is over that is copies. The time column is that traffic over the chip's
+HBM bandwidth, the step's floor if it is bound by memory.
 `--scale` takes overrides of a larger model, or `gpu` (speculative.py's ~2.8B bfloat16 model).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -26,7 +30,7 @@ from mtp_jax import topology
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="decode_traffic", description=__doc__.splitlines()[0])
-  parser.add_argument("--topology", default="h200", help="one GPU: h100 or h200")
+  parser.add_argument("--topology", default="h200", help="one GPU (h100, h200) or one TPU chip (v5p:1x1x1)")
   parser.add_argument("--config", default="configs/tiny.yaml")
   parser.add_argument("--scale", default="", help="overrides of a larger model, or gpu")
   parser.add_argument("--batches", default="1,8")
@@ -36,8 +40,8 @@ def main(argv=None) -> int:
   parser.add_argument("overrides", nargs="*", metavar="key=value")
   args = parser.parse_args(argv)
   topo = topology.parse_topology(args.topology)
-  if not topo.gpu or topo.chips != 1:
-    parser.error(f"--topology {args.topology}: one GPU, e.g. h200")
+  if not (topo.gpu or topo.chip) or topo.chips != 1:
+    parser.error(f"--topology {args.topology}: one GPU or one TPU chip, e.g. h200 or v5p:1x1x1")
   topology.prepare_environment(topo)  # before JAX starts
 
   import jax
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
   devs = topology.devices(topo)
   placed = jax.sharding.SingleDeviceSharding(devs[0])
   scale = SCALES.get(args.scale, args.scale).split()
+  platform = "gpu" if topo.gpu else "tpu"
+  attached = functools.partial(mtp_compile._attached, devs) if topo.gpu else contextlib.nullcontext
   print(f"# {args.topology} ({devs[0].device_kind}), compiled with none attached; jax {jax.__version__}")
   print("| kernel | runs as | batch | tokens a row | HBM traffic | / parameters | at HBM bandwidth |")
   print("|---|---|---|---|---|---|---|")
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
         def step(state, tokens_BxT, cache, graphdef=graphdef):
           return decode.step(nnx.merge(graphdef, state), tokens_BxT, cache)[0]
 
-        def on_gpu(tree):
+        def on_chip(tree):
           return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), tree)
 
         def empty(batch=batch, slots=slots, model=model):
@@ -83,13 +89,15 @@ def main(argv=None) -> int:
 
         cache = jax.eval_shape(empty)
         new = jax.ShapeDtypeStruct((batch, tokens), jnp.int32, sharding=placed)
-        with mtp_compile._attached(devs), sharding.activate(mesh, cfg.mesh.rules):
-          lowered = jax.jit(step).trace(on_gpu(state), new, on_gpu(cache)).lower()
-        moved = hlo.kernel_traffic(lowered.compile().as_text()).bytes
+        with attached(), sharding.activate(mesh, cfg.mesh.rules):
+          compiled = jax.jit(step).trace(on_chip(state), new, on_chip(cache)).lower().compile()
+        moved = (
+          hlo.kernel_traffic(compiled.as_text()).bytes if topo.gpu else mtp_compile._cost(compiled)["bytes accessed"]
+        )
         m = cfg.model.moe
-        runs = kernel if kernel != "auto" or not m.num_experts else experts.native("gpu", batch * tokens * m.top_k)
+        runs = kernel if kernel != "auto" or not m.num_experts else experts.native(platform, batch * tokens * m.top_k)
         row = dict(kernel=kernel, runs=runs, batch=batch, tokens=tokens, bytes=moved, params_bytes=params)
-        row["seconds"] = moved / topo.gpu.hbm_bandwidth
+        row["seconds"] = moved / (topo.gpu or topo.chip).hbm_bandwidth
         rows.append(row)
         print(
           f"| {kernel} | {runs} | {batch} | {tokens} | {mtp_compile._size(moved)} | {moved / params:.2f} "
