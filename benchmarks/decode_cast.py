@@ -4,9 +4,9 @@
       [--max-new-tokens 64] [--repeats 3] [--tries 2] [key=value ...]
 
 - `each step`: the decoding loop steps with the float32 parameters, converting them at every use
-  (what decoding did before `decode.for_steps`, and does on a CPU);
+  (what decoding did before `decode.for_steps`, and does on a CPU or TPU);
 - `once a call`: `decode.generate` casts them to bfloat16 once when the call starts
-  (`decode.in_compute_dtype`, what `for_steps` does on a GPU or TPU);
+  (`decode.in_compute_dtype`, what `for_steps` does on a GPU);
 - `loaded cast`: the model holds them cast already, as `mtp-generate` loads a run.
 
 Each is forced here, whatever the device. Random weights, greedy, 8-token prompts; each way is

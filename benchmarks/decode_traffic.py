@@ -8,7 +8,9 @@ step; 1 + K: a speculative round's verification with K drafts), it compiles one 
 step (`decode.step`) for the topology's GPU through JAX's CUDA plugin (`pip install
 'mtp-jax[gpu-aot]'`; no GPU needed) and counts what the step's kernels read from and write to
 HBM (`hlo.kernel_traffic`: each kernel's operands and results, no cache), its weights held as the
-decoding loops hold them (`decode.in_compute_dtype`). For one TPU chip (`--topology v5p:1x1x1`,
+decoding loops hold them there (`decode.for_steps`). The step is compiled alone: inside the
+decoding loop XLA may fuse it otherwise (small.yaml on an H200: 4.4 GiB alone, 10.4 GiB a step of
+the loop, which slices each layer's expert weights out of their stacks anew). For one TPU chip (`--topology v5p:1x1x1`,
 libtpu from `.[tpu-aot]`) XLA:TPU counts the bytes itself: tiles' padding included, a loop's
 body once (the blocked experts loop). A step that reads each weight once moves about those
 parameters' bytes; what is over that is copies. The time column is that traffic over the chip's
@@ -69,11 +71,11 @@ def main(argv=None) -> int:
   rows = []
   for kernel in args.kernels.split(","):
     cfg = config_lib.load(args.config, [*scale, *args.overrides, f"model.moe.kernel={kernel}"])
-    # As the decoding loops hold it: weights cast to the compute dtype once (decode.in_compute_dtype).
-    model = nnx.eval_shape(lambda cfg=cfg: decode.in_compute_dtype(Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    mesh = sharding.make_mesh(cfg.mesh, devs)
+    with sharding.activate(mesh, cfg.mesh.rules):  # as the decoding loops hold it there (decode.for_steps)
+      model = nnx.eval_shape(lambda cfg=cfg: decode.for_steps(Transformer(cfg.model, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
     params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    mesh = sharding.make_mesh(cfg.mesh, devs)
     for batch in map(int, args.batches.split(",")):
       for tokens in map(int, args.tokens.split(",")):
         slots = cfg.data.seq_len

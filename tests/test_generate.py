@@ -221,15 +221,16 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
-  # On a GPU or TPU the decoding loops take the cast weights in: a float32 weight entering one is
+  # On a GPU the decoding loops take the cast weights in: a float32 weight entering one is
   # converted at every step or round. On a CPU, whose matmuls widen bfloat16 to float32 anyway,
-  # they take the model's own. Traced only, as if for each platform.
+  # and a TPU, whose XLA hoists the conversion, they take the model's own. Traced only, as if for
+  # each platform.
   shapes = {".".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model))}
   cast = {shapes[n] for n in set(dtypes) - kept} - {shapes[n] for n in kept}
   graphdef, state = nnx.split(decode.dropless(model))
   args = (graphdef, state, np.zeros((B, P), np.int32), PROMPT_LENGTHS, np.int32(-1), jax.random.key(0))
   settings = dict(max_new_tokens=4, temperature=0.0, top_p=1.0)
-  for platform in ["gpu", "cpu"]:
+  for platform in ["gpu", "tpu", "cpu"]:
     monkeypatch.setattr(sharding, "platform", lambda mesh=None, platform=platform: platform)
     decode._generate.clear_cache(), speculative._speculative.clear_cache()  # traced afresh
     for program in [

@@ -8,12 +8,13 @@ different token-slots than the training-time forward over the whole sequence did
 what that forward computes whenever nothing overflowed. The aux-loss-free router bias is used
 as trained: it steers which experts are chosen, exactly as in the forward pass.
 
-On a GPU or TPU, `generate` and the speculative rounds hold the weights in the compute dtype,
-cast once when the call starts (`for_steps`, `in_compute_dtype`): the same numbers as casting at
-every use, and a bfloat16 step from float32 parameters then reads its weights at half the width,
-with no converted copies written at every step (small.yaml compiled for an H200: 4.4 GiB a step
-against 21 GiB; benchmarks/RESULTS.md). The copy sits beside the caller's float32 parameters for
-the call. `mtp-generate` loads the weights cast (`load.weights`), holding no float32 copy at all.
+On a GPU, `generate` and the speculative rounds hold the weights in the compute dtype, cast
+once when the call starts (`for_steps`, `in_compute_dtype`): the same numbers as casting at every
+use, and a bfloat16 step from float32 parameters then reads its weights at half the width, with
+no converted copies written at every step (small.yaml's decoding loop compiled for an H200: 10.4
+GiB a step against 20.9; benchmarks/RESULTS.md). The copy sits beside the caller's float32
+parameters for the call. `mtp-generate` loads the weights cast (`load.weights`) but on TPUs,
+holding no float32 copy at all.
 
 MLA layers run `step` absorbed (`model.attention.absorb`, the default): attending over the
 cached latent instead of up-projecting all of it for every new token. `prefill` up-projects, as
@@ -73,10 +74,12 @@ def in_compute_dtype(model: Transformer) -> Transformer:
 
 
 def for_steps(model: Transformer) -> Transformer:
-  """What a decoding loop steps with: `in_compute_dtype(model)` on devices that multiply in the
-  compute dtype; on CPUs the model itself, as XLA:CPU widens bfloat16 matmul operands to float32
-  anyway, so there the copy would cost its making and save no step anything (RESULTS.md)."""
-  return model if sharding.platform() == "cpu" else in_compute_dtype(model)
+  """What a decoding loop steps with: on GPUs `in_compute_dtype(model)`, cast once before the
+  loop, as XLA:GPU converts float32 weights inside it, at every step; elsewhere the model
+  itself. XLA:CPU widens bfloat16 matmul operands to float32 anyway, and XLA:TPU already
+  hoists the conversion out of the loop, where weights held cast made it slice an expert stack
+  anew at every step instead (benchmarks/RESULTS.md, 2026-12-07 (eighth))."""
+  return in_compute_dtype(model) if sharding.platform() == "gpu" else model
 
 
 def absorbing(model: Transformer, on: bool) -> Transformer:

@@ -57,9 +57,11 @@ def load(checkpoint: str) -> Loaded:
 
 def weights(src: source.Source) -> Transformer:
   """The run's model holding the step's parameters and router biases, on the default device,
-  as decoding reads them: in the compute dtype where every use casts them to it
-  (`decode.in_compute_dtype`; bfloat16 compute from float32 parameters holds half the bytes)."""
-  abstract = nnx.eval_shape(lambda: decode.in_compute_dtype(Transformer(src.config.model, rngs=nnx.Rngs(0))))
+  in the compute dtype where every use casts them to it (`decode.in_compute_dtype`: bfloat16
+  compute from float32 parameters holds half the bytes), but on a TPU, where XLA decodes faster
+  from the weights as stored (`decode.for_steps`)."""
+  cast = decode.in_compute_dtype if jax.default_backend() != "tpu" else lambda model: model
+  abstract = nnx.eval_shape(lambda: cast(Transformer(src.config.model, rngs=nnx.Rngs(0))))
   graphdef, params, bias = nnx.split(abstract, nnx.Param, RouterBias)
   kept = {f"params.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(params)}
   kept |= {f"router_bias.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(bias)}
