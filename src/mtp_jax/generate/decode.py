@@ -162,7 +162,7 @@ def pad_prompts(prompts: list[list[int]], max_new_tokens: int) -> tuple[np.ndarr
 def _generate(graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_tokens, temperature, top_p):
   """BxN new tokens; a row that has produced `stop` (eos, or -1: none) repeats it. Stops early
   once all rows have."""
-  model = for_steps(nnx.merge(graphdef, state))  # cast once, not at every step
+  model = for_steps(nnx.merge(graphdef, state))  # on GPUs cast once, not at every step
   b, p = tokens_BxP.shape
   cache = cache_lib.allocate(model.empty_cache(b, p + max_new_tokens), b)
   logits_BxV, _, cache = prefill(model, tokens_BxP, lengths_B, cache)

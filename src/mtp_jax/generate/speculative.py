@@ -175,7 +175,7 @@ def _speculative(
   graphdef, state, tokens_BxP, lengths_B, stop, key, *, max_new_tokens, draft_tokens, temperature, top_p, trace
 ) -> SpecState:
   """Prefill, then rounds of draft -> verify -> accept -> emit -> roll back until every row is done."""
-  model = decode.for_steps(nnx.merge(graphdef, state))  # cast once, not at every round
+  model = decode.for_steps(nnx.merge(graphdef, state))  # on GPUs cast once, not at every round
   b, p = tokens_BxP.shape
   k = draft_tokens
   drafter = drafters.make(model, k)
