@@ -217,16 +217,19 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
 
     return run(state, _tokens(np.random.default_rng(3), 320, (B, P)))
 
-  for got, want in zip(logits(narrow), logits(model), strict=True):
-    assert got.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  want = logits(model)
+  for held in [narrow, narrow.unstack()]:  # the layers sliced out of their stacks once: the same blocks
+    for got, w in zip(logits(held), want, strict=True):
+      assert got.dtype == jnp.bfloat16
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(w, np.float32))
 
-  # On a GPU the decoding loops take the cast weights in: a float32 weight entering one is
-  # converted at every step or round. On a CPU, whose matmuls widen bfloat16 to float32 anyway,
-  # and a TPU, whose XLA hoists the conversion, they take the model's own. Traced only, as if for
-  # each platform.
-  shapes = {".".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model))}
-  cast = {shapes[n] for n in set(dtypes) - kept} - {shapes[n] for n in kept}
+  # On a GPU the decoding loops take the weights cast and sliced layer by layer: a float32 weight
+  # entering one is converted at every step or round, and a stack is sliced again at every step.
+  # On a CPU, whose matmuls widen bfloat16 to float32 anyway, and a TPU, whose XLA hoists the
+  # conversion, they take the model's own stacks. Traced only, as if for each platform.
+  flat = [(".".join(map(str, p)), v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))]
+  cast = {shape for n, shape in flat if n not in kept} - {shape for n, shape in flat if n in kept}
+  stacks = {shape for n, shape in flat if n.startswith("layers.")} - {shape for n, shape in flat if n in kept}
   graphdef, state = nnx.split(decode.dropless(model))
   args = (graphdef, state, np.zeros((B, P), np.int32), PROMPT_LENGTHS, np.int32(-1), jax.random.key(0))
   settings = dict(max_new_tokens=4, temperature=0.0, top_p=1.0)
@@ -238,6 +241,6 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
       speculative._speculative.trace(*args, **settings, draft_tokens=1, trace=False),
     ]:
       inputs = [a for a in _loop_inputs(program) if a.shape in cast]
-      assert inputs and {a.dtype for a in inputs} == {jnp.dtype(jnp.bfloat16 if platform == "gpu" else jnp.float32)}, (
-        inputs
-      )
+      gpu = platform == "gpu"
+      assert inputs and {a.dtype for a in inputs} == {jnp.dtype(jnp.bfloat16 if gpu else jnp.float32)}, inputs
+      assert any(a.shape in stacks for a in inputs) != gpu, inputs

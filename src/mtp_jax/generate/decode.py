@@ -9,12 +9,13 @@ what that forward computes whenever nothing overflowed. The aux-loss-free router
 as trained: it steers which experts are chosen, exactly as in the forward pass.
 
 On a GPU, `generate` and the speculative rounds hold the weights in the compute dtype, cast
-once when the call starts (`for_steps`, `in_compute_dtype`): the same numbers as casting at every
-use, and a bfloat16 step from float32 parameters then reads its weights at half the width, with
-no converted copies written at every step (small.yaml's decoding loop compiled for an H200: 10.4
-GiB a step against 20.9; benchmarks/RESULTS.md). The copy sits beside the caller's float32
-parameters for the call. `mtp-generate` loads the weights cast (`load.weights`) but on TPUs,
-holding no float32 copy at all.
+once when the call starts and sliced layer by layer in the same pass (`for_steps`,
+`in_compute_dtype`): the same numbers as casting at every use, and a bfloat16 step from float32
+parameters then reads its weights once, at half the width, with no converted or sliced copies
+written at every step (small.yaml's decoding loop compiled for an H200: 4.15 GiB a step against
+20.9; benchmarks/RESULTS.md). The copy sits beside the caller's float32 parameters for the call.
+`mtp-generate` loads the weights cast (`load.weights`) but on TPUs, holding no float32 copy; a
+model stored in the compute dtype holds its sliced copy beside its stacks while it decodes.
 
 MLA layers run `step` absorbed (`model.attention.absorb`, the default): attending over the
 cached latent instead of up-projecting all of it for every new token. `prefill` up-projects, as
@@ -74,12 +75,16 @@ def in_compute_dtype(model: Transformer) -> Transformer:
 
 
 def for_steps(model: Transformer) -> Transformer:
-  """What a decoding loop steps with: on GPUs `in_compute_dtype(model)`, cast once before the
-  loop, as XLA:GPU converts float32 weights inside it, at every step; elsewhere the model
-  itself. XLA:CPU widens bfloat16 matmul operands to float32 anyway, and XLA:TPU already
-  hoists the conversion out of the loop, where weights held cast made it slice an expert stack
-  anew at every step instead (benchmarks/RESULTS.md, 2026-12-07 (eighth))."""
-  return in_compute_dtype(model) if sharding.platform() == "gpu" else model
+  """What a decoding loop steps with. On GPUs a copy cast to the compute dtype
+  (`in_compute_dtype`) that holds its trunk blocks one by one (`Transformer.unstack`), cast and
+  sliced in one pass before the loop: XLA:GPU would otherwise convert float32 weights inside the
+  loop, at every step, and slice each layer's weights out of their stacks again at every step.
+  From float32 parameters the slices are the cast's copy; from parameters stored in the compute
+  dtype they are a second copy of the trunk's weights, held while decoding. Elsewhere the model
+  itself: XLA:CPU widens bfloat16 matmul operands to float32 anyway, and XLA:TPU already hoists
+  the conversion and slices out of the loop (weights held cast made it slice an expert stack
+  anew every step instead). benchmarks/RESULTS.md, 2026-12-07 (eighth)."""
+  return in_compute_dtype(model).unstack() if sharding.platform() == "gpu" else model
 
 
 def absorbing(model: Transformer, on: bool) -> Transformer:

@@ -320,6 +320,19 @@ class Transformer(nnx.Module):
         hidden.append(module.norm(h_prev))
     return ModelOutput(hidden=hidden, aux=aux)
 
+  def trunk_blocks(self) -> list[Block]:
+    """Every trunk block as its own block, in order, sliced out of its stack."""
+    return [layer(s, j) for (a, b), s in zip(self.runs, self.layers, strict=True) for j in range(b - a)]
+
+  def unstack(self) -> Transformer:
+    """A copy that also holds its trunk blocks one by one (`trunk_blocks`), which `decode` then
+    runs: sliced out of their stacks once, where XLA:GPU slices a decoding loop's weights out of
+    the stacks again at every step (`decode.for_steps`). The slices are a second copy of the
+    trunk's weights while they live."""
+    model = nnx.merge(*nnx.split(self))
+    model.unstacked = nnx.List(model.trunk_blocks())
+    return model
+
   def decode(self, tokens_BxL, positions_BxL, caches: list) -> tuple[jax.Array, list, jax.Array]:
     """(h, caches, branch): the next-token state of new tokens at `positions_BxL` (final-normed,
     BxLxD, what `logits` reads), every block attending over its cache in `caches` (one per trunk
@@ -330,7 +343,7 @@ class Transformer(nnx.Module):
     mask_BxLxS = attention.cached_mask(positions_BxL, _cache_len(caches[0]))
     x = self.embed(tokens_BxL)
     new, branch = [], x
-    blocks = [layer(s, j) for (a, b), s in zip(self.runs, self.layers, strict=True) for j in range(b - a)]
+    blocks = getattr(self, "unstacked", None) or self.trunk_blocks()
     for block, cache in zip(blocks, caches, strict=True):
       branch = x
       x, cache = block.decode(x, mask_BxLxS, positions_BxL, cache)
