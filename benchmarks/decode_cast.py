@@ -5,8 +5,9 @@
 
 - `each step`: the decoding loop steps with the float32 parameters, converting them at every use
   (what decoding did before `decode.for_steps`, and does on a CPU or TPU);
-- `once a call`: `decode.generate` casts them to bfloat16 once when the call starts
-  (`decode.in_compute_dtype`, what `for_steps` does on a GPU);
+- `once a call`: `decode.generate` casts them to bfloat16 once when the call starts, slicing the
+  layers out of their stacks in the same pass (`decode.in_compute_dtype`, `Transformer.unstack`:
+  what `for_steps` does on a GPU);
 - `loaded cast`: the model holds them cast already, as `mtp-generate` loads a run.
 
 Each is forced here, whatever the device. Random weights, greedy, 8-token prompts; each way is
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
   print(f"# {platform.node()} {jax.devices()[0].device_kind} jax {jax.__version__}; {n / 1e9:.2f}B parameters")
   print("| batch | try | each step | once a call | loaded cast | each step / once a call | each step / loaded |")
   print("|---|---|---|---|---|---|---|")
-  ways = {"each step": lambda m: m, "once a call": decode.in_compute_dtype}
+  ways = {"each step": lambda m: m, "once a call": lambda m: decode.in_compute_dtype(m).unstack()}
   shipped = decode.for_steps
   try:
     for batch in map(int, args.batches.split(",")):
