@@ -192,6 +192,7 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
 
   from mtp_jax import sharding
   from mtp_jax.generate import decode, speculative
+  from mtp_jax.model.moe import MoE
 
   model = _bf16_model(kind)
   narrow = decode.in_compute_dtype(model)
@@ -202,6 +203,10 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
   assert decode.in_compute_dtype(narrow) is narrow
   f32 = Transformer(tiny_config(f"model.attention.kind={kind}").model, rngs=nnx.Rngs(0))
   assert decode.in_compute_dtype(f32) is f32  # nothing to cast
+  # Decoding routes every MoE layer dropless, the sliced blocks' too.
+  sliced = Transformer(tiny_config("model.moe.mode=capacity").model, rngs=nnx.Rngs(0)).unstack()
+  modes = [m.cfg.mode for _, m in nnx.iter_graph(decode.dropless(sliced)) if isinstance(m, MoE)]
+  assert len(modes) == 3 and set(modes) == {"dropless"}, modes  # the stack, its slice, the MTP module
 
   # The same logits, to the bit, from a prefill and a two-token step; a norm scale or the router
   # stored in bfloat16 changes them (routing flips).

@@ -40,15 +40,18 @@ from mtp_jax.generate.cache import Cache
 from mtp_jax.generate.sample import sample
 from mtp_jax.model import Transformer
 from mtp_jax.model.attention import MLA
+from mtp_jax.model.moe import MoE
 
 
 def dropless(model: Transformer) -> Transformer:
-  """The model, or a copy sharing its arrays whose MoE layers route dropless (see above)."""
-  if all(moe.cfg.mode == "dropless" for _, moe in model.moe_layers()):
+  """The model, or a copy sharing its arrays whose MoE layers route dropless (see above): every
+  one in its graph, stacked, MTP or sliced (`Transformer.unstack`)."""
+  if all(m.cfg.mode == "dropless" for _, m in nnx.iter_graph(model) if isinstance(m, MoE)):
     return model
   model = nnx.merge(*nnx.split(model))
-  for _, moe in model.moe_layers():
-    moe.cfg = moe.cfg.model_copy(update={"mode": "dropless"})
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, MoE):
+      m.cfg = m.cfg.model_copy(update={"mode": "dropless"})
   return model
 
 
