@@ -321,8 +321,8 @@ class Transformer(nnx.Module):
     return ModelOutput(hidden=hidden, aux=aux)
 
   def trunk_blocks(self) -> list[Block]:
-    """Every trunk block as its own block, in order, sliced out of its stack."""
-    return [layer(s, j) for (a, b), s in zip(self.runs, self.layers, strict=True) for j in range(b - a)]
+    """Every trunk block as its own block, in order, sliced out of its stack (`block`)."""
+    return [self.block(i) for i in range(self.runs[-1][1])]
 
   def unstack(self) -> Transformer:
     """A copy that also holds its trunk blocks one by one (`trunk_blocks`), which `decode` then
