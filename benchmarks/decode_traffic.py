@@ -9,8 +9,9 @@ step (`decode.step`) for the topology's GPU through JAX's CUDA plugin (`pip inst
 'mtp-jax[gpu-aot]'`; no GPU needed) and counts what the step's kernels read from and write to
 HBM (`hlo.kernel_traffic`: each kernel's operands and results, no cache), its weights held as the
 decoding loops hold them there (`decode.for_steps`). The step is compiled alone: inside the
-decoding loop XLA may fuse it otherwise (small.yaml on an H200: 4.4 GiB alone, 10.4 GiB a step of
-the loop, which slices each layer's expert weights out of their stacks anew). For one TPU chip (`--topology v5p:1x1x1`,
+decoding loop XLA may fuse it otherwise (small.yaml on an H200, weights cast but still stacked:
+4.4 GiB alone, 10.4 GiB a step of the loop, which sliced each layer's expert weights out of their
+stacks anew; `for_steps` now slices them once, and the loop moves 4.15 GiB). For one TPU chip (`--topology v5p:1x1x1`,
 libtpu from `.[tpu-aot]`) XLA:TPU counts the bytes itself: tiles' padding included, a loop's
 body once (the blocked experts loop). A step that reads each weight once moves about those
 parameters' bytes; what is over that is copies. The time column is that traffic over the chip's
