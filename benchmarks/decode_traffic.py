@@ -76,7 +76,11 @@ def main(argv=None) -> int:
     with sharding.activate(mesh, cfg.mesh.rules):  # as the decoding loops hold it there (decode.for_steps)
       model = nnx.eval_shape(lambda cfg=cfg: decode.for_steps(Transformer(cfg.model, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
-    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    flat = nnx.to_flat_state(state)
+    sliced = any(path[0] == "unstacked" for path, _ in flat)  # then the stacks are not read (Transformer.unstack)
+    params = sum(
+      v.get_value().size * v.get_value().dtype.itemsize for path, v in flat if not (sliced and path[0] == "layers")
+    )
     for batch in map(int, args.batches.split(",")):
       for tokens in map(int, args.tokens.split(",")):
         slots = cfg.data.seq_len
