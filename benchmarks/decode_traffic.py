@@ -2,6 +2,7 @@
 
   python benchmarks/decode_traffic.py [--topology h200] [--config configs/tiny.yaml] [--scale gpu]
       [--batches 1,8] [--tokens 1,3] [--kernels auto,blocked,ragged_dot,mosaic_gpu] [--json OUT] [key=value ...]
+  python benchmarks/decode_traffic.py --loop [--topology h200] [--config ...] [--batches 1,8] [key=value ...]
 
 For each expert kernel (`model.moe.kernel`), batch and number of new tokens a row (1: a plain
 step; 1 + K: a speculative round's verification with K drafts), it compiles one cached decoding
@@ -17,6 +18,13 @@ body once (the blocked experts loop). A step that reads each weight once moves a
 parameters' bytes; what is over that is copies. The time column is that traffic over the chip's
 HBM bandwidth, the step's floor if it is bound by memory.
 `--scale` takes overrides of a larger model, or `gpu` (speculative.py's ~2.8B bfloat16 model).
+
+`--loop` (GPUs) compiles the whole decoding program instead (`decode._generate`: prefill of
+8-token prompts, then a loop of one-token steps) and counts one step of its loop, with what
+XLA's memory analysis says the program holds: its arguments (the weights) and its temporaries.
+Two ways in: the parameters as the run stores them (as the in-training evaluation hands them
+over; the loop's model is made from them inside the program, `decode.for_steps`) and as
+`mtp-generate` loads them (`load.held`).
 """
 
 from __future__ import annotations
@@ -40,12 +48,17 @@ def main(argv=None) -> int:
   parser.add_argument("--tokens", default="1,3", help="new tokens a row per step: 1 plain, 1 + K a round of K drafts")
   parser.add_argument("--kernels", default="auto,blocked,ragged_dot,mosaic_gpu")
   parser.add_argument("--json", metavar="FILE", help="also write every row here")
+  parser.add_argument("--loop", action="store_true", help="the whole decoding program, one step of its loop")
   parser.add_argument("overrides", nargs="*", metavar="key=value")
   args = parser.parse_args(argv)
   topo = topology.parse_topology(args.topology)
   if not (topo.gpu or topo.chip) or topo.chips != 1:
     parser.error(f"--topology {args.topology}: one GPU or one TPU chip, e.g. h200 or v5p:1x1x1")
+  if args.loop and not topo.gpu:
+    parser.error(f"--loop: one GPU (h100, h200), not {args.topology}")
   topology.prepare_environment(topo)  # before JAX starts
+  if args.loop:
+    return loop(topo, args)
 
   import jax
   import jax.numpy as jnp
@@ -76,11 +89,7 @@ def main(argv=None) -> int:
     with sharding.activate(mesh, cfg.mesh.rules):  # as the decoding loops hold it there (decode.for_steps)
       model = nnx.eval_shape(lambda cfg=cfg: decode.for_steps(Transformer(cfg.model, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
-    sliced = any(path[0] == "unstacked" for path, _ in flat)  # then the stacks are not read (Transformer.unstack)
-    params = sum(
-      v.get_value().size * v.get_value().dtype.itemsize for path, v in flat if not (sliced and path[0] == "layers")
-    )
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     for batch in map(int, args.batches.split(",")):
       for tokens in map(int, args.tokens.split(",")):
         slots = cfg.data.seq_len
@@ -111,8 +120,73 @@ def main(argv=None) -> int:
           f"| {row['seconds'] * 1e3:.2f} ms |",
           flush=True,
         )
-  if args.json:
-    with open(args.json, "w") as f:
+  return _written(args.json, rows)
+
+
+def loop(topo, args) -> int:
+  """`--loop`: the decoding program compiled whole, the parameters handed in two ways."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from mtp_jax import compile as mtp_compile
+  from mtp_jax import config as config_lib
+  from mtp_jax import hlo, sharding
+  from mtp_jax.generate import decode, load
+  from mtp_jax.model import Transformer
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from speculative import SCALES
+
+  devs = topology.devices(topo)
+  placed = jax.sharding.SingleDeviceSharding(devs[0])
+  cfg = config_lib.load(args.config, [*SCALES.get(args.scale, args.scale).split(), *args.overrides])
+  mesh = sharding.make_mesh(cfg.mesh, devs)
+  prompt, new = 8, 16
+  print(f"# {args.topology} ({devs[0].device_kind}), compiled with none attached; jax {jax.__version__}")
+  print(f"# decode._generate: {prompt}-token prompts, {new} new tokens, greedy; experts {cfg.model.moe.kernel}")
+  print("| parameters | batch | HBM traffic a step of the loop | busiest kernels | arguments | temporaries |")
+  print("|---|---|---|---|---|---|")
+  rows = []
+  for way, form in [("as stored", lambda m: m), ("as loaded (load.held)", load.held)]:
+    with sharding.activate(mesh, cfg.mesh.rules):
+      model = nnx.eval_shape(lambda form=form: form(Transformer(cfg.model, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(decode.dropless(model))
+    for batch in map(int, args.batches.split(",")):
+
+      def on_chip(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
+
+      state_in = jax.tree.map(lambda a: on_chip(a.shape, a.dtype), state)
+      ins = (state_in, on_chip((batch, prompt), jnp.int32), on_chip((batch,), jnp.int32), np.int32(-1))
+      with mtp_compile._attached(devs), sharding.activate(mesh, cfg.mesh.rules):
+        traced = decode._generate.trace(
+          graphdef, *ins, jax.random.key(0), max_new_tokens=new, temperature=0.0, top_p=1.0
+        )
+        compiled = traced.lower().compile()
+      text = compiled.as_text()
+      module = hlo.parse(text)
+      loops = [ins.name for ins in module.computations[module.entry] if ins.opcode == "while"]
+      # The decoding loop: the busiest of the program's outer loops (the rest sort the prompts).
+      step = max((hlo.kernel_traffic(text, 3, frozenset([name])) for name in loops), key=lambda t: t.bytes)
+      memory = compiled.memory_analysis()
+      busiest = ", ".join(f"{op.rsplit('/', 1)[-1] or name} {mtp_compile._size(b)}" for name, op, b in step.largest)
+      row = dict(way=way, batch=batch, bytes=step.bytes, arguments=memory.argument_size_in_bytes)
+      row["temporaries"] = memory.temp_size_in_bytes
+      rows.append(row)
+      print(
+        f"| {way} | {batch} | {mtp_compile._size(step.bytes)} | {busiest} | "
+        f"{mtp_compile._size(row['arguments'])} | {mtp_compile._size(row['temporaries'])} |",
+        flush=True,
+      )
+  return _written(args.json, rows)
+
+
+def _written(path: str | None, rows: list[dict]) -> int:
+  """Writes `rows` to `path` as JSON, if one was given; the exit code."""
+  if path:
+    with open(path, "w") as f:
       json.dump(rows, f, indent=2)
   return 0
 

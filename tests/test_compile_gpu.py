@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 from conftest import TINY
 
@@ -192,3 +193,32 @@ def test_decoding_on_a_gpu_reads_the_experts_once_where_blocks_copy_them(tmp_pat
   auto, blocked = json.loads(rows.read_text())
   assert auto["runs"] == "ragged_dot" and blocked["runs"] == "blocked"
   assert blocked["bytes"] > 2 * auto["bytes"], (auto, blocked)
+
+
+@needs_plugin
+def test_decoding_a_run_as_mtp_generate_loads_it_on_a_gpu_copies_no_weights(tmp_path):
+  """The whole decoding program compiled for an H200 (benchmarks/decode_traffic.py --loop), a
+  dense layer then a stack of two MoE layers, bfloat16 parameters: handed the stacks, it slices
+  the trunk a block at a time into a copy it holds while decoding (the experts' weights at
+  least); handed the model as `mtp-generate` loads it (`load.held`: already a block at a time)
+  it holds less than those weights beside its arguments, and its loop moves the same bytes."""
+  from flax import nnx
+
+  from mtp_jax import config
+  from mtp_jax.model import Transformer
+
+  rows = tmp_path / "rows.json"
+  shapes = ["model.num_layers=3", "model.dtype=bfloat16", "model.param_dtype=bfloat16"]
+  keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "PYTHONPATH", "TMPDIR")}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = os.path.join(root, "benchmarks", "decode_traffic.py")
+  argv = [script, "--loop", "--batches", "1", "--json", str(rows), *shapes]
+  out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=keep, cwd=root)
+  assert out.returncode == 0, out.stderr[-3000:]
+  stored, loaded = json.loads(rows.read_text())
+  cfg = config.load(os.path.join(root, "configs", "tiny.yaml"), shapes)
+  model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+  assert model.runs == ((0, 1), (1, 3))
+  experts = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers[1].ffn.experts)))
+  assert stored["arguments"] == loaded["arguments"] and stored["bytes"] == loaded["bytes"], (stored, loaded)
+  assert stored["temporaries"] - loaded["temporaries"] >= experts > loaded["temporaries"], (stored, loaded, experts)

@@ -162,12 +162,16 @@ def test_sampling_is_reproducible_by_seed(tiny):
   assert all(len(row) == 5 for row in a)
 
 
+THREE = ["model.num_layers=3"]  # a dense layer, then a stack of two MoE layers
+
+
 def _bf16_model(kind):
   """A tiny bfloat16-compute model with float32 parameters, every parameter moved off its
-  initial value: a norm scale of ones or a zero bias would survive a wrong cast unchanged."""
+  initial value: a norm scale of ones or a zero bias would survive a wrong cast unchanged. Its
+  trunk: a dense layer, then a stack of two MoE layers."""
   from conftest import tiny_config
 
-  cfg = tiny_config("model.dtype=bfloat16", f"model.attention.kind={kind}", "model.attention.qkv_bias=true")
+  cfg = tiny_config("model.dtype=bfloat16", f"model.attention.kind={kind}", "model.attention.qkv_bias=true", *THREE)
   graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
   return nnx.merge(graphdef, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), state))
@@ -203,10 +207,14 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
   assert decode.in_compute_dtype(narrow) is narrow
   f32 = Transformer(tiny_config(f"model.attention.kind={kind}").model, rngs=nnx.Rngs(0))
   assert decode.in_compute_dtype(f32) is f32  # nothing to cast
-  # Decoding routes every MoE layer dropless, the sliced blocks' too.
-  sliced = Transformer(tiny_config("model.moe.mode=capacity").model, rngs=nnx.Rngs(0)).unstack()
-  modes = [m.cfg.mode for _, m in nnx.iter_graph(decode.dropless(sliced)) if isinstance(m, MoE)]
-  assert len(modes) == 3 and set(modes) == {"dropless"}, modes  # the stack, its slice, the MTP module
+  # Held a block at a time: each trunk block a stack of its own; so held, the model itself.
+  blockwise = narrow.unstack()
+  assert narrow.runs == ((0, 1), (1, 3)) and blockwise.runs == ((0, 1), (1, 2), (2, 3)) and not blockwise.scanned
+  assert blockwise.unstack() is blockwise
+  # Decoding routes every MoE layer dropless, the blocks' too.
+  capacity = Transformer(tiny_config("model.moe.mode=capacity", *THREE).model, rngs=nnx.Rngs(0)).unstack()
+  modes = [m.cfg.mode for _, m in nnx.iter_graph(decode.dropless(capacity)) if isinstance(m, MoE)]
+  assert len(modes) == 3 and set(modes) == {"dropless"}, modes  # two trunk blocks, the MTP module
 
   # The same logits, to the bit, from a prefill and a two-token step; a norm scale or the router
   # stored in bfloat16 changes them (routing flips).
@@ -223,7 +231,7 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
     return run(state, _tokens(np.random.default_rng(3), 320, (B, P)))
 
   want = logits(model)
-  for held in [narrow, narrow.unstack()]:  # the layers sliced out of their stacks once: the same blocks
+  for held in [narrow, blockwise]:  # the layers sliced out of their stacks once: the same blocks
     for got, w in zip(logits(held), want, strict=True):
       assert got.dtype == jnp.bfloat16
       np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(w, np.float32))
@@ -234,7 +242,8 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
   # conversion, they take the model's own stacks. Traced only, as if for each platform.
   flat = [(".".join(map(str, p)), v.get_value().shape) for p, v in nnx.to_flat_state(nnx.state(model))]
   cast = {shape for n, shape in flat if n not in kept} - {shape for n, shape in flat if n in kept}
-  stacks = {shape for n, shape in flat if n.startswith("layers.")} - {shape for n, shape in flat if n in kept}
+  stacks = {shape for n, shape in flat if n.startswith("layers.") and shape[0] > 1} - {s for n, s in flat if n in kept}
+  blocks = {(1, *shape[1:]) for shape in stacks} - {shape for _, shape in flat}  # an MoE block, held alone
   graphdef, state = nnx.split(decode.dropless(model))
   args = (graphdef, state, np.zeros((B, P), np.int32), PROMPT_LENGTHS, np.int32(-1), jax.random.key(0))
   settings = dict(max_new_tokens=4, temperature=0.0, top_p=1.0)
@@ -245,7 +254,7 @@ def test_decoding_reads_weights_cast_once_to_the_compute_dtype_with_the_same_log
       decode._generate.trace(*args, **settings),
       speculative._speculative.trace(*args, **settings, draft_tokens=1, trace=False),
     ]:
-      inputs = [a for a in _loop_inputs(program) if a.shape in cast]
+      inputs = [a for a in _loop_inputs(program) if a.shape in cast | blocks]
       gpu = platform == "gpu"
       assert inputs and {a.dtype for a in inputs} == {jnp.dtype(jnp.bfloat16 if gpu else jnp.float32)}, inputs
-      assert any(a.shape in stacks for a in inputs) != gpu, inputs
+      assert any(a.shape in stacks for a in inputs) != gpu and any(a.shape in blocks for a in inputs) == gpu, inputs

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from conftest import TINY
 
@@ -168,6 +169,45 @@ def test_a_bfloat16_run_loads_cast_to_its_compute_dtype_and_decodes_as_from_floa
   assert _json(capsys, *args, "--no-speculative")["outputs"][0]["ids"] == want[0]
   # Speculative decoding runs on it too (its verification may round differently from one-token steps).
   assert 1 <= len(_json(capsys, *args)["outputs"][0]["ids"]) <= int(NEW)
+
+
+def test_on_a_gpu_a_run_loads_a_block_at_a_time_holding_no_stack(tmp_path, monkeypatch):
+  """On a GPU a run loads as decoding holds it there (`load.held`): cast, its trunk a block at a
+  time, each block read from the checkpoint into its own array. Nothing else stays on the device
+  (no stack beside the blocks), and decoding takes the model as it is (`decode.for_steps`). The
+  values: the stacks' blocks, cast, as loaded elsewhere."""
+  from flax import nnx
+
+  from mtp_jax import sharding
+  from mtp_jax.generate import decode
+  from mtp_jax.train.checkpoint import Checkpointer
+  from mtp_jax.train.program import build
+
+  over = ["model.num_layers=3", "model.dtype=bfloat16", "model.attention.kind=mla", "mesh.data=1"]
+  cfg = config.load(None, [*TINY, *over, f"train.workdir={tmp_path}"])
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  ckpt.save(1, build(cfg, jax.devices()[:1]).init_state(), None)
+  ckpt.wait()
+  ckpt.close()
+  (tmp_path / "config.yaml").write_text(config.to_yaml(cfg))
+  stacked = load.load(str(tmp_path)).model  # on this CPU: cast, stacked as stored
+  assert stacked.runs == ((0, 1), (1, 3))
+
+  monkeypatch.setattr(sharding, "platform", lambda mesh=None: "gpu")
+  placed, device_put = [], jax.device_put
+  monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: placed.append(np.shape(x)) or device_put(x, *a, **k))
+  alive = jax.live_arrays()  # held, so no array made below can take one's id
+  model = load.load(str(tmp_path)).model
+  monkeypatch.setattr(jax, "device_put", device_put)
+  assert not {shape for shape in placed if shape[:1] == (2,)}, placed  # the MoE stack's blocks one by one
+  made = [a for a in jax.live_arrays() if all(a is not b for b in alive)]
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert model.runs == ((0, 1), (1, 2), (2, 3)) and decode.for_steps(model) is model
+  assert sum(a.nbytes for a in made) == sum(a.nbytes for a in leaves), [a.shape for a in made]
+  want = nnx.to_flat_state(nnx.state(stacked.unstack()))
+  for (path, w), (got_path, got) in zip(want, nnx.to_flat_state(nnx.state(model)), strict=True):
+    assert path == got_path and got.get_value().dtype == w.get_value().dtype, (path, got_path)
+    np.testing.assert_array_equal(np.asarray(got.get_value()), np.asarray(w.get_value()), err_msg=str(path))
 
 
 def test_bad_input_is_one_line_naming_it_and_exit_2(run, tmp_path, capsys):

@@ -452,7 +452,7 @@ class Traffic:
   largest: list[tuple[str, str, float]]  # (kernel, the JAX operation it runs, its bytes a call), the most first
 
 
-def kernel_traffic(text: str, largest: int = 3) -> Traffic:
+def kernel_traffic(text: str, largest: int = 3, within: frozenset[str] | None = None) -> Traffic:
   """What one device's kernels read from and write to its memory per call of a compiled
   program, loops counted out, by the rule XLA's own cost model has for a kernel (a fusion, a
   library call, an op left unfused): it reads its operands and writes its result, once each. A
@@ -460,7 +460,8 @@ def kernel_traffic(text: str, largest: int = 3) -> Traffic:
   in place (its root a dynamic-update-slice of a parameter) counts the update written, not the
   buffer. Caches are ignored: an operand that several kernels read counts for each. XLA:GPU gives
   no byte count for a program compiled with no GPU attached; this is the one a roofline of its
-  step can use there. `largest`: how many of the busiest kernels to name."""
+  step can use there. `largest`: how many of the busiest kernels to name. `within`: only what
+  these instructions run (see `walk`), such as one loop of the program."""
   module = parse(text)
   inner = {  # instructions of the computations that kernels run inside them (fusion bodies and the like)
     ins.name
@@ -488,7 +489,7 @@ def kernel_traffic(text: str, largest: int = 3) -> Traffic:
       moved = read + written
     return collections.Counter({ins.name: moved})
 
-  by_kernel, loops_once = walk(module, measure)
+  by_kernel, loops_once = walk(module, measure, within)
   ops = {ins.name: ins.rest for body in module.computations.values() for ins in body}
 
   def op_of(name: str) -> str:

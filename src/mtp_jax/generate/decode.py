@@ -9,13 +9,14 @@ what that forward computes whenever nothing overflowed. The aux-loss-free router
 as trained: it steers which experts are chosen, exactly as in the forward pass.
 
 On a GPU, `generate` and the speculative rounds hold the weights in the compute dtype, cast
-once when the call starts and sliced layer by layer in the same pass (`for_steps`,
-`in_compute_dtype`): the same numbers as casting at every use, and a bfloat16 step from float32
-parameters then reads its weights once, at half the width, with no converted or sliced copies
-written at every step (small.yaml's decoding loop compiled for an H200: 4.15 GiB a step against
-20.9; benchmarks/RESULTS.md). The copy sits beside the caller's float32 parameters for the call.
-`mtp-generate` loads the weights cast (`load.weights`) but on TPUs, holding no float32 copy; a
-model stored in the compute dtype holds its sliced copy beside its stacks while it decodes.
+once when the call starts, and the trunk a block at a time, sliced out of its stacks in the
+same pass (`for_steps`, `in_compute_dtype`, `Transformer.unstack`): the same numbers as casting
+at every use, and a bfloat16 step from float32 parameters then reads its weights once, at half
+the width, with no converted or sliced copies written at every step (small.yaml's decoding loop
+compiled for an H200: 4.14 GiB a step against 20.9; benchmarks/RESULTS.md). That copy sits
+beside the caller's parameters for the call. `mtp-generate` loads the weights already held so
+(`load.held`: cast but on TPUs, a block at a time on GPUs), each block read into its own array,
+and then holds no other copy.
 
 MLA layers run `step` absorbed (`model.attention.absorb`, the default): attending over the
 cached latent instead of up-projecting all of it for every new token. `prefill` up-projects, as
@@ -45,7 +46,7 @@ from mtp_jax.model.moe import MoE
 
 def dropless(model: Transformer) -> Transformer:
   """The model, or a copy sharing its arrays whose MoE layers route dropless (see above): every
-  one in its graph, stacked, MTP or sliced (`Transformer.unstack`)."""
+  one in its graph, stacked, MTP or held a block at a time (`Transformer.unstack`)."""
   if all(m.cfg.mode == "dropless" for _, m in nnx.iter_graph(model) if isinstance(m, MoE)):
     return model
   model = nnx.merge(*nnx.split(model))
@@ -79,14 +80,15 @@ def in_compute_dtype(model: Transformer) -> Transformer:
 
 def for_steps(model: Transformer) -> Transformer:
   """What a decoding loop steps with. On GPUs a copy cast to the compute dtype
-  (`in_compute_dtype`) that holds its trunk blocks one by one (`Transformer.unstack`), cast and
+  (`in_compute_dtype`) that stores its trunk a block at a time (`Transformer.unstack`), cast and
   sliced in one pass before the loop: XLA:GPU would otherwise convert float32 weights inside the
   loop, at every step, and slice each layer's weights out of their stacks again at every step.
   From float32 parameters the slices are the cast's copy; from parameters stored in the compute
-  dtype they are a second copy of the trunk's weights, held while decoding. Elsewhere the model
-  itself: XLA:CPU widens bfloat16 matmul operands to float32 anyway, and XLA:TPU already hoists
-  the conversion and slices out of the loop (weights held cast made it slice an expert stack
-  anew every step instead). benchmarks/RESULTS.md, 2026-12-07 (eighth)."""
+  dtype they are a second copy of the trunk's weights, held while decoding, and from a model
+  already held so (`load.held`) no copy. Elsewhere the model itself: XLA:CPU widens bfloat16
+  matmul operands to float32 anyway, and XLA:TPU already hoists the conversion and slices out
+  of the loop (weights held cast made it slice an expert stack anew every step instead).
+  benchmarks/RESULTS.md, 2026-12-07 (eighth)."""
   return in_compute_dtype(model).unstack() if sharding.platform() == "gpu" else model
 
 

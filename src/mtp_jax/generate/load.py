@@ -17,6 +17,7 @@ import jax
 from etils import epath
 from flax import nnx
 
+from mtp_jax import sharding
 from mtp_jax.config import STDLIB, Config
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.manifest import DataError
@@ -25,6 +26,7 @@ from mtp_jax.export import source
 from mtp_jax.generate import decode
 from mtp_jax.model import Transformer
 from mtp_jax.model.moe import RouterBias
+from mtp_jax.model.transformer import stacks
 from mtp_jax.train.checkpoint import leaf_name
 
 MAX_READ_BYTES = 2**30  # arrays are read together up to this, so host memory holds about this much at a time
@@ -55,24 +57,34 @@ def load(checkpoint: str) -> Loaded:
   return Loaded(weights(src), tok, src.config, src.step_dir, src.step)
 
 
+def held(model: Transformer) -> Transformer:
+  """The model as decoding holds it on this platform: on a GPU cast to the compute dtype and
+  stored a block at a time (`decode.for_steps`); on a CPU cast; on a TPU as stored, where XLA
+  decodes faster from the weights as they are (benchmarks/RESULTS.md, 2026-12-07, eighth).
+  Casting: only the weights every use reads as `.astype(compute dtype)` (`decode.in_compute_dtype`),
+  so bfloat16 compute from float32 parameters holds half the bytes."""
+  return model if sharding.platform() == "tpu" else decode.for_steps(decode.in_compute_dtype(model))
+
+
 def weights(src: source.Source) -> Transformer:
   """The run's model holding the step's parameters and router biases, on the default device,
-  in the compute dtype where every use casts them to it (`decode.in_compute_dtype`: bfloat16
-  compute from float32 parameters holds half the bytes), but on a TPU, where XLA decodes faster
-  from the weights as stored (`decode.for_steps`)."""
-  cast = decode.in_compute_dtype if jax.default_backend() != "tpu" else lambda model: model
-  abstract = nnx.eval_shape(lambda: cast(Transformer(src.config.model, rngs=nnx.Rngs(0))))
+  as decoding holds them there (`held`). Stored a block at a time, each block is read into its
+  own array: no stack of the trunk's weights is held beside them."""
+  abstract = nnx.eval_shape(lambda: held(Transformer(src.config.model, rngs=nnx.Rngs(0))))
   graphdef, params, bias = nnx.split(abstract, nnx.Param, RouterBias)
   kept = {f"params.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(params)}
   kept |= {f"router_bias.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(bias)}
   leaves = source.abstract_leaves(src.config)
+  stacks = _blockwise(src.config, abstract, leaves)
+  pieces = [(name, j) for name in leaves for j in (range(len(stacks[name])) if name in stacks else [None])]
   arrays = {}
   reader = source.Reader(src, leaves)  # checks the saved names and shapes against the config first
   try:
-    for group in source.read_groups([(name, None) for name in leaves], leaves, MAX_READ_BYTES):
-      for (name, _), array in reader.read(group).items():
+    for group in source.read_groups(pieces, leaves, MAX_READ_BYTES):
+      for (name, j), array in reader.read(group).items():
+        to, array = (name, array) if j is None else (stacks[name][j], array[None])  # a stack of one block
         # The model's dtype first, then the cast decoding would make, by XLA on the device.
-        arrays[name] = jax.device_put(array.astype(leaves[name].dtype, copy=False)).astype(kept[name])
+        arrays[to] = jax.device_put(array.astype(leaves[name].dtype, copy=False)).astype(kept[to])
   finally:
     reader.close()
 
@@ -82,6 +94,23 @@ def weights(src: source.Source) -> Transformer:
   params = jax.tree_util.tree_map_with_path(fill("params"), params)
   bias = jax.tree_util.tree_map_with_path(fill("router_bias"), bias)
   return nnx.merge(graphdef, params, bias)
+
+
+def _blockwise(cfg: Config, held: Transformer, leaves: dict) -> dict[str, list[str]]:
+  """Where the held model stores its trunk a block at a time (`Transformer.unstack`): each
+  saved stack's name (`params.layers.r.…`, `router_bias.layers.r.…`) with the names its blocks
+  are held under, block j of stack r as `….layers.i.…`, i its place in the trunk."""
+  runs = stacks(cfg.model)
+  if held.runs == runs:
+    return {}
+  out = {}
+  for name in leaves:
+    prefix, _, rest = name.partition(".layers.")
+    if rest and prefix in ("params", "router_bias"):
+      r, _, tail = rest.partition(".")
+      a, b = runs[int(r)]
+      out[name] = [f"{prefix}.layers.{i}.{tail}" for i in range(a, b)]
+  return out
 
 
 def run_tokenizer(cfg: Config, workdir: epath.Path) -> tokenizer_lib.Tokenizer:

@@ -131,11 +131,15 @@ def stack(blocks: list[Block]) -> Block:
   return nnx.merge(nnx.graphdef(blocks[0]), stacked)
 
 
-def layer(stacked: Block, j: int) -> Block:
-  """Block j of a stack, as its own (sliced) block."""
+def layer(stacked: Block, j: int, keep: bool = False) -> Block:
+  """Block j of a stack, as its own (sliced) block; with `keep`, as a stack of that one block."""
+
+  def one(v: nnx.Variable) -> nnx.Variable:
+    x = v.get_value()
+    return v.replace(x[j : j + 1], axes=_axes(v)) if keep else v.replace(x[j], axes=_axes(v)[1:])
+
   graphdef, state = nnx.split(stacked)
-  sliced = jax.tree.map(lambda v: v.replace(v.get_value()[j], axes=_axes(v)[1:]), state, is_leaf=_is_variable)
-  return nnx.merge(graphdef, sliced)
+  return nnx.merge(graphdef, jax.tree.map(one, state, is_leaf=_is_variable))
 
 
 def _scan(stacked: Block, policy, x_BxLxD, *args, acc=None) -> tuple[jax.Array, MoEAux | None]:
@@ -325,12 +329,19 @@ class Transformer(nnx.Module):
     return [self.block(i) for i in range(self.runs[-1][1])]
 
   def unstack(self) -> Transformer:
-    """A copy that also holds its trunk blocks one by one (`trunk_blocks`), which `decode` then
-    runs: sliced out of their stacks once, where XLA:GPU slices a decoding loop's weights out of
-    the stacks again at every step (`decode.for_steps`). The slices are a second copy of the
-    trunk's weights while they live."""
+    """A copy storing its trunk a block at a time: stack i holds block i alone (`runs` of one),
+    its variables sliced out of their stacks once. It computes as the model does, unrolled; a
+    decoding loop reads each block's weights where they lie, where XLA:GPU would slice them out
+    of the stacks again at every step (`decode.for_steps`). Traced, the slices are a second copy
+    of the trunk's weights while they live; `generate.load` fills a model of this form from the
+    stacks as it reads them. The model itself when every stack already holds one block."""
+    if all(b - a == 1 for a, b in self.runs):
+      return self
     model = nnx.merge(*nnx.split(self))
-    model.unstacked = nnx.List(model.trunk_blocks())
+    runs = zip(self.runs, self.layers, strict=True)
+    model.layers = nnx.List([layer(s, j, keep=True) for (a, b), s in runs for j in range(b - a)])
+    model.runs = tuple((i, i + 1) for i in range(self.runs[-1][1]))
+    model.scanned = ()
     return model
 
   def decode(self, tokens_BxL, positions_BxL, caches: list) -> tuple[jax.Array, list, jax.Array]:
@@ -343,8 +354,7 @@ class Transformer(nnx.Module):
     mask_BxLxS = attention.cached_mask(positions_BxL, _cache_len(caches[0]))
     x = self.embed(tokens_BxL)
     new, branch = [], x
-    blocks = getattr(self, "unstacked", None) or self.trunk_blocks()
-    for block, cache in zip(blocks, caches, strict=True):
+    for block, cache in zip(self.trunk_blocks(), caches, strict=True):
       branch = x
       x, cache = block.decode(x, mask_BxLxS, positions_BxL, cache)
       new.append(cache)
