@@ -75,14 +75,14 @@ def weights(src: source.Source) -> Transformer:
   kept = {f"params.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(params)}
   kept |= {f"router_bias.{leaf_name(p)}": v.dtype for p, v in jax.tree_util.tree_leaves_with_path(bias)}
   leaves = source.abstract_leaves(src.config)
-  stacks = _blockwise(src.config, abstract, leaves)
-  pieces = [(name, j) for name in leaves for j in (range(len(stacks[name])) if name in stacks else [None])]
+  blocks = _blockwise(src.config, abstract, leaves)
+  pieces = [(name, j) for name in leaves for j in (range(len(blocks[name])) if name in blocks else [None])]
   arrays = {}
   reader = source.Reader(src, leaves)  # checks the saved names and shapes against the config first
   try:
     for group in source.read_groups(pieces, leaves, MAX_READ_BYTES):
       for (name, j), array in reader.read(group).items():
-        to, array = (name, array) if j is None else (stacks[name][j], array[None])  # a stack of one block
+        to, array = (name, array) if j is None else (blocks[name][j], array[None])  # a stack of one block
         # The model's dtype first, then the cast decoding would make, by XLA on the device.
         arrays[to] = jax.device_put(array.astype(leaves[name].dtype, copy=False)).astype(kept[to])
   finally:
