@@ -171,11 +171,12 @@ def test_a_bfloat16_run_loads_cast_to_its_compute_dtype_and_decodes_as_from_floa
   assert 1 <= len(_json(capsys, *args)["outputs"][0]["ids"]) <= int(NEW)
 
 
-def test_on_a_gpu_a_run_loads_a_block_at_a_time_holding_no_stack(tmp_path, monkeypatch):
-  """On a GPU a run loads as decoding holds it there (`load.held`): cast, its trunk a block at a
-  time, each block read from the checkpoint into its own array. Nothing else stays on the device
-  (no stack beside the blocks), and decoding takes the model as it is (`decode.for_steps`). The
-  values: the stacks' blocks, cast, as loaded elsewhere."""
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_on_an_accelerator_a_run_loads_a_block_at_a_time_holding_no_stack(tmp_path, monkeypatch, platform):
+  """On a GPU or TPU a run loads as decoding holds it there (`load.held`): cast, its trunk a
+  block at a time, each block read from the checkpoint into its own array. Nothing else stays on
+  the device (no stack beside the blocks), and decoding takes the model as it is
+  (`decode.for_steps`). The values: the stacks' blocks, cast, as loaded on a CPU."""
   from flax import nnx
 
   from mtp_jax import sharding
@@ -193,7 +194,7 @@ def test_on_a_gpu_a_run_loads_a_block_at_a_time_holding_no_stack(tmp_path, monke
   stacked = load.load(str(tmp_path)).model  # on this CPU: cast, stacked as stored
   assert stacked.runs == ((0, 1), (1, 3))
 
-  monkeypatch.setattr(sharding, "platform", lambda mesh=None: "gpu")
+  monkeypatch.setattr(sharding, "platform", lambda mesh=None: platform)
   placed, device_put = [], jax.device_put
   monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: placed.append(np.shape(x)) or device_put(x, *a, **k))
   alive = jax.live_arrays()  # held, so no array made below can take one's id

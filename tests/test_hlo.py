@@ -516,7 +516,8 @@ ENTRY %main (w.1: f32[8,64,32], x.1: f32[16,64]) -> (f32[8,64,32], f32[]) {
 """.replace("TRIP", '{"known_trip_count":{"n":"5"}}')
 
 
-def test_kernels_read_their_operands_and_write_their_results_loops_counted_out():
+def _kernel_bytes() -> tuple[int, int]:
+  """(a turn of _KERNELS's loop, what runs after it): the bytes its kernels move."""
   layer = 64 * 32 * 4  # one slice of the stack
   turn = sum(
     [
@@ -529,12 +530,34 @@ def test_kernels_read_their_operands_and_write_their_results_loops_counted_out()
     ]
   )
   after = 2 * 8 * layer + (16 * 64 * 4 + 4) + 4  # the copy; the reduction (its `add` runs inside it)
+  return turn, after
+
+
+def test_kernels_read_their_operands_and_write_their_results_loops_counted_out():
+  turn, after = _kernel_bytes()
+  layer = 64 * 32 * 4  # one slice of the stack
   traffic = hlo.kernel_traffic(_KERNELS, largest=3)
   assert (traffic.bytes, traffic.loops_once) == (5 * turn + after, 0)
   # The busiest: the copy of the whole stack (once), then the slice and the update (5 times each,
   # a slice and an index); none names an operation.
   assert traffic.largest[0] == ("cp", "", 2 * 8 * layer)
   assert sorted(traffic.largest[1:]) == [("s", "", 5 * (2 * layer + 4)), ("u", "", 5 * (2 * layer + 4))]
+
+
+def test_a_loop_that_may_stop_before_its_count_is_counted_once():
+  """Without XLA's known trip count, a loop whose condition is `counter < 5` runs 5 times;
+  one whose condition is `counter < 5 and flag` (a decoding loop's) may stop sooner: counted
+  once, and said so."""
+  turn, after = _kernel_bytes()
+  plain = _KERNELS.replace(', backend_config={"known_trip_count":{"n":"5"}}', "")
+  root = "  ROOT %lt = pred[] compare(%i.1, %n), direction=LT"
+  flag = (
+    "  %lt = pred[] compare(%i.1, %n), direction=LT\n  %go = pred[] constant(true)\n  ROOT %and = pred[] and(%lt, %go)"
+  )
+  assert plain != _KERNELS and root in plain
+  counted, once = hlo.kernel_traffic(plain), hlo.kernel_traffic(plain.replace(root, flag))
+  assert (counted.bytes, counted.loops_once) == (5 * turn + after, 0)
+  assert (once.bytes, once.loops_once) == (turn + after, 1)
 
 
 def test_kernel_traffic_is_xla_s_own_count_where_xla_gives_one():

@@ -115,12 +115,14 @@ def times(counter: collections.Counter, n: float) -> collections.Counter:
 
 def counted_to(condition: list[Instruction] | None) -> int | None:
   """The trip count of a loop whose condition is `counter < N`, N its one constant: JAX's scans
-  count from 0 by 1 (XLA:TPU's compiled loops carry no `known_trip_count`)."""
+  count from 0 by 1 (XLA:TPU's compiled loops carry no `known_trip_count`). The compare must be
+  the condition's result (its root, printed last): `counter < N and not done`, a decoding loop's,
+  may end sooner, so its trip count is unknown."""
   constants = [
     int(m[1]) for ins in condition or () if ins.opcode == "constant" and (m := re.match(r"(-?\d+)\)", ins.rest))
   ]
-  compare = [ins.rest for ins in condition or () if ins.opcode == "compare"]
-  if len(constants) != 1 or len(compare) != 1 or "direction=LT" not in compare[0]:
+  compare = [ins for ins in condition or () if ins.opcode == "compare"]
+  if len(constants) != 1 or len(compare) != 1 or "direction=LT" not in compare[0].rest or compare[0] != condition[-1]:
     return None
   return constants[0]
 

@@ -15,8 +15,8 @@ at every use, and a bfloat16 step from float32 parameters then reads its weights
 the width, with no converted or sliced copies written at every step (small.yaml's decoding loop
 compiled for an H200: 4.14 GiB a step against 20.9; benchmarks/RESULTS.md). That copy sits
 beside the caller's parameters for the call. `mtp-generate` loads the weights already held so
-(`load.held`: cast but on TPUs, a block at a time on GPUs), each block read into its own array,
-and then holds no other copy.
+(`load.held`: cast, and on GPUs and TPUs a block at a time), each block read into its own
+array, and then holds no other copy.
 
 MLA layers run `step` absorbed (`model.attention.absorb`, the default): attending over the
 cached latent instead of up-projecting all of it for every new token. `prefill` up-projects, as
@@ -87,8 +87,9 @@ def for_steps(model: Transformer) -> Transformer:
   dtype they are a second copy of the trunk's weights, held while decoding, and from a model
   already held so (`load.held`) no copy. Elsewhere the model itself: XLA:CPU widens bfloat16
   matmul operands to float32 anyway, and XLA:TPU already hoists the conversion and slices out
-  of the loop (weights held cast made it slice an expert stack anew every step instead).
-  benchmarks/RESULTS.md, 2026-12-07 (eighth)."""
+  of the loop (weights held cast but stacked made it slice an expert stack anew every step; a
+  copy made here holds 1 GiB more for small.yaml on a v5p chip than XLA's own, for the same
+  traffic). benchmarks/RESULTS.md, 2026-12-07 (eighth, ninth)."""
   return in_compute_dtype(model).unstack() if sharding.platform() == "gpu" else model
 
 

@@ -58,12 +58,14 @@ def load(checkpoint: str) -> Loaded:
 
 
 def held(model: Transformer) -> Transformer:
-  """The model as decoding holds it on this platform: on a GPU cast to the compute dtype and
-  stored a block at a time (`decode.for_steps`); on a CPU cast; on a TPU as stored, where XLA
-  decodes faster from the weights as they are (benchmarks/RESULTS.md, 2026-12-07, eighth).
-  Casting: only the weights every use reads as `.astype(compute dtype)` (`decode.in_compute_dtype`),
-  so bfloat16 compute from float32 parameters holds half the bytes."""
-  return model if sharding.platform() == "tpu" else decode.for_steps(decode.in_compute_dtype(model))
+  """The model as decoding holds it on this platform: cast to the compute dtype where every use
+  casts a weight to it (`decode.in_compute_dtype`: bfloat16 compute from float32 parameters holds
+  half the bytes), and on a GPU or TPU its trunk stored a block at a time (`Transformer.unstack`),
+  which their decoding loops read in place. Compiled for an H200 and a v5p chip, small.yaml's
+  loop moves what it moved from float32 stacks a step (4.1 and 4.3 GiB), holding 3.7 GiB in all
+  where float32 stacks held 11.0 and 11.8 (benchmarks/RESULTS.md, 2026-12-07, ninth)."""
+  model = decode.in_compute_dtype(model)
+  return model if sharding.platform() == "cpu" else model.unstack()
 
 
 def weights(src: source.Source) -> Transformer:
