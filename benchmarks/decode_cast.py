@@ -8,7 +8,8 @@
 - `once a call`: `decode.generate` casts them to bfloat16 once when the call starts, slicing the
   layers out of their stacks in the same pass (`decode.in_compute_dtype`, `Transformer.unstack`:
   what `for_steps` does on a GPU);
-- `loaded cast`: the model holds them cast already, as `mtp-generate` loads a run.
+- `loaded cast`: the model holds them cast already, as `mtp-generate` loads a run on a CPU (on
+  a GPU or TPU it also stores the trunk a block at a time: `load.held`).
 
 Each is forced here, whatever the device. Random weights, greedy, 8-token prompts; each way is
 compiled first and timed `--repeats` times (fastest kept), execution only, the ways in turn
