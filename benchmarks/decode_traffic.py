@@ -71,15 +71,8 @@ def main(argv=None) -> int:
   from mtp_jax.generate.cache import Cache
   from mtp_jax.model import Transformer, experts
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from speculative import SCALES
-
-  devs = topology.devices(topo)
-  placed = jax.sharding.SingleDeviceSharding(devs[0])
-  scale = SCALES.get(args.scale, args.scale).split()
+  devs, placed, attached, scale = _chip(topo, args)
   platform = "gpu" if topo.gpu else "tpu"
-  attached = functools.partial(mtp_compile._attached, devs) if topo.gpu else contextlib.nullcontext
-  print(f"# {args.topology} ({devs[0].device_kind}), compiled with none attached; jax {jax.__version__}")
   print("| kernel | runs as | batch | tokens a row | HBM traffic | / parameters | at HBM bandwidth |")
   print("|---|---|---|---|---|---|---|")
   rows = []
@@ -136,34 +129,28 @@ def loop(topo, args) -> int:
   from mtp_jax.generate import decode, load
   from mtp_jax.model import Transformer
 
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from speculative import SCALES
-
-  devs = topology.devices(topo)
-  placed = jax.sharding.SingleDeviceSharding(devs[0])
-  cfg = config_lib.load(args.config, [*SCALES.get(args.scale, args.scale).split(), *args.overrides])
+  devs, placed, attached, scale = _chip(topo, args)
+  cfg = config_lib.load(args.config, [*scale, *args.overrides])
   mesh = sharding.make_mesh(cfg.mesh, devs)
   prompt, new = 8, 16
-  attached = functools.partial(mtp_compile._attached, devs) if topo.gpu else contextlib.nullcontext
-  print(f"# {args.topology} ({devs[0].device_kind}), compiled with none attached; jax {jax.__version__}")
   print(f"# decode._generate: {prompt}-token prompts, {new} new tokens, greedy; experts {cfg.model.moe.kernel}")
   print("| parameters | batch | HBM traffic a step of the loop | busiest kernels | arguments | temporaries |")
   print("|---|---|---|---|---|---|")
+
+  def on_chip(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
+
   rows = []
   for way, form in [("as stored", lambda m: m), ("as loaded (load.held)", load.held)]:
     with sharding.activate(mesh, cfg.mesh.rules):
       model = nnx.eval_shape(lambda form=form: form(Transformer(cfg.model, rngs=nnx.Rngs(0))))
     graphdef, state = nnx.split(decode.dropless(model))
+    state = jax.tree.map(lambda a: on_chip(a.shape, a.dtype), state)
     for batch in map(int, args.batches.split(",")):
-
-      def on_chip(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
-
-      state_in = jax.tree.map(lambda a: on_chip(a.shape, a.dtype), state)
-      ins = (state_in, on_chip((batch, prompt), jnp.int32), on_chip((batch,), jnp.int32), np.int32(-1))
+      inputs = (state, on_chip((batch, prompt), jnp.int32), on_chip((batch,), jnp.int32), np.int32(-1))
       with attached(), sharding.activate(mesh, cfg.mesh.rules):
         traced = decode._generate.trace(
-          graphdef, *ins, jax.random.key(0), max_new_tokens=new, temperature=0.0, top_p=1.0
+          graphdef, *inputs, jax.random.key(0), max_new_tokens=new, temperature=0.0, top_p=1.0
         )
         compiled = traced.lower().compile()
       text = compiled.as_text()
@@ -182,6 +169,22 @@ def loop(topo, args) -> int:
         flush=True,
       )
   return _written(args.json, rows)
+
+
+def _chip(topo, args):
+  """(devices, the first one's sharding, the context to compile in, the --scale overrides), after
+  printing which chip and JAX the figures are for."""
+  import jax
+
+  from mtp_jax import compile as mtp_compile
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from speculative import SCALES
+
+  devs = topology.devices(topo)
+  attached = functools.partial(mtp_compile._attached, devs) if topo.gpu else contextlib.nullcontext
+  print(f"# {args.topology} ({devs[0].device_kind}), compiled with none attached; jax {jax.__version__}")
+  return devs, jax.sharding.SingleDeviceSharding(devs[0]), attached, SCALES.get(args.scale, args.scale).split()
 
 
 def _written(path: str | None, rows: list[dict]) -> int:
