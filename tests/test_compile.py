@@ -239,6 +239,36 @@ def test_a_step_over_hbm_whose_state_fits_is_compiled_and_judged(run, tmp_path):
   assert out[at + 7].endswith(f": {len(held) - 6} more"), out[at : at + 8]
 
 
+def test_an_evaluating_config_has_its_eval_step_judged_too(run, tmp_path):
+  """With train.eval_every the eval step is compiled too: what a chip holds while it runs is its
+  own need plus the train state it does not take as arguments (the optimizer's), and the verdict
+  covers both steps. In the train step's microbatches it needs less than the train step."""
+  path = tmp_path / "report.json"
+  evaluating = ["train.batch_size=16", "train.grad_accum_steps=2", "train.eval_every=10", "train.eval_spec_prompts=0"]
+  rc, out, _ = run("--topology", "cpu:8", "--hbm-gib", "1", "--json", str(path), *TINY, *evaluating)
+  r = json.loads(path.read_text())
+  e = r["eval_memory"]
+  assert rc == 0 and r["fits"] is True and r["eval_error"] is None
+  assert 0 < e["arguments"] < r["state_bytes"] and e["temporaries"] > 0
+  assert r["eval_needs_bytes"] == e["total"] + r["state_bytes"] - e["arguments"]  # CPU: no peak
+  assert r["state_bytes"] < r["eval_needs_bytes"] < r["needs_bytes"]
+  line = "eval       per chip: the eval step (train.eval_every) in 2 microbatches: temporaries "
+  assert any(o.startswith(line + mtp_compile._size(e["temporaries"])) for o in out), out
+  assert out[-1].startswith(f"fits: needs {mtp_compile._size(r['needs_bytes'])} per chip (evaluating, ")
+  # The verdict where evaluating alone is over: the train step fits, the eval step does not.
+  room = (r["needs_bytes"] + 1024) / 2**30
+  over = {k: v for k, v in r.items() if k not in ("config", "overrides")}
+  over |= {"collectives": None, "hbm_bytes": room * 2**30, "eval_needs_bytes": r["needs_bytes"] + 2048}
+  over["fits"] = mtp_compile._fits(over["needs_bytes"], over["eval_needs_bytes"], None, over["hbm_bytes"], None)
+  assert over["fits"] is False
+  last = mtp_compile.describe(mtp_compile.Report(**over))[-1]
+  assert last.startswith("does not fit: the train step does, evaluating (train.eval_every) needs "), last
+  # Without evaluation, no eval step.
+  rc, out, _ = run("--topology", "cpu:8", "--hbm-gib", str(2**-20), "--json", str(path), *TINY)
+  r = json.loads(path.read_text())
+  assert r["eval_memory"] is None and r["eval_needs_bytes"] is None and not any(o.startswith("eval ") for o in out)
+
+
 def test_peak_holders_read_xla_s_live_range_breakdown():
   text = """HloLiveRange (max 4):
   Live ranges at 3 (peak):

@@ -75,6 +75,26 @@ def test_agreement_is_depth_k_argmax_against_the_main_argmax_k_later(tiny):
     assert 0 < metrics[f"eval/mtp_agree_{k}"] < 1
 
 
+def test_evaluation_runs_in_the_train_steps_microbatches(tiny):
+  """With train.grad_accum_steps, the eval step runs the batch in the train step's microbatches:
+  the same sums as the whole batch at once, with fewer temporaries (one microbatch's activations;
+  a batch that fits training only in parts fits evaluation)."""
+  sums, temporaries = {}, {}
+  for accum in (1, 8):
+    cfg = tiny(*MODEL, "model.mtp.depth=2", "train.batch_size=64", f"train.grad_accum_steps={accum}")
+    program = build(cfg)
+    state = program.init_state()
+    host = _packed_batch(np.random.default_rng(1), cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size)
+    batch = {k: jax.device_put(v, program.batch_sharding) for k, v in host.items()}
+    sums[accum] = jax.device_get(program.eval_step(state, batch))
+    temporaries[accum] = program.eval_step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+  print("temporaries", temporaries)
+  for k in ("hits", "targets", "agree"):
+    assert sums[8][k].tolist() == sums[1][k].tolist()
+  np.testing.assert_allclose(sums[8]["nll"], sums[1]["nll"], rtol=1e-6)
+  assert temporaries[8] < temporaries[1] / 2
+
+
 def test_prompts_are_the_first_rows_cut_inside_their_first_document():
   eos = 9
   batch = {

@@ -69,12 +69,16 @@ class Report:
   hbm_limit: float | None = None  # what XLA:TPU (xla_tpu_max_hbm_size_mib) or JAX's GPU allocator may use of it
   hbm_limit_by: tuple[str, str] | None = None  # who may use hbm_limit, and the setting that says so
   host_transfers: tuple[float, float] | None = None  # bytes to the host's memory and back a step (remat_offload)
+  eval_memory: dict[str, int] | None = None  # the eval step's, where the config evaluates (train.eval_every)
+  eval_needs_bytes: float | None = None  # while it runs: its own need (as needs_bytes) and the rest of the train state
+  eval_error: str | None = None  # the compiler's out-of-memory line for the eval step
 
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None = None) -> Report:
-  """Builds and compiles the train step for `topo`; raises ConfigError or TopologyError on bad
-  input. With `dump`, XLA writes its dumps of the compiled step there (the buffer assignment and
-  live ranges among them), and the report lists what they say is live at the peak. With values
+  """Builds and compiles the train step for `topo`, and the eval step where the config
+  evaluates (train.eval_every); raises ConfigError or TopologyError on bad input. With `dump`,
+  XLA writes its dumps of the compiled train step there (the buffer assignment and live ranges
+  among them), and the report lists what they say is live at the peak. With values
   offloaded to the host (`train.remat_offload`), the verdict is on what XLA's memory-usage dump
   says it put in HBM: written to `dump`, else to a temporary folder."""
   from mtp_jax.model import dispatch as moe_dispatch
@@ -125,6 +129,9 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
         moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
         traffic = hlo.kernel_traffic(text) if topo.gpu else None
     memory = program_memory(compiled) if compiled else None
+    evaluation = (None, None, None)
+    if compiled and program.cfg.train.eval_every:
+      evaluation = _evaluation(program, _attached(devs) if topo.gpu else contextlib.nullcontext(), chip, state)
     holders, in_hbm = None, None
     if dumps:
 
@@ -185,7 +192,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     memory=memory,
     needs_bytes=needs,
     hbm_bytes=hbm,
-    fits=(needs <= room) if needs is not None and room else (False if error else None),
+    fits=_fits(needs, evaluation[1], evaluation[2], room, error),
     compiled=compiled is not None or error is not None,
     state_bytes=state,
     compiler_error=error,
@@ -213,9 +220,40 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     hbm_limit=limit,
     hbm_limit_by=limit_by,
     host_transfers=moved,
+    eval_memory=evaluation[0],
+    eval_needs_bytes=evaluation[1],
+    eval_error=evaluation[2],
   )
   _estimate(report)
   return report
+
+
+def _evaluation(program, attached, chip: Chip | None, state: int) -> tuple[dict | None, float | None, str | None]:
+  """The eval step compiled: (its memory, what a chip holds while it runs, the compiler's
+  refusal). The whole train state stays live beside it, so its need is its own (as the train
+  step's: XLA:TPU's peak, else the total) plus the state it does not take as arguments (the
+  optimizer's); where the compiler refuses it, the refusal's figure alone."""
+  with attached:
+    lowered = program.eval_step.lower(program.abstract_state, program.abstract_batch())
+  try:
+    compiled = lowered.compile()
+  except Exception as err:
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    error = first_line(err)
+    return None, _refusal(error)[0], error
+  from mtp_jax.train.program import memory as program_memory
+
+  memory = program_memory(compiled)
+  own = memory["peak"] if chip and memory["peak"] else memory["total"]
+  return memory, own + max(state - memory["arguments"], 0), None
+
+
+def _fits(needs: float | None, eval_needs: float | None, eval_error, room: float | None, error) -> bool | None:
+  """The verdict: the train step's need, and the eval step's where it was compiled, within `room`."""
+  if needs is not None and room:
+    return needs <= room and not eval_error and (eval_needs is None or eval_needs <= room)
+  return False if error else None
 
 
 @contextlib.contextmanager
@@ -480,6 +518,14 @@ def describe(r: Report) -> list[str]:
       lines.append(
         f"host       per chip: {_size(m['host'])} in host memory (train.remat_offload); the peak counts it, {held}"
       )
+  if r.eval_memory:
+    m = r.eval_memory
+    lines.append(
+      f"eval       per chip: the eval step (train.eval_every){micro}: temporaries {_size(m['temporaries'])}; "
+      f"with the rest of the train state, needs {_size(r.eval_needs_bytes)}"
+    )
+  elif r.eval_error:
+    lines.append(f"eval       the eval step (train.eval_every): {r.eval_error}")
   if r.host_transfers:
     to, back = r.host_transfers
     busier = max(to, back) / r.step_s / 1e9 if r.step_s else None
@@ -543,10 +589,15 @@ def describe(r: Report) -> list[str]:
     about = "<=" if r.xla_bytes or not r.bound else "~"
     lines.append(f"MFU        {about} {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
   room, has = r.hbm_limit or r.hbm_bytes, _against(r)
+  evaluation = f" (evaluating, {_size(r.eval_needs_bytes)})" if r.eval_needs_bytes else ""
+  most = max(r.needs_bytes or 0, r.eval_needs_bytes or 0)
   if r.fits is None:
     lines.append("fit unknown: no HBM size for these devices (pass --hbm-gib)")
   elif r.fits:
-    lines.append(f"fits: needs {_size(r.needs_bytes)} per chip, {has} ({r.needs_bytes / room:.0%} used)")
+    lines.append(f"fits: needs {_size(r.needs_bytes)} per chip{evaluation}, {has} ({most / room:.0%} used)")
+  elif (r.eval_needs_bytes or r.eval_error) and r.needs_bytes is not None and room and r.needs_bytes <= room:
+    needs = f"needs {_size(r.eval_needs_bytes)} per chip" if r.eval_needs_bytes else "the compiler ran out of HBM"
+    lines.append(f"does not fit: the train step does, evaluating (train.eval_every) {needs}, {has}")
   elif not r.compiled:
     lines.append(
       f"does not fit: the train state alone needs {_size(r.state_bytes)} per chip, {has}; "

@@ -73,8 +73,8 @@ class TrainConfig(Section):
   batch_size: int = field(16, "Global batch size in sequences.", ge=1)
   grad_accum_steps: int = field(
     1,
-    "Microbatches per optimizer step (divides batch_size); -1: as many as give each batch-sharded device one "
-    "sequence per microbatch, whatever the device count.",
+    "Microbatches per optimizer step (divides batch_size), and per eval batch; -1: as many as give each "
+    "batch-sharded device one sequence per microbatch, whatever the device count.",
     ge=-1,
   )
   data_grad_sum: Literal["step", "microbatch"] = field(

@@ -144,21 +144,42 @@ def target_counts(batch: Batch, depth: int) -> jax.Array:
 
 def make_eval_step(cfg: Config, graphdef, mesh):
   """(state, batch) -> summed NLL, correct predictions and targets per depth, [1 + depth] each,
-  and `agree` [depth]: positions where depth k's argmax equals the main model's k steps later."""
+  and `agree` [depth]: positions where depth k's argmax equals the main model's k steps later.
+  The batch runs in the train step's microbatches (train.grad_accum_steps), their sums added: an
+  evaluation holds one microbatch's activations, as training does, so a batch that fits training
+  only in parts fits evaluation, and its forward is the train step's (capacity buffers sized alike)."""
+  accum = cfg.train.grad_accum_steps
+
+  def sums_of(params, bias, batch: Batch) -> dict[str, jax.Array]:
+    model: Transformer = nnx.merge(graphdef, params, bias)
+    out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+    targets, masks = losses.all_depth_targets(batch["tokens"], batch["segment_ids"], len(out.hidden))
+    nll, hits, tops = losses.head_eval(out.hidden, model.head_matrix(), targets, masks, cfg.train.loss_chunk_len)
+    # Depth k at i and the main model at i + k both predict t_{i+1+k} (the same document under the mask).
+    agree = [jnp.sum((tops[k] == shift_left(tops[0], k)) & masks[k]).astype(jnp.float32) for k in range(1, len(tops))]
+    agree = jnp.stack(agree) if agree else jnp.zeros((0,), jnp.float32)
+    counts = jnp.stack([m.sum().astype(jnp.float32) for m in masks])
+    return {"nll": nll, "hits": hits, "targets": counts, "agree": agree}
 
   def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     with sharding.activate(mesh, cfg.mesh.rules):
-      model: Transformer = nnx.merge(graphdef, state.params, state.router_bias)
-      out = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-      targets, masks = losses.all_depth_targets(batch["tokens"], batch["segment_ids"], len(out.hidden))
-      nll, hits, tops = losses.head_eval(out.hidden, model.head_matrix(), targets, masks, cfg.train.loss_chunk_len)
-      # Depth k at i and the main model at i + k both predict t_{i+1+k} (the same document under the mask).
-      agree = [jnp.sum((tops[k] == shift_left(tops[0], k)) & masks[k]).astype(jnp.float32) for k in range(1, len(tops))]
-      agree = jnp.stack(agree) if agree else jnp.zeros((0,), jnp.float32)
-      counts = jnp.stack([m.sum().astype(jnp.float32) for m in masks])
-      return {"nll": nll, "hits": hits, "targets": counts, "agree": agree}
+      if accum == 1:
+        return sums_of(state.params, state.router_bias, batch)
+
+      def add(total, mb):
+        return jax.tree.map(jnp.add, total, sums_of(state.params, state.router_bias, mb)), None
+
+      mbs = microbatches(batch, accum)
+      shapes = jax.eval_shape(sums_of, state.params, state.router_bias, jax.tree.map(lambda x: x[0], mbs))
+      return jax.lax.scan(add, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), mbs)[0]
 
   return eval_step
+
+
+def microbatches(batch: Batch, accum: int) -> Batch:
+  """The batch as `accum` microbatches, stacked on a new leading axis: microbatch j takes rows
+  j, j + accum, ..., so the batch-sharded axis stays whole (each device's rows stay its own)."""
+  return jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
 def eval_metrics(sums: dict) -> dict[str, float]:
@@ -193,8 +214,8 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, mes
 
       if accum == 1:
         (loss, sums), grads = grad_fn(params, frozen, state.router_bias, graphdef, batch, denominators, cfg, lam, 1)
-      else:  # microbatch j takes rows j, j + accum, ...: the batch-sharded axis stays whole
-        mbs = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+      else:
+        mbs = microbatches(batch, accum)
         # Replicas over data sum their own microbatches (train.data_grad_sum=step), or the compiler
         # sums each microbatch's gradient over data as it is made (microbatch).
         replicas = mesh.shape["data"] if cfg.train.data_grad_sum == "step" else 1
