@@ -6,13 +6,14 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
 from conftest import TINY, needs_libtpu
 
 from mtp_jax import compile as mtp_compile
-from mtp_jax import config, topology
+from mtp_jax import config, sharding, topology
 from mtp_jax.cli import compile as compile_cli
 from mtp_jax.model.flops import compiled_matmul_flops, traced_matmul_flops
 from mtp_jax.train.program import build, compiler_options
@@ -239,34 +240,58 @@ def test_a_step_over_hbm_whose_state_fits_is_compiled_and_judged(run, tmp_path):
   assert out[at + 7].endswith(f": {len(held) - 6} more"), out[at : at + 8]
 
 
-def test_an_evaluating_config_has_its_eval_step_judged_too(run, tmp_path):
-  """With train.eval_every the eval step is compiled too: what a chip holds while it runs is its
-  own need plus the train state it does not take as arguments (the optimizer's), and the verdict
-  covers both steps. In the train step's microbatches it needs less than the train step."""
+def test_an_evaluating_config_has_what_evaluation_runs_judged_too(run, tmp_path):
+  """With train.eval_every the eval step and the speculative decoding of the held-out prompts are
+  compiled too: what a chip holds while each runs is its own need plus the train state it does
+  not take (the optimizer's), and the verdict covers them. The eval step, in the train step's
+  microbatches, needs less than the train step."""
   path = tmp_path / "report.json"
-  evaluating = ["train.batch_size=16", "train.grad_accum_steps=2", "train.eval_every=10", "train.eval_spec_prompts=0"]
+  evaluating = ["train.batch_size=16", "train.grad_accum_steps=2", "train.eval_every=10", "train.eval_spec_tokens=8"]
   rc, out, _ = run("--topology", "cpu:8", "--hbm-gib", "1", "--json", str(path), *TINY, *evaluating)
   r = json.loads(path.read_text())
-  e = r["eval_memory"]
-  assert rc == 0 and r["fits"] is True and r["eval_error"] is None
-  assert 0 < e["arguments"] < r["state_bytes"] and e["temporaries"] > 0
-  assert r["eval_needs_bytes"] == e["total"] + r["state_bytes"] - e["arguments"]  # CPU: no peak
-  assert r["state_bytes"] < r["eval_needs_bytes"] < r["needs_bytes"]
-  line = "eval       per chip: the eval step (train.eval_every) in 2 microbatches: temporaries "
-  assert any(o.startswith(line + mtp_compile._size(e["temporaries"])) for o in out), out
+  step, spec = r["evaluation"]
+  assert rc == 0 and r["fits"] is True
+  assert (
+    step["program"] == "eval step" and spec["program"] == "speculative decoding of 4 prompts (train.eval_spec_prompts)"
+  )
+  for e in (step, spec):
+    assert e["error"] is None and e["own_bytes"] == e["memory"]["total"] > 0  # CPU: no peak
+  rest = step["needs_bytes"] - step["own_bytes"]
+  assert rest == spec["needs_bytes"] - spec["own_bytes"]
+  assert 0.6 < rest / r["state_bytes"] < 0.7  # Adam's two moments of every parameter: 2/3 of the state
+  assert step["needs_bytes"] < r["needs_bytes"]
+  eval_lines = [o for o in out if o.startswith("eval ")]
+  assert eval_lines == [
+    f"eval       per chip: the eval step in 2 microbatches: needs {mtp_compile._size(step['own_bytes'])}, and "
+    f"{mtp_compile._size(step['needs_bytes'])} with the optimizer's state beside it",
+    f"eval       per chip: {spec['program']}: needs {mtp_compile._size(spec['own_bytes'])}, and "
+    f"{mtp_compile._size(spec['needs_bytes'])} with the optimizer's state beside it",
+  ], out
+  most = max(step["needs_bytes"], spec["needs_bytes"])
   assert out[-1].startswith(f"fits: needs {mtp_compile._size(r['needs_bytes'])} per chip (evaluating, ")
-  # The verdict where evaluating alone is over: the train step fits, the eval step does not.
-  room = (r["needs_bytes"] + 1024) / 2**30
+  assert f"(evaluating, {mtp_compile._size(most)})" in out[-1]
+  # The verdict where evaluating alone is over: the train step fits, the speculative decoding does not.
   over = {k: v for k, v in r.items() if k not in ("config", "overrides")}
-  over |= {"collectives": None, "hbm_bytes": room * 2**30, "eval_needs_bytes": r["needs_bytes"] + 2048}
-  over["fits"] = mtp_compile._fits(over["needs_bytes"], over["eval_needs_bytes"], None, over["hbm_bytes"], None)
-  assert over["fits"] is False
+  room = r["needs_bytes"] + 1024
+  over_spec = mtp_compile.Evaluation(**{**spec, "needs_bytes": room + 1024})
+  over |= {"collectives": None, "hbm_bytes": room, "evaluation": [mtp_compile.Evaluation(**step), over_spec]}
+  over["fits"] = mtp_compile._fits(r["needs_bytes"], over["evaluation"], room, None)
   last = mtp_compile.describe(mtp_compile.Report(**over))[-1]
-  assert last.startswith("does not fit: the train step does, evaluating (train.eval_every) needs "), last
-  # Without evaluation, no eval step.
+  assert over["fits"] is False and last.startswith(
+    f"does not fit: the train step does; evaluating (train.eval_every), {spec['program']} needs "
+  ), last
+  # Without evaluation, nothing more is compiled.
   rc, out, _ = run("--topology", "cpu:8", "--hbm-gib", str(2**-20), "--json", str(path), *TINY)
-  r = json.loads(path.read_text())
-  assert r["eval_memory"] is None and r["eval_needs_bytes"] is None and not any(o.startswith("eval ") for o in out)
+  assert json.loads(path.read_text())["evaluation"] == [] and not any(o.startswith("eval ") for o in out)
+
+
+def test_code_outside_a_mesh_is_told_the_compile_only_gpu_is_attached():
+  """Tracing for a GPU not attached, code that asks JAX's default backend (decoding's
+  `sharding.platform`, whether to cast its weights first) hears the GPU's, as on a GPU."""
+  gpu = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
+  with mtp_compile._attached([gpu]):
+    assert sharding.platform() == "gpu" and jax.devices() == [gpu]
+  assert sharding.platform() == "cpu" and jax.devices()[0].platform == "cpu"
 
 
 def test_peak_holders_read_xla_s_live_range_breakdown():

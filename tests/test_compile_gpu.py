@@ -102,9 +102,10 @@ def test_two_h200s_compile_with_cudnn_attention_and_blocked_experts_judged_again
   the share of the GPU's memory JAX's allocator takes (0.75 unless XLA_CLIENT_MEM_FRACTION
   says otherwise), and the roofline weighs the bytes the step's kernels move (XLA:GPU counts none
   for a GPU not attached; hlo.kernel_traffic). Two hosts of one GPU each, so mesh.dcn splits over
-  them (one process a host)."""
+  them (one process a host). What an evaluation runs is compiled for them too."""
   report = tmp_path / "report.json"
-  argv = ("--topology", "2xh200", "--json", str(report), *TINY, *BF16, "mesh.dcn.data=2")
+  evaluating = ("train.eval_every=10", "train.eval_spec_tokens=8")
+  argv = ("--topology", "2xh200", "--json", str(report), *TINY, *BF16, "mesh.dcn.data=2", *evaluating)
   out = _compile(*argv, XLA_CLIENT_MEM_FRACTION="0.5")
   assert out.returncode == 0, out.stderr[-3000:]
   assert _line(out.stdout, "topology") == "topology   2xh200: 2 chips (NVIDIA H200)"
@@ -120,6 +121,11 @@ def test_two_h200s_compile_with_cudnn_attention_and_blocked_experts_judged_again
   memory = topology.GPUS["h200"].memory
   assert figures["hbm_bytes"] == memory and figures["hbm_limit"] == 0.5 * memory
   assert figures["collectives"]["each"], "two GPUs splitting the batch exchange gradients"
+  assert [e["program"] for e in figures["evaluation"]] == [
+    "eval step",
+    "speculative decoding of 4 prompts (train.eval_spec_prompts)",
+  ]
+  assert all(e["memory"]["arguments"] > 0 and e["needs_bytes"] > e["own_bytes"] for e in figures["evaluation"])
   verdict = out.stdout.strip().splitlines()[-1]
   assert verdict.startswith("fits: needs ") and verdict.endswith(
     "JAX's allocator may use 69.9 GiB of the chip's 139.9 GiB (XLA_CLIENT_MEM_FRACTION=0.5) (0% used)"

@@ -22,6 +22,17 @@ from mtp_jax.topology import CHIPS, DEVICE_KINDS, Chip, GiB, Topology, devices, 
 
 
 @dataclasses.dataclass
+class Evaluation:
+  """One program an evaluation runs, compiled beside the train step."""
+
+  program: str  # "eval step" or "speculative decoding of N prompts (train.eval_spec_prompts)"
+  memory: dict[str, int] | None  # None: refused
+  own_bytes: float | None  # its need, as Report.needs_bytes: XLA:TPU's peak, else the total
+  needs_bytes: float | None  # while it runs: its own, and the train state it does not take (the optimizer's)
+  error: str | None  # the compiler's out-of-memory line
+
+
+@dataclasses.dataclass
 class Report:
   """What one compile says; bytes and FLOPs are per chip unless named `_per_step`."""
 
@@ -69,13 +80,13 @@ class Report:
   hbm_limit: float | None = None  # what XLA:TPU (xla_tpu_max_hbm_size_mib) or JAX's GPU allocator may use of it
   hbm_limit_by: tuple[str, str] | None = None  # who may use hbm_limit, and the setting that says so
   host_transfers: tuple[float, float] | None = None  # bytes to the host's memory and back a step (remat_offload)
-  eval_memory: dict[str, int] | None = None  # the eval step's, where the config evaluates (train.eval_every)
-  eval_needs_bytes: float | None = None  # while it runs: its own need (as needs_bytes) and the rest of the train state
-  eval_error: str | None = None  # the compiler's out-of-memory line for the eval step
+  # Where the config evaluates (train.eval_every), what each program an evaluation runs needs: the
+  # eval step, then the speculative decoding of train.eval_spec_prompts (`Evaluation`).
+  evaluation: list[Evaluation] = dataclasses.field(default_factory=list)
 
 
 def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None = None) -> Report:
-  """Builds and compiles the train step for `topo`, and the eval step where the config
+  """Builds and compiles the train step for `topo`, and what an evaluation runs where the config
   evaluates (train.eval_every); raises ConfigError or TopologyError on bad input. With `dump`,
   XLA writes its dumps of the compiled train step there (the buffer assignment and live ranges
   among them), and the report lists what they say is live at the peak. With values
@@ -129,9 +140,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
         moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
         traffic = hlo.kernel_traffic(text) if topo.gpu else None
     memory = program_memory(compiled) if compiled else None
-    evaluation = (None, None, None)
-    if compiled and program.cfg.train.eval_every:
-      evaluation = _evaluation(program, _attached(devs) if topo.gpu else contextlib.nullcontext(), chip, state)
+    evaluation = _evaluation(program, devs, chip, state) if compiled and program.cfg.train.eval_every else []
     holders, in_hbm = None, None
     if dumps:
 
@@ -192,7 +201,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     memory=memory,
     needs_bytes=needs,
     hbm_bytes=hbm,
-    fits=_fits(needs, evaluation[1], evaluation[2], room, error),
+    fits=_fits(needs, evaluation, room, error),
     compiled=compiled is not None or error is not None,
     state_bytes=state,
     compiler_error=error,
@@ -220,39 +229,62 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     hbm_limit=limit,
     hbm_limit_by=limit_by,
     host_transfers=moved,
-    eval_memory=evaluation[0],
-    eval_needs_bytes=evaluation[1],
-    eval_error=evaluation[2],
+    evaluation=evaluation,
   )
   _estimate(report)
   return report
 
 
-def _evaluation(program, attached, chip: Chip | None, state: int) -> tuple[dict | None, float | None, str | None]:
-  """The eval step compiled: (its memory, what a chip holds while it runs, the compiler's
-  refusal). The whole train state stays live beside it, so its need is its own (as the train
-  step's: XLA:TPU's peak, else the total) plus the state it does not take as arguments (the
-  optimizer's); where the compiler refuses it, the refusal's figure alone."""
+def _evaluation(program, devs: list, chip: Chip | None, state: int) -> list[Evaluation]:
+  """What an evaluation runs, compiled: the eval step on a batch, and where the MTP depths draft
+  (train.eval_spec_prompts), the speculative decoding of the longest prompts it may be handed
+  (`evaluate.speculative_acceptance`)."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from mtp_jax.config import spec_prompt_len
+  from mtp_jax.generate import speculative
+  from mtp_jax.train.step import graphdef_of
+
+  cfg, attached = program.cfg, _attached(devs) if devs[0].platform == "gpu" else contextlib.nullcontext()
+  t, depth = cfg.train, cfg.model.mtp.depth
   with attached:
-    lowered = program.eval_step.lower(program.abstract_state, program.abstract_batch())
+    lowered = [("eval step", program.eval_step.lower(program.abstract_state, program.abstract_batch()))]
+    if t.eval_spec_prompts and depth:
+      s = program.abstract_state
+      model = nnx.merge(graphdef_of(cfg), s.params, s.router_bias)
+      b, p = t.eval_spec_prompts, spec_prompt_len(t, cfg.data)
+      prompts = jax.ShapeDtypeStruct((b, p), np.int32), jax.ShapeDtypeStruct((b,), np.int32)
+      key = jax.eval_shape(lambda: jax.random.key(0))
+      spec = speculative.lower(model, *prompts, key, t.eval_spec_tokens, depth, cfg.model.eos_id)[0]
+      lowered.append((f"speculative decoding of {b} prompts (train.eval_spec_prompts)", spec))
+  rest = state - state_bytes((program.abstract_state.params, program.abstract_state.router_bias))
+  return [_beside_state(name, program_lowered, chip, rest) for name, program_lowered in lowered]
+
+
+def _beside_state(name: str, lowered, chip: Chip | None, rest: int) -> Evaluation:
+  """`lowered` compiled, and what a chip holds while it runs: its own need (as the train step's:
+  XLA:TPU's peak, else the total) plus `rest`, the train state it does not take, which stays live
+  beside it; where the compiler refuses it, the refusal's figure alone."""
+  from mtp_jax.train.program import memory as program_memory
+
   try:
     compiled = lowered.compile()
   except Exception as err:
     if "RESOURCE_EXHAUSTED" not in str(err):
       raise
     error = first_line(err)
-    return None, _refusal(error)[0], error
-  from mtp_jax.train.program import memory as program_memory
-
+    return Evaluation(name, None, None, _refusal(error)[0], error)
   memory = program_memory(compiled)
   own = memory["peak"] if chip and memory["peak"] else memory["total"]
-  return memory, own + max(state - memory["arguments"], 0), None
+  return Evaluation(name, memory, own, own + rest, None)
 
 
-def _fits(needs: float | None, eval_needs: float | None, eval_error, room: float | None, error) -> bool | None:
-  """The verdict: the train step's need, and the eval step's where it was compiled, within `room`."""
+def _fits(needs: float | None, evaluation: list[Evaluation], room: float | None, error) -> bool | None:
+  """The verdict: the train step's need, and each evaluation program's, within `room`."""
   if needs is not None and room:
-    return needs <= room and not eval_error and (eval_needs is None or eval_needs <= room)
+    return needs <= room and not any(e.error or e.needs_bytes > room for e in evaluation)
   return False if error else None
 
 
@@ -260,8 +292,9 @@ def _fits(needs: float | None, eval_needs: float | None, eval_error, room: float
 def _attached(devs: list):
   """While tracing for compile-only GPUs: JAX's GPU kernels told that those are attached. At
   trace time cuDNN attention asks the attached GPU's compute capability (without a Hopper it
-  refuses MLA's 192-wide heads), and Mosaic GPU kernels ask `jax.devices()[0]` for its SMs and
-  architecture; on this machine the answer would be the CPU's."""
+  refuses MLA's 192-wide heads), Mosaic GPU kernels ask `jax.devices()[0]` for its SMs and
+  architecture, and decoding outside a mesh asks `jax.default_backend()` whether to cast its
+  weights first (`decode.for_steps`); on this machine the answer would be the CPU's."""
   import jax
 
   try:
@@ -274,6 +307,7 @@ def _attached(devs: list):
 
   have = version(devs[0].compute_capability)
   told = {(jax, "devices"): lambda *_, **__: list(devs), (jax, "local_devices"): lambda *_, **__: list(devs)}
+  told[jax, "default_backend"] = lambda: devs[0].platform  # what code outside a mesh asks (`sharding.platform`)
   if cudnn_attention is not None:
     told[cudnn_attention, "check_compute_capability"] = lambda c: have >= version(c)
     told[cudnn_attention, "is_cuda_compute_capability_equal"] = lambda c: have == version(c)
@@ -518,14 +552,16 @@ def describe(r: Report) -> list[str]:
       lines.append(
         f"host       per chip: {_size(m['host'])} in host memory (train.remat_offload); the peak counts it, {held}"
       )
-  if r.eval_memory:
-    m = r.eval_memory
-    lines.append(
-      f"eval       per chip: the eval step (train.eval_every){micro}: temporaries {_size(m['temporaries'])}; "
-      f"with the rest of the train state, needs {_size(r.eval_needs_bytes)}"
+  for e in r.evaluation:  # train.eval_every
+    what = (
+      f"eval       per chip: the eval step{micro}" if e.program == "eval step" else f"eval       per chip: {e.program}"
     )
-  elif r.eval_error:
-    lines.append(f"eval       the eval step (train.eval_every): {r.eval_error}")
+    if e.memory:
+      lines.append(
+        f"{what}: needs {_size(e.own_bytes)}, and {_size(e.needs_bytes)} with the optimizer's state beside it"
+      )
+    else:
+      lines.append(f"{what}: {e.error}")
   if r.host_transfers:
     to, back = r.host_transfers
     busier = max(to, back) / r.step_s / 1e9 if r.step_s else None
@@ -589,15 +625,18 @@ def describe(r: Report) -> list[str]:
     about = "<=" if r.xla_bytes or not r.bound else "~"
     lines.append(f"MFU        {about} {r.mfu:.1%} at that step time: model FLOPs / (step time x peak x chips)")
   room, has = r.hbm_limit or r.hbm_bytes, _against(r)
-  evaluation = f" (evaluating, {_size(r.eval_needs_bytes)})" if r.eval_needs_bytes else ""
-  most = max(r.needs_bytes or 0, r.eval_needs_bytes or 0)
+  evaluating = max((e for e in r.evaluation if e.needs_bytes), key=lambda e: e.needs_bytes, default=None)
+  evaluation = f" (evaluating, {_size(evaluating.needs_bytes)})" if evaluating else ""
+  most = max(r.needs_bytes or 0, evaluating.needs_bytes if evaluating else 0)
+  over = [e for e in r.evaluation if e.error or (room and e.needs_bytes > room)]
   if r.fits is None:
     lines.append("fit unknown: no HBM size for these devices (pass --hbm-gib)")
   elif r.fits:
     lines.append(f"fits: needs {_size(r.needs_bytes)} per chip{evaluation}, {has} ({most / room:.0%} used)")
-  elif (r.eval_needs_bytes or r.eval_error) and r.needs_bytes is not None and room and r.needs_bytes <= room:
-    needs = f"needs {_size(r.eval_needs_bytes)} per chip" if r.eval_needs_bytes else "the compiler ran out of HBM"
-    lines.append(f"does not fit: the train step does, evaluating (train.eval_every) {needs}, {has}")
+  elif over and r.needs_bytes is not None and room and r.needs_bytes <= room:
+    e = over[0]
+    needs = f"needs {_size(e.needs_bytes)} per chip" if e.needs_bytes else "the compiler ran out of HBM"
+    lines.append(f"does not fit: the train step does; evaluating (train.eval_every), {e.program} {needs}, {has}")
   elif not r.compiled:
     lines.append(
       f"does not fit: the train state alone needs {_size(r.state_bytes)} per chip, {has}; "

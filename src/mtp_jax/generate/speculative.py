@@ -119,17 +119,41 @@ def run(
   lists; `trace` also records every round's drafts (`Trace`)."""
   k = check(model, draft_tokens, reuse)
   tokens_BxP, lengths_B = decode.pad_prompts(prompts, max_new_tokens)
-  graphdef, state = nnx.split(decode.dropless(model))
-  args = (graphdef, state, tokens_BxP, lengths_B, np.int32(-1 if eos_id is None else eos_id), jax.random.key(seed))
-  settings = dict(
-    max_new_tokens=max_new_tokens, draft_tokens=k, temperature=float(temperature), top_p=float(top_p), trace=trace
-  )
+  key = jax.random.key(seed)
+  lowered, args = lower(model, tokens_BxP, lengths_B, key, max_new_tokens, k, eos_id, temperature, top_p, trace)
   # Timed apart from the run. Lowering and compiling again with the same shapes and settings
   # hits JAX's caches (milliseconds), so repeated calls do not recompile.
-  compiled = _speculative.lower(*args, **settings).compile()
+  compiled = lowered.compile()
   start = time.perf_counter()
-  out = jax.block_until_ready(compiled(*args[1:]))
+  out = jax.block_until_ready(compiled(*args))
   return out, time.perf_counter() - start
+
+
+def lower(
+  model: Transformer,
+  tokens_BxP,
+  lengths_B,
+  key,
+  max_new_tokens: int,
+  draft_tokens: int,
+  eos_id: int | None,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  trace: bool = False,
+):
+  """(the speculative program lowered, the arguments it is called with): for `model` (its MoE
+  layers dropless) and right-padded prompts, arrays or ShapeDtypeStructs (mtp-compile compiles
+  the in-training acceptance eval ahead of time); `draft_tokens` as `check` returns it."""
+  graphdef, state = nnx.split(decode.dropless(model))
+  args = (state, tokens_BxP, lengths_B, np.int32(-1 if eos_id is None else eos_id), key)
+  settings = dict(
+    max_new_tokens=max_new_tokens,
+    draft_tokens=draft_tokens,
+    temperature=float(temperature),
+    top_p=float(top_p),
+    trace=trace,
+  )
+  return _speculative.lower(graphdef, *args, **settings), args
 
 
 def speculative_generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, **kwargs):
