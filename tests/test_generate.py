@@ -165,13 +165,15 @@ def test_sampling_is_reproducible_by_seed(tiny):
 THREE = ["model.num_layers=3"]  # a dense layer, then a stack of two MoE layers
 
 
-def _bf16_model(kind):
+def _bf16_model(kind, *overrides):
   """A tiny bfloat16-compute model with float32 parameters, every parameter moved off its
   initial value: a norm scale of ones or a zero bias would survive a wrong cast unchanged. Its
-  trunk: a dense layer, then a stack of two MoE layers."""
+  trunk: a dense layer, then a stack of two MoE layers (unless `overrides` say otherwise)."""
   from conftest import tiny_config
 
-  cfg = tiny_config("model.dtype=bfloat16", f"model.attention.kind={kind}", "model.attention.qkv_bias=true", *THREE)
+  cfg = tiny_config(
+    "model.dtype=bfloat16", f"model.attention.kind={kind}", "model.attention.qkv_bias=true", *THREE, *overrides
+  )
   graphdef, state = nnx.split(Transformer(cfg.model, rngs=nnx.Rngs(0)))
   keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
   return nnx.merge(graphdef, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), state))
@@ -188,6 +190,34 @@ def _loop_inputs(traced) -> list:
         if hasattr(p, "eqns") or hasattr(p, "jaxpr"):
           todo.append(getattr(p, "jaxpr", p))
   return out
+
+
+def test_the_parallel_kind_held_a_block_at_a_time_gives_the_same_states_and_branch():
+  """The parallel MTP kind keeps its last trunk block apart (its next-token head; the extra heads
+  branch off the state entering it). Held a block at a time, the stack before that block is
+  unstacked and the last block kept: decoding gives the same hidden states, caches and branch,
+  bit for bit."""
+  from mtp_jax.generate import decode
+
+  model = decode.in_compute_dtype(_bf16_model("gqa", "model.mtp.kind=parallel", "model.num_layers=4"))
+  blockwise = model.unstack()
+  assert model.runs == ((0, 1), (1, 3), (3, 4)) and blockwise.runs == ((0, 1), (1, 2), (2, 3), (3, 4))
+
+  def decoded(m):
+    graphdef, state = nnx.split(m)
+
+    @jax.jit
+    def run(state, tokens_BxP):
+      m = nnx.merge(graphdef, state)
+      caches = cache_lib.allocate(m.empty_cache(B, S), B).layers
+      return m.decode(tokens_BxP, jnp.broadcast_to(jnp.arange(P), (B, P)), caches)
+
+    return jax.tree.leaves(run(state, _tokens(np.random.default_rng(5), 320, (B, P))))
+
+  want, got = decoded(model), decoded(blockwise)
+  assert len(got) == len(want) > 4  # hidden states, each block's cache, the branch
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mla"])
