@@ -262,10 +262,12 @@ def test_an_evaluating_config_has_what_evaluation_runs_judged_too(run, tmp_path)
   assert step["needs_bytes"] < r["needs_bytes"]
   eval_lines = [o for o in out if o.startswith("eval ")]
   assert eval_lines == [
-    f"eval       per chip: the eval step in 2 microbatches: needs {mtp_compile._size(step['own_bytes'])}, and "
-    f"{mtp_compile._size(step['needs_bytes'])} with the optimizer's state beside it",
-    f"eval       per chip: {spec['program']}: needs {mtp_compile._size(spec['own_bytes'])}, and "
-    f"{mtp_compile._size(spec['needs_bytes'])} with the optimizer's state beside it",
+    f"eval       the eval step in 2 microbatches, compiled in {step['compile_s']:,.0f} s: needs "
+    f"{mtp_compile._size(step['own_bytes'])} per chip, {mtp_compile._size(step['needs_bytes'])} with the "
+    "optimizer's state beside it",
+    f"eval       {spec['program']}, compiled in {spec['compile_s']:,.0f} s: needs "
+    f"{mtp_compile._size(spec['own_bytes'])} per chip, {mtp_compile._size(spec['needs_bytes'])} with the "
+    "optimizer's state beside it",
   ], out
   most = max(step["needs_bytes"], spec["needs_bytes"])
   assert out[-1].startswith(f"fits: needs {mtp_compile._size(r['needs_bytes'])} per chip (evaluating, ")

@@ -30,6 +30,7 @@ class Evaluation:
   own_bytes: float | None  # its need, as Report.needs_bytes: XLA:TPU's peak, else the total
   needs_bytes: float | None  # while it runs: its own, and the train state it does not take (the optimizer's)
   error: str | None  # the compiler's out-of-memory line
+  compile_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -269,16 +270,17 @@ def _beside_state(name: str, lowered, chip: Chip | None, rest: int) -> Evaluatio
   beside it; where the compiler refuses it, the refusal's figure alone."""
   from mtp_jax.train.program import memory as program_memory
 
+  start = time.perf_counter()
   try:
     compiled = lowered.compile()
   except Exception as err:
     if "RESOURCE_EXHAUSTED" not in str(err):
       raise
     error = first_line(err)
-    return Evaluation(name, None, None, _refusal(error)[0], error)
+    return Evaluation(name, None, None, _refusal(error)[0], error, time.perf_counter() - start)
   memory = program_memory(compiled)
   own = memory["peak"] if chip and memory["peak"] else memory["total"]
-  return Evaluation(name, memory, own, own + rest, None)
+  return Evaluation(name, memory, own, own + rest, None, time.perf_counter() - start)
 
 
 def _fits(needs: float | None, evaluation: list[Evaluation], room: float | None, error) -> bool | None:
@@ -553,12 +555,11 @@ def describe(r: Report) -> list[str]:
         f"host       per chip: {_size(m['host'])} in host memory (train.remat_offload); the peak counts it, {held}"
       )
   for e in r.evaluation:  # train.eval_every
-    what = (
-      f"eval       per chip: the eval step{micro}" if e.program == "eval step" else f"eval       per chip: {e.program}"
-    )
+    what = f"eval       the eval step{micro}" if e.program == "eval step" else f"eval       {e.program}"
+    what += f", compiled in {e.compile_s:,.0f} s"
     if e.memory:
       lines.append(
-        f"{what}: needs {_size(e.own_bytes)}, and {_size(e.needs_bytes)} with the optimizer's state beside it"
+        f"{what}: needs {_size(e.own_bytes)} per chip, {_size(e.needs_bytes)} with the optimizer's state beside it"
       )
     else:
       lines.append(f"{what}: {e.error}")
