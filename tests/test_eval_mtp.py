@@ -86,8 +86,11 @@ def test_evaluation_runs_in_the_train_steps_microbatches(tiny):
     state = program.init_state()
     host = _packed_batch(np.random.default_rng(1), cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size)
     batch = {k: jax.device_put(v, program.batch_sharding) for k, v in host.items()}
-    sums[accum] = jax.device_get(program.eval_step(state, batch))
-    temporaries[accum] = program.eval_step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    compiled = program.eval_step.lower(state, batch).compile()
+    sums[accum], temporaries[accum] = (
+      jax.device_get(compiled(state, batch)),
+      compiled.memory_analysis().temp_size_in_bytes,
+    )
   print("temporaries", temporaries)
   for k in ("hits", "targets", "agree"):
     assert sums[8][k].tolist() == sums[1][k].tolist()

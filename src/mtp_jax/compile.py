@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import math
 import os
@@ -110,6 +111,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
     share, why = gpu_memory_share()
     limit, limit_by = share * hbm, ("JAX's allocator", why)
   state = state_bytes(program.abstract_state)
+  attached = functools.partial(_attached, devs) if topo.gpu else contextlib.nullcontext  # while tracing
   compiled, error, lower_s, compile_s, traced_flops, work, comms, moved = None, None, 0.0, 0.0, None, None, None, None
   traffic = None
   began = time.time()
@@ -122,7 +124,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   with folder as dumps:
     if not (room and state > room):  # else no compile can fit: say so now, not after many minutes
       start = time.perf_counter()
-      with _attached(devs) if topo.gpu else contextlib.nullcontext():
+      with attached():
         traced = program.step.trace(program.abstract_state, program.abstract_batch())
         lowered = traced.lower()
       traced_flops = traced_matmul_flops(traced.jaxpr, len(devs))
@@ -141,7 +143,7 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
         moved = hlo.host_transfers(text) if "S(5)" in text else None  # only offloaded values use the host's memory
         traffic = hlo.kernel_traffic(text) if topo.gpu else None
     memory = program_memory(compiled) if compiled else None
-    evaluation = _evaluation(program, devs, chip, state) if compiled and program.cfg.train.eval_every else []
+    evaluation = _evaluation(program, attached, chip, state) if compiled and program.cfg.train.eval_every else []
     holders, in_hbm = None, None
     if dumps:
 
@@ -236,10 +238,10 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
   return report
 
 
-def _evaluation(program, devs: list, chip: Chip | None, state: int) -> list[Evaluation]:
+def _evaluation(program, attached, chip: Chip | None, state: int) -> list[Evaluation]:
   """What an evaluation runs, compiled: the eval step on a batch, and where the MTP depths draft
   (train.eval_spec_prompts), the speculative decoding of the longest prompts it may be handed
-  (`evaluate.speculative_acceptance`)."""
+  (`evaluate.speculative_acceptance`); traced inside `attached()`, as the train step is."""
   import jax
   import numpy as np
   from flax import nnx
@@ -248,9 +250,9 @@ def _evaluation(program, devs: list, chip: Chip | None, state: int) -> list[Eval
   from mtp_jax.generate import speculative
   from mtp_jax.train.step import graphdef_of
 
-  cfg, attached = program.cfg, _attached(devs) if devs[0].platform == "gpu" else contextlib.nullcontext()
+  cfg = program.cfg
   t, depth = cfg.train, cfg.model.mtp.depth
-  with attached:
+  with attached():
     lowered = [("eval step", program.eval_step.lower(program.abstract_state, program.abstract_batch()))]
     if t.eval_spec_prompts and depth:
       s = program.abstract_state
