@@ -111,7 +111,7 @@ def test_prompts_are_the_first_rows_cut_inside_their_first_document():
 def test_training_reports_the_speculative_acceptance_of_its_parameters(tiny, tmp_path, caplog):
   """A tiny run evaluates twice; each time the MTP depths draft greedily for the first held-out
   prompts. The last numbers are what `speculative_generate` measures with the saved parameters
-  on the same prompts, and the decoding program is compiled once."""
+  on the same prompts, and what evaluation runs is compiled once, ahead of it."""
   rng = np.random.default_rng(0)
   docs = [np.append(rng.integers(0, 256, rng.integers(10, 40)), data.EOS_ID).astype(np.int32) for _ in range(30)]
   path = write_dataset(tmp_path / "data", docs[:20], vocab_size=257, eos_id=256, eval_docs=docs[20:])
@@ -133,10 +133,22 @@ def test_training_reports_the_speculative_acceptance_of_its_parameters(tiny, tmp
     "optimizer.learning_rate=0.01",
   )
   said = []
-  with caplog.at_level(logging.WARNING), jax.log_compiles(True):
-    records = loop.train(cfg, log=said.append)
-  compiles = [r.getMessage() for r in caplog.records if "Compiling jit(_speculative)" in r.getMessage()]
-  assert len(compiles) <= 1, compiles  # the second evaluation reuses the first's program
+  jax.config.update("jax_log_compiles", True)  # in every thread (`jax.log_compiles` is the caller's only)
+  try:
+    with caplog.at_level(logging.WARNING):
+      records = loop.train(cfg, log=said.append)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [
+    (r.threadName, name)
+    for r in caplog.records
+    for name in ("eval_step", "_speculative")
+    if f"Compiling jit({name})" in r.getMessage()
+  ]
+  # Each compiled once, ahead, in the thread beside the train steps; both evaluations find them.
+  assert compiles == [("mtp-eval-compile_0", "eval_step"), ("mtp-eval-compile_0", "_speculative")], compiles
+  (line,) = [s for s in said if s.startswith("evaluation compiled in ")]
+  assert "eval step " in line and f"speculative decoding of {prompts} prompts (train.eval_spec_prompts) " in line
   evals = [r for r in records if "eval/ntp_loss" in r]
   assert [r["step"] for r in evals] == [2, 4]
   lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -161,6 +173,47 @@ def test_training_reports_the_speculative_acceptance_of_its_parameters(tiny, tmp
   assert accept == list(stats.acceptance)
   assert got["eval/spec_accepted_len"] == pytest.approx(1 + stats.mean_accepted)
   assert got["eval/spec_passes_per_token"] == pytest.approx(stats.passes_per_token)
+
+
+class _Refused:
+  """A lowered program XLA refuses, as XLA:TPU refuses one too big for its chips."""
+
+  def compile(self):
+    raise jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm.\nmore"
+    )
+
+
+def test_an_evaluation_xla_refuses_stops_the_run_at_its_start(tiny, tmp_path, monkeypatch):
+  """The evaluation's programs compile beside the first train steps: one the compiler refuses
+  stops the run with one line naming it right then, not at its first evaluation hours later,
+  and the checkpoints saved before stay."""
+  rng = np.random.default_rng(0)
+  docs = [np.append(rng.integers(0, 256, 30), data.EOS_ID).astype(np.int32) for _ in range(30)]
+  path = write_dataset(tmp_path / "data", docs[:20], vocab_size=257, eos_id=256, eval_docs=docs[20:])
+  cfg = tiny(
+    f"data.path={path}",
+    f"train.workdir={tmp_path / 'run'}",
+    "train.steps=400",
+    "train.log_every=1",
+    "train.eval_every=400",
+    "train.eval_spec_prompts=0",
+    "checkpoint.every=1",
+    *MODEL,
+  )
+  monkeypatch.setattr(evaluate, "lowered", lambda program, *prompts: [("eval step", _Refused())])
+  said = []
+  with pytest.raises(evaluate.EvaluationError) as raised:
+    loop.train(cfg, log=said.append)
+  assert str(raised.value) == (
+    "evaluation (train.eval_every=400): XLA refuses the eval step on these devices: RESOURCE_EXHAUSTED: "
+    "XLA:TPU compile permanent error. Ran out of memory in memory space hbm."
+  )
+  steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  print("stopped after step", steps[-1])
+  assert steps[-1] < 400 and not any(s.startswith("eval at") for s in said)
+  latest = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).latest_step()
+  assert latest is not None and latest >= steps[-1] - 1
 
 
 @pytest.mark.parametrize(

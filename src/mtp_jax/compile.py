@@ -239,29 +239,23 @@ def check(cfg, topo: Topology, *, hbm_gib: float | None = None, dump: str | None
 
 
 def _evaluation(program, attached, chip: Chip | None, state: int) -> list[Evaluation]:
-  """What an evaluation runs, compiled: the eval step on a batch, and where the MTP depths draft
-  (train.eval_spec_prompts), the speculative decoding of the longest prompts it may be handed
-  (`evaluate.speculative_acceptance`); traced inside `attached()`, as the train step is."""
+  """What an evaluation runs, compiled (`evaluate.lowered`): the eval step on a batch, and where
+  the MTP depths draft (train.eval_spec_prompts), the speculative decoding of the longest prompts
+  it may be handed; traced inside `attached()`, as the train step is."""
   import jax
   import numpy as np
-  from flax import nnx
 
   from mtp_jax.config import spec_prompt_len
-  from mtp_jax.generate import speculative
-  from mtp_jax.train.step import graphdef_of
+  from mtp_jax.train import evaluate
 
   cfg = program.cfg
-  t, depth = cfg.train, cfg.model.mtp.depth
+  t = cfg.train
+  prompts = ()
+  if t.eval_spec_prompts and cfg.model.mtp.depth:
+    b, p = t.eval_spec_prompts, spec_prompt_len(t, cfg.data)
+    prompts = jax.ShapeDtypeStruct((b, p), np.int32), jax.ShapeDtypeStruct((b,), np.int32)
   with attached():
-    lowered = [("eval step", program.eval_step.lower(program.abstract_state, program.abstract_batch()))]
-    if t.eval_spec_prompts and depth:
-      s = program.abstract_state
-      model = nnx.merge(graphdef_of(cfg), s.params, s.router_bias)
-      b, p = t.eval_spec_prompts, spec_prompt_len(t, cfg.data)
-      prompts = jax.ShapeDtypeStruct((b, p), np.int32), jax.ShapeDtypeStruct((b,), np.int32)
-      key = jax.eval_shape(lambda: jax.random.key(0))
-      spec = speculative.lower(model, *prompts, key, t.eval_spec_tokens, depth, cfg.model.eos_id)[0]
-      lowered.append((f"speculative decoding of {b} prompts (train.eval_spec_prompts)", spec))
+    lowered = evaluate.lowered(program, *prompts)
   rest = state - state_bytes((program.abstract_state.params, program.abstract_state.router_bias))
   return [_beside_state(name, program_lowered, chip, rest) for name, program_lowered in lowered]
 

@@ -131,7 +131,7 @@ class TrainConfig(Section):
   eval_every: int = field(
     0,
     "Evaluate on the sources' held-out splits every this many steps: loss, accuracy and agreement with the main "
-    "model per MTP depth, and speculative acceptance (0: never).",
+    "model per MTP depth, and speculative acceptance (0: never). Its programs compile beside the first steps.",
     ge=0,
   )
   eval_batches: int = field(8, "Batches of train.batch_size per evaluation (the same ones every time).", ge=1)

@@ -1,7 +1,15 @@
-"""The MTP depths as drafters, measured at each evaluation: greedy self-speculative decoding of
-a few fixed held-out prompts with the current parameters.
+"""The evaluation a run does every train.eval_every steps: eval metrics per MTP depth over the
+first train.eval_batches held-out batches, and the MTP depths as drafters, greedy
+self-speculative decoding of a few fixed held-out prompts with the current parameters.
 
-Every process runs the same jitted program on the same prompts (gathered from all processes'
+Its programs compile ahead of the first evaluation (`Evaluator.compile_ahead`): in a thread
+while the first train steps run, so the first evaluation does not stall a pod for minutes of
+compiling, and a program that cannot compile (too big for a chip) stops the run at its start,
+not at step train.eval_every. Not on GPUs: XLA:GPU times its kernel choices on the GPU as it
+compiles, which the train steps running beside it would disturb; there they compile before the
+first step.
+
+Every process runs the same jitted programs on the same prompts (gathered from all processes'
 rows) with the global, sharded parameters, so this works unchanged in a multi-process job.
 Greedy decoding makes the numbers a deterministic function of the parameters. (K: drafts per
 round, as in generate/speculative.py.)
@@ -9,11 +17,115 @@ round, as in generate/speculative.py.)
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
-from mtp_jax.generate import speculative
+from mtp_jax.config import spec_prompt_len
+from mtp_jax.errors import RunError, first_line
+from mtp_jax.generate import decode, speculative
 from mtp_jax.model import Transformer
+from mtp_jax.train import step
+from mtp_jax.train.program import memory
+
+
+class EvaluationError(RunError):
+  """An evaluation program the compiler refuses for these devices, as one line."""
+
+
+def lowered(program, prompts_BxP=None, lengths_B=None) -> list[tuple[str, Any]]:
+  """[(name, program lowered)] for what an evaluation runs on `program`'s devices: the eval step
+  on a batch and, given right-padded prompts (arrays or ShapeDtypeStructs), their speculative
+  decoding as `speculative_acceptance` runs it. Compiled, these are what the evaluation's calls
+  find in JAX's caches; mtp-compile compiles them to judge their memory."""
+  cfg, t = program.cfg, program.cfg.train
+  out = [("eval step", program.eval_step.lower(program.abstract_state, program.abstract_batch()))]
+  if prompts_BxP is not None:
+    s = program.abstract_state
+    model = nnx.merge(step.graphdef_of(cfg), s.params, s.router_bias)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    spec = speculative.lower(model, prompts_BxP, lengths_B, key, t.eval_spec_tokens, model.mtp_depth, cfg.model.eos_id)
+    out.append((f"speculative decoding of {prompts_BxP.shape[0]} prompts (train.eval_spec_prompts)", spec[0]))
+  return out
+
+
+class Evaluator:
+  """`evaluator(state)` -> the eval metrics of `state`'s parameters (`step.eval_metrics`, and
+  `speculative_acceptance` where train.eval_spec_prompts and the MTP depths draft)."""
+
+  def __init__(self, program, eval_data):
+    cfg, t = program.cfg, program.cfg.train
+    self.program, self.eval_data = program, eval_data
+    self.prompts = None
+    if t.eval_spec_prompts and cfg.model.mtp.depth:
+      it = iter(eval_data)
+      try:
+        first = next(it)
+      finally:
+        it.close()
+      self.prompts = held_out_prompts(first, t.eval_spec_prompts, spec_prompt_len(t, cfg.data), cfg.model.eos_id)
+    self._compiled: concurrent.futures.Future | None = None
+    self._told = False
+    self._waited = 0.0  # what the first evaluation waited for the compiles
+
+  def compile_ahead(self) -> None:
+    """Starts compiling the evaluation's programs; on GPUs, compiles them before returning."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mtp-eval-compile")
+    self._compiled = pool.submit(self._compile)
+    pool.shutdown(wait=False)  # the thread ends with the compile
+    if self.program.mesh.devices.flat[0].platform == "gpu":
+      self._compiled.result()
+
+  def _compile(self) -> tuple[float, list[tuple[str, int]]]:
+    """(seconds, [(program, bytes per device)]); an EvaluationError where XLA refuses one."""
+    start, sizes = time.perf_counter(), []
+    prompts = decode.pad_prompts(self.prompts, self.program.cfg.train.eval_spec_tokens) if self.prompts else ()
+    for name, program in lowered(self.program, *prompts):
+      try:
+        mem = memory(program.compile())
+      except jax.errors.JaxRuntimeError as err:
+        raise EvaluationError(
+          f"evaluation (train.eval_every={self.program.cfg.train.eval_every}): XLA refuses the {name} "
+          f"on these devices: {first_line(err)}"
+        ) from None
+      sizes.append((name, (mem["peak"] or mem["total"]) if mem else None))
+    return time.perf_counter() - start, sizes
+
+  def ready(self) -> str | None:
+    """Without waiting: the line to log once the programs have compiled (once), else None; the
+    EvaluationError where one did not."""
+    if self._told or self._compiled is None or not self._compiled.done():
+      return None
+    self._told = True
+    seconds, sizes = self._compiled.result()
+    each = ", ".join(f"{name} {size / 2**20:,.1f} MiB" if size else name for name, size in sizes)
+    waited = f", the first evaluation waiting {self._waited:.1f} s of it" if self._waited else ""
+    return f"evaluation compiled in {seconds:.1f} s{waited}; per device: {each}"
+
+  def __call__(self, state) -> dict[str, float]:
+    if self._compiled is not None and not self._compiled.done():
+      began = time.perf_counter()
+      self._compiled.result()  # and its errors
+      self._waited = time.perf_counter() - began
+    program, it, sums = self.program, iter(self.eval_data), None
+    try:
+      for _ in range(program.cfg.train.eval_batches):
+        out = program.eval_step(state, program.global_batch(next(it)))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    finally:
+      it.close()
+    values = step.eval_metrics(jax.device_get(sums))
+    if self.prompts:
+      cfg = program.cfg
+      model = nnx.merge(step.graphdef_of(cfg), state.params, state.router_bias)
+      values.update(speculative_acceptance(model, self.prompts, cfg.train.eval_spec_tokens, cfg.model.eos_id))
+    return values
 
 
 def held_out_prompts(batch: dict[str, np.ndarray], count: int, max_len: int, eos_id: int) -> list[list[int]]:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import time
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
@@ -17,7 +14,7 @@ from tqdm import tqdm
 
 from mtp_jax import config as config_lib
 from mtp_jax import data, storage
-from mtp_jax.config import Config, spec_prompt_len
+from mtp_jax.config import Config
 from mtp_jax.distributed import Watchdog
 from mtp_jax.errors import RunError
 from mtp_jax.model.flops import cost
@@ -59,44 +56,6 @@ def _differences(a, b, prefix) -> list[str]:
   return [] if a == b else [f"{prefix} {a!r} -> {b!r}"]
 
 
-def _evaluate(program: Program, eval_data, num_batches: int, state, spec: Callable | None = None) -> dict[str, float]:
-  """Eval metrics per MTP depth over the first `num_batches` batches of the held-out split, and
-  `spec(state)`'s speculative acceptance."""
-  it, sums = iter(eval_data), None
-  try:
-    for _ in range(num_batches):
-      out = program.eval_step(state, program.global_batch(next(it)))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  finally:
-    it.close()
-  values = step.eval_metrics(jax.device_get(sums))
-  if spec is not None:
-    values.update(spec(state))
-  return values
-
-
-def _spec_eval(cfg: Config, eval_data) -> Callable | None:
-  """state -> speculative acceptance on the first held-out prompts (the same every time), or
-  None where there is nothing to measure."""
-  t = cfg.train
-  if not (t.eval_spec_prompts and cfg.model.mtp.depth):
-    return None
-  eos = cfg.model.eos_id
-  it = iter(eval_data)
-  try:
-    first = next(it)
-  finally:
-    it.close()
-  prompts = evaluate.held_out_prompts(first, t.eval_spec_prompts, spec_prompt_len(t, cfg.data), eos)
-  graphdef = step.graphdef_of(cfg)
-
-  def spec(state) -> dict[str, float]:
-    model = nnx.merge(graphdef, state.params, state.router_bias)
-    return evaluate.speculative_acceptance(model, prompts, t.eval_spec_tokens, eos)
-
-  return spec
-
-
 def _open_sources(cfg: Config, log) -> tuple[list, list]:
   """The train and eval sources, checked against the model: bad data fails here, before any
   compile. With train.steps below train.eval_every the run evaluates once, at its end, where
@@ -111,7 +70,7 @@ def _open_sources(cfg: Config, log) -> tuple[list, list]:
 
 
 def _open_data(program: Program, sources: list, eval_sources: list):
-  """(this host's iterator over the global train batches, the evaluation to run, or None)."""
+  """(this host's iterator over the global train batches, the evaluation to run or None)."""
   cfg, t = program.cfg, program.cfg.train
   rows = program.host_rows  # global batches, of which this host reads its rows
   batches = iter(data.make_dataset(cfg.data, batch_size=t.batch_size, seed=t.seed, sources=sources, rows=rows))
@@ -120,7 +79,7 @@ def _open_data(program: Program, sources: list, eval_sources: list):
   eval_data = data.make_dataset(
     cfg.data, batch_size=t.batch_size, seed=t.seed, split="eval", sources=eval_sources, rows=rows
   )
-  return batches, functools.partial(_evaluate, program, eval_data, t.eval_batches, spec=_spec_eval(cfg, eval_data))
+  return batches, evaluate.Evaluator(program, eval_data)
 
 
 def _starting_state(program: Program, begin: resume.Start) -> step.TrainState:
@@ -199,6 +158,8 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     state = _starting_state(program, begin)
     compiled, work, comms = program.compile_and_count()
     _log_header(program, sources, compiled, work, comms, log)
+    if run_eval:
+      run_eval.compile_ahead()
     c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
 
     writer = MetricsWriter(workdir, enabled=lead)
@@ -272,10 +233,14 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
         ckpt.save(done, state, batches, origin)
         writer.flush()  # the metrics of every step the checkpoint holds are kept (a bucket's file is rewritten)
       if run_eval and (done % t.eval_every == 0 or done == t.steps):
+        began = time.perf_counter()
         values = run_eval(state)
+        last["time"] += time.perf_counter() - began  # tokens/s times the train steps alone
         writer.write(done, values)
         records.append({"step": done, **values})
         say(f"eval at step {done}: {evaluate.summary(values)}")
+      if run_eval and (line := run_eval.ready()):
+        say(line)
       bar.update(1)
       watchdog.beat(done)
       if preempted:
