@@ -142,8 +142,9 @@ def lower(
   trace: bool = False,
 ):
   """(the speculative program lowered, the arguments it is called with): for `model` (its MoE
-  layers dropless) and right-padded prompts, arrays or ShapeDtypeStructs (mtp-compile compiles
-  the in-training acceptance eval ahead of time); `draft_tokens` as `check` returns it."""
+  layers dropless) and right-padded prompts, arrays or ShapeDtypeStructs (the in-training
+  acceptance eval compiles ahead of time through `evaluate.lowered`); `draft_tokens` as `check`
+  returns it."""
   graphdef, state = nnx.split(decode.dropless(model))
   args = (state, tokens_BxP, lengths_B, np.int32(-1 if eos_id is None else eos_id), key)
   settings = dict(

@@ -114,15 +114,15 @@ class Evaluator:
       self._compiled.result()  # and its errors
       self._waited = time.perf_counter() - began
     program, it, sums = self.program, iter(self.eval_data), None
+    cfg = program.cfg
     try:
-      for _ in range(program.cfg.train.eval_batches):
+      for _ in range(cfg.train.eval_batches):
         out = program.eval_step(state, program.global_batch(next(it)))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     finally:
       it.close()
     values = step.eval_metrics(jax.device_get(sums))
     if self.prompts:
-      cfg = program.cfg
       model = nnx.merge(step.graphdef_of(cfg), state.params, state.router_bias)
       values.update(speculative_acceptance(model, self.prompts, cfg.train.eval_spec_tokens, cfg.model.eos_id))
     return values
