@@ -1,8 +1,10 @@
 """Held-out measures of the MTP depths as drafters: argmax agreement with the main model, and
 speculative acceptance on fixed prompts during training."""
 
+import contextlib
 import json
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -184,14 +186,12 @@ class _Refused:
     )
 
 
-def test_an_evaluation_xla_refuses_stops_the_run_at_its_start(tiny, tmp_path, monkeypatch):
-  """The evaluation's programs compile beside the first train steps: one the compiler refuses
-  stops the run with one line naming it right then, not at its first evaluation hours later,
-  and the checkpoints saved before stay."""
+def _long_run(tiny, tmp_path):
+  """A 400-step run that would evaluate at its end only, checkpointing every step."""
   rng = np.random.default_rng(0)
   docs = [np.append(rng.integers(0, 256, 30), data.EOS_ID).astype(np.int32) for _ in range(30)]
   path = write_dataset(tmp_path / "data", docs[:20], vocab_size=257, eos_id=256, eval_docs=docs[20:])
-  cfg = tiny(
+  return tiny(
     f"data.path={path}",
     f"train.workdir={tmp_path / 'run'}",
     "train.steps=400",
@@ -201,6 +201,13 @@ def test_an_evaluation_xla_refuses_stops_the_run_at_its_start(tiny, tmp_path, mo
     "checkpoint.every=1",
     *MODEL,
   )
+
+
+def test_an_evaluation_xla_refuses_stops_the_run_at_its_start(tiny, tmp_path, monkeypatch):
+  """The evaluation's programs compile beside the first train steps: one the compiler refuses
+  stops the run with one line naming it right then, not at its first evaluation hours later,
+  and the checkpoints saved before stay."""
+  cfg = _long_run(tiny, tmp_path)
   monkeypatch.setattr(evaluate, "lowered", lambda program, *prompts: [("eval step", _Refused())])
   said = []
   with pytest.raises(evaluate.EvaluationError) as raised:
@@ -214,6 +221,31 @@ def test_an_evaluation_xla_refuses_stops_the_run_at_its_start(tiny, tmp_path, mo
   assert steps[-1] < 400 and not any(s.startswith("eval at") for s in said)
   latest = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).latest_step()
   assert latest is not None and latest >= steps[-1] - 1
+
+
+@pytest.mark.parametrize("stop", ["preempted", "interrupted"])
+def test_a_run_stopped_while_its_evaluation_compiles_says_why_it_is_still_there(tiny, tmp_path, monkeypatch, stop):
+  """A preemption notice or Ctrl-C at step 2 while the evaluation's compile (held here until the
+  run has returned) goes on: the process waits for that thread at exit, and the log says so."""
+  cfg = _long_run(tiny, tmp_path)
+  release = threading.Event()
+  monkeypatch.setattr(evaluate.Evaluator, "_compile", lambda self: (release.wait(60), (0.0, []))[1])
+
+  def reached(self, done):
+    if done == 2 and stop == "interrupted":
+      raise KeyboardInterrupt
+    return done == 2
+
+  monkeypatch.setattr(loop.Preemption, "reached", reached)
+  said = []
+  try:
+    with contextlib.suppress(KeyboardInterrupt):
+      loop.train(cfg, log=said.append)
+  finally:
+    release.set()
+  assert said[-1] == "the evaluation's programs are still compiling: the process ends once XLA has finished them"
+  if stop == "preempted":
+    assert said[-2].startswith("preempted at step 2: saved checkpoint step 2 in "), said[-2:]
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,14 @@ class Evaluator:
       sizes.append((name, (mem["peak"] or mem["total"]) if mem else None))
     return time.perf_counter() - start, sizes
 
+  def still_compiling(self) -> str | None:
+    """Where the run stops (a preemption, Ctrl-C) while the programs still compile: the line that
+    says why the process does not end yet. Python waits for the compile thread at exit, and XLA
+    cannot stop a compile midway."""
+    if self._compiled is None or self._compiled.done():
+      return None
+    return "the evaluation's programs are still compiling: the process ends once XLA has finished them"
+
   def ready(self) -> str | None:
     """Without waiting: the line to log once the programs have compiled (once), else None; the
     EvaluationError where one did not."""

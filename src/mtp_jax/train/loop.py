@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 
@@ -123,6 +124,13 @@ def _log_header(program: Program, sources: list, compiled, work, comms, log) -> 
     log(f"warning: {warning}")
 
 
+def _wait_told(run_eval: evaluate.Evaluator, log, kind, err, tb) -> None:
+  """At the run's end: a run stopped by a preemption or Ctrl-C while its evaluation compiles says
+  why its process is still there (mtp-train's errors end it at once, unwaiting)."""
+  if (kind is None or issubclass(kind, KeyboardInterrupt)) and (line := run_eval.still_compiling()):
+    log(line)
+
+
 def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) -> list[dict]:
   """Runs (or resumes) training to cfg.train.steps; returns the logged metric records.
   In a multi-process job only process 0 logs, shows progress and writes metrics.
@@ -160,6 +168,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     _log_header(program, sources, compiled, work, comms, log)
     if run_eval:
       run_eval.compile_ahead()
+      stack.push(functools.partial(_wait_told, run_eval, log))
     c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
 
     writer = MetricsWriter(workdir, enabled=lead)
