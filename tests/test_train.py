@@ -275,6 +275,19 @@ def test_mesh_checks_that_need_the_device_count(tiny):
     build(tiny("train.batch_size=12", "train.grad_accum_steps=-1"))
 
 
+def test_a_workdir_that_cannot_be_made_is_a_config_error_before_any_work(tiny, tmp_path, monkeypatch):
+  from mtp_jax.config import ConfigError
+
+  (tmp_path / "file").write_text("")
+  monkeypatch.setattr(loop, "_open_sources", lambda *_: pytest.fail("the data was opened first"))
+  with pytest.raises(ConfigError) as raised:
+    loop.train(tiny(f"train.workdir={tmp_path / 'file' / 'run'}"))
+  assert str(raised.value) == (
+    f"config error: train.workdir: cannot make {tmp_path / 'file' / 'run'}: "
+    f"[Errno 20] Not a directory: '{tmp_path / 'file' / 'run'}'"
+  )
+
+
 def test_an_overflowing_update_is_skipped_like_a_nan(tiny, tmp_path):
   # Each update would send the parameters to ~1e30, whose norm overflows; the loss of step 1 is
   # still finite (computed before the update), so only the guard's check of the result catches it.

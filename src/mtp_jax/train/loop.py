@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import yaml
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
@@ -17,7 +18,7 @@ from mtp_jax import config as config_lib
 from mtp_jax import data, storage
 from mtp_jax.config import Config
 from mtp_jax.distributed import Watchdog
-from mtp_jax.errors import RunError
+from mtp_jax.errors import RunError, first_line
 from mtp_jax.model.flops import cost
 from mtp_jax.train import evaluate, resume, step
 from mtp_jax.train.checkpoint import Checkpointer
@@ -43,8 +44,19 @@ def _record_config(workdir, cfg: Config, resuming: bool, log) -> None:
     if changed:
       log(f"note: resuming with changed model settings: {'; '.join(changed)}")
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(config_lib.to_yaml(cfg))
+
+
+def _made(spec: str) -> epath.Path:
+  """train.workdir, made by process 0 before anything else: one that cannot be (a parent that is
+  a file, no permission, no such bucket) is a config error, not a failure minutes in."""
+  workdir = storage.path(spec)
+  if jax.process_index() == 0:
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+      raise config_lib.ConfigError("train.workdir", f"cannot make {spec}: {first_line(err)}") from None
+  return workdir
 
 
 def _quiet(*_args, **_kw) -> None:
@@ -124,9 +136,9 @@ def _log_header(program: Program, sources: list, compiled, work, comms, log) -> 
     log(f"warning: {warning}")
 
 
-def _wait_told(run_eval: evaluate.Evaluator, log, kind, err, tb) -> None:
+def _say_if_compiling(run_eval: evaluate.Evaluator, log, kind, err, tb) -> None:
   """At the run's end: a run stopped by a preemption or Ctrl-C while its evaluation compiles says
-  why its process is still there (mtp-train's errors end it at once, unwaiting)."""
+  why its process is still there (mtp-train's errors end it at once, without waiting)."""
   if (kind is None or issubclass(kind, KeyboardInterrupt)) and (line := run_eval.still_compiling()):
     log(line)
 
@@ -141,7 +153,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   if not lead:
     log = _quiet
     t = t.model_copy(update={"progress_bar": False})
-  workdir = storage.path(t.workdir)
+  workdir = _made(t.workdir)
   sources, eval_sources = _open_sources(cfg, log)
   program = build(cfg, devices)
   mesh = program.mesh
@@ -168,7 +180,7 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     _log_header(program, sources, compiled, work, comms, log)
     if run_eval:
       run_eval.compile_ahead()
-      stack.push(functools.partial(_wait_told, run_eval, log))
+      stack.push(functools.partial(_say_if_compiling, run_eval, log))
     c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
 
     writer = MetricsWriter(workdir, enabled=lead)
