@@ -124,12 +124,19 @@ def test_a_bad_topology_is_one_line_and_status_2(run, name, message):
   assert len(err.strip().splitlines()) == 1, err
 
 
-def test_a_dump_folder_that_cannot_be_made_is_one_line_and_status_2(run, tmp_path):
+def test_a_dump_folder_or_json_file_that_cannot_be_made_is_one_line_and_status_2(run, tmp_path):
+  """Checked before the compile, which takes minutes for a large model."""
   (tmp_path / "a-file").write_text("")
   rc, out, err = run("--topology", "cpu:8", "--dump", str(tmp_path / "a-file" / "xla"), *TINY)
   assert rc == 2 and not out
   assert err.startswith(f"mtp-compile: --dump {tmp_path / 'a-file' / 'xla'}: cannot make this folder ("), err
   assert len(err.strip().splitlines()) == 1, err
+  for path, problem in [
+    (tmp_path / "a-file" / "r.json", f"its folder {tmp_path / 'a-file'} is not a folder"),
+    (tmp_path / "no" / "r.json", f"its folder {tmp_path / 'no'} does not exist"),
+    (tmp_path, "is a folder"),
+  ]:
+    assert run("--topology", "cpu:8", "--json", str(path), *TINY) == (2, [], f"mtp-compile: --json {path}: {problem}\n")
 
 
 @pytest.mark.parametrize(

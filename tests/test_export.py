@@ -484,6 +484,9 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
   assert run(str(workdir)) == 2
   assert "out: already exists and is not empty; pass --overwrite" in _err_line(capsys)
   assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+  for parent, problem in [(tmp_path / "out" / "keep.txt", "is not a directory"), (tmp_path / "no", "does not exist")]:
+    assert main(["--checkpoint", str(workdir), "--output", str(parent / "x")]) == 2
+    assert f"--output {parent / 'x'}: its parent {parent} {problem}" in _err_line(capsys)
 
   other = tmp_path / "other"  # the same checkpoints, a config that does not describe them
   shutil.copytree(workdir / "checkpoints", other / "checkpoints")

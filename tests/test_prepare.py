@@ -355,6 +355,12 @@ def test_existing_output_survives_unless_overwritten(tmp_path, capsys):
   # The output must not swallow its own inputs.
   assert prepare_main([str(out), "-o", str(out), "--overwrite", "--workers=0"]) == 2
   assert "holds the input" in capsys.readouterr().err
+  # An output under a file cannot be made: named, not its temporary sibling.
+  assert prepare_main([str(tmp_path / "a.txt"), "-o", str(tmp_path / "b.txt" / "o"), "--workers=0"]) == 2
+  assert (
+    capsys.readouterr().err
+    == f"mtp-prepare: data error: --output {tmp_path}/b.txt/o: cannot make it: Not a directory\n"
+  )
 
 
 def test_console_script_end_to_end(tmp_path):

@@ -45,6 +45,8 @@ def _compile(prog: str, args) -> int:
       raise InputError(f"--dump {args.dump}: cannot make this folder ({err.strerror})") from None
     if not os.access(args.dump, os.W_OK):
       raise InputError(f"--dump {args.dump}: this folder is not writable")
+  if args.json and (problem := _unwritable(args.json)):  # likewise: it is written after the compile
+    raise InputError(f"--json {args.json}: {problem}")
   topo = parse_topology(args.topology)
   prepare_environment(topo)  # before JAX starts
   from mtp_jax import config
@@ -59,6 +61,16 @@ def _compile(prog: str, args) -> int:
     with open(args.json, "w") as f:
       json.dump({"config": args.config, "overrides": args.overrides, **dataclasses.asdict(report)}, f, indent=2)
   return EXIT_RUN if report.fits is False else 0
+
+
+def _unwritable(path: str) -> str | None:
+  """Why a file cannot be written at `path`, or None."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    return "is a folder"
+  if not os.path.isdir(folder):
+    return f"its folder {folder} {'is not a folder' if os.path.exists(folder) else 'does not exist'}"
+  return None if os.access(folder, os.W_OK) else f"its folder {folder} is not writable"
 
 
 if __name__ == "__main__":

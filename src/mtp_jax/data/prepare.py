@@ -206,7 +206,10 @@ def prepare(
 
   tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
+  try:
+    tmp.mkdir(parents=True)
+  except OSError as err:  # e.g. a parent that is a file, no permission there
+    raise DataError(f"--output {out}: cannot make it: {err.strerror}") from None
   try:
     writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in manifest_lib.SPLITS}
     docs = {p: [0, 0] for p in files}  # path -> documents in [train, eval]

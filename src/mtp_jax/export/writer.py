@@ -36,7 +36,8 @@ def check_output(path: str, overwrite: bool) -> pathlib.Path:
   if final.is_dir() and any(final.iterdir()) and not overwrite:
     raise ExportError(f"--output {path}: already exists and is not empty; pass --overwrite to replace it")
   if not final.parent.is_dir():
-    raise ExportError(f"--output {path}: its parent directory {final.parent} does not exist")
+    problem = "is not a directory" if final.parent.exists() else "does not exist"
+    raise ExportError(f"--output {path}: its parent {final.parent} {problem}")
   return final
 
 
