@@ -59,6 +59,7 @@ def test_overrides_reach_their_keys():
       ["train.workdir=s3://bucket/run"],
       "config error: train.workdir: s3://bucket/run: runs write local paths or gs://",
     ),
+    (["train.workdir="], "config error: train.workdir: empty; give the run's folder"),
     (["data.path=gs://bucket/data"], "config error: data.sources[0].path: gs://bucket/data is a URL; training reads"),
     (["checkpoint.restore_from=s3://b/run"], "config error: checkpoint.restore_from: s3://b/run: runs write local"),
     (["steps=3"], "config error: steps: unknown key"),
@@ -124,6 +125,8 @@ def test_cli_bad_key_is_one_line_and_non_zero():
 
 
 def test_bad_files_are_one_line(tmp_path):
+  with pytest.raises(config.ConfigError, match=r"^config error: .+: is a folder, not a YAML file$"):
+    config.load(tmp_path)
   bad = tmp_path / "bad.yaml"
   bad.write_text("model:\n  d_model: [1,\n")
   with pytest.raises(config.ConfigError, match=r"bad\.yaml line \d+: not valid YAML$"):

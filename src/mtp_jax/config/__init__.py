@@ -210,7 +210,7 @@ def load(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
 
     p = storage.path(path) if storage.is_remote(path) else pathlib.Path(path)
     if not p.is_file():
-      raise ConfigError(str(path), "no such file")
+      raise ConfigError(str(path), "is a folder, not a YAML file" if p.is_dir() else "no such file")
     try:
       tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:

@@ -157,6 +157,8 @@ class TrainConfig(Section):
   )
 
   def problems(self):
+    if not self.workdir.strip():  # "": the current folder, which would fill with the run's files
+      yield "train.workdir", "empty; give the run's folder"
     yield from _output_problems("train.workdir", self.workdir)
     for name in self.compiler_options:
       if not name.startswith("xla_"):
