@@ -151,6 +151,8 @@ def test_training_reports_the_speculative_acceptance_of_its_parameters(tiny, tmp
   assert compiles == [("mtp-eval-compile_0", "eval_step"), ("mtp-eval-compile_0", "_speculative")], compiles
   (line,) = [s for s in said if s.startswith("evaluation compiled in ")]
   assert "eval step " in line and f"speculative decoding of {prompts} prompts (train.eval_spec_prompts) " in line
+  first = next(s for s in said if s.startswith("eval at step "))
+  assert said.index(line) < said.index(first), said  # also where the first evaluation waited for it
   evals = [r for r in records if "eval/ntp_loss" in r]
   assert [r["step"] for r in evals] == [2, 4]
   lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -253,15 +253,18 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
           pending = None
         ckpt.save(done, state, batches, origin)
         writer.flush()  # the metrics of every step the checkpoint holds are kept (a bucket's file is rewritten)
+      evaluated = None
       if run_eval and (done % t.eval_every == 0 or done == t.steps):
         began = time.perf_counter()
         values = run_eval(state)
         last["time"] += time.perf_counter() - began  # tokens/s times the train steps alone
         writer.write(done, values)
         records.append({"step": done, **values})
-        say(f"eval at step {done}: {evaluate.summary(values)}")
+        evaluated = f"eval at step {done}: {evaluate.summary(values)}"
       if run_eval and (line := run_eval.ready()):
-        say(line)
+        say(line)  # before an evaluation that waited for the compile
+      if evaluated:
+        say(evaluated)
       bar.update(1)
       watchdog.beat(done)
       if preempted:
