@@ -180,15 +180,20 @@ def test_training_reports_the_speculative_acceptance_of_its_parameters(tiny, tmp
 
 
 class _Refused:
-  """A lowered program XLA refuses, as XLA:TPU refuses one too big for its chips."""
+  """A lowered program XLA refuses, as XLA:TPU refuses one too big for its chips, once `after`
+  is set (a compile takes a while)."""
+
+  def __init__(self, after: threading.Event):
+    self.after = after
 
   def compile(self):
+    self.after.wait(60)
     raise jax.errors.JaxRuntimeError(
       "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm.\nmore"
     )
 
 
-def _long_run(tiny, tmp_path):
+def _long_run(tiny, tmp_path, *overrides):
   """A 400-step run that would evaluate at its end only, checkpointing every step."""
   rng = np.random.default_rng(0)
   docs = [np.append(rng.integers(0, 256, 30), data.EOS_ID).astype(np.int32) for _ in range(30)]
@@ -202,7 +207,18 @@ def _long_run(tiny, tmp_path):
     "train.eval_spec_prompts=0",
     "checkpoint.every=1",
     *MODEL,
+    *overrides,
   )
+
+
+def test_on_gpus_the_evaluation_compiles_before_the_first_step(tiny, tmp_path, monkeypatch):
+  """XLA:GPU times its kernel choices on the GPU as it compiles: there nothing runs beside it."""
+  monkeypatch.setattr(evaluate, "COMPILE_FIRST_ON", (jax.devices()[0].platform,))
+  said = []
+  loop.train(_long_run(tiny, tmp_path, "train.steps=2", "train.progress_bar=false"), log=said.append)
+  (line,) = [s for s in said if s.startswith("evaluation compiled in ")]
+  assert said.index(line) < said.index(next(s for s in said if s.startswith("step 1: "))), said
+  assert "waiting" not in line and said[-1].startswith("eval at step 2: "), said
 
 
 def test_an_evaluation_xla_refuses_stops_the_run_at_its_start(tiny, tmp_path, monkeypatch):
@@ -210,7 +226,9 @@ def test_an_evaluation_xla_refuses_stops_the_run_at_its_start(tiny, tmp_path, mo
   stops the run with one line naming it right then, not at its first evaluation hours later,
   and the checkpoints saved before stay."""
   cfg = _long_run(tiny, tmp_path)
-  monkeypatch.setattr(evaluate, "lowered", lambda program, *prompts: [("eval step", _Refused())])
+  saved, save = threading.Event(), Checkpointer.save
+  monkeypatch.setattr(Checkpointer, "save", lambda self, *args: (save(self, *args), saved.set())[0])
+  monkeypatch.setattr(evaluate, "lowered", lambda program, *prompts: [("eval step", _Refused(saved))])
   said = []
   with pytest.raises(evaluate.EvaluationError) as raised:
     loop.train(cfg, log=said.append)

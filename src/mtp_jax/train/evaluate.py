@@ -34,6 +34,9 @@ from mtp_jax.model import Transformer
 from mtp_jax.train import step
 from mtp_jax.train.program import memory
 
+# Where the programs compile before the first step instead of beside the steps (module docstring).
+COMPILE_FIRST_ON = ("gpu",)
+
 
 class EvaluationError(RunError):
   """An evaluation program the compiler refuses for these devices, as one line."""
@@ -79,7 +82,7 @@ class Evaluator:
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mtp-eval-compile")
     self._compiled = pool.submit(self._compile)
     pool.shutdown(wait=False)  # the thread ends with the compile
-    if self.program.mesh.devices.flat[0].platform == "gpu":
+    if self.program.mesh.devices.flat[0].platform in COMPILE_FIRST_ON:
       self._compiled.result()
 
   def _compile(self) -> tuple[float, list[tuple[str, int]]]:

@@ -181,6 +181,8 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
     if run_eval:
       run_eval.compile_ahead()
       stack.push(functools.partial(_say_if_compiling, run_eval, log))
+      if line := run_eval.ready():  # compiled already (on GPUs)
+        log(line)
     c = cost(cfg.model, cfg.data.seq_len, cfg.train.trainable)
 
     writer = MetricsWriter(workdir, enabled=lead)
