@@ -275,11 +275,11 @@ def test_mesh_checks_that_need_the_device_count(tiny):
     build(tiny("train.batch_size=12", "train.grad_accum_steps=-1"))
 
 
-def test_a_workdir_that_cannot_be_made_is_a_config_error_before_any_work(tiny, tmp_path, monkeypatch):
+def test_a_workdir_that_cannot_be_made_is_a_config_error_before_any_compile(tiny, tmp_path, monkeypatch):
   from mtp_jax.config import ConfigError
 
   (tmp_path / "file").write_text("")
-  monkeypatch.setattr(loop, "_open_sources", lambda *_: pytest.fail("the data was opened first"))
+  monkeypatch.setattr(loop, "build", lambda *_: pytest.fail("the step was built first"))
   with pytest.raises(ConfigError) as raised:
     loop.train(tiny(f"train.workdir={tmp_path / 'file' / 'run'}"))
   assert str(raised.value) == (

@@ -48,8 +48,8 @@ def _record_config(workdir, cfg: Config, resuming: bool, log) -> None:
 
 
 def _made(spec: str) -> epath.Path:
-  """train.workdir, made by process 0 before anything else: one that cannot be (a parent that is
-  a file, no permission, no such bucket) is a config error, not a failure minutes in."""
+  """train.workdir, made by process 0 once the data is checked and before any compile: one that
+  cannot be (a parent that is a file, no permission) is a config error, not a failure minutes in."""
   workdir = storage.path(spec)
   if jax.process_index() == 0:
     try:
@@ -153,8 +153,8 @@ def train(cfg: Config, *, devices: list[jax.Device] | None = None, log=print) ->
   if not lead:
     log = _quiet
     t = t.model_copy(update={"progress_bar": False})
+  sources, eval_sources = _open_sources(cfg, log)  # nothing is written for a run with bad data
   workdir = _made(t.workdir)
-  sources, eval_sources = _open_sources(cfg, log)
   program = build(cfg, devices)
   mesh = program.mesh
   batches, run_eval = _open_data(program, sources, eval_sources)
