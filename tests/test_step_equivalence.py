@@ -67,10 +67,11 @@ def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
 
 
-def test_grad_accumulation_and_remat_do_not_change_the_step(tiny):
+def test_remat_does_not_change_the_step(tiny):
+  """(Microbatches against none: test_sharded_mesh_matches_one_device's first two meshes and
+  test_scanned_layers_equal_unrolled_layers.)"""
   base, _ = run_steps(tiny("model.mtp.depth=2", "train.batch_size=16"), steps=2)
   for overrides in (
-    ["train.grad_accum_steps=2"],
     ["train.remat=full", "train.loss_chunk_len=8", "train.remat_offload=[moe_out]"],  # host memory: the same values
     ["train.remat=save_attn_moe"],
     ["train.remat=dots_no_batch", "train.remat_save=[attn_context,moe_in]"],
