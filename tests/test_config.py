@@ -60,6 +60,7 @@ def test_overrides_reach_their_keys():
       "config error: train.workdir: s3://bucket/run: runs write local paths or gs://",
     ),
     (["train.workdir="], "config error: train.workdir: empty; give the run's folder"),
+    (["data.path="], "config error: data.sources[0].path: empty; give a folder mtp-prepare wrote, or stdlib"),
     (["data.path=gs://bucket/data"], "config error: data.sources[0].path: gs://bucket/data is a URL; training reads"),
     (["checkpoint.restore_from=s3://b/run"], "config error: checkpoint.restore_from: s3://b/run: runs write local"),
     (["steps=3"], "config error: steps: unknown key"),

@@ -47,7 +47,9 @@ class DataConfig(Section):
     if not self.sources:
       yield "data.sources", "empty: name at least one dataset"
     for i, source in enumerate(self.sources):
-      if "://" in source.path:  # ArrayRecord reads local files only
+      if not source.path.strip():  # "": the current folder
+        yield f"data.sources[{i}].path", f"empty; give a folder mtp-prepare wrote, or {STDLIB}"
+      elif "://" in source.path:  # ArrayRecord reads local files only
         yield (
           f"data.sources[{i}].path",
           f"{source.path} is a URL; training reads datasets from a file system (mount the bucket, e.g. with gcsfuse)",
