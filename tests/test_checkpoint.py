@@ -52,7 +52,7 @@ def _start(workdir, log_path) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def _wait_for(proc: subprocess.Popen, ready, timeout=240.0, poll=0.001) -> None:
+def _wait_for(proc: subprocess.Popen, ready, timeout=240.0, poll=0.005) -> None:
   deadline = time.monotonic() + timeout
   while not ready():
     assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the moment to interrupt it"

@@ -68,15 +68,18 @@ def test_sharded_mesh_matches_one_device(tiny, mesh, overrides, sharded):
 
 
 def test_remat_does_not_change_the_step(tiny):
-  """(Microbatches against none: test_sharded_mesh_matches_one_device's first two meshes and
-  test_scanned_layers_equal_unrolled_layers.)"""
-  base, _ = run_steps(tiny("model.mtp.depth=2", "train.batch_size=16"), steps=2)
+  """On one device, where each program compiles quickest: remat with a sharded stack is
+  test_scanned_layers_equal_unrolled_layers, an offload over 4 chips test_compile's v5p-8
+  program. (Microbatches against none: test_sharded_mesh_matches_one_device's first two meshes
+  and test_scanned_layers_equal_unrolled_layers.)"""
+  one, common = jax.devices()[:1], ("model.mtp.depth=2", "train.batch_size=16", "mesh.data=1")
+  base, _ = run_steps(tiny(*common), steps=2, devices=one)
   for overrides in (
     ["train.remat=full", "train.loss_chunk_len=8", "train.remat_offload=[moe_out]"],  # host memory: the same values
     ["train.remat=save_attn_moe"],
     ["train.remat=dots_no_batch", "train.remat_save=[attn_context,moe_in]"],
   ):
-    other, _ = run_steps(tiny("model.mtp.depth=2", "train.batch_size=16", *overrides), steps=2)
+    other, _ = run_steps(tiny(*common, *overrides), steps=2, devices=one)
     for a, b in zip(base, other, strict=True):
       for k in STEP_KEYS:
         np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=f"{overrides} {k}")
@@ -167,9 +170,10 @@ def test_bfloat16_compute_tracks_float32(tiny):
   for a, b in zip(f32, bf16, strict=True):
     for k in ("loss", "ntp_loss", "mtp_loss_1"):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-2, err_msg=k)
-  _, state = run_steps(
-    tiny("model.mtp.depth=1", "mesh.data=1", "model.dtype=bfloat16", "model.param_dtype=bfloat16"), 1, one
-  )
+  # bfloat16 parameters: what the step gives back, read from its abstract evaluation (the
+  # compiled step's output types, without compiling it; it compiles for GPUs in test_compile_gpu).
+  program = build(tiny("model.mtp.depth=1", "mesh.data=1", "model.dtype=bfloat16", "model.param_dtype=bfloat16"), one)
+  state, _ = jax.eval_shape(program.step, program.abstract_state, program.abstract_batch())
   dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
   assert {d for k, d in dtypes.items() if "router" not in k} == {jnp.dtype(jnp.bfloat16)}
   assert {d for k, d in dtypes.items() if "router" in k} == {jnp.dtype(jnp.float32)}  # routing stays fp32

@@ -282,10 +282,7 @@ def test_a_workdir_that_cannot_be_made_is_a_config_error_before_any_compile(tiny
   monkeypatch.setattr(loop, "build", lambda *_: pytest.fail("the step was built first"))
   with pytest.raises(ConfigError) as raised:
     loop.train(tiny(f"train.workdir={tmp_path / 'file' / 'run'}"))
-  assert str(raised.value) == (
-    f"config error: train.workdir: cannot make {tmp_path / 'file' / 'run'}: "
-    f"[Errno 20] Not a directory: '{tmp_path / 'file' / 'run'}'"
-  )
+  assert str(raised.value) == (f"config error: train.workdir: cannot make {tmp_path / 'file' / 'run'}: Not a directory")
 
 
 def test_an_overflowing_update_is_skipped_like_a_nan(tiny, tmp_path):

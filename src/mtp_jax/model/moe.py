@@ -83,7 +83,9 @@ class Router(nnx.Module):
   def update_bias(self, load_E: jax.Array, rate: float) -> None:
     """b_i += gamma * sign(mean load - load_i) (DeepSeek-V3 eq. 16); `load_E` is shaped as the
     bias: [E], or [layers, E] for a stack's router, each layer's row by its own mean."""
-    self.bias[...] = self.bias[...] + rate * jnp.sign(load_E.mean(-1, keepdims=True) - load_E)
+    # set_value, not `bias[...] =`: under jit flax's indexed store asks the tracer for its sharding, and
+    # JAX answers that with an error whose message walks the whole jaxpr (0.07 s a router per trace).
+    self.bias.set_value(self.bias[...] + rate * jnp.sign(load_E.mean(-1, keepdims=True) - load_E))
 
 
 class MoE(nnx.Module):
