@@ -156,13 +156,20 @@ def test_checksums_see_one_changed_element_and_not_the_layout(tiny):
   assert [k for k in sums if sums[k] != changed[k]] == ["layers.1.attn.wq"]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_checksum_terms_of_a_stacks_blocks_add_up_to_the_arrays(dtype):
-  x = jax.random.normal(jax.random.key(0), (4, 6, 5), dtype)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32, jnp.bool_])
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_checksum_terms_of_a_stacks_blocks_add_up_to_the_arrays(dtype, chunk, monkeypatch):
+  """The host's checksum (numpy, what a reader computes) against the devices' (what a save
+  records): of a whole array, and of a stack's blocks summed; in passes of 7 elements too."""
+  monkeypatch.setattr(checkpoint, "_HOST_CHUNK", chunk)
+  x = (jax.random.normal(jax.random.key(0), (4, 6, 5)) * 1e4).astype(dtype)
   whole = checkpoint.checksums({"x": x})["x"]
+  assert checkpoint.slice_checksum(np.asarray(x)) == whole
   size = x[0].size
   assert sum(checkpoint.slice_checksum(np.asarray(x[j]), j * size) for j in range(4)) % 2**32 == whole
   assert checkpoint.slice_checksum(x[1], size) != checkpoint.slice_checksum(x[1], 0)  # where a block sits counts
+  # Offsets past 2**32 elements wrap as the device's uint32 index does.
+  assert checkpoint.slice_checksum(x[1], size + 2**32) == checkpoint.slice_checksum(x[1], size)
 
 
 def test_a_checkpoint_of_the_block_by_block_layout_is_refused_in_one_line(tiny, tmp_path):

@@ -242,8 +242,8 @@ def test_tiny_config_loss_falls(tmp_path):
     CONFIGS / "tiny.yaml",
     [
       f"train.workdir={tmp_path}",
-      "train.steps=20",  # the loss at step 10 and 20 (warmup runs to step 20 whatever the length)
-      "train.log_every=10",
+      "train.steps=10",  # the loss at step 1 and 10, in warmup: 5.85 -> 4.72 (depth 1: 5.73 -> 4.75)
+      "train.log_every=1",
       "train.eval_every=0",  # the loss is the point here; evaluation has its own tests
       "checkpoint.enabled=false",
       "train.progress_bar=false",
@@ -251,7 +251,7 @@ def test_tiny_config_loss_falls(tmp_path):
   )
   records = loop.train(cfg, devices=jax.devices()[:1], log=lambda *_: None)  # as on a laptop CPU
   first, last = records[0], records[-1]
-  assert last["step"] == 20
+  assert (first["step"], last["step"]) == (1, 10)
   assert last["ntp_loss"] < first["ntp_loss"] - 0.5, records
   assert last["mtp_loss_1"] < first["mtp_loss_1"] - 0.5, records
 

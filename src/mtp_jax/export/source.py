@@ -34,7 +34,7 @@ from mtp_jax.model import Transformer
 from mtp_jax.model.moe import RouterBias
 
 # _QUIET and _root_cause: the one-line reporting of Orbax failures that restoring uses too.
-from mtp_jax.train.checkpoint import _QUIET, Checkpointer, _root_cause, checksums, named_leaves, slice_checksum
+from mtp_jax.train.checkpoint import _QUIET, Checkpointer, _root_cause, named_leaves, slice_checksum
 
 CONFIG_FILE = "config.yaml"  # written by mtp-train into its workdir
 
@@ -179,7 +179,7 @@ class Reader:
         )
       arrays = named_leaves(out)
       for name in names:
-        if checksums({"array": arrays[name]})["array"] != self._checksums.get(name):
+        if slice_checksum(arrays[name]) != self._checksums.get(name):
           raise _Mismatch(f"{name} does not match its checksum")
     except Exception as err:  # storage layers raise anything; the user needs one line
       raise self._damaged(err) from None

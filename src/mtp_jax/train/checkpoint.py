@@ -59,16 +59,15 @@ def named_leaves(tree) -> dict:
   return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _array_checksum(x: jax.Array, offset=0) -> jax.Array:
+def _array_checksum(x: jax.Array) -> jax.Array:
   """sum_i bits[i] * (2i + 1) mod 2**32 over the row-major index i: any change to one element
-  changes it, and it is computed elementwise then summed, so no sharding moves data. For a
-  slice of an array, `offset` is the index of its first element there: the slices' sums add up
-  to the array's."""
+  changes it, and it is computed elementwise then summed, so no sharding moves data. The terms
+  of a slice of the array add up to the array's (`slice_checksum`)."""
   if x.dtype == jnp.bool_:
     bits = x.astype(jnp.uint32)
   else:
     bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-  index, stride = jnp.full(x.shape, offset, jnp.uint32), 1
+  index, stride = jnp.zeros(x.shape, jnp.uint32), 1
   for dim in reversed(range(x.ndim)):
     index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
     stride *= x.shape[dim]
@@ -80,12 +79,23 @@ def _checksum_vector(tree) -> jax.Array:
   return jnp.stack([_array_checksum(x) for x in jax.tree.leaves(tree)])
 
 
-def slice_checksum(x, offset: int) -> int:
-  """The checksum terms of `x`, elements offset.. of a row-major array (see `_array_checksum`)."""
-  return int(_slice_checksum(x, np.uint32(offset % 2**32)))
+_HOST_CHUNK = 1 << 22  # elements a pass of `slice_checksum`: 32 MiB of temporaries
 
 
-_slice_checksum = jax.jit(_array_checksum)
+def slice_checksum(x, offset: int = 0) -> int:
+  """`_array_checksum` of `x` in numpy, for arrays read back to the host: the terms of elements
+  offset.. of a row-major array. No program to compile for each shape (a reader meets dozens)
+  and nothing copied to an accelerator; the same uint32 arithmetic, so the same sums. Faster than
+  the jitted sum on the CPU too: 64M float32 in 0.10-0.13 s against 0.26-0.28 s (RESULTS)."""
+  flat = np.ascontiguousarray(x).reshape(-1)
+  bits = flat if flat.dtype == np.bool_ else flat.view(np.dtype(f"uint{8 * flat.dtype.itemsize}"))
+  steps = 2 * np.arange(min(_HOST_CHUNK, flat.size), dtype=np.uint32)  # 2i, i within a pass
+  total = 0
+  for start in range(0, flat.size, _HOST_CHUNK):
+    chunk = bits[start : start + _HOST_CHUNK].astype(np.uint32, copy=False)  # wider words keep their low 32 bits
+    weights = steps[: chunk.size] + np.uint32((2 * (offset + start) + 1) % 2**32)  # 2i + 1, wrapping as on device
+    total += int(np.multiply(chunk, weights, out=weights).sum(dtype=np.uint32))
+  return total % 2**32
 
 
 def checksums(tree) -> dict[str, int]:
