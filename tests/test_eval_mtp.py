@@ -54,9 +54,13 @@ def test_agreement_is_depth_k_argmax_against_the_main_argmax_k_later(tiny):
     program.eval_step(state, {k: jax.device_put(v, program.batch_sharding) for k, v in host.items()})
   )
 
-  model = nnx.merge(step.graphdef_of(cfg), state.params, state.router_bias)
-  out = model(*(jnp.asarray(host[k]) for k in ("tokens", "segment_ids", "positions")))
-  top = [np.asarray(jnp.argmax(model.logits(h), -1)) for h in out.hidden]
+  @jax.jit  # one program, not one for each op of the forward
+  def argmaxes(params, bias, tokens, segment_ids, positions):
+    model = nnx.merge(step.graphdef_of(cfg), params, bias)
+    return [jnp.argmax(model.logits(h), -1) for h in model(tokens, segment_ids, positions).hidden]
+
+  batch = (host[k] for k in ("tokens", "segment_ids", "positions"))
+  top = [np.asarray(x) for x in argmaxes(state.params, state.router_bias, *batch)]
   seg = host["segment_ids"]
   b, length = seg.shape
   want, want_unmasked = [], []

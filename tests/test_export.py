@@ -102,10 +102,15 @@ def _tokens(cfg, rows=3, seed=0):
 def _our_logits(cfg, state, tokens, zero_bias=False) -> list[np.ndarray]:
   """Float32 logits per depth, one document per row at positions 0..L-1."""
   bias = jax.tree.map(jnp.zeros_like, state.router_bias) if zero_bias else state.router_bias
-  model = nnx.merge(step.graphdef_of(cfg), jax.device_get(state.params), jax.device_get(bias))
-  ones = np.ones_like(tokens)
-  out = model(jnp.asarray(tokens), jnp.asarray(ones), jnp.asarray(np.cumsum(ones, 1) - 1))
-  return [np.asarray(model.logits(h)) for h in out.hidden]
+  graphdef = step.graphdef_of(cfg)
+
+  @jax.jit  # one program, not one for each op of the forward
+  def logits(params, bias, tokens):
+    model = nnx.merge(graphdef, params, bias)
+    ones = jnp.ones_like(tokens)
+    return [model.logits(h) for h in model(tokens, ones, jnp.cumsum(ones, 1) - 1).hidden]
+
+  return [np.asarray(x) for x in logits(jax.device_get(state.params), jax.device_get(bias), jnp.asarray(tokens))]
 
 
 @pytest.fixture(scope="module")

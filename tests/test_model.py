@@ -1,5 +1,6 @@
 """Causality, document isolation and MTP wiring of the model's forward pass."""
 
+import functools
 import typing
 
 import jax
@@ -101,9 +102,13 @@ def _logits_after(cfg, edit):
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   edit(model)
   tokens = jax.random.randint(jax.random.key(3), (2, cfg.data.seq_len), 0, cfg.model.vocab_size)
-  ones = jnp.ones_like(tokens)
-  out = model(tokens, ones, jnp.cumsum(ones, 1) - 1)
-  return np.stack([np.asarray(model.logits(h)) for h in out.hidden])
+  return np.asarray(_all_logits(*nnx.split(model), tokens))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program for a config's forwards, not one for each op
+def _all_logits(graphdef, state, tokens):
+  model, ones = nnx.merge(graphdef, state), jnp.ones_like(tokens)
+  return jnp.stack([model.logits(h) for h in model(tokens, ones, jnp.cumsum(ones, 1) - 1).hidden])
 
 
 def _scale(model, i):
@@ -154,6 +159,7 @@ def test_attention_in_query_blocks_equals_whole_attention():
   m = mask(segments)
   cot = jax.random.normal(keys[3], (b, length, h, vdim))
 
+  @functools.partial(jax.jit, static_argnums=0)
   def run(chunk):
     f = lambda q, k, v: jnp.sum(attend(q, k, v, m, kdim**-0.5, chunk) * cot)
     return attend(q, k, v, m, kdim**-0.5, chunk), jax.grad(f, argnums=(0, 1, 2))(q, k, v)
