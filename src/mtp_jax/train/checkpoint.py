@@ -79,7 +79,7 @@ def _checksum_vector(tree) -> jax.Array:
   return jnp.stack([_array_checksum(x) for x in jax.tree.leaves(tree)])
 
 
-_HOST_CHUNK = 1 << 22  # elements a pass of `slice_checksum`: 32 MiB of temporaries
+_HOST_CHUNK = 1 << 22  # elements a pass of `slice_checksum`: 32-48 MiB of temporaries
 
 
 def slice_checksum(x, offset: int = 0) -> int:

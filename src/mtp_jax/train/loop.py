@@ -57,7 +57,7 @@ def _made(spec: str) -> epath.Path:
     except OSError as err:
       # The OS's reason alone where it names the folder itself; the whole line where it names
       # another path (a parent) or none (a bucket's errors carry no errno).
-      same = err.strerror and err.filename is not None and str(err.filename) == str(workdir)
+      same = err.strerror and str(err.filename) == str(workdir)
       reason = err.strerror if same else first_line(err)
       raise config_lib.ConfigError("train.workdir", f"cannot make {spec}: {reason}") from None
   return workdir
