@@ -1,6 +1,7 @@
 """Eight fake CPU devices (set before JAX is imported) so sharded code runs in CI."""
 
 import atexit
+import functools
 import gc
 import importlib.util
 import os
@@ -56,10 +57,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from array_record.python.array_record_module import ArrayRecordWriter  # noqa: E402
+from flax import nnx  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # catch silent broadcasting bugs
 # Orbax saves a replicated array replica-parallel (each device's copy writes a slice) except on
@@ -204,6 +207,14 @@ def fixed_batch(cfg: config.Config) -> dict:
   from mtp_jax import data
 
   return next(iter(data.make_dataset(cfg.data, batch_size=cfg.train.batch_size, seed=0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward_logits(graphdef, states, tokens_BxL):
+  """Every depth's logits, [depths + 1, B, L, V], of the model `nnx.merge(graphdef, *states)` with
+  one document a row: one compiled program (for each graphdef and shape), not one for each op."""
+  model, ones = nnx.merge(graphdef, *states), jnp.ones_like(tokens_BxL)
+  return jnp.stack([model.logits(h) for h in model(tokens_BxL, ones, jnp.cumsum(ones, 1) - 1).hidden])
 
 
 def run_steps(cfg: config.Config, steps: int = 3, devices=None):

@@ -7,13 +7,11 @@ max |diff| <= 1e-5 x max |logit| (the bound tests/test_generate.py holds the cac
 room for the machine's reordering while a wrong fold misses it by orders of magnitude
 (`test_a_wrong_w_uk_fold_is_caught`)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import forward_logits, tiny_config
 from flax import nnx
 
 from mtp_jax.config import AttentionConfig
@@ -56,12 +54,6 @@ def _decode(model, tokens_BxS, run=_DECODE):
   return [np.asarray(x) for x in run(*nnx.split(model), tokens_BxS)]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_logits(graphdef, state, tokens_BxS):
-  model, ones = nnx.merge(graphdef, state), jnp.ones_like(tokens_BxS)
-  return model.logits(model(tokens_BxS, ones, jnp.cumsum(ones, 1) - 1).hidden[0])
-
-
 def _step_positions():
   """BxT positions the steps' logits stand for."""
   return PROMPT_LENGTHS[:, None] + np.arange(sum(STEPS))[None]
@@ -81,7 +73,8 @@ class Models:
     self.tokens_BxS = np.random.default_rng(0).integers(0, 320, (B, S)).astype(np.int32)
     self.prefill, self.steps = _decode(self.model, self.tokens_BxS)
     self.ref_prefill, self.ref_steps = _decode(self.ref, self.tokens_BxS)
-    full_BxSxV = np.asarray(_forward_logits(*nnx.split(self.model), self.tokens_BxS))
+    graphdef, state = nnx.split(self.model)
+    full_BxSxV = np.asarray(forward_logits(graphdef, (state,), self.tokens_BxS)[0])
     self.full_steps = np.take_along_axis(full_BxSxV, _step_positions()[..., None], 1)
 
 

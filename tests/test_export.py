@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import TINY
-from flax import nnx
+from conftest import TINY, forward_logits
 from safetensors import safe_open
 
 import mtp_jax
@@ -102,15 +101,8 @@ def _tokens(cfg, rows=3, seed=0):
 def _our_logits(cfg, state, tokens, zero_bias=False) -> list[np.ndarray]:
   """Float32 logits per depth, one document per row at positions 0..L-1."""
   bias = jax.tree.map(jnp.zeros_like, state.router_bias) if zero_bias else state.router_bias
-  graphdef = step.graphdef_of(cfg)
-
-  @jax.jit  # one program, not one for each op of the forward
-  def logits(params, bias, tokens):
-    model = nnx.merge(graphdef, params, bias)
-    ones = jnp.ones_like(tokens)
-    return [model.logits(h) for h in model(tokens, ones, jnp.cumsum(ones, 1) - 1).hidden]
-
-  return [np.asarray(x) for x in logits(jax.device_get(state.params), jax.device_get(bias), jnp.asarray(tokens))]
+  states = (jax.device_get(state.params), jax.device_get(bias))
+  return list(np.asarray(forward_logits(step.graphdef_of(cfg), states, jnp.asarray(tokens))))
 
 
 @pytest.fixture(scope="module")

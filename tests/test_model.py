@@ -8,6 +8,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import forward_logits
 from flax import nnx
 
 from mtp_jax.config.run import TrainConfig
@@ -102,13 +103,8 @@ def _logits_after(cfg, edit):
   model = Transformer(cfg.model, rngs=nnx.Rngs(0))
   edit(model)
   tokens = jax.random.randint(jax.random.key(3), (2, cfg.data.seq_len), 0, cfg.model.vocab_size)
-  return np.asarray(_all_logits(*nnx.split(model), tokens))
-
-
-@functools.partial(jax.jit, static_argnums=0)  # one program for a config's forwards, not one for each op
-def _all_logits(graphdef, state, tokens):
-  model, ones = nnx.merge(graphdef, state), jnp.ones_like(tokens)
-  return jnp.stack([model.logits(h) for h in model(tokens, ones, jnp.cumsum(ones, 1) - 1).hidden])
+  graphdef, state = nnx.split(model)
+  return np.asarray(forward_logits(graphdef, (state,), tokens))
 
 
 def _scale(model, i):

@@ -1,14 +1,13 @@
 """Self-speculative decoding against plain decoding: greedy tokens, caches after rollback,
 the sampled distribution, errors and statistics."""
 
-import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import forward_logits, tiny_config
 from flax import nnx
 from scipy import stats as scipy_stats
 
@@ -136,17 +135,12 @@ def test_every_draft_is_the_training_forwards_prediction_at_its_depth(kind, atte
     np.testing.assert_allclose(got_NxV, want_NxV, rtol=1e-4, atol=1e-4)
 
 
-@functools.partial(jax.jit, static_argnums=0)  # one program, not one for each op of the forward
-def _logits(graphdef, state, tokens_NxL):
-  model, ones = nnx.merge(graphdef, state), jnp.ones_like(tokens_NxL)
-  return model.logits(model(tokens_NxL, ones, jnp.cumsum(ones, 1) - 1).hidden[0])
-
-
 def _exact_joint(model, prompt, temperature, top_p, vocab):
   """P(first three new tokens) under plain sampling, from the uncached forward over every prefix."""
   pairs = np.array(list(itertools.product(range(vocab), repeat=2)), np.int32)
   tokens_NxL = np.concatenate([np.tile(np.array(prompt, np.int32), (len(pairs), 1)), pairs], axis=1)
-  logits_NxLxV = _logits(*nnx.split(model), tokens_NxL)
+  graphdef, state = nnx.split(model)
+  logits_NxLxV = forward_logits(graphdef, (state,), tokens_NxL)[0]
   p = len(prompt)
   probs = [np.asarray(filtered_probs(logits_NxLxV[:, p - 1 + i], temperature, top_p)) for i in range(3)]
   joint = np.zeros((vocab,) * 3)
